@@ -1,0 +1,389 @@
+"""Safe loading and saving of model checkpoints.
+
+Safe by default: ``.safetensors`` files and ``torch.load(weights_only=True)`` state
+dicts never execute code. Whole pickled modules, TorchScript archives and
+``torch.export`` ``.pt2`` programs do, so they load only with ``trust_code=True``
+(``--trust-code``). An architecture named in a file's metadata is followed only when it
+is one of flatcli's own (:mod:`flatcli.archs`); anything else is the user's choice
+(``--arch``) or needs ``trust_code``.
+
+flatcli's own checkpoints carry string metadata under ``flatcli.*`` keys:
+``arch`` (``module:callable``), ``arch_kwargs`` (JSON), ``data``, ``loss``,
+``input_shape`` (JSON list), ``hparams`` (JSON object), ``parent_sha256``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import pickle
+import sys
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import FlatcliError, UsageError
+from .io import atomic_write, sha256_file
+
+SAFE_ARCH_PREFIX = "flatcli.archs:"
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
+_PREFIXES = ("module.", "_orig_mod.")
+META_KEYS = ("arch", "arch_kwargs", "data", "loss", "input_shape", "hparams", "parent_sha256")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A loaded model with where it came from.
+
+    Attributes:
+        model: The module, in eval mode, on the CPU.
+        path: The file it was loaded from.
+        sha256: Hex sha256 of that file.
+        format: ``safetensors``, ``state_dict``, ``pickle``, ``torchscript`` or ``export``.
+        metadata: ``flatcli.*`` metadata without the prefix (strings).
+    """
+
+    model: nn.Module
+    path: Path
+    sha256: str
+    format: str
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def hparams(self) -> dict[str, Any]:
+        """Hyperparameters recorded in the metadata (empty when none)."""
+        return _json_or(self.metadata.get("hparams"), {}, "hparams")
+
+    @property
+    def input_shape(self) -> tuple[int, ...] | None:
+        """Per-sample input shape recorded in the metadata, if any."""
+        shape = _json_or(self.metadata.get("input_shape"), None, "input_shape")
+        return tuple(int(s) for s in shape) if shape else None
+
+
+def _json_or(text: str | None, default: Any, what: str) -> Any:
+    if text is None:
+        return default
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise FlatcliError(f"checkpoint metadata flatcli.{what} is not valid JSON") from None
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def save_checkpoint(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    arch: str,
+    arch_kwargs: Mapping[str, Any] | None = None,
+    data: str | None = None,
+    loss: str | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    hparams: Mapping[str, Any] | None = None,
+    parent_sha256: str | None = None,
+) -> Path:
+    """Atomically save ``model`` as a flatcli checkpoint (``.safetensors`` or ``.pt``).
+
+    The metadata makes the file loadable with no flags when ``arch`` is one of
+    :mod:`flatcli.archs`. Tied (shared) tensors are stored once.
+    """
+    meta = {"arch": arch, "arch_kwargs": json.dumps(dict(arch_kwargs or {}), sort_keys=True)}
+    if data is not None:
+        meta["data"] = data
+    if loss is not None:
+        meta["loss"] = loss
+    if input_shape is not None:
+        meta["input_shape"] = json.dumps(list(input_shape))
+    if hparams is not None:
+        meta["hparams"] = json.dumps(dict(hparams), sort_keys=True)
+    if parent_sha256 is not None:
+        meta["parent_sha256"] = parent_sha256
+    state = _dedup_state(model)
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        md = {f"flatcli.{k}": v for k, v in meta.items()}
+        return atomic_write(path, lambda p: save_file(state, str(p), metadata=md))
+    if path.suffix in (".pt", ".pth"):
+        obj = {"state_dict": state, "flatcli": meta}
+        return atomic_write(path, lambda p: torch.save(obj, p))
+    raise UsageError(f"cannot save to {path.name}: use a .safetensors or .pt file name")
+
+
+def _dedup_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, t in model.state_dict().items():
+        key = t.untyped_storage().data_ptr() if t.numel() else id(t)
+        if key in seen and t.numel():
+            continue
+        seen.add(key)
+        state[name] = t.detach().contiguous().clone()
+    return state
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    arch: str | None = None,
+    arch_kwargs: Mapping[str, Any] | None = None,
+    trust_code: bool = False,
+) -> Checkpoint:
+    """Load a model checkpoint safely.
+
+    Args:
+        path: ``.safetensors``, ``.pt``/``.pth``/``.bin`` (state dict, pickled module or
+            TorchScript) or ``.pt2`` (``torch.export``).
+        arch: ``package.module:callable`` or ``path/to/file.py:callable`` that builds the
+            module; default: the file's ``flatcli.arch`` metadata.
+        arch_kwargs: Keyword arguments for ``arch`` (default: the metadata's).
+        trust_code: Allow formats whose loading runs code from the file, and
+            architectures named by the file outside :mod:`flatcli.archs`.
+
+    Raises:
+        FlatcliError: Missing, corrupt or unsafe file, unknown architecture, or weights
+            that do not fit the architecture.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FlatcliError(f"checkpoint not found: {path}")
+    sha = sha256_file(path)
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        state, meta = _read_safetensors(path)
+        fmt = "safetensors"
+    elif suffix == ".pt2":
+        return _load_trusted(path, sha, "export", trust_code)
+    elif _is_torchscript(path):
+        return _load_trusted(path, sha, "torchscript", trust_code)
+    else:
+        obj = _torch_load_weights_only(path, trust_code)
+        if isinstance(obj, nn.Module):
+            return Checkpoint(model=obj.eval(), path=path, sha256=sha, format="pickle")
+        state, meta = _unwrap_state_dict(obj, path)
+        fmt = "state_dict"
+    model = build_model(arch, arch_kwargs, meta, trust_code=trust_code, path=path)
+    load_state(model, state, path)
+    return Checkpoint(model=model.eval(), path=path, sha256=sha, format=fmt, metadata=meta)
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open API
+    except Exception as e:  # noqa: BLE001 - the library raises several types on corrupt files
+        raise FlatcliError(f"{path} is not a valid safetensors file ({_first_line(e)})") from None
+    meta = {k.removeprefix("flatcli."): v for k, v in raw.items() if k.startswith("flatcli.")}
+    return state, meta
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except zipfile.BadZipFile:
+        return False
+    return any(n.split("/", 1)[-1].startswith("code/") for n in names) or any(
+        n.endswith("constants.pkl") for n in names
+    )
+
+
+def _torch_load_weights_only(path: Path, trust_code: bool) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not trust_code:
+            raise FlatcliError(
+                f"{path.name} contains pickled Python objects (for example a whole nn.Module); "
+                "loading it could run code: pass --trust-code only if you trust the file, "
+                "or save a state_dict / safetensors instead"
+            ) from None
+        del e
+    except Exception as e:  # noqa: BLE001 - truncated or foreign files raise many types
+        raise FlatcliError(f"cannot read checkpoint {path}: {_first_line(e)}") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001
+        raise FlatcliError(f"cannot read checkpoint {path}: {_first_line(e)}") from None
+
+
+def _load_trusted(path: Path, sha: str, fmt: str, trust_code: bool) -> Checkpoint:
+    what = {"export": "a torch.export program", "torchscript": "a TorchScript archive"}[fmt]
+    if not trust_code:
+        raise FlatcliError(
+            f"{path.name} is {what}; loading it runs code from the file: "
+            "pass --trust-code only if you trust it"
+        )
+    try:
+        if fmt == "export":
+            model = torch.export.load(str(path)).module()
+        else:
+            model = torch.jit.load(str(path), map_location="cpu")
+    except Exception as e:  # noqa: BLE001
+        raise FlatcliError(f"cannot load {what} from {path}: {_first_line(e)}") from None
+    return Checkpoint(model=model.eval(), path=path, sha256=sha, format=fmt)
+
+
+def _unwrap_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    meta: dict[str, str] = {}
+    if isinstance(obj, dict) and isinstance(obj.get("flatcli"), dict):
+        meta = {str(k): str(v) for k, v in obj["flatcli"].items()}
+    while isinstance(obj, dict) and not _is_tensor_dict(obj):
+        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
+        if inner is None:
+            raise FlatcliError(
+                f"{path.name} holds no state dict (looked for tensors at the top "
+                f"level and under {', '.join(_WRAPPER_KEYS)})"
+            )
+        obj = inner
+    if not isinstance(obj, dict) or not obj:
+        raise FlatcliError(f"{path.name} holds no state dict")
+    state = {}
+    for k, v in obj.items():
+        for prefix in _PREFIXES:
+            while k.startswith(prefix):
+                k = k[len(prefix) :]
+        state[k] = v
+    return state, meta
+
+
+def _is_tensor_dict(d: dict[Any, Any]) -> bool:
+    return bool(d) and all(isinstance(v, torch.Tensor) for v in d.values())
+
+
+def resolve_arch(spec: str) -> Any:
+    """Import the callable named by ``module:callable`` or ``file.py:callable``."""
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise UsageError(
+            f"--arch must look like package.module:callable or "
+            f"path/to/file.py:callable, got {spec!r}"
+        )
+    try:
+        if module_name.endswith(".py"):
+            file = Path(module_name).expanduser()
+            if not file.is_file():
+                raise FlatcliError(f"architecture file not found: {file}")
+            mod_spec = importlib.util.spec_from_file_location(f"_flatcli_arch_{file.stem}", file)
+            if mod_spec is None or mod_spec.loader is None:
+                raise FlatcliError(f"cannot import {file}")
+            module = importlib.util.module_from_spec(mod_spec)
+            sys.modules[mod_spec.name] = module
+            mod_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except FlatcliError:
+        raise
+    except Exception as e:  # noqa: BLE001 - user code may raise anything on import
+        raise FlatcliError(
+            f"cannot import architecture module {module_name}: {_first_line(e)}"
+        ) from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise FlatcliError(f"{module_name} has no callable {attr!r}")
+    return fn
+
+
+def build_model(
+    arch: str | None,
+    arch_kwargs: Mapping[str, Any] | None,
+    meta: Mapping[str, str],
+    *,
+    trust_code: bool,
+    path: Path,
+) -> nn.Module:
+    """Build the module a state dict belongs to (see :func:`load_checkpoint`)."""
+    if arch is None:
+        arch = meta.get("arch")
+        if arch is None:
+            raise UsageError(
+                f"{path.name} holds only weights: say which architecture to build "
+                "with --arch package.module:callable (and --arch-kwargs JSON)"
+            )
+        if not arch.startswith(SAFE_ARCH_PREFIX) and not trust_code:
+            raise FlatcliError(
+                f"{path.name} names architecture {arch!r}, which is not one of "
+                "flatcli's; importing it runs code: pass --arch yourself, or "
+                "--trust-code if you trust the file"
+            )
+    if arch_kwargs is None:
+        arch_kwargs = _json_or(meta.get("arch_kwargs"), {}, "arch_kwargs")
+    if not isinstance(arch_kwargs, Mapping):
+        raise UsageError("--arch-kwargs must be a JSON object")
+    fn = resolve_arch(arch)
+    try:
+        model = fn(**arch_kwargs)
+    except Exception as e:  # noqa: BLE001 - user code may raise anything
+        raise FlatcliError(f"{arch}(**{dict(arch_kwargs)}) failed: {_first_line(e)}") from None
+    if not isinstance(model, nn.Module):
+        raise FlatcliError(f"{arch} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Load ``state`` into ``model``, with a readable error for any mismatch."""
+    expected = model.state_dict()
+    aliases = _tied_aliases(model)
+    missing = [k for k in expected if k not in state and not (aliases.get(k, set()) & set(state))]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_few(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_few(unexpected)}")
+    if wrong:
+        problems.append(f"shape mismatch {_few(wrong)}")
+    if problems:
+        raise FlatcliError(f"{path.name} does not fit the architecture: " + "; ".join(problems))
+    full = dict(state)
+    for k in expected:
+        if k not in full:
+            full[k] = state[next(iter(aliases[k] & set(state)))]
+    model.load_state_dict(full, strict=True)
+
+
+def _tied_aliases(model: nn.Module) -> dict[str, set[str]]:
+    groups: dict[int, set[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), set()).add(name)
+    return {n: g - {n} for g in groups.values() for n in g}
+
+
+def _few(items: list[str], k: int = 5) -> str:
+    shown = ", ".join(items[:k])
+    return shown + (f" (+{len(items) - k} more)" if len(items) > k else "")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def check_finite(model: nn.Module) -> None:
+    """Raise a clear error when any parameter or buffer holds NaN or Inf."""
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise FlatcliError(f"the checkpoint's {name} contains NaN or Inf values")

@@ -1,0 +1,24 @@
+"""The one exception type for errors a user causes (bad files, names, data)."""
+
+from __future__ import annotations
+
+
+class FlatcliError(Exception):
+    """An error caused by the user's input, shown by the CLI as one line.
+
+    Args:
+        message: One line saying what is wrong and, where possible, what to do.
+        exit_code: 1 for a runtime error (bad file, bad data), 2 for a usage error
+            (bad option combination, unknown name).
+    """
+
+    def __init__(self, message: str, *, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class UsageError(FlatcliError):
+    """A bad option or name: exit code 2."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, exit_code=2)
