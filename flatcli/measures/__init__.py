@@ -1,0 +1,1 @@
+"""Measures: each a function returning an :class:`~flatcli.measures.estimate.Estimate`."""

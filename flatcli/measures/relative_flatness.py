@@ -1,0 +1,463 @@
+r"""Relative flatness (Petzka et al. 2021) and the layer-wise quantities beside it.
+
+References:
+    Petzka, Kamp, Adilova, Sminchisescu, Boley. *Relative Flatness and Generalization.*
+    NeurIPS 2021. https://arxiv.org/abs/2001.00939
+
+    Adilova, Abourayya, Li, Dada, Petzka, Egger, Kleesiek, Kamp. *FAM: Relative
+    Flatness Aware Minimization.* 2023. https://arxiv.org/abs/2307.02337
+
+All quantities are per-sample averages accumulated batch by batch (MATH.md §1–§4):
+
+.. math::
+
+    \kappa = \frac1n \sum_i \|\phi_i\|^2 \,\mathrm{Tr}(W^\top B_i W), \qquad
+    \mathrm{Tr}\,H = \frac1n \sum_i \|\phi_i\|^2 \,\mathrm{Tr}(B_i),
+
+with :math:`B_i` the per-sample loss Hessian with respect to the layer output.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ..data import Batches, as_batches
+from ..errors import FlatcliError, UsageError
+from ..features import Cut, LayerSplit, default_layer
+from ..losses import check_loss, per_sample_loss
+from .estimate import Estimate, mean_and_stderr
+
+Method = Literal["auto", "exact", "hutchinson"]
+METHODS = ("auto", "exact", "hutchinson")
+MAX_EXACT_DIRECTIONS = 100_000
+"""Identity 1 enumerates ``m²`` basis directions for an exact conv/tied κ; refuse beyond this."""
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def relative_flatness(
+    model: nn.Module,
+    layer: str | None,
+    data: Any,
+    *,
+    loss: str = "cross_entropy",
+    method: Method = "auto",
+    normalize: bool = False,
+    probes: int = 64,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> Estimate:
+    r"""Relative flatness :math:`\kappa` of Petzka et al. (2021), Definition 3.
+
+    .. math:: \kappa(W) = \sum_{s,s'} \langle w_s, w_{s'}\rangle\, \mathrm{Tr}(H_{s,s'})
+
+    with the mean-reduced loss, no factor 1/2 or 1/m (the authors' ``normalize=True``
+    reports :math:`\kappa/m`).
+
+    Args:
+        model: The network.
+        layer: Name of the feature layer (default: the last ``nn.Linear``).
+        data: ``(x, y)`` tensors, a DataLoader, or :class:`~flatcli.data.Batches`.
+        loss: ``cross_entropy`` or ``mse`` (mean over all elements, one-hot for int labels).
+        method: ``exact`` (Identity 3 closed form for a logits layer, Identity 2 per-sample
+            HVPs for a hidden Linear layer, Identity 1 basis enumeration for conv or tied
+            weights), ``hutchinson`` (Identity 1 with Rademacher probes, any layer), or
+            ``auto`` (exact for an untied ``nn.Linear``, Hutchinson otherwise).
+        normalize: Return :math:`\tilde\kappa` after Theorem 4's normalization instead.
+        probes: Hutchinson probes.
+        seed: Seed of the Hutchinson probes.
+        batch_size: Batch size when ``data`` is in memory.
+
+    Returns:
+        An :class:`Estimate`; ``stderr`` is None when exact.
+
+    Example:
+        >>> from flatcli import archs, relative_flatness
+        >>> import torch
+        >>> model = archs.mlp(4, [5], 3)
+        >>> x, y = torch.randn(20, 4), torch.randint(0, 3, (20,))
+        >>> est = relative_flatness(model, "fc", (x, y))
+        >>> est.stderr is None and est.value > 0
+        True
+    """
+    key = "relative_flatness_normalized" if normalize else "relative_flatness"
+    return layer_measures(
+        model,
+        layer,
+        data,
+        loss=loss,
+        method=method,
+        normalize=normalize,
+        probes=probes,
+        seed=seed,
+        batch_size=batch_size,
+    )[key]
+
+
+def layer_hessian_trace(
+    model: nn.Module,
+    layer: str | None,
+    data: Any,
+    *,
+    loss: str = "cross_entropy",
+    method: Method = "auto",
+    probes: int = 64,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> Estimate:
+    r""":math:`\mathrm{Tr}\,\nabla^2_W E` of the layer weight (bias excluded)."""
+    return layer_measures(
+        model,
+        layer,
+        data,
+        loss=loss,
+        method=method,
+        probes=probes,
+        seed=seed,
+        batch_size=batch_size,
+    )["layer_hessian_trace"]
+
+
+def layerwise_flatness(
+    model: nn.Module,
+    layer: str | None,
+    data: Any,
+    *,
+    loss: str = "cross_entropy",
+    method: Method = "auto",
+    probes: int = 64,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> Estimate:
+    r"""Simplified relative flatness of the FAM paper §3.2: :math:`\|W\|_F^2\,\mathrm{Tr}\,H`."""
+    return layer_measures(
+        model,
+        layer,
+        data,
+        loss=loss,
+        method=method,
+        probes=probes,
+        seed=seed,
+        batch_size=batch_size,
+    )["layerwise_flatness"]
+
+
+def weight_norm(model: nn.Module, layer: str | None = None) -> Estimate:
+    r"""Squared Frobenius norm :math:`\|W\|_F^2` of the layer weight."""
+    split = LayerSplit(model, layer or default_layer(model))
+    return Estimate(float(split.weight.detach().double().pow(2).sum()), None, "exact")
+
+
+def layer_measures(
+    model: nn.Module,
+    layer: str | None,
+    data: Any,
+    *,
+    loss: str = "cross_entropy",
+    method: Method = "auto",
+    normalize: bool = False,
+    probes: int = 64,
+    seed: int = 0,
+    batch_size: int = 256,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Estimate]:
+    """Every layer-wise measure of one layer, sharing the passes over the data.
+
+    Returns:
+        ``relative_flatness``, ``relative_flatness_normalized`` (only with ``normalize``),
+        ``layerwise_flatness``, ``layer_hessian_trace``, ``weight_norm``, ``train_loss``,
+        ``train_accuracy`` (None-valued for float regression targets), in that order.
+    """
+    loss = check_loss(loss)
+    if method not in METHODS:
+        raise UsageError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if probes < 2 and method != "exact":
+        raise UsageError(f"--probes must be at least 2 (for a standard error), got {probes}")
+    split = LayerSplit(model, layer or default_layer(model))
+    batches = _batches_for(model, data, batch_size)
+    note = progress or (lambda _msg: None)
+    with _eval_mode(model), torch.no_grad():
+        fit = evaluate(split, batches, loss)
+        n = fit["n"]
+        sigma = dead = None
+        if normalize:
+            if split.kind != "linear":
+                raise UsageError(
+                    "--normalize (Theorem 4) is defined for nn.Linear feature "
+                    f"layers; {split.name!r} is {type(split.layer).__name__}"
+                )
+            note("feature statistics for Theorem 4 normalization")
+            sigma, dead = feature_std(split, batches)
+        resolved = _resolve_method(split, method)
+        note(f"relative flatness ({resolved})")
+        if resolved == "exact" and split.kind == "linear" and not split.tied:
+            out = _identity2(split, batches, loss, n, sigma)
+        else:
+            out = _identity1(
+                split, batches, loss, n, sigma, exact=resolved == "exact", probes=probes, seed=seed
+            )
+    wn = float(split.weight.detach().double().pow(2).sum())
+    trace = out["layer_hessian_trace"]
+    result = {"relative_flatness": out["relative_flatness"]}
+    if normalize:
+        result["relative_flatness_normalized"] = _with_details(
+            out["relative_flatness_normalized"], dead_units=dead, sigma_ddof=0
+        )
+    result["layerwise_flatness"] = Estimate(
+        wn * trace.value,
+        None if trace.stderr is None else wn * trace.stderr,
+        f"‖W‖²_F · Tr(H), Tr(H) {trace.method}",
+    )
+    result["layer_hessian_trace"] = trace
+    result["weight_norm"] = Estimate(wn, None, "exact: ‖W‖²_F")
+    result["train_loss"] = Estimate(fit["loss"], None, f"exact: mean {loss} over {n} samples")
+    result["train_accuracy"] = Estimate(fit["accuracy"], None, f"exact: over {n} samples")
+    return result
+
+
+# --------------------------------------------------------------------------- passes over data
+
+
+def evaluate(split: LayerSplit, batches: Batches, loss: str) -> dict[str, Any]:
+    """Mean loss and accuracy over the data (one forward pass), checking it is usable."""
+    n, loss_sum, correct = 0, 0.0, 0
+    classify = True
+    for x, y in batches:
+        out = split.model(x)
+        losses = per_sample_loss(out, y, loss)
+        if not torch.isfinite(losses).all():
+            raise FlatcliError("the loss is NaN or Inf on this data")
+        n += x.shape[0]
+        loss_sum += float(losses.double().sum())
+        if y.is_floating_point():
+            classify = False
+        else:
+            correct += int((out.argmax(-1) == y).sum())
+    if n == 0:
+        raise FlatcliError("the dataset is empty")
+    return {"n": n, "loss": loss_sum / n, "accuracy": correct / n if classify else math.nan}
+
+
+def feature_std(split: LayerSplit, batches: Batches) -> tuple[torch.Tensor, int]:
+    """Population std (ddof=0) of each feature coordinate ``φ_t`` over the data.
+
+    Streams batch by batch with Chan's parallel update in float64, so it is exact up to
+    rounding without holding the features. Dead coordinates (σ = 0) come back as 1 and are
+    counted (MATH.md §4).
+    """
+    count, mean, m2 = 0, None, None
+    for x, _ in batches:
+        phi = split.cut(x).phi.reshape(x.shape[0], -1).double()
+        b = phi.shape[0]
+        b_mean = phi.mean(0)
+        b_m2 = ((phi - b_mean) ** 2).sum(0)
+        if mean is None:
+            count, mean, m2 = b, b_mean, b_m2
+            continue
+        delta = b_mean - mean
+        total = count + b
+        mean = mean + delta * (b / total)
+        m2 = m2 + b_m2 + delta**2 * (count * b / total)
+        count = total
+    assert mean is not None and m2 is not None
+    sigma = (m2 / count).sqrt()
+    dead = sigma <= 1e-12 * max(1.0, float(sigma.max()))
+    return torch.where(dead, torch.ones_like(sigma), sigma), int(dead.sum())
+
+
+def _identity2(
+    split: LayerSplit, batches: Batches, loss: str, n: int, sigma: torch.Tensor | None
+) -> dict[str, Estimate]:
+    """Exact κ, κ̃ and Tr(H) of an untied Linear layer from per-sample ``B_i``."""
+    w = split.weight_matrix().detach()
+    mats = [w]  # U = W: Tr(Wᵀ B W)
+    if sigma is not None:
+        mats.append(w * sigma.to(w))  # U = W V
+    sums = torch.zeros(len(mats) + 1, dtype=torch.float64)
+    for x, y in batches:
+        cut = split.cut(x)
+        phi = cut.phi.reshape(x.shape[0], -1)
+        q, tr = split.quadratic_forms(cut, y, loss, mats, trace=True)
+        assert tr is not None
+        norms = [(phi * phi).sum(1)]
+        if sigma is not None:
+            norms.append(((phi / sigma.to(phi)) ** 2).sum(1))
+        for j, nrm in enumerate(norms):
+            sums[j] += float((nrm.double() * q[:, j].double()).sum())
+        sums[-1] += float((norms[0].double() * tr.double()).sum())
+    how = (
+        "closed form (Identity 3, logits layer)"
+        if split.produces_output
+        else f"per-sample downstream HVPs (Identity 2, {split.mechanism} split)"
+    )
+    out = {
+        "relative_flatness": Estimate(float(sums[0]) / n, None, f"exact: {how}"),
+        "layer_hessian_trace": Estimate(float(sums[-1]) / n, None, f"exact: {how}"),
+    }
+    if sigma is not None:
+        out["relative_flatness_normalized"] = Estimate(float(sums[1]) / n, None, f"exact: {how}")
+    return out
+
+
+def _identity1(
+    split: LayerSplit,
+    batches: Batches,
+    loss: str,
+    n: int,
+    sigma: torch.Tensor | None,
+    *,
+    exact: bool,
+    probes: int,
+    seed: int,
+) -> dict[str, Estimate]:
+    r"""κ (and Tr H) from HVPs of the loss in the weight: :math:`\kappa = \mathrm{Tr}\,\nabla^2_A E(W + WA)`.
+
+    Exact: sum over the ``m²`` basis directions ``A = e_a e_bᵀ`` (and the ``|W|`` unit
+    directions for the trace). Hutchinson: Rademacher ``A`` (and Rademacher weight-shaped
+    directions for the trace), ``probes`` of each, seeded.
+    """
+    w = split.weight.detach()
+    w2 = split.weight_matrix(w)
+    d, m = w2.shape
+    if exact and max(m * m, w.numel()) > MAX_EXACT_DIRECTIONS:
+        raise UsageError(
+            f"exact κ of {split.name!r} needs {m * m} HVP directions; use --method hutchinson"
+        )
+    gen = torch.Generator().manual_seed(seed)
+
+    def kappa_dirs(a: torch.Tensor) -> torch.Tensor:  # (k, m, m) -> (k, *w.shape): W A
+        return (w2 @ a.to(w2)).reshape(-1, *w.shape)
+
+    def kappa_norm_dirs(a: torch.Tensor) -> torch.Tensor:  # W V A V⁻¹ (Theorem 4)
+        s = sigma.to(w2)  # type: ignore[union-attr]
+        return ((w2 * s) @ a.to(w2) / s).reshape(-1, *w.shape)
+
+    targets: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"relative_flatness": kappa_dirs}
+    if sigma is not None:
+        targets["relative_flatness_normalized"] = kappa_norm_dirs
+    out: dict[str, Estimate] = {}
+    for key, to_dirs in targets.items():
+        if exact:
+            chunks = (
+                to_dirs(_basis(m * m, lo, hi).reshape(-1, m, m)) for lo, hi in _ranges(m * m, 256)
+            )
+        else:
+            chunks = (to_dirs(_rademacher(gen, (k, m, m))) for k in _sizes(probes, 16))
+        out[key] = _quadratic_estimate(
+            split, batches, loss, n, chunks, exact=exact, what="Identity 1, A-space"
+        )
+    if exact:
+        chunks = (
+            _basis(w.numel(), lo, hi).reshape(-1, *w.shape).to(w)
+            for lo, hi in _ranges(w.numel(), 256)
+        )
+    else:
+        chunks = (_rademacher(gen, (k, *w.shape)).to(w) for k in _sizes(probes, 16))
+    out["layer_hessian_trace"] = _quadratic_estimate(
+        split, batches, loss, n, chunks, exact=exact, what="weight space"
+    )
+    return out
+
+
+def _quadratic_estimate(
+    split: LayerSplit,
+    batches: Batches,
+    loss: str,
+    n: int,
+    chunks: Iterator[torch.Tensor],
+    *,
+    exact: bool,
+    what: str,
+) -> Estimate:
+    """Sum (exact) or mean (Hutchinson) of ``⟨V, H V⟩`` over direction chunks."""
+    w = split.weight.detach()
+    values: list[torch.Tensor] = []
+    for dirs in chunks:
+        acc = torch.zeros(dirs.shape[0], dtype=torch.float64)
+        for x, y in batches:
+            cut = split.cut(x)
+
+            def total(weight: torch.Tensor, cut: Cut = cut, y: torch.Tensor = y) -> torch.Tensor:
+                return per_sample_loss(split.weight_output(cut, weight), y, loss).sum()  # type: ignore[arg-type]
+
+            grad_fn = torch.func.grad(total)
+
+            def vhv(
+                v: torch.Tensor, grad_fn: Callable[..., torch.Tensor] = grad_fn
+            ) -> torch.Tensor:
+                return (v * torch.func.jvp(grad_fn, (w,), (v,))[1]).sum()
+
+            acc += torch.func.vmap(vhv)(dirs.to(w.device)).double().cpu()
+        values.append(acc / n)
+    per_dir = torch.cat(values)
+    tied = ", tied weight" if split.tied else ""
+    if exact:
+        return Estimate(
+            float(per_dir.sum()), None, f"exact: {what} basis, {per_dir.numel()} HVPs{tied}"
+        )
+    mean, se = mean_and_stderr(per_dir.tolist())
+    return Estimate(
+        mean,
+        se,
+        f"hutchinson: {what}, {per_dir.numel()} Rademacher probes{tied}",
+        {"probes": per_dir.numel()},
+    )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _resolve_method(split: LayerSplit, method: str) -> str:
+    if method != "auto":
+        return method
+    return "exact" if split.kind == "linear" and not split.tied else "hutchinson"
+
+
+def _batches_for(model: nn.Module, data: Any, batch_size: int) -> Batches:
+    p = next(model.parameters(), None)
+    if p is None:
+        raise UsageError("the model has no parameters")
+    return as_batches(data, batch_size=batch_size, device=p.device, dtype=p.dtype)
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode (samples independent downstream), restoring the caller's mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _rademacher(gen: torch.Generator, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.randint(0, 2, shape, generator=gen, dtype=torch.int8).double() * 2 - 1
+
+
+def _basis(size: int, lo: int, hi: int) -> torch.Tensor:
+    """Rows ``lo..hi`` of the ``size × size`` identity, without building all of it."""
+    rows = torch.zeros(hi - lo, size, dtype=torch.float64)
+    rows[torch.arange(hi - lo), torch.arange(lo, hi)] = 1.0
+    return rows
+
+
+def _ranges(total: int, step: int) -> Iterator[tuple[int, int]]:
+    for lo in range(0, total, step):
+        yield lo, min(lo + step, total)
+
+
+def _sizes(total: int, step: int) -> Iterator[int]:
+    for lo, hi in _ranges(total, step):
+        yield hi - lo
+
+
+def _with_details(est: Estimate, **details: Any) -> Estimate:
+    return Estimate(est.value, est.stderr, est.method, {**est.details, **details})
