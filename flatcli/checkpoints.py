@@ -19,6 +19,7 @@ import importlib.util
 import json
 import pickle
 import sys
+import warnings
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -233,13 +234,23 @@ def _load_trusted(path: Path, sha: str, fmt: str, trust_code: bool) -> Checkpoin
             "pass --trust-code only if you trust it"
         )
     try:
-        if fmt == "export":
-            model = torch.export.load(str(path)).module()
-        else:
-            model = torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():  # torch deprecates TorchScript; the user opted in
+            warnings.simplefilter("ignore", DeprecationWarning)
+            if fmt == "export":
+                model = torch.export.load(str(path)).module()
+            else:
+                model = torch.jit.load(str(path), map_location="cpu")
     except Exception as e:  # noqa: BLE001
         raise FlatcliError(f"cannot load {what} from {path}: {_first_line(e)}") from None
-    return Checkpoint(model=model.eval(), path=path, sha256=sha, format=fmt)
+    return Checkpoint(model=eval_mode(model), path=path, sha256=sha, format=fmt)
+
+
+def eval_mode(model: nn.Module) -> nn.Module:
+    """``model.eval()``, except for exported programs, whose mode was fixed at export."""
+    try:
+        return model.eval()
+    except NotImplementedError:
+        return model
 
 
 def _unwrap_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

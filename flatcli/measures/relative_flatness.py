@@ -27,6 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..checkpoints import eval_mode
 from ..data import Batches, as_batches
 from ..errors import FlatcliError, UsageError
 from ..features import Cut, LayerSplit, default_layer
@@ -431,11 +432,12 @@ def _batches_for(model: nn.Module, data: Any, batch_size: int) -> Batches:
 def _eval_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode (samples independent downstream), restoring the caller's mode after."""
     was_training = model.training
-    model.eval()
+    eval_mode(model)
     try:
         yield
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train()
 
 
 def _rademacher(gen: torch.Generator, shape: tuple[int, ...]) -> torch.Tensor:

@@ -1,0 +1,5 @@
+"""``python -m flatcli``."""
+
+from flatcli.cli import main
+
+main()

@@ -1,0 +1,379 @@
+"""The ``flatcli`` command line: parse, call the library, render. Nothing else lives here.
+
+Errors a user causes are :class:`~flatcli.errors.FlatcliError`; every command turns them
+into one line on stderr and exit code 1 (runtime) or 2 (usage). Data goes to stdout,
+progress and logs to stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from .errors import FlatcliError, UsageError
+
+app = typer.Typer(
+    name="flatcli",
+    help="How flat is a trained PyTorch model's minimum? Relative flatness (Petzka et al. 2021),"
+    " the classic alternatives, their correlation with generalization, and FAM fine-tuning.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    rich_markup_mode="rich",
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# --------------------------------------------------------------------------- shared options
+
+Checkpoint = Annotated[
+    Path,
+    typer.Argument(
+        help="Checkpoint: .safetensors, .pt/.pth/.bin "
+        "state dict (or, with --trust-code, a pickled "
+        "module, TorchScript, .pt2).",
+        show_default=False,
+    ),
+]
+ArchOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--arch",
+        help="Builds the model: package.module:callable or path/file.py:callable "
+        "(default: the checkpoint's metadata).",
+    ),
+]
+ArchKwargsOpt = Annotated[
+    str | None, typer.Option("--arch-kwargs", help="JSON object of keyword arguments for --arch.")
+]
+TrustOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-code",
+        help="Allow formats whose loading runs code from the file (pickled modules,"
+        " TorchScript, .pt2) and architectures named by the file. Only for files you trust.",
+    ),
+]
+DataOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--data",
+        help="Data: .npz/.pt with x, y (x_test, y_test), .csv with --target, or a bundled"
+        " name (digits). Default: the checkpoint's metadata.",
+    ),
+]
+TargetOpt = Annotated[str | None, typer.Option("--target", help="Label column of a CSV file.")]
+SplitOpt = Annotated[str, typer.Option("--split", help="train or test.")]
+MaxSamplesOpt = Annotated[
+    int | None, typer.Option("--max-samples", help="Use only the first N samples.")
+]
+BatchOpt = Annotated[
+    int,
+    typer.Option(
+        "--batch-size", help="Samples per batch (memory only; results do not depend on it)."
+    ),
+]
+LayerOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--layer",
+        help="Feature layer, a name from model.named_modules() (default: the last nn.Linear).",
+    ),
+]
+LossOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--loss",
+        help="cross_entropy or mse (default: the checkpoint's metadata, else cross_entropy).",
+    ),
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32 or float64.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random estimate.")]
+FormatOpt = Annotated[str, typer.Option("--format", help="table, json or csv.")]
+OutputOpt = Annotated[
+    Path | None,
+    typer.Option("--output", "-o", help="Also write the result to this file (atomically)."),
+]
+
+
+def _stderr():  # noqa: ANN202 - rich Console, imported lazily
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _friendly(fn: F) -> F:
+    """Turn user errors into one line and an exit code, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import warnings
+
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated")
+        try:
+            return fn(*args, **kwargs)
+        except FlatcliError as e:
+            _stderr().print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            _stderr().print("interrupted")
+            raise typer.Exit(130) from None
+        except typer.Exit:
+            raise
+        except Exception as e:  # noqa: BLE001 - last resort: one line, traceback on request
+            if os.environ.get("FLATCLI_DEBUG"):
+                raise
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            _stderr().print(
+                f"[bold red]internal error:[/] {type(e).__name__}: {first} "
+                "(set FLATCLI_DEBUG=1 for the traceback)",
+                highlight=False,
+            )
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@contextmanager
+def _progress() -> Iterator[Callable[[str], None]]:
+    """A status line on stderr in a terminal; plain log lines otherwise."""
+    console = _stderr()
+    if console.is_terminal:
+        with console.status("working…") as status:
+            yield lambda msg: status.update(f"{msg}…")
+    else:
+        yield lambda msg: print(f"flatcli: {msg}", file=sys.stderr)
+
+
+def _check_format(fmt: str) -> str:
+    from .report import FORMATS
+
+    if fmt not in FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    return fmt
+
+
+def _emit(text: str, output: Path | None) -> None:
+    from .report import write_output
+
+    if output is not None:
+        write_output(output, text)
+    sys.stdout.write(text)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"flatcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """How flat is a trained PyTorch model's minimum?"""
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+@app.command()
+@_friendly
+def inspect(
+    checkpoint: Checkpoint,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_code: TrustOpt = False,
+    fmt: FormatOpt = "table",
+) -> None:
+    """Layers, shapes and parameter counts, and which measures apply to each layer.
+
+    Examples:
+
+        flatcli inspect sample_models/digits_mlp.safetensors
+
+        flatcli inspect model.pt --arch mypkg.nets:make_net --arch-kwargs '{"width": 64}'
+    """
+    from .checkpoints import load_checkpoint
+    from .inspection import describe
+    from .prepare import parse_json_object
+    from .report import to_json
+
+    fmt = _check_format(fmt)
+    ck = load_checkpoint(
+        checkpoint,
+        arch=arch,
+        trust_code=trust_code,
+        arch_kwargs=parse_json_object(arch_kwargs, "--arch-kwargs"),
+    )
+    info = describe(ck)
+    if fmt == "json":
+        sys.stdout.write(to_json(info))
+        return
+    if fmt == "csv":
+        import pandas as pd
+
+        sys.stdout.write(pd.DataFrame(info["layers"]).to_csv(index=False))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(
+        title=f"{ck.path.name} ({info['checkpoint']['format']}, {info['parameters']:,} parameters)",
+        title_justify="left",
+    )
+    for col in ("layer", "type", "weight shape", "parameters", "measures"):
+        table.add_column(col, justify="right" if col == "parameters" else "left")
+    for row in info["layers"]:
+        name = row["name"] + (" *" if row["name"] == info["default_layer"] else "")
+        table.add_row(
+            name,
+            row["type"],
+            str(row["weight_shape"] or ""),
+            f"{row['parameters']:,}",
+            row["measures"],
+        )
+    console.print(table)
+    console.print(f"* default feature layer: {info['default_layer']}")
+    console.print(f"model-wide measures: {info['model_measures']}")
+    console.print(f"sha256: {info['checkpoint']['sha256']}")
+    for key, value in info["metadata"].items():
+        console.print(f"metadata {key}: {value}", highlight=False)
+
+
+# --------------------------------------------------------------------------- measure
+
+
+@app.command()
+@_friendly
+def measure(
+    checkpoint: Checkpoint,
+    layer: LayerOpt = None,
+    measures: Annotated[
+        str | None,
+        typer.Option(
+            "--measures",
+            help="Comma-separated measure names, or 'all' (default: relative "
+            "flatness, layer-wise flatness, layer Hessian trace, weight norm, train loss/accuracy).",
+        ),
+    ] = None,
+    method: Annotated[
+        str,
+        typer.Option(
+            "--method",
+            help="Relative flatness: auto (exact for nn.Linear), exact, or hutchinson "
+            "(Identity 1, any layer incl. Conv2d).",
+        ),
+    ] = "auto",
+    normalize: Annotated[
+        bool,
+        typer.Option(
+            "--normalize", help="Add relative_flatness_normalized (Theorem 4, std with ddof=0)."
+        ),
+    ] = False,
+    probes: Annotated[int, typer.Option("--probes", help="Hutchinson probes.")] = 64,
+    data: DataOpt = None,
+    target: TargetOpt = None,
+    split: SplitOpt = "train",
+    max_samples: MaxSamplesOpt = None,
+    batch_size: BatchOpt = 256,
+    loss: LossOpt = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_code: TrustOpt = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    seed: SeedOpt = 0,
+    fmt: FormatOpt = "table",
+    output: OutputOpt = None,
+) -> None:
+    """Relative flatness and the other measures of one checkpoint, on its training data.
+
+    Examples:
+
+        flatcli measure sample_models/digits_mlp.safetensors
+
+        flatcli measure sample_models/digits_cnn.safetensors --layer conv2 --method hutchinson
+
+        flatcli measure model.pt --arch mypkg.nets:make_net --layer fc --data data.npz
+        --format json --output result.json
+    """
+    from . import registry
+    from .features import default_layer, find_layer
+    from .prepare import parse_json_object, prepare
+    from .report import measure_report, measures_csv, measures_table, to_json
+    from .runtime import manifest
+
+    fmt = _check_format(fmt)
+    names = registry.select(measures, normalize=normalize)
+    prep = prepare(
+        checkpoint,
+        arch=arch,
+        trust_code=trust_code,
+        arch_kwargs=parse_json_object(arch_kwargs, "--arch-kwargs"),
+        data=data,
+        split=split,
+        target=target,
+        max_samples=max_samples,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        loss=loss,
+    )
+    layer_name = layer or default_layer(prep.model)
+    module = find_layer(prep.model, layer_name)
+    config = registry.MeasureConfig(
+        layer=layer_name, loss=prep.loss, method=method, probes=probes, seed=seed
+    )
+    with _progress() as note:
+        results = registry.run_measures(prep.model, prep.batches, names, config, note=note)
+    weight = getattr(module, "weight", None)
+    report = measure_report(
+        checkpoint={"path": str(prep.checkpoint.path), "sha256": prep.checkpoint.sha256},
+        layer={
+            "name": layer_name,
+            "type": type(module).__name__,
+            "shape": list(weight.shape) if weight is not None else None,
+        },
+        data={"source": prep.batches.source, "split": split, "n_samples": prep.batches.n_samples},
+        measures=results,
+        manifest=manifest(device=prep.device, dtype=prep.dtype, seed=seed),
+        config=config.as_dict(),
+    )
+    if fmt == "json":
+        _emit(to_json(report), output)
+    elif fmt == "csv":
+        _emit(measures_csv(results), output)
+    else:
+        if output is not None:
+            from .report import write_output
+
+            write_output(output, to_json(report))
+        from rich.console import Console
+
+        title = (
+            f"{prep.checkpoint.path.name} · layer {layer_name} · {prep.batches.source} "
+            f"{split} (n={prep.batches.n_samples}) · {prep.loss}"
+        )
+        Console().print(measures_table(results, title=title))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

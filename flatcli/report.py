@@ -1,0 +1,100 @@
+"""Machine-readable results (JSON/CSV with the run manifest) and terminal tables."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .io import atomic_write_text
+from .measures.estimate import Estimate
+
+MEASURE_SCHEMA = "flatcli.measure/1"
+FORMATS = ("table", "json", "csv")
+
+
+def measure_report(
+    *,
+    checkpoint: Mapping[str, Any],
+    layer: Mapping[str, Any],
+    data: Mapping[str, Any],
+    measures: Mapping[str, Estimate],
+    manifest: Mapping[str, Any],
+    config: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The stable JSON shape of ``flatcli measure`` (schema ``flatcli.measure/1``)."""
+    report = {
+        "schema": MEASURE_SCHEMA,
+        "checkpoint": dict(checkpoint),
+        "layer": dict(layer),
+        "data": dict(data),
+        "measures": {k: v.to_dict() for k, v in measures.items()},
+        "manifest": dict(manifest),
+    }
+    if config is not None:
+        report["config"] = dict(config)
+    return report
+
+
+def to_json(obj: Any) -> str:
+    """Pretty JSON with non-finite floats written as null."""
+    return json.dumps(_finite(obj), indent=2, sort_keys=False) + "\n"
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {str(k): _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def measures_csv(measures: Mapping[str, Estimate]) -> str:
+    """One row per measure: ``measure,value,stderr,method``."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["measure", "value", "stderr", "method"])
+    for name, est in measures.items():
+        d = est.to_dict()
+        writer.writerow([name, _cell(d["value"]), _cell(d["stderr"]), est.method])
+    return buf.getvalue()
+
+
+def _cell(x: float | None) -> str:
+    return "" if x is None else repr(float(x))
+
+
+def write_output(path: str | Path, text: str) -> Path:
+    """Atomically write ``text``: readers never see a partial file."""
+    return atomic_write_text(path, text)
+
+
+def format_value(x: float | None) -> str:
+    """Compact human number: 4 significant digits, scientific when far from 1."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    ax = abs(x)
+    if ax != 0 and (ax >= 1e5 or ax < 1e-3):
+        return f"{x:.4e}"
+    return f"{x:.6g}"
+
+
+def measures_table(measures: Mapping[str, Estimate], *, title: str | None = None):  # noqa: ANN201
+    """A rich Table of measures with value, standard error and method."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    table.add_column("measure", style="bold")
+    table.add_column("value", justify="right")
+    table.add_column("± stderr", justify="right")
+    table.add_column("method")
+    for name, est in measures.items():
+        se = "exact" if est.stderr is None else format_value(est.stderr)
+        table.add_row(name, format_value(est.value), se, est.method)
+    return table
