@@ -121,7 +121,7 @@ def _friendly(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except FlatcliError as e:
-            _stderr().print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
+            _stderr().print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             _stderr().print("interrupted")
@@ -269,8 +269,8 @@ def measure(
         str | None,
         typer.Option(
             "--measures",
-            help="Comma-separated measure names, or 'all' (default: relative "
-            "flatness, layer-wise flatness, layer Hessian trace, weight norm, train loss/accuracy).",
+            help="Comma-separated measure names, or 'all' (default: relative flatness, "
+            "layer-wise flatness, layer Hessian trace, weight norm, train loss/accuracy).",
         ),
     ] = None,
     method: Annotated[

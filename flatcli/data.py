@@ -309,8 +309,8 @@ def fit_inputs(
     if input_shape is not None:
         if math.prod(input_shape) != per_sample:
             raise FlatcliError(
-                f"data has {per_sample} values per sample but the model expects "
-                f"inputs of shape {tuple(input_shape)}"
+                f"data does not fit the model: {per_sample} values per sample, but it "
+                f"expects inputs of shape {tuple(input_shape)}"
             )
         return x.reshape(n, *input_shape)
     first = next((m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))), None)

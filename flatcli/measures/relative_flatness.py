@@ -318,7 +318,7 @@ def _identity1(
     probes: int,
     seed: int,
 ) -> dict[str, Estimate]:
-    r"""κ (and Tr H) from HVPs of the loss in the weight: :math:`\kappa = \mathrm{Tr}\,\nabla^2_A E(W + WA)`.
+    r"""κ and Tr H from HVPs in the weight: :math:`\kappa = \mathrm{Tr}\,\nabla^2_A E(W + WA)`.
 
     Exact: sum over the ``m²`` basis directions ``A = e_a e_bᵀ`` (and the ``|W|`` unit
     directions for the trace). Hutchinson: Rademacher ``A`` (and Rademacher weight-shaped
