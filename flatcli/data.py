@@ -223,7 +223,7 @@ def load_data(
 
 def _to_tensor(a: Any, name: str) -> torch.Tensor:
     try:
-        t = torch.as_tensor(np.asarray(a)) if not isinstance(a, torch.Tensor) else a
+        t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.array(a, copy=True))
     except (TypeError, ValueError) as e:
         raise FlatcliError(f"{name} is not a numeric array ({e})") from None
     if t.dtype == torch.bool or t.is_complex():
