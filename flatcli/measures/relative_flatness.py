@@ -185,8 +185,6 @@ def layer_measures(
     batches = _batches_for(model, data, batch_size)
     note = progress or (lambda _msg: None)
     with _eval_mode(model), torch.no_grad():
-        fit = evaluate(split, batches, loss)
-        n = fit["n"]
         sigma = dead = None
         if normalize:
             if split.kind != "linear":
@@ -199,11 +197,20 @@ def layer_measures(
         resolved = _resolve_method(split, method)
         note(f"relative flatness ({resolved})")
         if resolved == "exact" and split.kind == "linear" and not split.tied:
-            out = _identity2(split, batches, loss, n, sigma)
+            out, fit = _identity2(split, batches, loss, sigma)
         else:
+            fit = evaluate(split, batches, loss)
             out = _identity1(
-                split, batches, loss, n, sigma, exact=resolved == "exact", probes=probes, seed=seed
+                split,
+                batches,
+                loss,
+                fit["n"],
+                sigma,
+                exact=resolved == "exact",
+                probes=probes,
+                seed=seed,
             )
+        n = fit["n"]
     wn = float(split.weight.detach().double().pow(2).sum())
     trace = out["layer_hessian_trace"]
     result = {"relative_flatness": out["relative_flatness"]}
@@ -226,24 +233,36 @@ def layer_measures(
 # --------------------------------------------------------------------------- passes over data
 
 
-def evaluate(split: LayerSplit, batches: Batches, loss: str) -> dict[str, Any]:
-    """Mean loss and accuracy over the data (one forward pass), checking it is usable."""
-    n, loss_sum, correct = 0, 0.0, 0
-    classify = True
-    for x, y in batches:
-        out = split.model(x)
-        losses = per_sample_loss(out, y, loss)
+class _Fit:
+    """Running mean loss and accuracy, checking the loss stays finite."""
+
+    def __init__(self, loss: str) -> None:
+        self.loss, self.n, self.loss_sum, self.correct, self.classify = loss, 0, 0.0, 0, True
+
+    def add(self, out: torch.Tensor, y: torch.Tensor) -> None:
+        losses = per_sample_loss(out, y, self.loss)  # type: ignore[arg-type]
         if not torch.isfinite(losses).all():
             raise FlatcliError("the loss is NaN or Inf on this data")
-        n += x.shape[0]
-        loss_sum += float(losses.double().sum())
+        self.n += out.shape[0]
+        self.loss_sum += float(losses.double().sum())
         if y.is_floating_point():
-            classify = False
+            self.classify = False
         else:
-            correct += int((out.argmax(-1) == y).sum())
-    if n == 0:
-        raise FlatcliError("the dataset is empty")
-    return {"n": n, "loss": loss_sum / n, "accuracy": correct / n if classify else math.nan}
+            self.correct += int((out.argmax(-1) == y).sum())
+
+    def result(self) -> dict[str, Any]:
+        if self.n == 0:
+            raise FlatcliError("the dataset is empty")
+        acc = self.correct / self.n if self.classify else math.nan
+        return {"n": self.n, "loss": self.loss_sum / self.n, "accuracy": acc}
+
+
+def evaluate(split: LayerSplit, batches: Batches, loss: str) -> dict[str, Any]:
+    """Mean loss and accuracy over the data (one forward pass), checking it is usable."""
+    fit = _Fit(loss)
+    for x, y in batches:
+        fit.add(split.model(x), y)
+    return fit.result()
 
 
 def feature_std(split: LayerSplit, batches: Batches) -> tuple[torch.Tensor, int]:
@@ -267,23 +286,29 @@ def feature_std(split: LayerSplit, batches: Batches) -> tuple[torch.Tensor, int]
         mean = mean + delta * (b / total)
         m2 = m2 + b_m2 + delta**2 * (count * b / total)
         count = total
-    assert mean is not None and m2 is not None
+    if mean is None or m2 is None:
+        raise FlatcliError("the dataset is empty")
     sigma = (m2 / count).sqrt()
     dead = sigma <= 1e-12 * max(1.0, float(sigma.max()))
     return torch.where(dead, torch.ones_like(sigma), sigma), int(dead.sum())
 
 
 def _identity2(
-    split: LayerSplit, batches: Batches, loss: str, n: int, sigma: torch.Tensor | None
-) -> dict[str, Estimate]:
-    """Exact κ, κ̃ and Tr(H) of an untied Linear layer from per-sample ``B_i``."""
+    split: LayerSplit, batches: Batches, loss: str, sigma: torch.Tensor | None
+) -> tuple[dict[str, Estimate], dict[str, Any]]:
+    """Exact κ, κ̃ and Tr(H) of an untied Linear layer from per-sample ``B_i``.
+
+    Also returns the mean loss and accuracy, from the same trunk pass.
+    """
     w = split.weight_matrix().detach()
     mats = [w]  # U = W: Tr(Wᵀ B W)
     if sigma is not None:
         mats.append(w * sigma.to(w))  # U = W V
     sums = torch.zeros(len(mats) + 1, dtype=torch.float64)
+    fit = _Fit(loss)
     for x, y in batches:
         cut = split.cut(x)
+        fit.add(cut.z if split.produces_output else split.downstream(cut.z, cut.context), y)
         phi = cut.phi.reshape(x.shape[0], -1)
         q, tr = split.quadratic_forms(cut, y, loss, mats, trace=True)
         assert tr is not None
@@ -293,6 +318,7 @@ def _identity2(
         for j, nrm in enumerate(norms):
             sums[j] += float((nrm.double() * q[:, j].double()).sum())
         sums[-1] += float((norms[0].double() * tr.double()).sum())
+    n = fit.result()["n"]
     how = (
         "closed form (Identity 3, logits layer)"
         if split.produces_output
@@ -304,7 +330,7 @@ def _identity2(
     }
     if sigma is not None:
         out["relative_flatness_normalized"] = Estimate(float(sums[1]) / n, None, f"exact: {how}")
-    return out
+    return out, fit.result()
 
 
 def _identity1(
