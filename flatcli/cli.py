@@ -97,6 +97,14 @@ LossOpt = Annotated[
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32 or float64.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random estimate.")]
+DeadUnitsOpt = Annotated[
+    str,
+    typer.Option(
+        "--dead-units",
+        help="Theorem 4 normalization of units with zero std: unscaled (MATH.md §4) "
+        "or drop (pseudo-inverse: exactly invariant to rescaling dead units).",
+    ),
+]
 FormatOpt = Annotated[str, typer.Option("--format", help="table, json or csv.")]
 OutputOpt = Annotated[
     Path | None,
@@ -288,6 +296,7 @@ def measure(
         ),
     ] = False,
     probes: Annotated[int, typer.Option("--probes", help="Hutchinson probes.")] = 64,
+    dead_units: DeadUnitsOpt = "unscaled",
     data: DataOpt = None,
     target: TargetOpt = None,
     split: SplitOpt = "train",
@@ -372,6 +381,175 @@ def measure(
             f"{split} (n={prep.batches.n_samples}) · {prep.loss}"
         )
         Console().print(measures_table(results, title=title))
+
+
+# --------------------------------------------------------------------------- audit
+
+
+@app.command()
+@_friendly
+def audit(
+    checkpoint: Checkpoint,
+    layer: LayerOpt = None,
+    measures: Annotated[
+        str | None,
+        typer.Option(
+            "--measures", help="Comma-separated measure names, or 'all' (default: as measure)."
+        ),
+    ] = None,
+    normalize: Annotated[
+        bool,
+        typer.Option(
+            "--normalize",
+            help="Include relative_flatness_normalized (its neuron-wise row must read invariant).",
+        ),
+    ] = False,
+    method: Annotated[str, typer.Option("--method", help="auto, exact or hutchinson.")] = "auto",
+    probes: Annotated[int, typer.Option("--probes", help="Hutchinson probes.")] = 64,
+    dead_units: DeadUnitsOpt = "unscaled",
+    alpha_low: Annotated[
+        float, typer.Option("--alpha-low", help="Smallest rescaling factor (log-uniform draws).")
+    ] = 1 / 25,
+    alpha_high: Annotated[float, typer.Option("--alpha-high", help="Largest factor.")] = 25.0,
+    rtol: Annotated[
+        float, typer.Option("--rtol", help="Relative change below which a measure reads invariant.")
+    ] = 1e-6,
+    data: DataOpt = None,
+    target: TargetOpt = None,
+    split: SplitOpt = "train",
+    max_samples: MaxSamplesOpt = None,
+    batch_size: BatchOpt = 256,
+    loss: LossOpt = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_code: TrustOpt = False,
+    device: DeviceOpt = "auto",
+    dtype: Annotated[
+        str,
+        typer.Option(
+            "--dtype", help="float64 (default, so invariance is judged above rounding) or float32."
+        ),
+    ] = "float64",
+    seed: SeedOpt = 0,
+    fmt: FormatOpt = "table",
+    output: OutputOpt = None,
+) -> None:
+    """Which measures survive function-preserving reparameterizations?
+
+    Rescales each pair of consecutive layers by a random α (layer-wise) and the neurons
+    feeding the feature layer by random α_s (neuron-wise), checks the function is unchanged,
+    and recomputes every measure. Activations that are not positively homogeneous (tanh,
+    GELU, ...) make a reparameterization refused, not silently wrong.
+
+    Examples:
+
+        flatcli audit sample_models/digits_mlp.safetensors --normalize
+
+        flatcli audit sample_models/digits_mlp.safetensors --layer fc2 --format json
+    """
+    from . import registry
+    from .audit import audit as run_audit
+    from .audit import dead_unit_note
+    from .features import default_layer, find_layer
+    from .prepare import parse_json_object, prepare
+    from .report import format_value, to_json
+    from .runtime import manifest
+
+    fmt = _check_format(fmt)
+    if not 0 < alpha_low <= alpha_high:
+        raise UsageError("--alpha-low and --alpha-high must satisfy 0 < low <= high")
+    names = registry.select(measures, normalize=normalize)
+    prep = prepare(
+        checkpoint,
+        arch=arch,
+        trust_code=trust_code,
+        arch_kwargs=parse_json_object(arch_kwargs, "--arch-kwargs"),
+        data=data,
+        split=split,
+        target=target,
+        max_samples=max_samples,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        loss=loss,
+    )
+    layer_name = layer or default_layer(prep.model)
+    find_layer(prep.model, layer_name)
+    config = registry.MeasureConfig(
+        layer=layer_name,
+        loss=prep.loss,
+        method=method,
+        probes=probes,
+        seed=seed,
+        dead_units=dead_units,
+    )
+    with _progress() as note:
+        original, reps = run_audit(
+            prep.model,
+            prep.batches,
+            names,
+            config,
+            seed=seed,
+            alpha_range=(alpha_low, alpha_high),
+            rtol=rtol,
+            note=note,
+        )
+    report = {
+        "schema": "flatcli.audit/1",
+        "checkpoint": {"path": str(prep.checkpoint.path), "sha256": prep.checkpoint.sha256},
+        "layer": {"name": layer_name},
+        "data": {
+            "source": prep.batches.source,
+            "split": split,
+            "n_samples": prep.batches.n_samples,
+        },
+        "measures": {k: v.to_dict() for k, v in original.items()},
+        "reparameterizations": [r.to_dict() for r in reps],
+        "manifest": manifest(device=prep.device, dtype=prep.dtype, seed=seed),
+        "config": config.as_dict(),
+    }
+    if fmt == "json":
+        _emit(to_json(report), output)
+        return
+    if fmt == "csv":
+        import pandas as pd
+
+        rows = [{"reparameterization": r.kind, **row.__dict__} for r in reps for row in r.rows]
+        _emit(pd.DataFrame(rows).to_csv(index=False), output)
+        return
+    if output is not None:
+        from .report import write_output
+
+        write_output(output, to_json(report))
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for rep in reps:
+        if rep.refused:
+            console.print(f"[bold]{rep.kind}[/]: refused: {rep.refused}", highlight=False)
+            continue
+        pairs = ", ".join(f"{a}→{b}" for a, b in rep.pairs)
+        table = Table(
+            title=f"{rep.kind} reparameterization ({pairs}; max |Δ output| = "
+            f"{rep.max_output_change:.2e})",
+            title_justify="left",
+        )
+        for col in ("measure", "original", "reparameterized", "relative change", "invariant"):
+            table.add_column(col, justify="left" if col == "measure" else "right")
+        for row in rep.rows:
+            mark = "[green]yes[/]" if row.invariant else "[red]no[/]"
+            table.add_row(
+                row.measure,
+                format_value(row.original),
+                format_value(row.reparameterized),
+                f"{row.relative_change:.1e}",
+                mark,
+            )
+        console.print(table)
+    explain = dead_unit_note(original, reps)
+    if explain:
+        console.print(explain, highlight=False)
 
 
 def main() -> None:

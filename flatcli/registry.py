@@ -30,6 +30,7 @@ class MeasureConfig:
         method: ``auto``, ``exact`` or ``hutchinson`` for the layer-wise measures.
         probes: Hutchinson probes for the layer-wise measures.
         seed: Seed of every random estimate.
+        dead_units: Theorem 4's treatment of dead units, ``unscaled`` or ``drop``.
     """
 
     layer: str
@@ -37,6 +38,7 @@ class MeasureConfig:
     method: str = "auto"
     probes: int = 64
     seed: int = 0
+    dead_units: str = "unscaled"
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready options."""
@@ -59,6 +61,7 @@ def _layer_group(
         normalize="relative_flatness_normalized" in names,
         probes=config.probes,
         seed=config.seed,
+        dead_units=config.dead_units,
         progress=note,
     )
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -36,6 +37,7 @@ from .estimate import Estimate, mean_and_stderr
 
 Method = Literal["auto", "exact", "hutchinson"]
 METHODS = ("auto", "exact", "hutchinson")
+DEAD_UNITS = ("unscaled", "drop")
 MAX_EXACT_DIRECTIONS = 100_000
 """Identity 1 enumerates ``m²`` basis directions for an exact conv/tied κ; refuse beyond this."""
 
@@ -54,6 +56,7 @@ def relative_flatness(
     probes: int = 64,
     seed: int = 0,
     batch_size: int = 256,
+    dead_units: str = "unscaled",
 ) -> Estimate:
     r"""Relative flatness :math:`\kappa` of Petzka et al. (2021), Definition 3.
 
@@ -72,6 +75,8 @@ def relative_flatness(
             weights), ``hutchinson`` (Identity 1 with Rademacher probes, any layer), or
             ``auto`` (exact for an untied ``nn.Linear``, Hutchinson otherwise).
         normalize: Return :math:`\tilde\kappa` after Theorem 4's normalization instead.
+        dead_units: Theorem 4's treatment of units with σ = 0: ``unscaled`` (MATH.md §4)
+            or ``drop`` (pseudo-inverse; exactly neuron-wise invariant).
         probes: Hutchinson probes.
         seed: Seed of the Hutchinson probes.
         batch_size: Batch size when ``data`` is in memory.
@@ -99,6 +104,7 @@ def relative_flatness(
         probes=probes,
         seed=seed,
         batch_size=batch_size,
+        dead_units=dead_units,
     )[key]
 
 
@@ -167,9 +173,13 @@ def layer_measures(
     probes: int = 64,
     seed: int = 0,
     batch_size: int = 256,
+    dead_units: str = "unscaled",
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Estimate]:
     """Every layer-wise measure of one layer, sharing the passes over the data.
+
+    ``dead_units`` (``unscaled`` or ``drop``) chooses how Theorem 4 treats coordinates with
+    σ = 0; see :func:`feature_scaling`.
 
     Returns:
         ``relative_flatness``, ``relative_flatness_normalized`` (only with ``normalize``),
@@ -185,7 +195,7 @@ def layer_measures(
     batches = _batches_for(model, data, batch_size)
     note = progress or (lambda _msg: None)
     with _eval_mode(model), torch.no_grad():
-        sigma = dead = None
+        sigma: FeatureScaling | None = None
         if normalize:
             if split.kind != "linear":
                 raise UsageError(
@@ -193,7 +203,7 @@ def layer_measures(
                     f"layers; {split.name!r} is {type(split.layer).__name__}"
                 )
             note("feature statistics for Theorem 4 normalization")
-            sigma, dead = feature_std(split, batches)
+            sigma = feature_scaling(split, batches, dead_units=dead_units)
         resolved = _resolve_method(split, method)
         note(f"relative flatness ({resolved})")
         if resolved == "exact" and split.kind == "linear" and not split.tied:
@@ -216,7 +226,10 @@ def layer_measures(
     result = {"relative_flatness": out["relative_flatness"]}
     if normalize:
         result["relative_flatness_normalized"] = _with_details(
-            out["relative_flatness_normalized"], dead_units=dead, sigma_ddof=0
+            out["relative_flatness_normalized"],
+            dead_units=sigma.dead,  # type: ignore[union-attr]
+            dead_unit_handling=dead_units,
+            sigma_ddof=0,
         )
     result["layerwise_flatness"] = Estimate(
         wn * trace.value,
@@ -272,6 +285,49 @@ def feature_std(split: LayerSplit, batches: Batches) -> tuple[torch.Tensor, int]
     rounding without holding the features. Dead coordinates (σ = 0) come back as 1 and are
     counted (MATH.md §4).
     """
+    sigma, dead = _population_std(split, batches)
+    return torch.where(dead, torch.ones_like(sigma), sigma), int(dead.sum())
+
+
+@dataclass(frozen=True)
+class FeatureScaling:
+    """Theorem 4's ``V = diag(σ)``: ``scale`` multiplies W's columns, ``inverse`` divides φ.
+
+    Attributes:
+        scale: ``σ`` (dead units: 1 when unscaled, 0 when dropped).
+        inverse: ``1/σ`` (dead units: 1 when unscaled, 0 when dropped: the pseudo-inverse).
+        dead: Number of dead units (σ = 0 over the data).
+        dead_units: ``unscaled`` or ``drop``.
+    """
+
+    scale: torch.Tensor
+    inverse: torch.Tensor
+    dead: int
+    dead_units: str
+
+
+def feature_scaling(
+    split: LayerSplit, batches: Batches, *, dead_units: str = "unscaled"
+) -> FeatureScaling:
+    """The normalization of Theorem 4, with a choice for dead units.
+
+    ``unscaled`` (MATH.md §4, the default) leaves a dead coordinate's scale at 1. Its column
+    of ``W`` still enters ``W V² Wᵀ``, so rescaling a dead unit's outgoing weights changes
+    κ̃. ``drop`` uses ``σ_t = 0`` and the pseudo-inverse: the dead column leaves ``W V`` and
+    ``V⁺φ`` (which is function-preserving on the data, where ``φ_t = 0``), and κ̃ is then
+    exactly invariant to every neuron-wise rescaling.
+    """
+    if dead_units not in DEAD_UNITS:
+        raise UsageError(f"--dead-units must be one of {', '.join(DEAD_UNITS)}, got {dead_units!r}")
+    sigma, dead = _population_std(split, batches)
+    fill = 1.0 if dead_units == "unscaled" else 0.0
+    safe = torch.where(dead, torch.ones_like(sigma), sigma)
+    scale = torch.where(dead, torch.full_like(sigma, fill), sigma)
+    inverse = torch.where(dead, torch.full_like(sigma, fill), 1 / safe)
+    return FeatureScaling(scale, inverse, int(dead.sum()), dead_units)
+
+
+def _population_std(split: LayerSplit, batches: Batches) -> tuple[torch.Tensor, torch.Tensor]:
     count, mean, m2 = 0, None, None
     for x, _ in batches:
         phi = split.cut(x).phi.reshape(x.shape[0], -1).double()
@@ -289,12 +345,11 @@ def feature_std(split: LayerSplit, batches: Batches) -> tuple[torch.Tensor, int]
     if mean is None or m2 is None:
         raise FlatcliError("the dataset is empty")
     sigma = (m2 / count).sqrt()
-    dead = sigma <= 1e-12 * max(1.0, float(sigma.max()))
-    return torch.where(dead, torch.ones_like(sigma), sigma), int(dead.sum())
+    return sigma, sigma <= 1e-12 * max(1.0, float(sigma.max()))
 
 
 def _identity2(
-    split: LayerSplit, batches: Batches, loss: str, sigma: torch.Tensor | None
+    split: LayerSplit, batches: Batches, loss: str, sigma: FeatureScaling | None
 ) -> tuple[dict[str, Estimate], dict[str, Any]]:
     """Exact κ, κ̃ and Tr(H) of an untied Linear layer from per-sample ``B_i``.
 
@@ -303,7 +358,7 @@ def _identity2(
     w = split.weight_matrix().detach()
     mats = [w]  # U = W: Tr(Wᵀ B W)
     if sigma is not None:
-        mats.append(w * sigma.to(w))  # U = W V
+        mats.append(w * sigma.scale.to(w))  # U = W V
     sums = torch.zeros(len(mats) + 1, dtype=torch.float64)
     fit = _Fit(loss)
     for x, y in batches:
@@ -314,7 +369,7 @@ def _identity2(
         assert tr is not None
         norms = [(phi * phi).sum(1)]
         if sigma is not None:
-            norms.append(((phi / sigma.to(phi)) ** 2).sum(1))
+            norms.append(((phi * sigma.inverse.to(phi)) ** 2).sum(1))
         for j, nrm in enumerate(norms):
             sums[j] += float((nrm.double() * q[:, j].double()).sum())
         sums[-1] += float((norms[0].double() * tr.double()).sum())
@@ -338,7 +393,7 @@ def _identity1(
     batches: Batches,
     loss: str,
     n: int,
-    sigma: torch.Tensor | None,
+    sigma: FeatureScaling | None,
     *,
     exact: bool,
     probes: int,
@@ -363,8 +418,9 @@ def _identity1(
         return (w2 @ a.to(w2)).reshape(-1, *w.shape)
 
     def kappa_norm_dirs(a: torch.Tensor) -> torch.Tensor:  # W V A V⁻¹ (Theorem 4)
-        s = sigma.to(w2)  # type: ignore[union-attr]
-        return ((w2 * s) @ a.to(w2) / s).reshape(-1, *w.shape)
+        s = sigma.scale.to(w2)  # type: ignore[union-attr]
+        s_inv = sigma.inverse.to(w2)  # type: ignore[union-attr]
+        return ((w2 * s) @ a.to(w2) * s_inv).reshape(-1, *w.shape)
 
     targets: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"relative_flatness": kappa_dirs}
     if sigma is not None:
