@@ -143,9 +143,9 @@ def audit(
             Reparameterization(
                 "neuronwise",
                 refused=(
-                    f"only non-elementwise operations (pooling, reshapes) lie between {feeding[0].first} "
-                    f"and {config.layer}, or one is not nn.Linear: neuron-wise scaling is not "
-                    "function-preserving there"
+                    "only non-elementwise operations (pooling, reshapes) lie between "
+                    f"{feeding[0].first} and {config.layer}, or one is not nn.Linear: "
+                    "neuron-wise scaling is not function-preserving there"
                 ),
             )
         )
@@ -154,7 +154,8 @@ def audit(
             Reparameterization(
                 "neuronwise",
                 refused=(
-                    f"no layer feeds {config.layer!r} through positively homogeneous operations only"
+                    f"no layer feeds {config.layer!r} through positively homogeneous "
+                    "operations only"
                     + (f" ({'; '.join(reasons)})" if reasons else "")
                 ),
             )
