@@ -552,6 +552,380 @@ def audit(
         console.print(explain, highlight=False)
 
 
+# --------------------------------------------------------------------------- correlate
+
+PlotsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--plots", help="Directory for the figures (PNG and SVG): scatter grids and τ bar charts."
+    ),
+]
+ColorByOpt = Annotated[
+    str | None,
+    typer.Option("--color-by", help="Hyperparameter that colors the scatter points (e.g. width)."),
+]
+LogXOpt = Annotated[bool, typer.Option("--log-x", help="Logarithmic measure axes.")]
+BootstrapOpt = Annotated[
+    int, typer.Option("--bootstrap", help="Bootstrap resamples for the 95% confidence intervals.")
+]
+
+
+@app.command()
+@_friendly
+def correlate(
+    checkpoints: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Checkpoints to compare (e.g. runs/*.safetensors).", show_default=False
+        ),
+    ],
+    measures: Annotated[
+        str | None,
+        typer.Option(
+            "--measures",
+            help="Comma-separated measures (default: relative_flatness, "
+            "relative_flatness_normalized, layer_hessian_trace, fisher_rao, pacbayes_flatness, "
+            "weight_norm).",
+        ),
+    ] = None,
+    layer: LayerOpt = None,
+    data: DataOpt = None,
+    target: TargetOpt = None,
+    max_samples: MaxSamplesOpt = None,
+    batch_size: BatchOpt = 256,
+    loss: LossOpt = None,
+    method: Annotated[str, typer.Option("--method", help="auto, exact or hutchinson.")] = "auto",
+    probes: Annotated[int, typer.Option("--probes", help="Hutchinson probes.")] = 64,
+    dead_units: DeadUnitsOpt = "unscaled",
+    hparams: Annotated[
+        Path | None,
+        typer.Option(
+            "--hparams",
+            help="CSV of hyperparameters with a 'checkpoint' column of file names "
+            "(default: each checkpoint's flatcli.hparams metadata).",
+        ),
+    ] = None,
+    plots: PlotsOpt = None,
+    color_by: ColorByOpt = None,
+    log_x: LogXOpt = False,
+    bootstrap: BootstrapOpt = 1000,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Worker processes.")] = 1,
+    cache_dir: Annotated[
+        Path,
+        typer.Option(
+            "--cache-dir",
+            help="Per-checkpoint results, keyed by sha256 and configuration; a "
+            "rerun after an interruption recomputes only what is missing.",
+        ),
+    ] = Path(".flatcli-cache"),
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_code: TrustOpt = False,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    seed: SeedOpt = 0,
+    fmt: FormatOpt = "table",
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Per-checkpoint table as CSV (the correlations go to "
+            "STEM.correlations.csv), or the whole result as JSON with --format json.",
+        ),
+    ] = None,
+) -> None:
+    """Which measure predicts the generalization gap, across many checkpoints?
+
+    Measures every checkpoint on its training data, evaluates it on train and test, and
+    reports Kendall τ-b and τ-a, Spearman ρ and Pearson r of each measure with the gaps
+    test_loss − train_loss and train_acc − test_acc, each with a bootstrap 95% CI, plus
+    Jiang et al.'s granulated Kendall Ψ when checkpoints carry hyperparameters.
+
+    Examples:
+
+        flatcli correlate sample_models/zoo/*.safetensors --plots figs/
+
+        flatcli correlate runs/*.safetensors --data data.npz --layer fc --plots figs/
+        --output results.csv
+    """
+    from .correlate import CorrelateConfig, results_table
+    from .prepare import parse_json_object
+    from .registry import select
+    from .runtime import manifest, resolve_device, resolve_dtype
+
+    fmt = _check_format(fmt)
+    chosen = select(measures) if measures else list(DEFAULT_CORRELATE())
+    resolve_device(device)
+    resolve_dtype(dtype)
+    config = CorrelateConfig(
+        measures=tuple(chosen),
+        layer=layer,
+        data=data,
+        target=target,
+        max_samples=max_samples,
+        batch_size=batch_size,
+        loss=loss,
+        device=device,
+        dtype=dtype,
+        method=method,
+        probes=probes,
+        seed=seed,
+        dead_units=dead_units,
+        arch=arch,
+        arch_kwargs=parse_json_object(arch_kwargs, "--arch-kwargs"),
+        trust_code=trust_code,
+    )
+    run = _measure_with_progress(checkpoints, config, cache_dir, jobs)
+    df = results_table(run, hparams_csv=hparams)
+    for item in run.skipped:
+        _stderr().print(
+            f"skipped {item['checkpoint']}: {item['reason']}", highlight=False, soft_wrap=True
+        )
+    if df.empty:
+        raise FlatcliError("no checkpoint could be measured")
+    _report_correlations(
+        df,
+        chosen,
+        run,
+        fmt=fmt,
+        output=output,
+        plots=plots,
+        color_by=color_by,
+        log_x=log_x,
+        bootstrap=bootstrap,
+        seed=seed,
+        manifest=manifest(device=device, dtype=dtype, seed=seed, config_key=config.key()),
+    )
+
+
+def DEFAULT_CORRELATE() -> tuple[str, ...]:  # noqa: N802 - reads as the constant it returns
+    from .correlate import DEFAULT_MEASURES
+    from .registry import available
+
+    names = set(available())
+    return tuple(m for m in DEFAULT_MEASURES if m in names)
+
+
+def _measure_with_progress(checkpoints, config, cache_dir, jobs):  # noqa: ANN001, ANN202
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from .correlate import measure_checkpoints
+
+    console = _stderr()
+    if not console.is_terminal:
+        return measure_checkpoints(
+            checkpoints,
+            config,
+            cache_dir=cache_dir,
+            jobs=jobs,
+            on_result=lambda c, s: print(f"flatcli: {Path(c).name}: {s}", file=sys.stderr),
+        )
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("measuring checkpoints", total=len(checkpoints))
+        return measure_checkpoints(
+            checkpoints,
+            config,
+            cache_dir=cache_dir,
+            jobs=jobs,
+            on_result=lambda c, s: progress.advance(task),
+        )
+
+
+def _report_correlations(
+    df,
+    measures,
+    run,
+    *,
+    fmt,
+    output,
+    plots,
+    color_by,
+    log_x,  # noqa: ANN001, ANN202, PLR0913
+    bootstrap,
+    seed,
+    manifest,
+    recomputed_from=None,
+):
+    from .correlate import analyse
+    from .report import to_json
+
+    present = [m for m in measures if m in df.columns]
+    result = analyse(df, measures=present, bootstrap=bootstrap, seed=seed)
+    table = result["correlations"]
+    if plots is not None:
+        _plot(df, table, present, plots, color_by=color_by, log_x=log_x)
+    report = {
+        "schema": "flatcli.correlate/1",
+        "checkpoints": df.to_dict(orient="records"),
+        "correlations": table.to_dict(orient="records"),
+        "granulated_kendall": result["granulated"],
+        "hparams": result["hparams"],
+        "skipped": run.skipped if run is not None else [],
+        "computed": run.computed if run is not None else 0,
+        "source": recomputed_from,
+        "manifest": manifest,
+    }
+    if fmt == "json":
+        _emit(to_json(report), output)
+        return
+    if output is not None:
+        from .report import write_output
+
+        write_output(output, df.to_csv(index=False))
+        corr_path = output.with_name(f"{output.stem}.correlations.csv")
+        write_output(corr_path, table.to_csv(index=False))
+    if fmt == "csv":
+        sys.stdout.write(table.to_csv(index=False))
+        return
+    _render_correlations(table, result, len(df), run)
+
+
+def _render_correlations(table, result, n, run) -> None:  # noqa: ANN001
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for gap, label in (("gap_loss", "test_loss − train_loss"), ("gap_acc", "train_acc − test_acc")):
+        t = Table(
+            title=f"correlation with the generalization gap {label} ({n} checkpoints, "
+            "95% bootstrap CIs)",
+            title_justify="left",
+        )
+        for col in ("measure", "Kendall τ-b", "τ-a", "Spearman ρ", "Pearson r", "Ψ"):
+            t.add_column(col, justify="left" if col == "measure" else "right")
+        rows = table[table["gap"] == gap].sort_values("kendall_tau_b", ascending=False)
+        for _, r in rows.iterrows():
+            psi = result["granulated"].get(gap, {}).get(r["measure"], {}).get("Psi")
+            t.add_row(
+                r["measure"],
+                _ci(r, "kendall_tau_b"),
+                _num(r["kendall_tau_a"]),
+                _ci(r, "spearman_rho"),
+                _ci(r, "pearson_r"),
+                _num(psi),
+            )
+        console.print(t)
+    if result["hparams"]:
+        console.print(f"Ψ: granulated Kendall over {', '.join(result['hparams'])}")
+    if run is not None:
+        console.print(
+            f"{run.computed} checkpoint(s) measured now, "
+            f"{n - run.computed} from the cache, {len(run.skipped)} skipped"
+        )
+
+
+def _num(x) -> str:  # noqa: ANN001
+    import math
+
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.3f}"
+
+
+def _ci(r, stat: str) -> str:  # noqa: ANN001
+    lo, hi = r[f"{stat}_lo"], r[f"{stat}_hi"]
+    bounds = "" if lo != lo or hi != hi else f" [{lo:+.2f},{hi:+.2f}]"  # NaN-safe
+    return f"{_num(r[stat])}{bounds}"
+
+
+def _plot(df, table, measures, plots: Path, *, color_by, log_x) -> None:  # noqa: ANN001
+    from .plots import scatter_grid, tau_bar_chart
+    from .stats import GAPS
+
+    try:
+        plots.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FlatcliError(f"cannot create {plots}: {e.strerror}") from None
+    color = None
+    if color_by is not None:
+        color = color_by if color_by in df.columns else f"hp_{color_by}"
+        if color not in df.columns:
+            hps = [c.removeprefix("hp_") for c in df.columns if c.startswith("hp_")]
+            raise UsageError(
+                f"--color-by {color_by!r} is not a column; hyperparameters: "
+                f"{', '.join(hps) or 'none'}"
+            )
+    written = []
+    for gap in GAPS:
+        written += scatter_grid(
+            df,
+            measures,
+            gap,
+            color_by=color,
+            log_x=log_x,
+            stats=table,
+            path_stem=plots / f"scatter_{gap}",
+        )
+        written += tau_bar_chart(table, gap, path_stem=plots / f"tau_{gap}")
+    _stderr().print(f"wrote {len(written)} figures to {plots}", highlight=False)
+
+
+@app.command()
+@_friendly
+def plot(
+    results: Annotated[
+        Path,
+        typer.Argument(
+            help="Per-checkpoint CSV written by correlate --output.", show_default=False
+        ),
+    ],
+    plots: Annotated[Path, typer.Option("--plots", help="Directory for the figures.")] = Path(
+        "figs"
+    ),
+    color_by: ColorByOpt = None,
+    log_x: LogXOpt = False,
+    bootstrap: BootstrapOpt = 1000,
+    seed: SeedOpt = 0,
+    fmt: FormatOpt = "table",
+) -> None:
+    """Re-plot (and re-tabulate) a correlate result without measuring again.
+
+    Examples:
+
+        flatcli plot results.csv --plots figs/ --color-by width
+    """
+    import pandas as pd
+
+    from .correlate import measure_columns
+    from .runtime import manifest
+
+    fmt = _check_format(fmt)
+    if not results.is_file():
+        raise FlatcliError(f"results file not found: {results}")
+    try:
+        df = pd.read_csv(results)
+    except Exception as e:  # noqa: BLE001 - any parse failure is a bad file to the user
+        raise FlatcliError(f"cannot read {results} as CSV: {type(e).__name__}") from None
+    missing = [c for c in ("gap_loss", "gap_acc") if c not in df.columns]
+    if missing:
+        raise FlatcliError(
+            f"{results} lacks the column(s) {', '.join(missing)}: it is not a "
+            "table written by flatcli correlate --output"
+        )
+    measures = measure_columns(df)
+    if not measures:
+        raise FlatcliError(f"{results} has no measure columns")
+    _report_correlations(
+        df,
+        measures,
+        None,
+        fmt=fmt,
+        output=None,
+        plots=plots,
+        color_by=color_by,
+        log_x=log_x,
+        bootstrap=bootstrap,
+        seed=seed,
+        manifest=manifest(device="cpu", dtype="float64", seed=seed),
+        recomputed_from=str(results),
+    )
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

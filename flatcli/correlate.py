@@ -1,0 +1,364 @@
+"""Measure many checkpoints and ask which measure predicts their generalization gap.
+
+The experiment of Petzka et al. (2021), Fig. 5, and Jiang et al. (2020), as one function.
+
+Reliability:
+
+* Every checkpoint's result is cached as one JSON file, keyed by the checkpoint's sha256
+  and the measure configuration, and written atomically. An interrupted run, rerun with the
+  same arguments, recomputes only what is missing and yields the same table.
+* A checkpoint that cannot be loaded or measured is reported and skipped; the others go on.
+* ``jobs > 1`` measures checkpoints in worker processes (one CUDA device each, round robin,
+  when several are visible). Each worker's result is cached as soon as it is done.
+
+References:
+    Jiang, Neyshabur, Mobahi, Krishnan, Bengio. *Fantastic Generalization Measures and
+    Where to Find Them.* ICLR 2020. https://arxiv.org/abs/1912.02178
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import FlatcliError, UsageError
+from .io import atomic_write_text, sha256_file
+
+DEFAULT_MEASURES = (
+    "relative_flatness",
+    "relative_flatness_normalized",
+    "layer_hessian_trace",
+    "fisher_rao",
+    "pacbayes_flatness",
+    "weight_norm",
+)
+"""Petzka et al.'s Fig. 5 comparison."""
+
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CorrelateConfig:
+    """What each checkpoint is measured with; all of it is part of the cache key.
+
+    Attributes:
+        measures: Measure names (see :mod:`flatcli.registry`).
+        layer: Feature layer (None: each model's last ``nn.Linear``).
+        data: Data spec (None: each checkpoint's metadata).
+        target, max_samples, batch_size, loss, device, dtype: As for ``flatcli measure``.
+        method, probes, seed, dead_units: Measure options.
+        arch, arch_kwargs, trust_code: Loading options.
+    """
+
+    measures: tuple[str, ...] = DEFAULT_MEASURES
+    layer: str | None = None
+    data: str | None = None
+    target: str | None = None
+    max_samples: int | None = None
+    batch_size: int = 256
+    loss: str | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    method: str = "auto"
+    probes: int = 64
+    seed: int = 0
+    dead_units: str = "unscaled"
+    arch: str | None = None
+    arch_kwargs: Mapping[str, Any] | None = None
+    trust_code: bool = False
+
+    def key(self) -> str:
+        """Hash of everything that changes a result (not the device or batch size)."""
+        d = asdict(self)
+        for volatile in ("device", "batch_size"):
+            d.pop(volatile)
+        d["arch_kwargs"] = dict(d["arch_kwargs"] or {})
+        d["cache_version"] = CACHE_VERSION
+        text = json.dumps(d, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class CorrelateRun:
+    """The outcome of :func:`measure_checkpoints`.
+
+    Attributes:
+        rows: One dict per measured checkpoint (measures, losses, accuracies, hparams).
+        skipped: ``{"checkpoint", "reason"}`` for each checkpoint that failed.
+        computed: How many checkpoints were measured now (the rest came from the cache).
+    """
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    computed: int = 0
+
+
+def measure_checkpoints(
+    paths: Sequence[str | Path],
+    config: CorrelateConfig,
+    *,
+    cache_dir: str | Path,
+    jobs: int = 1,
+    on_result: Callable[[str, str], None] | None = None,
+) -> CorrelateRun:
+    """Measure every checkpoint (train split) and evaluate it on train and test.
+
+    Args:
+        paths: Checkpoint files.
+        config: Measure configuration, shared by all checkpoints.
+        cache_dir: Directory of the per-checkpoint cache (created if missing).
+        jobs: Worker processes.
+        on_result: Called with ``(checkpoint, status)`` as each finishes; status is
+            ``cached``, ``computed`` or ``skipped: reason``.
+
+    Returns:
+        The rows in the order of ``paths``.
+    """
+    if jobs < 1:
+        raise UsageError(f"--jobs must be at least 1, got {jobs}")
+    if not paths:
+        raise UsageError("no checkpoints given")
+    cache = Path(cache_dir)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FlatcliError(f"cannot create cache directory {cache}: {e.strerror}") from None
+    note = on_result or (lambda _c, _s: None)
+    run = CorrelateRun()
+    results: dict[int, dict[str, Any] | str] = {}
+    todo: list[tuple[int, str, Path]] = []
+    for i, p in enumerate(paths):
+        path = Path(p)
+        if not path.is_file():
+            results[i] = f"not found: {path}"
+            note(str(path), f"skipped: {results[i]}")
+            continue
+        entry = cache / f"{sha256_file(path)}-{config.key()}.json"
+        if entry.is_file():
+            try:
+                row = json.loads(entry.read_text())
+                results[i] = {"checkpoint": path.name, "path": str(path), **row}
+                note(str(path), "cached")
+                continue
+            except (json.JSONDecodeError, OSError):
+                pass  # a damaged cache entry is recomputed
+        todo.append((i, str(path), entry))
+    for i, outcome in _run(todo, config, jobs, note):
+        results[i] = outcome
+        if isinstance(outcome, dict):
+            run.computed += 1
+    for i, p in enumerate(paths):
+        outcome = results[i]
+        if isinstance(outcome, dict):
+            run.rows.append(outcome)
+        else:
+            run.skipped.append({"checkpoint": str(p), "reason": outcome})
+    return run
+
+
+def _run(
+    todo: list[tuple[int, str, Path]],
+    config: CorrelateConfig,
+    jobs: int,
+    note: Callable[[str, str], None],
+):  # noqa: ANN202 - generator of (index, outcome)
+    devices = _devices(config.device, jobs)
+    if jobs == 1 or len(todo) <= 1:
+        for i, path, entry in todo:
+            outcome = _measure_and_cache(path, entry, config, devices[0])
+            note(path, "computed" if isinstance(outcome, dict) else f"skipped: {outcome}")
+            yield i, outcome
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(
+        max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init
+    ) as pool:
+        futures = {
+            pool.submit(_measure_and_cache, path, entry, config, devices[k % len(devices)]): (
+                i,
+                path,
+            )
+            for k, (i, path, entry) in enumerate(todo)
+        }
+        for future in as_completed(futures):
+            i, path = futures[future]
+            outcome = future.result()
+            note(path, "computed" if isinstance(outcome, dict) else f"skipped: {outcome}")
+            yield i, outcome
+
+
+def _worker_init() -> None:
+    import warnings
+
+    import torch
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated")
+
+
+def _devices(device: str, jobs: int) -> list[str]:
+    import torch
+
+    if device in ("auto", "cuda") and torch.cuda.is_available() and jobs > 1:
+        return [f"cuda:{k}" for k in range(torch.cuda.device_count())]
+    return [device]
+
+
+def _measure_and_cache(
+    path: str, entry: Path, config: CorrelateConfig, device: str
+) -> dict[str, Any] | str:
+    """Measure one checkpoint; a user-facing failure comes back as its one-line reason."""
+    try:
+        row = measure_one(path, config, device=device)
+    except FlatcliError as e:
+        return str(e)
+    except Exception as e:  # noqa: BLE001 - one bad checkpoint must not stop the others
+        return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+    cached = {k: v for k, v in row.items() if k not in ("checkpoint", "path")}
+    atomic_write_text(entry, json.dumps(cached))  # insertion order = column order
+    return row
+
+
+def measure_one(
+    path: str | Path, config: CorrelateConfig, *, device: str | None = None
+) -> dict[str, Any]:
+    """Measures on the train split, and loss/accuracy on train and test, of one checkpoint."""
+    import torch
+
+    from . import registry
+    from .features import LayerSplit, default_layer
+    from .measures.relative_flatness import evaluate
+    from .prepare import prepare
+
+    prep = prepare(
+        path,
+        arch=config.arch,
+        arch_kwargs=config.arch_kwargs,
+        trust_code=config.trust_code,
+        data=config.data,
+        split="train",
+        target=config.target,
+        max_samples=config.max_samples,
+        batch_size=config.batch_size,
+        device=device or config.device,
+        dtype=config.dtype,
+        loss=config.loss,
+    )
+    if not prep.has_split("test"):
+        raise FlatcliError(
+            f"{prep.data_spec} has no test split (x_test, y_test): the generalization gap needs one"
+        )
+    layer = config.layer or default_layer(prep.model)
+    mconf = registry.MeasureConfig(
+        layer=layer,
+        loss=prep.loss,
+        method=config.method,
+        probes=config.probes,
+        seed=config.seed,
+        dead_units=config.dead_units,
+    )
+    names = list(config.measures)
+    results = registry.run_measures(prep.model, prep.batches, names, mconf)
+    split = LayerSplit(prep.model, layer)
+    with torch.no_grad():
+        train = evaluate(split, prep.batches, prep.loss)
+        test = evaluate(split, prep.split("test"), prep.loss)
+    row: dict[str, Any] = {
+        "checkpoint": Path(path).name,
+        "path": str(path),
+        "sha256": prep.checkpoint.sha256,
+        "layer": layer,
+        "n_train": train["n"],
+        "n_test": test["n"],
+        "train_loss": train["loss"],
+        "test_loss": test["loss"],
+        "train_acc": train["accuracy"],
+        "test_acc": test["accuracy"],
+    }
+    for name, est in results.items():
+        row[name] = est.value
+        row[f"{name}_stderr"] = est.stderr
+    row["hparams"] = prep.checkpoint.hparams
+    return row
+
+
+def results_table(run: CorrelateRun, *, hparams_csv: str | Path | None = None):  # noqa: ANN201
+    """The per-checkpoint table (pandas), with gaps and hyperparameter columns ``hp_<name>``."""
+    import pandas as pd
+
+    from .stats import add_gaps
+
+    records = []
+    for row in run.rows:
+        flat = {k: v for k, v in row.items() if k != "hparams"}
+        flat.update({f"hp_{k}": v for k, v in (row.get("hparams") or {}).items()})
+        records.append(flat)
+    df = pd.DataFrame.from_records(records)
+    if hparams_csv is not None:
+        df = _merge_hparams(df, Path(hparams_csv))
+    if df.empty:
+        return df
+    return add_gaps(df)
+
+
+def _merge_hparams(df, path: Path):  # noqa: ANN001, ANN202 - pandas frames
+    import pandas as pd
+
+    if not path.is_file():
+        raise FlatcliError(f"hyperparameter table not found: {path}")
+    table = pd.read_csv(path)
+    key = next((c for c in ("checkpoint", "file", "path") if c in table.columns), None)
+    if key is None:
+        raise FlatcliError(f"{path} needs a 'checkpoint' column with the checkpoint file names")
+    table = table.assign(checkpoint=table[key].map(lambda s: Path(str(s)).name))
+    table = table.drop(
+        columns=[c for c in ("file", "path") if c in table.columns and c != key]
+        + ([key] if key != "checkpoint" else [])
+    )
+    table = table.rename(columns={c: f"hp_{c}" for c in table.columns if c != "checkpoint"})
+    overlap = [c for c in table.columns if c != "checkpoint" and c in df.columns]
+    return df.drop(columns=overlap).merge(table, on="checkpoint", how="left")
+
+
+def hparam_columns(df) -> list[str]:  # noqa: ANN001
+    """The hyperparameter columns (``hp_*``) that vary, seeds excluded (they are replicates)."""
+    return [
+        c
+        for c in df.columns
+        if c.startswith("hp_") and c != "hp_seed" and df[c].nunique(dropna=True) > 1
+    ]
+
+
+def measure_columns(df) -> list[str]:  # noqa: ANN001
+    """The measure columns of a results table, in registry order."""
+    from .registry import available
+
+    return [m for m in available() if m in df.columns and m not in ("train_loss", "train_accuracy")]
+
+
+def analyse(
+    df,
+    *,
+    measures: Sequence[str],
+    bootstrap: int,
+    seed: int,
+    granulate_by: Sequence[str] | None = None,
+) -> dict[str, Any]:  # noqa: ANN001
+    """Correlation table and granulated Kendall Ψ of every measure with both gaps."""
+    from .stats import GAPS, correlation_table, granulated_kendall
+
+    if len(df) < 3:
+        raise FlatcliError(f"correlations need at least 3 measured checkpoints, got {len(df)}")
+    table = correlation_table(df, list(measures), list(GAPS), bootstrap=bootstrap, seed=seed)
+    hps = list(granulate_by) if granulate_by is not None else hparam_columns(df)
+    granulated = {}
+    if hps:
+        for gap in GAPS:
+            granulated[gap] = {m: granulated_kendall(df, m, gap, hps) for m in measures}
+    return {"correlations": table, "granulated": granulated, "hparams": hps}
