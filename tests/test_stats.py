@@ -1,0 +1,241 @@
+"""Correlation statistics: scipy's values, τ-a's tie correction, granulated Ψ, bootstrap."""
+
+from __future__ import annotations
+
+import doctest
+import itertools
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as sps
+
+import flatcli.stats
+from flatcli.errors import FlatcliError, UsageError
+from flatcli.stats import (
+    P_VALUES,
+    STATISTICS,
+    _bootstrap_statistics,
+    add_gaps,
+    correlation_table,
+    granulated_kendall,
+)
+
+
+def brute_force_tau_a(x: np.ndarray, y: np.ndarray) -> float:
+    """Jiang et al.'s Eq. 2: mean of sign(x_i − x_j)·sign(y_i − y_j) over pairs."""
+    pairs = list(itertools.combinations(range(len(x)), 2))
+    return sum(np.sign(x[i] - x[j]) * np.sign(y[i] - y[j]) for i, j in pairs) / len(pairs)
+
+
+def fixed_table() -> pd.DataFrame:
+    rng = np.random.default_rng(1234)
+    gap = rng.normal(size=30)
+    return pd.DataFrame(
+        {
+            "gap": gap,
+            "good": gap + 0.5 * rng.normal(size=30),  # no ties
+            "tied": np.round(gap + rng.normal(size=30)),  # few distinct values
+            "noise": rng.normal(size=30),
+        }
+    )
+
+
+@pytest.mark.parametrize("measure", ["good", "tied", "noise"])
+def test_point_estimates_are_scipys(measure: str) -> None:
+    df = fixed_table()
+    row = correlation_table(df, [measure], ["gap"], bootstrap=0).iloc[0]
+    x, y = df[measure].to_numpy(), df["gap"].to_numpy()
+    tau, rho, r = sps.kendalltau(x, y), sps.spearmanr(x, y), sps.pearsonr(x, y)
+    assert row["n"] == 30
+    assert row["kendall_tau_b"] == tau.statistic and row["kendall_p"] == tau.pvalue
+    assert row["spearman_rho"] == rho.statistic and row["spearman_p"] == rho.pvalue
+    assert row["pearson_r"] == r.statistic and row["pearson_p"] == r.pvalue
+    assert row["kendall_tau_a"] == pytest.approx(brute_force_tau_a(x, y), abs=1e-14)
+
+
+def test_table_layout_one_row_per_pair_measures_outermost() -> None:
+    table = correlation_table(fixed_table(), ["good", "noise"], ["gap", "tied"], bootstrap=0)
+    assert list(zip(table["measure"], table["gap"], strict=True)) == [
+        ("good", "gap"),
+        ("good", "tied"),
+        ("noise", "gap"),
+        ("noise", "tied"),
+    ]
+    for s in STATISTICS:
+        assert {s, f"{s}_lo", f"{s}_hi"} <= set(table.columns)
+    assert set(P_VALUES.values()) <= set(table.columns)
+    assert table.attrs == {"bootstrap": 0, "seed": 0, "confidence": 0.95}
+
+
+@pytest.mark.parametrize(
+    "x, y, tied",
+    [
+        ([1, 2, 3, 4, 5, 6], [2, 1, 4, 3, 6, 5], False),
+        ([0.3, -1, 2, 7, 5, 4.5], [1, 9, 3, 4, 2, 8], False),
+        ([1, 1, 2, 3, 4, 5], [2, 1, 4, 3, 6, 5], True),  # ties in the measure
+        ([1, 2, 3, 4, 5, 6], [1, 1, 1, 3, 6, 5], True),  # ties in the gap
+        ([1, 1, 2, 2, 3, 3], [1, 1, 2, 3, 3, 2], True),  # ties in both, some shared
+    ],
+    ids=["no-ties", "no-ties-unsorted", "ties-x", "ties-y", "ties-both"],
+)
+def test_tau_a_equals_tau_b_exactly_iff_no_ties(x: list[float], y: list[float], tied: bool) -> None:
+    df = pd.DataFrame({"m": x, "g": y}, dtype=float)
+    row = correlation_table(df, ["m"], ["g"], bootstrap=0).iloc[0]
+    if tied:
+        assert row["kendall_tau_a"] != row["kendall_tau_b"]
+        assert abs(row["kendall_tau_a"]) < abs(row["kendall_tau_b"])
+    else:
+        assert row["kendall_tau_a"] == row["kendall_tau_b"]
+    assert row["kendall_tau_a"] == pytest.approx(brute_force_tau_a(np.array(x), np.array(y)))
+
+
+def test_nan_rows_dropped_per_pair() -> None:
+    df = fixed_table()
+    df.loc[[2, 5], "good"] = np.nan
+    df.loc[[7], "gap"] = np.nan
+    table = correlation_table(df, ["good", "noise"], ["gap"], bootstrap=50)
+    assert table["n"].tolist() == [27, 29]
+    clean = df[["good", "gap"]].dropna().reset_index(drop=True)
+    expected = correlation_table(clean, ["good"], ["gap"], bootstrap=50)
+    pd.testing.assert_series_equal(table.iloc[0], expected.iloc[0], check_names=False)
+
+
+@pytest.mark.parametrize(
+    "m, g",
+    [
+        ([1.0, 2.0], [3.0, 1.0]),  # n < 3
+        ([1.0, np.nan, 2.0, 3.0], [1.0, 2.0, np.nan, 3.0]),  # n = 2 after dropping NaN
+        ([2.0, 2.0, 2.0, 2.0], [1.0, 3.0, 2.0, 4.0]),  # constant measure
+        ([1.0, 3.0, 2.0, 4.0], [5.0, 5.0, 5.0, 5.0]),  # constant gap
+    ],
+    ids=["n2", "n2-after-nan", "constant-measure", "constant-gap"],
+)
+def test_degenerate_pairs_give_nan_without_warning(m: list[float], g: list[float]) -> None:
+    # filterwarnings = error: scipy's ConstantInputWarning would fail this test.
+    row = correlation_table(pd.DataFrame({"m": m, "g": g}), ["m"], ["g"], bootstrap=100).iloc[0]
+    values = row.drop(["measure", "gap", "n"]).astype(float)
+    assert values.isna().all()
+
+
+def test_bootstrap_is_seeded_and_brackets_the_estimate() -> None:
+    df = fixed_table()
+    a = correlation_table(df, ["good", "tied"], ["gap"], bootstrap=400, seed=7)
+    b = correlation_table(df, ["good", "tied"], ["gap"], bootstrap=400, seed=7)
+    c = correlation_table(df, ["good", "tied"], ["gap"], bootstrap=400, seed=8)
+    pd.testing.assert_frame_equal(a, b)
+    assert not a["kendall_tau_b_lo"].equals(c["kendall_tau_b_lo"])
+    for s in STATISTICS:
+        assert (a[f"{s}_lo"] <= a[s]).all() and (a[s] <= a[f"{s}_hi"]).all()
+        assert (a[f"{s}_lo"] < a[f"{s}_hi"]).all()
+
+
+def test_a_pairs_interval_does_not_depend_on_the_other_pairs() -> None:
+    df = fixed_table()
+    alone = correlation_table(df, ["tied"], ["gap"], bootstrap=200)
+    together = correlation_table(df, ["good", "tied", "noise"], ["gap"], bootstrap=200)
+    pd.testing.assert_series_equal(alone.iloc[0], together.iloc[1], check_names=False)
+
+
+def test_lower_confidence_gives_a_nested_interval() -> None:
+    df = fixed_table()
+    wide = correlation_table(df, ["good"], ["gap"], bootstrap=400, confidence=0.95).iloc[0]
+    narrow = correlation_table(df, ["good"], ["gap"], bootstrap=400, confidence=0.5).iloc[0]
+    for s in STATISTICS:
+        assert wide[f"{s}_lo"] < narrow[f"{s}_lo"] <= narrow[f"{s}_hi"] < wide[f"{s}_hi"]
+
+
+def test_vectorized_bootstrap_matches_scipy_per_resample() -> None:
+    df = fixed_table()
+    x, y = df["tied"].to_numpy(), df["gap"].to_numpy()
+    got = _bootstrap_statistics(x, y, resamples=20, seed=3)
+    idx = np.random.default_rng(3).integers(0, len(x), size=(20, len(x)))
+    for i, rows in enumerate(idx):
+        xb, yb = x[rows], y[rows]
+        assert got["kendall_tau_b"][i] == pytest.approx(sps.kendalltau(xb, yb).statistic, abs=1e-12)
+        assert got["kendall_tau_a"][i] == pytest.approx(brute_force_tau_a(xb, yb), abs=1e-12)
+        assert got["spearman_rho"][i] == pytest.approx(sps.spearmanr(xb, yb).statistic, abs=1e-12)
+        assert got["pearson_r"][i] == pytest.approx(sps.pearsonr(xb, yb).statistic, abs=1e-12)
+
+
+def test_granulated_kendall_matches_hand_computation() -> None:
+    # Hyperparameters a ∈ {1, 2}, b ∈ {0, 1, 2}; the (a=2, b=2) network is missing.
+    df = pd.DataFrame(
+        {
+            "a": [1, 2, 1, 2, 1],
+            "b": [0, 0, 1, 1, 2],
+            "m": [1.0, 2.0, 5.0, 5.0, 3.0],
+            "g": [0.1, 0.2, 0.4, 0.3, 0.5],
+            "seed": [0, 0, 0, 0, 0],  # not listed as a hyperparameter: ignored
+        }
+    )
+    # ψ_a: groups by b.
+    #   b=0: (m 1→2, g .1→.2) concordant: τ-a = +1
+    #   b=1: (m 5→5, g .4→.3) tie in m: τ-a = 0
+    #   b=2: one network only: skipped
+    #   ψ_a = (1 + 0) / 2 = 0.5 over 2 groups.
+    # ψ_b: groups by a.
+    #   a=1: m (1, 5, 3), g (.1, .4, .5): pairs (1,5)/(.1,.4) +, (1,3)/(.1,.5) +,
+    #        (5,3)/(.4,.5) −  → τ-a = (2 − 1)/3 = 1/3
+    #   a=2: m (2, 5), g (.2, .3): +  → τ-a = 1
+    #   ψ_b = (1/3 + 1) / 2 = 2/3 over 2 groups.
+    # Ψ = (0.5 + 2/3) / 2 = 7/12.
+    result = granulated_kendall(df, "m", "g", ["a", "b"])
+    assert result["psi"] == pytest.approx({"a": 0.5, "b": 2 / 3})
+    assert result["Psi"] == pytest.approx(7 / 12)
+    assert result["groups"] == {"a": 2, "b": 2}
+
+
+def test_granulated_kendall_skips_nan_rows_and_constant_hyperparameters() -> None:
+    df = pd.DataFrame(
+        {
+            "a": [1, 2, 1, 2],
+            "fixed": [0, 0, 0, 0],
+            "m": [1.0, 2.0, 4.0, np.nan],
+            "g": [0.1, 0.2, 0.5, 0.3],
+        }
+    )
+    result = granulated_kendall(df, "m", "g", ["a", "fixed"])
+    # a: the one group (fixed = 0) holds rows 0, 1, 2 → m (1, 2, 4), g (.1, .2, .5): τ-a = 1.
+    assert result["psi"]["a"] == 1.0 and result["groups"]["a"] == 1
+    # fixed never varies: no group, ψ = NaN, left out of Ψ.
+    assert math.isnan(result["psi"]["fixed"]) and result["groups"]["fixed"] == 0
+    assert result["Psi"] == 1.0
+
+
+def test_add_gaps() -> None:
+    df = pd.DataFrame(
+        {
+            "train_loss": [0.01, 0.02],
+            "test_loss": [0.1, 0.05],
+            "train_acc": [1.0, 0.99],
+            "test_acc": [0.97, 0.98],
+        }
+    )
+    out = add_gaps(df)
+    assert out["gap_loss"].tolist() == pytest.approx([0.09, 0.03])
+    assert out["gap_acc"].tolist() == pytest.approx([0.03, 0.01])
+    assert "gap_loss" not in df.columns
+
+
+def test_missing_columns_and_bad_options_are_one_line_errors() -> None:
+    df = fixed_table()
+    for call in (
+        lambda: correlation_table(df, ["nope"], ["gap"]),
+        lambda: granulated_kendall(df, "good", "gap", ["width"]),
+        lambda: add_gaps(df),
+    ):
+        with pytest.raises(FlatcliError, match="missing column") as info:
+            call()
+        assert "\n" not in str(info.value)
+    with pytest.raises(UsageError, match="confidence"):
+        correlation_table(df, ["good"], ["gap"], confidence=1.5)
+    with pytest.raises(UsageError, match="bootstrap"):
+        correlation_table(df, ["good"], ["gap"], bootstrap=-1)
+    with pytest.raises(UsageError, match="hyperparameter"):
+        granulated_kendall(df, "good", "gap", [])
+
+
+def test_docstring_examples_run() -> None:
+    assert doctest.testmod(flatcli.stats, raise_on_error=False).failed == 0
