@@ -1,0 +1,329 @@
+r"""FAM: relative-flatness-aware minimization (Adilova et al. 2023), as a PyTorch component.
+
+The objective on a mini-batch is
+
+.. math:: E_{\text{batch}}(\theta) + \lambda\, \kappa(W^l),
+
+with :math:`\kappa` the relative flatness of one layer (Petzka et al. 2021, Definition 3),
+evaluated on the same mini-batch (MATH.md §11). :class:`FAMRegularizer` returns that
+:math:`\kappa` as a differentiable scalar. Backpropagating it gives **the full gradient of
+FAM's Lemma 1**, with respect to every parameter of the network:
+
+* (I) :math:`2\,T W` on the layer itself, with :math:`T[s,s'] = \sum_t H[s,t,s',t]`, and
+* (II) the derivative of the Hessian itself (third derivatives of the loss). This term
+  reaches the trunk through the features :math:`\phi_i` and the downstream part through
+  :math:`B_i = \nabla^2_z \ell_i`.
+
+Nothing is assembled by hand. Each path computes :math:`\kappa` with a differentiable
+expression, and ordinary autograd does the rest:
+
+* **Closed form** (MATH.md Identity 3), for a layer that produces cross-entropy or MSE
+  logits. :math:`\kappa = \frac1n\sum_i \|\phi_i\|^2 \big(\sum_s p_{is}\|w_s\|^2 -
+  \|W^\top p_i\|^2\big)` costs about one extra head matmul.
+* **Identity 2**, for any other untied ``nn.Linear`` layer:
+  :math:`\kappa = \frac1n\sum_i \|\phi_i\|^2\,\mathrm{Tr}(W^\top B_i W)`. It uses
+  :math:`\min(d, m)` batched Hessian-vector products of the downstream part, run under
+  autograd (double backward).
+* **Identity 1** (``method="hutchinson"``, or ``auto`` for a Conv2d or tied layer):
+  :math:`\kappa = \mathrm{Tr}\,\nabla^2_A E(W + WA)|_{A=0}`. This is estimated as
+  :math:`\langle Z, \nabla^2_A E\, Z\rangle` with Rademacher :math:`Z`, or summed over
+  the :math:`m^2` basis directions with ``method="exact"``. :math:`Z` does not depend on
+  the parameters, so the estimate's gradient is an unbiased estimate of the exact one.
+
+The layer-wise variant of FAM §3.2 is :math:`\hat\kappa = \|W\|_F^2\,\mathrm{Tr}(H)`, with
+the same paths for :math:`\mathrm{Tr}(H)`.
+
+**Training mode.** In train mode, BatchNorm makes samples interact, and dropout makes the
+downstream part random. Identity 2 needs neither to happen. The regularizer therefore takes
+:math:`\phi_i` from the training forward pass itself: trunk BatchNorm uses batch statistics,
+and gradients flow through them exactly. It then evaluates the Hessian of the downstream
+part with the network temporarily in eval mode: running statistics, no dropout, and no
+running-statistics updates from the extra evaluations. The result is the κ that
+``flatcli measure`` reports, taken at the training batch's features. The closed form has
+no downstream part, so this choice does not affect it.
+
+References:
+    Adilova, Abourayya, Li, Dada, Petzka, Egger, Kleesiek, Kamp. *FAM: Relative Flatness
+    Aware Minimization.* 2023. https://arxiv.org/abs/2307.02337
+
+    Petzka, Kamp, Adilova, Sminchisescu, Boley. *Relative Flatness and Generalization.*
+    NeurIPS 2021. https://arxiv.org/abs/2001.00939
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .errors import UsageError
+from .features import Cut, LayerSplit, default_layer
+from .losses import check_loss, per_sample_loss
+from .measures.relative_flatness import MAX_EXACT_DIRECTIONS
+
+Variant = Literal["neuronwise", "layerwise"]
+Method = Literal["auto", "exact", "hutchinson"]
+VARIANTS = ("neuronwise", "layerwise")
+METHODS = ("auto", "exact", "hutchinson")
+
+
+class FAMRegularizer:
+    r"""The relative flatness κ of one layer on a batch, differentiable in every parameter.
+
+    The object holds no parameters of its own. It is deliberately not an ``nn.Module``:
+    registering the model as a child would list the model's parameters twice, in
+    ``.parameters()`` and in ``state_dict()``.
+
+    Args:
+        model: The network. It is used in place: the penalty's gradients land in its
+            parameters' ``.grad``.
+        layer: The FAM layer, a name from ``model.named_modules()``. Default: the last
+            ``nn.Linear``.
+        loss: ``cross_entropy`` or ``mse``. This is the loss whose Hessian defines κ,
+            with mean reduction over the batch.
+        variant: ``neuronwise`` for κ (Petzka et al., Definition 3), or ``layerwise``
+            for :math:`\|W\|_F^2\,\mathrm{Tr}(H)` (FAM §3.2).
+        method: ``auto`` is exact for an untied ``nn.Linear`` with ``(batch, features)``
+            outputs, and Hutchinson otherwise. ``exact`` uses the closed form, Identity 2,
+            or, for Conv2d and tied weights, Identity 1 summed over its basis directions.
+            ``hutchinson`` uses Identity 1 with Rademacher probes.
+        probes: Rademacher probes per call (Hutchinson only). Any count gives an unbiased
+            gradient; more probes lower its variance at proportional cost.
+        generator: Source of the probes. Default: a CPU generator seeded with ``seed``.
+        seed: Seed of the default generator.
+
+    Example:
+        Reuse the training step's own forward pass, so no second forward is needed:
+
+        >>> import torch
+        >>> from flatcli import archs
+        >>> from flatcli.fam import FAMRegularizer
+        >>> model = archs.mlp(4, [8], 3)
+        >>> reg = FAMRegularizer(model, "fc")
+        >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+        >>> out, cut = reg.forward(x)  # the same output as model(x)
+        >>> loss = torch.nn.functional.cross_entropy(out, y) + 0.1 * reg.penalty(cut, y)
+        >>> loss.backward()
+        >>> model.fc1.weight.grad is not None  # term (II) reaches the trunk
+        True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: str | None = None,
+        *,
+        loss: str = "cross_entropy",
+        variant: Variant = "neuronwise",
+        method: Method = "auto",
+        probes: int = 1,
+        generator: torch.Generator | None = None,
+        seed: int = 0,
+    ) -> None:
+        if variant not in VARIANTS:
+            raise UsageError(
+                f"unknown FAM variant {variant!r}; choose one of {', '.join(VARIANTS)}"
+            )
+        if method not in METHODS:
+            raise UsageError(f"unknown FAM method {method!r}; choose one of {', '.join(METHODS)}")
+        if probes < 1:
+            raise UsageError(f"--fam-probes must be at least 1, got {probes}")
+        self.model = model
+        self.split = LayerSplit(model, layer or default_layer(model))
+        self.loss = check_loss(loss)
+        self.variant: Variant = variant
+        self.method: Method = method
+        self.probes = probes
+        self.generator = generator if generator is not None else torch.Generator()
+        if generator is None:
+            self.generator.manual_seed(seed)
+        if self.split.kind == "other" and method != "hutchinson":
+            raise UsageError(
+                f"layer {self.split.name!r} ({type(self.split.layer).__name__}) is neither "
+                "nn.Linear nor nn.Conv2d: use --fam-method hutchinson"
+            )
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def layer(self) -> str:
+        """The FAM layer's name."""
+        return self.split.name
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Cut]:
+        """One full forward pass: the model output, and the batch cut at the layer.
+
+        The output is the same as ``model(x)``, with the same autograd graph. Pass the cut
+        to :meth:`penalty` to regularize without a second forward pass.
+        """
+        return self.split.run(x)
+
+    def penalty(self, cut: Cut, y: torch.Tensor) -> torch.Tensor:
+        r"""κ (or :math:`\hat\kappa`) of the batch in ``cut``, averaged over its samples.
+
+        The result is differentiable with respect to every parameter that ``cut`` depends
+        on. This is the full Lemma 1 gradient (module docstring). Under
+        ``torch.no_grad()`` it is just the value.
+        """
+        path = self.path(cut)
+        if path == "identity1":
+            with _downstream_eval(self.model):
+                return self._identity1(cut, y)
+        if path == "identity2":
+            with _downstream_eval(self.model):
+                return self._identity2(cut, y)
+        return self._identity2(cut, y)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """κ of the batch ``(x, y)``: :meth:`forward`, then :meth:`penalty`."""
+        _, cut = self.forward(x)
+        return self.penalty(cut, y)
+
+    def path(self, cut: Cut | None = None) -> Literal["closed_form", "identity2", "identity1"]:
+        """Which computation :meth:`penalty` uses (the module docstring lists them).
+
+        An ``nn.Linear`` whose output has more than two dimensions (a sequence, for
+        example) uses Identity 1. Pass a cut to take its shape into account.
+        """
+        split = self.split
+        exact_linear = split.kind == "linear" and not split.tied and self.method != "hutchinson"
+        if cut is not None and cut.z.ndim != 2:
+            exact_linear = False
+        if not exact_linear:
+            return "identity1"
+        if split.produces_output and self.loss in ("cross_entropy", "mse"):
+            return "closed_form"
+        return "identity2"
+
+    def describe(self, cut: Cut | None = None) -> str:
+        """The path in words, for logs and reports."""
+        path = self.path(cut)
+        if path == "closed_form":
+            return "exact: closed form (Identity 3, logits layer)"
+        if path == "identity2":
+            how = f"Identity 2, {self.split.mechanism} split"
+            return f"exact: per-sample downstream HVPs under autograd ({how})"
+        if self.method == "exact":
+            return "exact: Identity 1, basis directions"
+        return f"hutchinson: Identity 1, {self.probes} Rademacher probe(s) per step"
+
+    # ------------------------------------------------------------------ paths
+
+    def _identity2(self, cut: Cut, y: torch.Tensor) -> torch.Tensor:
+        """Closed form or Identity 2: ``(1/n) Σ_i ‖φ_i‖² Tr(Wᵀ B_i W)``.
+
+        The layer-wise variant is ``‖W‖² (1/n) Σ_i ‖φ_i‖² Tr B_i``.
+        """
+        w = self.split.weight_matrix()
+        phi = cut.phi.reshape(cut.phi.shape[0], -1)
+        sq_norms = (phi * phi).sum(1)
+        layerwise = self.variant == "layerwise"
+        q, tr = self.split.quadratic_forms(cut, y, self.loss, [w], trace=layerwise)
+        if layerwise:
+            assert tr is not None
+            return (w * w).sum() * (sq_norms * tr).mean()
+        return (sq_norms * q[:, 0]).mean()
+
+    def _identity1(self, cut: Cut, y: torch.Tensor) -> torch.Tensor:
+        r"""Identity 1 in the weight: ``Tr ∇²_A E(W + WA)`` (or ``‖W‖² Tr ∇²_W E``).
+
+        Quadratic forms ``⟨Z, ∇²_P E Z⟩`` at ``P = 0``. They are summed over basis
+        directions when exact, and averaged over Rademacher probes otherwise.
+        """
+        w = self.split.weight
+        w2 = self.split.weight_matrix()
+        m = w2.shape[1]
+        layerwise = self.variant == "layerwise"
+        shape = tuple(w.shape) if layerwise else (m, m)
+        size = w.numel() if layerwise else m * m
+
+        def to_weight(p: torch.Tensor) -> torch.Tensor:
+            return w + p if layerwise else w + (w2 @ p).reshape(w.shape)
+
+        def mean_loss(p: torch.Tensor) -> torch.Tensor:
+            out = self.split.weight_output(cut, to_weight(p))
+            return per_sample_loss(out, y, self.loss).mean()
+
+        grad_fn = torch.func.grad(mean_loss)
+        p0 = w.new_zeros(shape)
+
+        def quadratic(v: torch.Tensor) -> torch.Tensor:
+            return (v * torch.func.jvp(grad_fn, (p0,), (v,))[1]).sum()
+
+        exact = self.method == "exact"
+        if exact and size > MAX_EXACT_DIRECTIONS:
+            raise UsageError(
+                f"exact FAM on {self.split.name!r} needs {size} Hessian-vector products "
+                "per step: use --fam-method hutchinson"
+            )
+        total = w.new_zeros(())
+        for dirs in self._directions(size, shape, exact=exact, like=w):
+            total = total + torch.func.vmap(quadratic)(dirs).sum()
+        value = total if exact else total / self.probes
+        return (w * w).sum() * value if layerwise else value
+
+    def _directions(
+        self, size: int, shape: tuple[int, ...], *, exact: bool, like: torch.Tensor
+    ) -> Iterator[torch.Tensor]:
+        """Chunks of unit basis directions (exact) or of Rademacher probes."""
+        chunk = 64
+        if exact:
+            for lo in range(0, size, chunk):
+                hi = min(lo + chunk, size)
+                rows = torch.zeros(hi - lo, size, dtype=like.dtype, device=like.device)
+                rows[torch.arange(hi - lo), torch.arange(lo, hi)] = 1.0
+                yield rows.reshape(hi - lo, *shape)
+            return
+        for lo in range(0, self.probes, chunk):
+            k = min(chunk, self.probes - lo)
+            z = torch.randint(0, 2, (k, *shape), generator=self.generator, dtype=torch.int8)
+            yield (z.to(device=like.device, dtype=like.dtype) * 2 - 1).reshape(k, *shape)
+
+
+def detached_hessian_gradient(
+    model: nn.Module, layer: str, x: torch.Tensor, y: torch.Tensor, *, loss: str = "cross_entropy"
+) -> dict[str, torch.Tensor]:
+    r"""The gradient that the published FAM code effectively uses: term (I) of Lemma 1 only.
+
+    This is :math:`2\,T W` on the layer's weight, with :math:`T[s,s'] = \sum_t H[s,t,s',t]`
+    computed from a *detached* Hessian. Every other parameter gets zero. This is what
+    wrapping the Hessian in ``torch.tensor(...)`` does. It is dense and slow, and is
+    here only to show how it differs from the exact gradient (MATH.md §11).
+
+    Returns:
+        Gradients by parameter name, zero everywhere except ``{layer}.weight``.
+    """
+    split = LayerSplit(model, layer)
+    w = split.weight.detach()
+    names = [f"{layer}.weight", *[t for t in split.tied if not t.startswith("<")]]
+
+    def mean_loss(weight: torch.Tensor) -> torch.Tensor:
+        out = torch.func.functional_call(model, dict.fromkeys(names, weight), (x,))
+        return per_sample_loss(out, y, check_loss(loss)).mean()
+
+    d, m = w.shape[0], w[0].numel()
+    with torch.no_grad():  # the published code's torch.tensor(...) detaches the Hessian
+        h = torch.func.hessian(mean_loss)(w).reshape(d, m, d, m)
+    t = torch.einsum("atbt->ab", h)
+    grad_w = (2 * t @ w.reshape(d, m)).reshape(w.shape)
+    grads = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    grads[f"{layer}.weight"] = grad_w
+    return grads
+
+
+@contextmanager
+def _downstream_eval(model: nn.Module) -> Iterator[None]:
+    """Eval mode while the penalty evaluates the downstream part; each module's flag restored."""
+    modes = [(m, m.training) for m in model.modules()]
+    if not any(flag for _, flag in modes):
+        yield
+        return
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, flag in modes:
+            module.training = flag

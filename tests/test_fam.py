@@ -1,0 +1,257 @@
+"""FAM regularizer: value and full Lemma 1 gradient against dense float64 Hessians (MATH.md §11)."""
+
+from __future__ import annotations
+
+import doctest
+
+import pytest
+import torch
+from torch import nn
+
+import flatcli.fam
+from flatcli.errors import UsageError
+from flatcli.fam import FAMRegularizer, detached_hessian_gradient
+
+from . import models
+from .reference import dense_kappa, dense_layer_hessian
+
+RTOL = 1e-8
+
+
+def num(t: torch.Tensor) -> float:
+    return float(t.detach())
+
+
+def build(factory):  # noqa: ANN001, ANN201
+    model = factory()
+    return model if next(model.parameters()).dtype == torch.float64 else models.init(model)
+
+
+def image_data() -> tuple[torch.Tensor, torch.Tensor]:
+    return models.classification_data(n=12, shape=(2, 3, 3))
+
+
+def tied_data() -> tuple[torch.Tensor, torch.Tensor]:
+    return models.classification_data(shape=(4,))
+
+
+CE, MSE = "cross_entropy", "mse"
+# factory, layer, loss, method, data, expected path
+CASES = {
+    "logits-ce-closed-form": (models.mlp, "fc", CE, "auto", None, "closed_form"),
+    "logits-mse-closed-form": (models.mlp, "fc", MSE, "auto", None, "closed_form"),
+    "hidden-relu-identity2": (models.mlp, "fc2", CE, "auto", None, "identity2"),
+    "hidden-tanh-head-identity2": (models.TanhHead, "fc1", CE, "auto", None, "identity2"),
+    "hidden-tanh-mse-identity2": (models.TanhHead, "fc2", MSE, "auto", None, "identity2"),
+    "batchnorm-eval": (models.with_batchnorm, "fc1", CE, "auto", None, "identity2"),
+    "residual-fx-context": (models.Residual, "b", CE, "auto", None, "identity2"),
+    "control-flow-hook": (models.ControlFlow, "b", CE, "auto", None, "identity2"),
+    "tied-identity1-exact": (models.Tied, "b", CE, "exact", tied_data, "identity1"),
+    "conv-identity1-exact": (models.SmallCNN, "conv2", CE, "exact", image_data, "identity1"),
+    "cnn-logits-closed-form": (models.SmallCNN, "fc", CE, "auto", image_data, "closed_form"),
+}
+
+
+def flat_grads(value: torch.Tensor, model: nn.Module) -> list[torch.Tensor]:
+    params = list(model.parameters())
+    grads = torch.autograd.grad(value, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+
+
+def assert_grads_close(got: list[torch.Tensor], want: list[torch.Tensor], rtol: float) -> None:
+    g, w = torch.cat([t.flatten() for t in got]), torch.cat([t.flatten() for t in want])
+    assert float((g - w).norm()) <= rtol * float(w.norm()), float((g - w).norm() / w.norm())
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * float(w.abs().max()))
+
+
+def trunk_names(model: nn.Module, layer: str) -> list[str]:
+    """Parameters strictly before the layer (in registration order, which is forward order here)."""
+    names = [n for n, _ in model.named_parameters()]
+    first = next(i for i, n in enumerate(names) if n.startswith(f"{layer}."))
+    return names[:first]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_value_and_full_gradient_match_dense_hessian(case: str) -> None:
+    factory, layer, loss, method, data, path = CASES[case]
+    model = build(factory)
+    x, y = data() if data else models.classification_data()
+    reg = FAMRegularizer(model, layer, loss=loss, method=method)
+    value = reg(x, y)
+    dense = dense_kappa(model, layer, x, y, loss, create_graph=True)
+    assert reg.path(reg.forward(x)[1]) == path
+    assert num(value) == pytest.approx(num(dense), rel=RTOL)
+    assert abs(num(dense)) > 1e-6
+    got, want = flat_grads(value, model), flat_grads(dense, model)
+    assert_grads_close(got, want, RTOL)
+    # Term (II) reaches every parameter outside the layer: the trunk through φ, the
+    # downstream part through B_i.
+    named = dict(zip([n for n, _ in model.named_parameters()], got, strict=True))
+    fam_weight = dict(model.named_modules())[layer].weight
+    own = {n for n, p in model.named_parameters() if n.startswith(f"{layer}.") or p is fam_weight}
+    outside = [n for n in named if n not in own]
+    assert outside
+    for name in outside:
+        assert float(named[name].abs().max()) > 1e-8, name
+    if trunk_names(model, layer):
+        assert any(float(named[n].abs().max()) > 0 for n in trunk_names(model, layer))
+
+
+LAYERWISE = {
+    "logits-closed-form": (models.mlp, "fc", "auto", None),
+    "hidden-tanh-identity2": (models.TanhHead, "fc1", "auto", None),
+    "conv-identity1-exact": (models.SmallCNN, "conv2", "exact", image_data),
+}
+
+
+@pytest.mark.parametrize("case", list(LAYERWISE))
+def test_layerwise_variant_matches_dense(case: str) -> None:
+    factory, layer, method, data = LAYERWISE[case]
+    model = build(factory)
+    x, y = data() if data else models.classification_data()
+    reg = FAMRegularizer(model, layer, variant="layerwise", method=method)
+    value = reg(x, y)
+    h = dense_layer_hessian(model, layer, x, y, create_graph=True)
+    d, m = h.shape[:2]
+    w = dict(model.named_modules())[layer].weight
+    dense = (w * w).sum() * torch.diagonal(h.reshape(d * m, d * m)).sum()
+    assert num(value) == pytest.approx(num(dense), rel=RTOL)
+    assert_grads_close(flat_grads(value, model), flat_grads(dense, model), RTOL)
+
+
+def test_hutchinson_on_conv_is_unbiased_in_value_and_gradient() -> None:
+    """Single-probe estimates of κ and of its gradient, averaged: within 5 standard errors."""
+    model = build(models.SmallCNN)
+    x, y = image_data()
+    dense = dense_kappa(model, "conv2", x, y, create_graph=True)
+    want = torch.cat([g.flatten() for g in flat_grads(dense, model)])
+    detached = detached_hessian_gradient(model, "conv2", x, y)
+    shortcut = torch.cat([detached[n].flatten() for n, _ in model.named_parameters()])
+    reg = FAMRegularizer(model, "conv2", method="hutchinson", probes=1, seed=3)
+    values, grads = [], []
+    for _ in range(300):
+        v = reg(x, y)
+        grads.append(torch.cat([g.flatten() for g in flat_grads(v, model)]))
+        values.append(num(v))
+    vals, gs = torch.tensor(values, dtype=torch.float64), torch.stack(grads)
+    k = len(values)
+    se = vals.std() / k**0.5
+    assert abs(float(vals.mean()) - num(dense)) < 5 * float(se)
+    g_mean, g_se = gs.mean(0), gs.std(0) / k**0.5
+    live = g_se > 1e-12
+    z = (g_mean - want).abs()[live] / g_se[live]
+    assert float(z.max()) < 5, float(z.max())
+    assert torch.allclose(g_mean[~live], want[~live], atol=1e-10)
+    # The same test rejects the detached-Hessian gradient: it has power.
+    assert float(((g_mean - shortcut).abs()[live] / g_se[live]).max()) > 20
+
+
+def test_hutchinson_is_seeded() -> None:
+    model = build(models.SmallCNN)
+    x, y = image_data()
+    a = FAMRegularizer(model, "conv1", method="hutchinson", probes=4, seed=7)(x, y)
+    b = FAMRegularizer(model, "conv1", method="hutchinson", probes=4, seed=7)(x, y)
+    g = torch.Generator().manual_seed(7)
+    c = FAMRegularizer(model, "conv1", method="hutchinson", probes=4, generator=g)
+    assert num(a) == num(b) == num(c(x, y))
+    assert num(c(x, y)) != num(a)  # the generator advanced
+
+
+@pytest.mark.parametrize("case", ["logits", "hidden"])
+def test_detached_hessian_shortcut_gives_a_different_gradient(case: str) -> None:
+    """Term (I) alone (what the published code computes) vs the full Lemma 1 gradient."""
+    model = build(models.TanhHead)
+    layer = "fc" if case == "logits" else "fc1"
+    x, y = models.classification_data()
+    names = [n for n, _ in model.named_parameters()]
+    full = dict(zip(names, flat_grads(FAMRegularizer(model, layer)(x, y), model), strict=True))
+    shortcut = detached_hessian_gradient(model, layer, x, y)
+    # The shortcut is term (I): the gradient of ⟨W Wᵀ, T⟩ with T held fixed.
+    h = dense_layer_hessian(model, layer, x, y)
+    t = torch.einsum("atbt->ab", h)
+    w = dict(model.named_modules())[layer].weight
+    w2 = w.reshape(w.shape[0], -1)
+    (term_one,) = torch.autograd.grad((w2 @ w2.T * t).sum(), w)
+    torch.testing.assert_close(shortcut[f"{layer}.weight"], term_one, rtol=1e-10, atol=1e-12)
+    key = f"{layer}.weight"
+    rel = (full[key] - shortcut[key]).norm() / full[key].norm()
+    assert float(rel) > 1e-2, float(rel)
+    for name in trunk_names(model, layer):
+        assert float(shortcut[name].abs().max()) == 0.0
+        assert float(full[name].abs().max()) > 1e-6
+
+
+def test_forward_reuse_equals_a_separate_pass() -> None:
+    model = build(models.TanhHead)
+    x, y = models.classification_data()
+    reg = FAMRegularizer(model, "fc2")
+    out, cut = reg.forward(x)
+    torch.testing.assert_close(out, model(x), rtol=0, atol=0)
+    ce = nn.functional.cross_entropy
+    one_pass = ce(out, y) + 0.3 * reg.penalty(cut, y)
+    two_passes = ce(model(x), y) + 0.3 * reg(x, y)
+    assert num(one_pass) == pytest.approx(num(two_passes), rel=1e-14)
+    assert_grads_close(flat_grads(one_pass, model), flat_grads(two_passes, model), 1e-12)
+
+
+def test_train_mode_batchnorm_uses_eval_downstream_and_leaves_running_stats() -> None:
+    """φ from the training forward, Hessian of the eval-mode downstream part, one BN update."""
+    model = build(models.with_batchnorm)
+    x, y = models.classification_data()
+    model.train()
+    model.fc.eval()  # a module the caller froze stays frozen
+    reg = FAMRegularizer(model, "fc1")
+    _, cut = reg.forward(x)
+    stats = (model.bn.running_mean.clone(), model.bn.running_var.clone())
+    value = reg.penalty(cut, y)
+    assert torch.equal(model.bn.running_mean, stats[0])
+    assert torch.equal(model.bn.running_var, stats[1])
+    assert model.training and model.bn.training and not model.fc.training
+    # fc1's input is x itself, so the reference is κ of the eval-mode model at these stats.
+    model.eval()
+    dense = dense_kappa(model, "fc1", x, y, create_graph=True)
+    assert num(value) == pytest.approx(num(dense), rel=RTOL)
+    assert_grads_close(flat_grads(value, model), flat_grads(dense, model), RTOL)
+
+
+def test_no_grad_gives_the_value_only() -> None:
+    model = build(models.TanhHead)
+    x, y = models.classification_data()
+    reg = FAMRegularizer(model, "fc1")
+    with torch.no_grad():
+        value = reg(x, y)
+    assert not value.requires_grad
+    assert num(value) == pytest.approx(num(dense_kappa(model, "fc1", x, y)), rel=RTOL)
+
+
+def test_float32_agrees_with_float64() -> None:
+    model = build(models.TanhHead)
+    x, y = models.classification_data()
+    want = num(FAMRegularizer(model, "fc1")(x, y))
+    got = num(FAMRegularizer(model.float(), "fc1")(x.float(), y))
+    assert got == pytest.approx(want, rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"variant": "rowwise"}, "unknown FAM variant"),
+        ({"method": "dense"}, "unknown FAM method"),
+        ({"probes": 0}, "at least 1"),
+        ({"loss": "hinge"}, "unknown loss"),
+    ],
+)
+def test_bad_options_are_usage_errors(kwargs: dict, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        FAMRegularizer(models.mlp(), "fc", **kwargs)
+
+
+def test_unknown_layer_suggests_a_name() -> None:
+    with pytest.raises(UsageError, match="did you mean fc1"):
+        FAMRegularizer(models.mlp(), "fc_1")
+
+
+def test_docstring_examples_run() -> None:
+    result = doctest.testmod(flatcli.fam, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
