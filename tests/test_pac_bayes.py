@@ -1,0 +1,180 @@
+"""PAC-Bayes flatness and bound against closed forms (MATH.md §8).
+
+The oracle: a linear model ``z = W x + b`` fitted exactly (targets ``t_i = W x_i + b``)
+with ``ℓ_i = (1/d) ‖z_i − t_i‖²``. Perturbing all parameters by ``U, v`` gives
+``ℓ_i(w + u) = (1/d) ‖U x_i + v‖²``, so, with ``x̃_i = (x_i, 1)`` and independent
+entries ``U_st ~ N(0, s_st²)``,
+
+    E_u[L(w+u)] − L(w) = (1/d) Σ_{s,t} s_st² · mean_i x̃_it².
+
+Isotropic noise (s = σ): the increase is ``σ² (mean_i ‖x_i‖² + 1)``, the ``+1`` being the
+perturbed bias. Magnitude-aware (s² = σ² w̃_st² + ε²): it is
+``(1/d) (σ² Σ w̃_st² c_t + ε² d Σ_t c_t)`` with ``c_t = mean_i x̃_it²``.
+Setting either equal to τ gives σ' in closed form.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from flatcli.data import Batches
+from flatcli.errors import FlatcliError, UsageError
+from flatcli.measures.pac_bayes import gaussian_perturbation, pacbayes_bound, pacbayes_flatness
+
+from . import models
+
+TAU = 0.1
+DEPTH = 15
+
+
+def exact_fit(n: int = 40, m: int = 20, d: int = 10, *, positive: bool = False):
+    g = models.seeded(11)
+    model = nn.Linear(m, d).double()
+    with torch.no_grad():
+        model.weight.copy_(0.5 * torch.randn(d, m, generator=g, dtype=torch.float64))
+        model.bias.copy_(0.5 * torch.randn(d, generator=g, dtype=torch.float64))
+    if positive:
+        x = torch.rand(n, m, generator=g, dtype=torch.float64)
+    else:
+        x = torch.randn(n, m, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        t = model(x)
+    return model.eval(), x, t
+
+
+def test_noise_has_standard_deviation_sigma_not_sigma_squared() -> None:
+    weights = {"a": torch.zeros(300, 400, dtype=torch.float64), "b": torch.zeros(50)}
+    u = gaussian_perturbation(weights, 0.3, generator=models.seeded(0))
+    assert u["b"].dtype == torch.float32
+    std = float(u["a"].std())
+    assert std == pytest.approx(0.3, rel=0.01)  # σ² = 0.09 would be far outside
+    assert float(u["a"].mean()) == pytest.approx(0.0, abs=0.003)
+
+
+def test_magnitude_aware_noise_variance_is_sigma2_w2_plus_eps2() -> None:
+    w = torch.linspace(-3, 3, 200_001, dtype=torch.float64)
+    sigma, eps = 0.4, 0.05
+    u = gaussian_perturbation(
+        {"w": w}, sigma, generator=models.seeded(0), magnitude_aware=True, epsilon=eps
+    )["w"]
+    standardized = u / (sigma**2 * w**2 + eps**2).sqrt()
+    assert float(standardized.std()) == pytest.approx(1.0, rel=0.01)
+    near_zero = u[w.abs() < 1e-3]
+    assert float(near_zero.std()) == pytest.approx(eps, rel=0.3)  # ε alone where w ≈ 0
+
+
+def test_isotropic_sigma_matches_closed_form() -> None:
+    model, x, t = exact_fit()
+    want = math.sqrt(TAU / (float(x.pow(2).sum(1).mean()) + 1))
+    got = pacbayes_flatness(
+        model, (x, t), loss="mse", target="loss", mc_samples=40, sigma_max=0.5, batch_size=16
+    )
+    sigma, se = got.details["sigma"], got.details["sigma_stderr"]
+    resolution = 0.5 / 2 ** (DEPTH + 1)
+    assert 0 < se < 0.03 * want  # tight enough that the σ² bug (σ' ≈ √want) would fail
+    assert abs(sigma - want) <= 4 * se + resolution
+    assert got.value == 1 / sigma**2
+    assert got.stderr == pytest.approx(2 * se / sigma**3)
+    assert got.details["increase"] == pytest.approx(TAU, abs=4 * got.details["mc_stderr"])
+    assert not got.details["hit_sigma_max"]
+
+
+def test_magnitude_aware_sigma_matches_closed_form() -> None:
+    model, x, t = exact_fit()
+    eps = 1e-3
+    d = model.out_features
+    w_tilde = torch.cat([model.weight, model.bias[:, None]], 1).detach()
+    c = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1).pow(2).mean(0)
+    want = math.sqrt((TAU * d - eps**2 * d * float(c.sum())) / float((w_tilde**2 * c).sum()))
+    got = pacbayes_flatness(
+        model, (x, t), loss="mse", target="loss", magnitude_aware=True, mc_samples=40
+    )
+    sigma, se = got.details["sigma"], got.details["sigma_stderr"]
+    assert 0 < se < 0.05 * want
+    assert abs(sigma - want) <= 4 * se + 2.0 / 2 ** (DEPTH + 1)
+
+
+def test_bound_uses_the_same_sigma_and_all_parameters() -> None:
+    model, x, t = exact_fit()
+    kwargs = dict(loss="mse", target="loss", mc_samples=8, sigma_max=0.5)
+    sigma = pacbayes_flatness(model, (x, t), **kwargs).details["sigma"]
+    bound = pacbayes_bound(model, (x, t), **kwargs)
+    sq = float(model.weight.detach().pow(2).sum() + model.bias.detach().pow(2).sum())
+    assert bound.details["sigma"] == sigma
+    assert bound.details["norm_squared"] == pytest.approx(sq, rel=1e-12)
+    assert bound.value == pytest.approx(sq / (4 * sigma**2) + math.log(len(x) / sigma) + 10)
+
+
+def test_bound_from_initialization_uses_the_distance() -> None:
+    model, x, t = exact_fit()
+    init = nn.Linear(20, 10).double()
+    with torch.no_grad():
+        init.weight.copy_(model.weight)
+        init.bias.copy_(model.bias)
+        init.weight[0, 0] += 3.0
+        init.bias[1] -= 4.0
+    bound = pacbayes_bound(
+        model, (x, t), init_model=init, loss="mse", target="loss", mc_samples=4, sigma_max=0.5
+    )
+    sigma = bound.details["sigma"]
+    assert bound.details["norm_squared"] == pytest.approx(25.0, rel=1e-12)
+    assert bound.value == pytest.approx(25 / (4 * sigma**2) + math.log(len(x) / sigma) + 10)
+
+
+def test_error_target_on_a_classifier_leaves_the_model_untouched() -> None:
+    model = models.mlp().train()
+    x, _ = models.classification_data(n=60)
+    y = model.eval()(x).argmax(-1)  # the model's own labels: training error 0
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    got = pacbayes_flatness(model, (x, y), mc_samples=4, search_depth=8)
+    assert model.training
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert 0 < got.details["sigma"] < 2 and not got.details["hit_sigma_max"]
+    assert got.details["base"] == pytest.approx(
+        float((model.eval()(x).argmax(-1) != y).double().mean())
+    )
+
+
+def test_model_untouched_when_the_data_fails_mid_search() -> None:
+    model = models.mlp().train()
+    x, y = models.classification_data()
+    passes = []
+
+    def make_iter():
+        passes.append(1)
+        if len(passes) > 5:
+            raise RuntimeError("data source failed")
+        return [(x, y)]
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="data source failed"):
+        pacbayes_flatness(model, Batches(make_iter, n_samples=24, dtype=torch.float64))
+    assert model.training
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_seed_is_the_only_randomness() -> None:
+    model, x, t = exact_fit(n=10, m=3, d=2)
+    kwargs = dict(loss="mse", target="loss", mc_samples=3, search_depth=10)
+    torch.manual_seed(0)
+    a = pacbayes_flatness(model, (x, t), seed=5, **kwargs)
+    torch.manual_seed(1)
+    assert pacbayes_flatness(model, (x, t), seed=5, **kwargs).value == a.value
+    assert pacbayes_flatness(model, (x, t), seed=6, **kwargs).value != a.value
+
+
+def test_bad_inputs() -> None:
+    model, x, t = exact_fit(n=10, m=3, d=2)
+    with pytest.raises(UsageError, match="class labels"):
+        pacbayes_flatness(model, (x, t), loss="mse")  # target "error" needs labels
+    with pytest.raises(UsageError, match="mc_samples"):
+        pacbayes_flatness(model, (x, t), loss="mse", target="loss", mc_samples=1)
+    with pytest.raises(UsageError, match="target"):
+        pacbayes_flatness(model, (x, t), loss="mse", target="accuracy")  # type: ignore[arg-type]
+    with pytest.raises(FlatcliError, match="empty"):
+        pacbayes_flatness(model, (x[:0], t[:0]), loss="mse", target="loss")
