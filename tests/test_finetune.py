@@ -1,0 +1,262 @@
+"""FAM fine-tuning: it lowers κ, resumes bit-identically, writes its files, refuses bad input."""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from flatcli.checkpoints import load_checkpoint
+from flatcli.errors import FlatcliError, UsageError
+from flatcli.finetune import FinetuneResult, finetune
+from flatcli.io import sha256_file
+
+from . import models
+
+ROOT = Path(__file__).resolve().parents[1]
+MLP = ROOT / "sample_models" / "digits_mlp.safetensors"
+CNN = ROOT / "sample_models" / "digits_cnn.safetensors"
+QUICK = {"max_samples": 300, "device": "cpu", "batch_size": 32}
+
+
+class Interrupted(Exception):
+    """Stands in for a killed process."""
+
+
+def interrupt_after(epoch: int):  # noqa: ANN201
+    def progress(line: str) -> None:
+        if line.startswith(f"epoch {epoch}/"):
+            raise Interrupted(line)
+
+    return progress
+
+
+def same_weights(a: FinetuneResult, b: FinetuneResult) -> bool:
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def rows(result: FinetuneResult) -> list[dict]:
+    return [{k: v for k, v in r.to_row().items() if k != "seconds"} for r in result.history]
+
+
+def test_fam_ends_flatter_than_plain_training() -> None:
+    kwargs = {**QUICK, "epochs": 2, "seed": 1}
+    plain = finetune(MLP, fam_lambda=0.0, **kwargs)
+    fam = finetune(MLP, fam_lambda=0.1, **kwargs)
+    assert plain.before["relative_flatness"].value == fam.before["relative_flatness"].value
+    kappa_plain = plain.after["relative_flatness"].value
+    kappa_fam = fam.after["relative_flatness"].value
+    assert kappa_fam < 0.95 * kappa_plain, (kappa_fam, kappa_plain)
+    assert fam.history[-1].kappa < plain.history[-1].kappa
+    assert fam.after["test_accuracy"].value > 0.9
+    assert "closed form" in fam.fam_method
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "sam"])
+def test_resume_after_interruption_is_bit_identical(optimizer: str, tmp_path: Path) -> None:
+    kwargs = {**QUICK, "epochs": 4, "fam_lambda": 0.1, "optimizer": optimizer, "seed": 3}
+    straight = finetune(MLP, **kwargs)
+    out = tmp_path / "tuned.safetensors"
+    log = tmp_path / "log.csv"
+    with pytest.raises(Interrupted):
+        finetune(MLP, **kwargs, out_path=out, log_path=log, progress=interrupt_after(2))
+    assert not out.exists() and (tmp_path / "tuned.state.pt").is_file()
+    assert len(list(csv.DictReader(log.read_text().splitlines()))) == 2
+    resumed = finetune(MLP, **kwargs, out_path=out, log_path=log, resume=True)
+    assert resumed.resumed_from == 2
+    assert same_weights(straight, resumed)
+    assert rows(straight) == rows(resumed)
+    assert straight.before == resumed.before
+    assert len(list(csv.DictReader(log.read_text().splitlines()))) == 4
+
+
+def test_constant_schedule_extends_a_finished_run(tmp_path: Path) -> None:
+    kwargs = {**QUICK, "fam_lambda": 0.1, "schedule": "constant", "seed": 4}
+    straight = finetune(MLP, epochs=4, **kwargs)
+    out = tmp_path / "tuned.safetensors"
+    finetune(MLP, epochs=2, out_path=out, **kwargs)
+    extended = finetune(MLP, epochs=4, out_path=out, resume=True, **kwargs)
+    assert extended.resumed_from == 2 and same_weights(straight, extended)
+
+
+def test_resume_refuses_other_settings(tmp_path: Path) -> None:
+    out = tmp_path / "tuned.safetensors"
+    finetune(MLP, fam_lambda=0.1, epochs=1, out_path=out, **QUICK)
+    with pytest.raises(UsageError, match=r"fam_lambda 0\.1 → 0\.2"):
+        finetune(MLP, fam_lambda=0.2, epochs=1, out_path=out, resume=True, **QUICK)
+    with pytest.raises(UsageError, match="epochs"):  # cosine: more epochs change the schedule
+        finetune(MLP, fam_lambda=0.1, epochs=3, out_path=out, resume=True, **QUICK)
+    with pytest.raises(FlatcliError, match="another checkpoint"):
+        finetune(CNN, fam_lambda=0.1, epochs=1, out_path=out, resume=True, **QUICK)
+
+
+def test_output_files(tmp_path: Path) -> None:
+    out, log, png = tmp_path / "t.safetensors", tmp_path / "t.csv", tmp_path / "t.png"
+    result = finetune(
+        MLP, fam_lambda=0.05, epochs=2, out_path=out, log_path=log, plot_path=png, **QUICK
+    )
+    ck = load_checkpoint(out)
+    assert ck.metadata["arch"] == "flatcli.archs:mlp"
+    assert ck.metadata["data"] == "digits" and ck.metadata["parent_sha256"] == sha256_file(MLP)
+    assert ck.hparams["fam_lambda"] == 0.05 and ck.hparams["layer"] == "fc"
+    assert ck.input_shape == (64,) and result.out_sha256 == ck.sha256
+    for k, v in ck.model.state_dict().items():
+        assert torch.equal(v, result.model.state_dict()[k])
+    table = list(csv.DictReader(log.read_text().splitlines()))
+    assert [r["epoch"] for r in table] == ["1", "2"]
+    assert set(table[0]) == {
+        "epoch",
+        "lr",
+        "train_loss",
+        "kappa",
+        "test_loss",
+        "test_accuracy",
+        "seconds",
+    }
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    state = torch.load(tmp_path / "t.state.pt", weights_only=True)
+    assert state["epoch"] == 2 and state["hparams"]["fam_lambda"] == 0.05
+    assert {"relative_flatness", "test_accuracy", "train_loss"} <= set(result.after)
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave nothing behind
+
+
+def test_in_memory_module_and_data_with_hutchinson_on_a_conv_layer() -> None:
+    model = models.init(models.SmallCNN())
+    x, y = models.classification_data(n=40, shape=(2, 3, 3))
+    before = [p.detach().clone() for p in model.parameters()]
+    result = finetune(
+        model,
+        (x, y),
+        test_data=(x[:10], y[:10]),
+        fam_lambda=0.1,
+        layer="conv2",
+        epochs=2,
+        batch_size=16,
+        fam_method="hutchinson",
+        fam_probes=2,
+        dtype="float64",
+        device="cpu",
+    )
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert "hutchinson" in result.fam_method and result.layer == "conv2"
+    assert result.history[-1].test_accuracy is not None
+    assert result.after["relative_flatness"].stderr is not None  # measured by Hutchinson too
+
+
+def test_layerwise_variant_runs_and_is_logged() -> None:
+    result = finetune(MLP, fam_lambda=0.01, layer="fc2", fam_variant="layerwise", epochs=1, **QUICK)
+    assert result.hparams["fam_variant"] == "layerwise"
+    assert "Identity 2" in result.fam_method
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"fam_lambda": -0.1}, "--fam-lambda must be"),
+        ({"fam_lambda": float("nan")}, "--fam-lambda must be"),
+        ({"epochs": 0}, "--epochs"),
+        ({"optimizer": "lbfgs"}, "--optimizer"),
+        ({"lr": 0.0}, "--lr"),
+        ({"momentum": 1.0}, "--momentum"),
+        ({"schedule": "step"}, "--schedule"),
+        ({"fam_variant": "rowwise"}, "--fam-variant"),
+        ({"fam_method": "dense"}, "--fam-method"),
+        ({"layer": "fc_2"}, "did you mean fc2"),
+        ({"resume": True}, "--resume needs a state file"),
+    ],
+)
+def test_bad_options_are_usage_errors(kwargs: dict, message: str) -> None:
+    options = {"fam_lambda": 0.1, **QUICK, **kwargs}
+    with pytest.raises(UsageError, match=re.escape(message)):
+        finetune(MLP, **options)
+
+
+def test_divergence_is_a_clear_error() -> None:
+    with pytest.raises(FlatcliError, match="NaN or Inf"):
+        finetune(MLP, fam_lambda=1e4, lr=1.0, epochs=1, **QUICK)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def invoke(*args: str):  # noqa: ANN201
+    from typer.testing import CliRunner
+
+    from flatcli.cli import app
+
+    result = CliRunner().invoke(app, ["finetune", *args])
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+def one_line_error(result, code: int) -> str:  # noqa: ANN001
+    assert result.exit_code == code, (result.exit_code, result.output)
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith(("error:", "internal error:"))]
+    assert len(errors) == 1 and errors[0].startswith("error:"), result.stderr
+    return errors[0]
+
+
+def test_cli_bundled_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = invoke(str(MLP), "--fam-lambda", "0.1", "--epochs", "2", "--max-samples", "300")
+    assert result.exit_code == 0, result.output
+    assert "before → after" in result.stdout and "relative_flatness" in result.stdout
+    for suffix in (".safetensors", ".csv", ".png", ".state.pt"):
+        assert (tmp_path / f"digits_mlp-fam{suffix}").is_file(), suffix
+    assert load_checkpoint(tmp_path / "digits_mlp-fam.safetensors").hparams["fam_lambda"] == 0.1
+
+
+def test_cli_explicit_data_out_and_resume(tmp_path: Path) -> None:
+    out = tmp_path / "tuned.safetensors"
+    args = [
+        str(MLP),
+        "--data",
+        "digits",
+        "--fam-lambda",
+        "0.1",
+        "--layer",
+        "fc",
+        "--epochs",
+        "2",
+        "--out",
+        str(out),
+        "--max-samples",
+        "200",
+        "--device",
+        "cpu",
+        "--seed",
+        "5",
+    ]
+    first = invoke(*args)
+    assert first.exit_code == 0, first.output
+    again = invoke(*args, "--resume")
+    assert again.exit_code == 0 and "resumed after epoch 2" in again.stdout
+    assert load_checkpoint(out).metadata["data"] == "digits"
+    assert (tmp_path / "tuned.csv").is_file() and (tmp_path / "tuned.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--fam-lambda", "-0.1"], 2, "--fam-lambda must be"),
+        (["--layer", "fc_2"], 2, "did you mean fc2"),
+        (["--optimizer", "lbfgs"], 2, "--optimizer"),
+        (["--data", "nope.npz"], 1, "data file not found"),
+    ],
+)
+def test_cli_bad_inputs_are_one_line_errors(
+    args: list[str], code: int, message: str, tmp_path: Path
+) -> None:
+    result = invoke(str(MLP), *args, "--out", str(tmp_path / "t.safetensors"))
+    assert message in one_line_error(result, code)
+    assert not (tmp_path / "t.safetensors").exists()
+
+
+def test_cli_missing_checkpoint(tmp_path: Path) -> None:
+    result = invoke(str(tmp_path / "missing.safetensors"))
+    assert "checkpoint not found" in one_line_error(result, 1)
