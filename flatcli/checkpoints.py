@@ -18,6 +18,7 @@ import importlib
 import importlib.util
 import json
 import pickle
+import struct
 import sys
 import warnings
 import zipfile
@@ -111,14 +112,30 @@ def save_checkpoint(
     state = _dedup_state(model)
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         md = {f"flatcli.{k}": v for k, v in meta.items()}
-        return atomic_write(path, lambda p: save_file(state, str(p), metadata=md))
+        blob = _canonical_header(save(state, metadata=md))
+        return atomic_write(path, lambda p: p.write_bytes(blob))
     if path.suffix in (".pt", ".pth"):
         obj = {"state_dict": state, "flatcli": meta}
         return atomic_write(path, lambda p: torch.save(obj, p))
     raise UsageError(f"cannot save to {path.name}: use a .safetensors or .pt file name")
+
+
+def _canonical_header(blob: bytes) -> bytes:
+    """The same safetensors bytes with ``__metadata__`` keys sorted, so saves are reproducible.
+
+    safetensors serializes metadata from a hash map, whose order differs between runs; the
+    sorted header has the same length (padding with spaces, which the format allows).
+    """
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + n])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > n:  # cannot happen for a reordering; never write a broken file
+        return blob
+    return blob[:8] + text + b" " * (n - len(text)) + blob[8 + n :]
 
 
 def _dedup_state(model: nn.Module) -> dict[str, torch.Tensor]:

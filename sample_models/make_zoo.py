@@ -19,8 +19,8 @@ networks that differ in it alone, which the granulated Kendall coefficient Ψ ne
 Determinism: each network has its own seeded ``torch.manual_seed`` (initialization)
 and ``torch.Generator`` (shuffling), runs on one thread with
 ``torch.use_deterministic_algorithms(True)``, and is independent of the others, so the
-worker count does not change any result. safetensors writes its metadata in hash-map
-order, so each file's header is rewritten with sorted metadata keys afterwards; two runs
+worker count does not change any result. ``save_checkpoint`` writes safetensors
+headers with sorted metadata keys; two runs
 on the same machine give byte-identical files. Bitwise equality across different CPUs
 is not promised by PyTorch (vectorized kernels may sum in another order).
 
@@ -37,9 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import os
-import struct
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -53,7 +51,7 @@ import torch.nn.functional as F
 from flatcli import archs
 from flatcli.checkpoints import save_checkpoint
 from flatcli.data import load_data
-from flatcli.io import atomic_write, atomic_write_text
+from flatcli.io import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 ZOO = HERE / "zoo"
@@ -170,23 +168,6 @@ def evaluate(model: torch.nn.Module) -> dict[str, float]:
     return out
 
 
-def canonicalize_safetensors_header(path: Path) -> None:
-    """Rewrite a safetensors header with sorted ``__metadata__`` keys, same length.
-
-    safetensors serializes the metadata from a hash map, so its key order (and the
-    file's bytes) differ between runs; the tensors themselves are unaffected.
-    """
-    blob = path.read_bytes()
-    (n,) = struct.unpack("<Q", blob[:8])
-    header = json.loads(blob[8 : 8 + n])
-    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    if len(text) > n:  # cannot happen for a pure reordering; never corrupt the file
-        raise RuntimeError(f"canonical header of {path.name} is longer than the original")
-    fixed = blob[:8] + text + b" " * (n - len(text)) + blob[8 + n :]
-    atomic_write(path, lambda p: p.write_bytes(fixed))
-
-
 def make_one(point: Mapping[str, Any], out_dir: Path = ZOO) -> dict[str, Any]:
     """Train, save and evaluate one grid point; returns its row for the README."""
     start = time.perf_counter()
@@ -202,7 +183,6 @@ def make_one(point: Mapping[str, Any], out_dir: Path = ZOO) -> dict[str, Any]:
         input_shape=(64,),
         hparams=hparams_of(point),
     )
-    canonicalize_safetensors_header(path)
     row = {"name": name_of(point), **point, "epochs": epochs, **evaluate(model)}
     row["seconds"] = time.perf_counter() - start
     return row

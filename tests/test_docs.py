@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import re
 import shlex
 from pathlib import Path
@@ -46,7 +47,9 @@ def test_documented_example_runs(
 ) -> None:
     (tmp_path / "sample_models").symlink_to(ROOT / "sample_models")
     monkeypatch.chdir(tmp_path)
-    argv = shlex.split(args)
+    argv = []
+    for arg in shlex.split(args):  # the shell would expand globs
+        argv += sorted(glob.glob(arg)) if "*" in arg else [arg]
     result = CliRunner().invoke(app, argv)
     assert result.exit_code == 0, f"{where}\n{result.output}"
 
