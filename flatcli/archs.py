@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
 
 def mlp(
@@ -61,4 +61,57 @@ def cnn(
     layers["fc1"] = nn.Linear(c * side * side, hidden)
     layers["act1"] = nn.ReLU()
     layers["fc"] = nn.Linear(hidden, num_classes)
+    return nn.Sequential(OrderedDict(layers))
+
+
+class BasicBlock(nn.Module):
+    """ResNet's two 3×3 convolutions with BatchNorm and an identity (or 1×1) shortcut."""
+
+    def __init__(self, in_channels: int, channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.act1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_channels != channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, channels, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(channels),
+            )
+        self.act2 = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x)))))
+        return self.act2(out + self.shortcut(x))
+
+
+def resnet18(
+    num_classes: int = 10, in_channels: int = 3, width: int = 64, *, hidden: int | None = None
+) -> nn.Sequential:
+    """ResNet-18 for small images (He et al. 2016), as used on CIFAR-10 by FAM and SAM.
+
+    A 3×3 stem without max-pooling, four stages of two :class:`BasicBlock` each with
+    ``width·(1, 2, 4, 8)`` channels (strides 1, 2, 2, 2), global average pooling and the
+    classifier ``fc``: 11.2 M parameters at ``width=64`` and 10 classes. ``hidden`` inserts
+    a penultimate ``fc1 → ReLU`` of that width before ``fc``, to put FAM on a hidden layer.
+    """
+    layers: dict[str, nn.Module] = {
+        "conv1": nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
+        "bn1": nn.BatchNorm2d(width),
+        "act": nn.ReLU(),
+    }
+    c = width
+    for i, (mult, stride) in enumerate(((1, 1), (2, 2), (4, 2), (8, 2)), start=1):
+        out = width * mult
+        layers[f"layer{i}"] = nn.Sequential(BasicBlock(c, out, stride), BasicBlock(out, out))
+        c = out
+    layers["avgpool"] = nn.AdaptiveAvgPool2d(1)
+    layers["flatten"] = nn.Flatten()
+    if hidden is not None:
+        layers["fc1"] = nn.Linear(c, hidden)
+        layers["act1"] = nn.ReLU()
+        c = hidden
+    layers["fc"] = nn.Linear(c, num_classes)
     return nn.Sequential(OrderedDict(layers))
