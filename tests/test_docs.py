@@ -62,5 +62,25 @@ def test_readme_python_example_runs(monkeypatch: pytest.MonkeyPatch) -> None:
         exec(compile(block, "README.md", "exec"), {})  # noqa: S102 - our own documentation
 
 
+def doc_python_blocks() -> list[tuple[str, str]]:
+    return [
+        (path.name, block)
+        for path in DOCS[1:]
+        for lang, block in code_blocks(path)
+        if lang == "python"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("where", "block"), doc_python_blocks(), ids=[b[0] for b in doc_python_blocks()]
+)
+def test_docs_python_example_runs(
+    where: str, block: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "sample_models").symlink_to(ROOT / "sample_models")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, where, "exec"), {})  # noqa: S102 - our own documentation
+
+
 def test_there_are_examples() -> None:
     assert len(examples()) >= 5
