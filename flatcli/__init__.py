@@ -3,7 +3,12 @@
 The public API, grouped. Names load lazily so that ``flatcli --help`` stays instant.
 
 Measures (each returns an :class:`Estimate`):
-    relative_flatness, layer_hessian_trace, layerwise_flatness, weight_norm, layer_measures
+    relative_flatness, layer_hessian_trace, layerwise_flatness, weight_norm, layer_measures,
+    hessian_trace, hessian_top_eigenvalue, fisher_rao, pacbayes_flatness, pacbayes_bound,
+    sharpness, frobenius_norms, spectral_norms, path_norm, distance_from_init
+
+Experiments:
+    audit, measure_checkpoints (correlate), FAMRegularizer, finetune
 
 Loading:
     load_checkpoint, save_checkpoint, load_data, as_batches, prepare
@@ -26,6 +31,21 @@ _PUBLIC = {
     "layerwise_flatness": "flatcli.measures.relative_flatness",
     "weight_norm": "flatcli.measures.relative_flatness",
     "layer_measures": "flatcli.measures.relative_flatness",
+    "hessian_trace": "flatcli.measures.hessian",
+    "hessian_top_eigenvalue": "flatcli.measures.hessian",
+    "fisher_rao": "flatcli.measures.fisher_rao",
+    "pacbayes_flatness": "flatcli.measures.pac_bayes",
+    "pacbayes_bound": "flatcli.measures.pac_bayes",
+    "sharpness": "flatcli.measures.sharpness",
+    "frobenius_norms": "flatcli.measures.norms",
+    "spectral_norms": "flatcli.measures.norms",
+    "path_norm": "flatcli.measures.norms",
+    "distance_from_init": "flatcli.measures.norms",
+    # experiments
+    "audit": "flatcli.audit",
+    "measure_checkpoints": "flatcli.correlate",
+    "FAMRegularizer": "flatcli.fam",
+    "finetune": "flatcli.finetune",
     # loading
     "load_checkpoint": "flatcli.checkpoints",
     "save_checkpoint": "flatcli.checkpoints",

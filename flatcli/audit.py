@@ -19,7 +19,7 @@ from torch import nn
 from .data import Batches
 from .errors import FlatcliError
 from .measures.estimate import Estimate
-from .registry import MeasureConfig, run_measures
+from .registry import Inputs, MeasureConfig, run_measures
 from .reparam import Pair, find_pairs, layerwise, log_uniform, neuronwise
 
 
@@ -76,6 +76,7 @@ def audit(
     alpha_range: tuple[float, float] = (1 / 25, 25.0),
     rtol: float = 1e-6,
     note: Callable[[str], None] | None = None,
+    inputs: Inputs | None = None,
 ) -> tuple[dict[str, Estimate], list[Reparameterization]]:
     """Measure, reparameterize (layer-wise, then neuron-wise into the feature layer), re-measure.
 
@@ -89,6 +90,7 @@ def audit(
         rtol: A measure is invariant when its relative change is at most ``rtol``, or, for a
             random estimate, within 3 combined standard errors.
         note: Progress callback.
+        inputs: Input shape and initial model, for the measures that need them.
 
     Returns:
         The original measures and one :class:`Reparameterization` per kind.
@@ -96,7 +98,7 @@ def audit(
     note = note or (lambda _msg: None)
     pairs, reasons = find_pairs(model)
     note("measures of the original model")
-    original = run_measures(model, batches, names, config, note=note)
+    original = run_measures(model, batches, names, config, note=note, inputs=inputs)
     gen = torch.Generator().manual_seed(seed)
     out = []
     if pairs:
@@ -114,6 +116,7 @@ def audit(
                 original,
                 rtol,
                 note,
+                inputs,
             )
         )
     else:
@@ -136,6 +139,7 @@ def audit(
                 original,
                 rtol,
                 note,
+                inputs,
             )
         )
     elif feeding:
@@ -155,8 +159,7 @@ def audit(
                 "neuronwise",
                 refused=(
                     f"no layer feeds {config.layer!r} through positively homogeneous "
-                    "operations only"
-                    + (f" ({'; '.join(reasons)})" if reasons else "")
+                    "operations only" + (f" ({'; '.join(reasons)})" if reasons else "")
                 ),
             )
         )
@@ -180,6 +183,7 @@ def _apply(
     original: dict[str, Estimate],
     rtol: float,
     note: Callable[[str], None],
+    inputs: Inputs | None,
 ) -> Reparameterization:
     change = max_output_change(model, new, batches)
     scale = max_output_scale(model, batches)
@@ -190,7 +194,7 @@ def _apply(
             "the model has a non-homogeneous operation flatcli did not detect"
         )
     note(f"measures after the {kind} reparameterization")
-    after = run_measures(new, batches, names, config, note=note)
+    after = run_measures(new, batches, names, config, note=note, inputs=inputs)
     rows = [_row(name, original[name], after[name], rtol) for name in original if name in after]
     return Reparameterization(
         kind,

@@ -105,6 +105,61 @@ DeadUnitsOpt = Annotated[
         "or drop (pseudo-inverse: exactly invariant to rescaling dead units).",
     ),
 ]
+MethodOpt = Annotated[
+    str,
+    typer.Option(
+        "--method",
+        help="auto, exact or hutchinson: relative flatness (auto: exact for nn.Linear; "
+        "hutchinson: Identity 1, any layer incl. Conv2d) and the Hessian trace (auto: exact "
+        "up to 2,000 parameters).",
+    ),
+]
+ProbesOpt = Annotated[
+    int, typer.Option("--probes", help="Hutchinson probes of the layer-wise measures.")
+]
+TraceParamsOpt = Annotated[
+    str,
+    typer.Option(
+        "--trace-params",
+        help="Parameters of hessian_trace and hessian_top_eigenvalue: all, layer (the "
+        "feature layer) or a module/parameter name.",
+    ),
+]
+RtolOpt = Annotated[
+    float,
+    typer.Option("--rtol", help="Hutchinson Hessian trace: stop at this relative stderr."),
+]
+MaxProbesOpt = Annotated[
+    int, typer.Option("--max-probes", help="Hutchinson Hessian trace: most probes.")
+]
+FrBiasOpt = Annotated[
+    bool, typer.Option("--fr-include-bias", help="Count biases in the Fisher-Rao norm.")
+]
+PacTargetOpt = Annotated[
+    str,
+    typer.Option(
+        "--pacbayes-target",
+        help="PAC-Bayes and sharpness search on the training error or loss increase.",
+    ),
+]
+PacThresholdOpt = Annotated[
+    float,
+    typer.Option("--pacbayes-threshold", help="Allowed increase τ of PAC-Bayes and sharpness."),
+]
+McOpt = Annotated[
+    int, typer.Option("--mc-samples", help="PAC-Bayes: Monte Carlo draws per bisection step.")
+]
+DepthOpt = Annotated[
+    int, typer.Option("--search-depth", help="PAC-Bayes and sharpness: bisection steps.")
+]
+InitOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--init",
+        help="Checkpoint at initialization: enables distance_from_init and the "
+        "distance form of pacbayes_bound.",
+    ),
+]
 FormatOpt = Annotated[str, typer.Option("--format", help="table, json or csv.")]
 OutputOpt = Annotated[
     Path | None,
@@ -150,15 +205,132 @@ def _friendly(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+class _Status:
+    """What a long computation is doing, on stderr.
+
+    In a terminal: a rich progress bar over ``total`` steps (or a spinner without one)
+    whose description is the latest message. Otherwise (a log file, a pipe): a plain
+    ``flatcli: message`` line when the kind of work changes (the text before the first
+    colon) or every :attr:`LOG_EVERY` seconds, so logs stay short.
+    """
+
+    LOG_EVERY = 10.0
+
+    def __init__(self, progress: Any = None, task: Any = None) -> None:
+        self.progress, self.task = progress, task
+        self.last_kind: str | None = None
+        self.last_time = 0.0
+
+    def __call__(self, msg: str) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, description=msg)
+            return
+        import time
+
+        kind, now = msg.split(":", 1)[0], time.monotonic()
+        if kind != self.last_kind or now - self.last_time >= self.LOG_EVERY:
+            print(f"flatcli: {msg}", file=sys.stderr)
+            self.last_kind, self.last_time = kind, now
+
+    def advance(self, *_: Any) -> None:
+        """One step done."""
+        if self.progress is not None:
+            self.progress.advance(self.task)
+
+
 @contextmanager
-def _progress() -> Iterator[Callable[[str], None]]:
-    """A status line on stderr in a terminal; plain log lines otherwise."""
+def _progress(total: int | None = None) -> Iterator[_Status]:
+    """A :class:`_Status` for the duration of a computation of ``total`` steps."""
     console = _stderr()
-    if console.is_terminal:
-        with console.status("working…") as status:
-            yield lambda msg: status.update(f"{msg}…")
-    else:
-        yield lambda msg: print(f"flatcli: {msg}", file=sys.stderr)
+    if not console.is_terminal:
+        yield _Status()
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    columns: list[Any] = [SpinnerColumn(), TextColumn("{task.description}")]
+    if total is not None:
+        columns += [BarColumn(), MofNCompleteColumn()]
+    columns.append(TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        yield _Status(progress, progress.add_task("working", total=total))
+
+
+def _measure_options(
+    *,
+    method: str,
+    probes: int,
+    seed: int,
+    dead_units: str,
+    trace_params: str,
+    rtol: float,
+    max_probes: int,
+    fr_include_bias: bool,
+    pacbayes_target: str,
+    pacbayes_threshold: float,
+    mc_samples: int,
+    search_depth: int,
+):  # noqa: ANN202 - a registry.MeasureOptions, imported lazily
+    """The measures' options, checked before anything is loaded."""
+    from .registry import MeasureOptions
+
+    checks = [
+        (
+            method in ("auto", "exact", "hutchinson"),
+            f"--method must be auto, exact or hutchinson, got {method!r}",
+        ),
+        (probes >= 1, f"--probes must be at least 1, got {probes}"),
+        (
+            dead_units in ("unscaled", "drop"),
+            f"--dead-units must be unscaled or drop, got {dead_units!r}",
+        ),
+        (rtol > 0, f"--rtol must be positive, got {rtol}"),
+        (max_probes >= 2, f"--max-probes must be at least 2, got {max_probes}"),
+        (
+            pacbayes_target in ("error", "loss"),
+            f"--pacbayes-target must be error or loss, got {pacbayes_target!r}",
+        ),
+        (
+            pacbayes_threshold > 0,
+            f"--pacbayes-threshold must be positive, got {pacbayes_threshold}",
+        ),
+        (mc_samples >= 2, f"--mc-samples must be at least 2, got {mc_samples}"),
+        (search_depth >= 1, f"--search-depth must be at least 1, got {search_depth}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+    return MeasureOptions(
+        method=method,
+        probes=probes,
+        seed=seed,
+        dead_units=dead_units,
+        trace_params=trace_params,
+        rtol=rtol,
+        max_probes=max_probes,
+        fr_include_bias=fr_include_bias,
+        pacbayes_target=pacbayes_target,
+        pacbayes_threshold=pacbayes_threshold,
+        mc_samples=mc_samples,
+        search_depth=search_depth,
+    )
+
+
+def _load_init(path: Path | None, *, arch, arch_kwargs, trust_code, model):  # noqa: ANN001, ANN202
+    """The ``--init`` checkpoint (same architecture as ``model``), or (None, None)."""
+    if path is None:
+        return None, None
+    from .checkpoints import load_checkpoint
+
+    init = load_checkpoint(path, arch=arch, arch_kwargs=arch_kwargs, trust_code=trust_code)
+    p = next(model.parameters())
+    return init.model.to(device=p.device, dtype=p.dtype), init.sha256
 
 
 def _check_format(fmt: str) -> str:
@@ -278,25 +450,28 @@ def measure(
         typer.Option(
             "--measures",
             help="Comma-separated measure names, or 'all' (default: relative flatness, "
-            "layer-wise flatness, layer Hessian trace, weight norm, train loss/accuracy).",
+            "layer-wise flatness, layer Hessian trace, weight norm, Hessian trace, "
+            "Fisher-Rao, PAC-Bayes flatness, Frobenius norms, train loss/accuracy).",
         ),
     ] = None,
-    method: Annotated[
-        str,
-        typer.Option(
-            "--method",
-            help="Relative flatness: auto (exact for nn.Linear), exact, or hutchinson "
-            "(Identity 1, any layer incl. Conv2d).",
-        ),
-    ] = "auto",
+    method: MethodOpt = "auto",
     normalize: Annotated[
         bool,
         typer.Option(
             "--normalize", help="Add relative_flatness_normalized (Theorem 4, std with ddof=0)."
         ),
     ] = False,
-    probes: Annotated[int, typer.Option("--probes", help="Hutchinson probes.")] = 64,
+    probes: ProbesOpt = 64,
     dead_units: DeadUnitsOpt = "unscaled",
+    trace_params: TraceParamsOpt = "all",
+    rtol: RtolOpt = 0.01,
+    max_probes: MaxProbesOpt = 1000,
+    fr_include_bias: FrBiasOpt = False,
+    pacbayes_target: PacTargetOpt = "error",
+    pacbayes_threshold: PacThresholdOpt = 0.1,
+    mc_samples: McOpt = 10,
+    search_depth: DepthOpt = 15,
+    init: InitOpt = None,
     data: DataOpt = None,
     target: TargetOpt = None,
     split: SplitOpt = "train",
@@ -320,6 +495,8 @@ def measure(
 
         flatcli measure sample_models/digits_cnn.safetensors --layer conv2 --method hutchinson
 
+        flatcli measure sample_models/digits_mlp.safetensors --measures all
+
         flatcli measure model.pt --arch mypkg.nets:make_net --layer fc --data data.npz
         --format json --output result.json
     """
@@ -330,12 +507,27 @@ def measure(
     from .runtime import manifest
 
     fmt = _check_format(fmt)
-    names = registry.select(measures, normalize=normalize)
+    names = registry.select(measures, normalize=normalize, has_init=init is not None)
+    options = _measure_options(
+        method=method,
+        probes=probes,
+        seed=seed,
+        dead_units=dead_units,
+        trace_params=trace_params,
+        rtol=rtol,
+        max_probes=max_probes,
+        fr_include_bias=fr_include_bias,
+        pacbayes_target=pacbayes_target,
+        pacbayes_threshold=pacbayes_threshold,
+        mc_samples=mc_samples,
+        search_depth=search_depth,
+    )
+    kwargs = parse_json_object(arch_kwargs, "--arch-kwargs")
     prep = prepare(
         checkpoint,
         arch=arch,
         trust_code=trust_code,
-        arch_kwargs=parse_json_object(arch_kwargs, "--arch-kwargs"),
+        arch_kwargs=kwargs,
         data=data,
         split=split,
         target=target,
@@ -347,11 +539,17 @@ def measure(
     )
     layer_name = layer or default_layer(prep.model)
     module = find_layer(prep.model, layer_name)
-    config = registry.MeasureConfig(
-        layer=layer_name, loss=prep.loss, method=method, probes=probes, seed=seed
+    init_model, init_sha = _load_init(
+        init, arch=arch, arch_kwargs=kwargs, trust_code=trust_code, model=prep.model
     )
-    with _progress() as note:
-        results = registry.run_measures(prep.model, prep.batches, names, config, note=note)
+    config = registry.MeasureConfig.of(options, layer=layer_name, loss=prep.loss, init=init_sha)
+    inputs = registry.Inputs(
+        input_shape=tuple(prep.batches.first()[0].shape[1:]), init_model=init_model
+    )
+    with _progress(len(registry.groups_of(names))) as status:
+        results = registry.run_measures(
+            prep.model, prep.batches, names, config, note=status, inputs=inputs, done=status.advance
+        )
     weight = getattr(module, "weight", None)
     report = measure_report(
         checkpoint={"path": str(prep.checkpoint.path), "sha256": prep.checkpoint.sha256},
@@ -394,7 +592,10 @@ def audit(
     measures: Annotated[
         str | None,
         typer.Option(
-            "--measures", help="Comma-separated measure names, or 'all' (default: as measure)."
+            "--measures",
+            help="Comma-separated measure names, or 'all' (default: the exact ones: "
+            "relative flatness, layer-wise flatness, layer Hessian trace, weight norm, top "
+            "Hessian eigenvalue, Fisher-Rao, Frobenius norms, path norm).",
         ),
     ] = None,
     normalize: Annotated[
@@ -404,15 +605,25 @@ def audit(
             help="Include relative_flatness_normalized (its neuron-wise row must read invariant).",
         ),
     ] = False,
-    method: Annotated[str, typer.Option("--method", help="auto, exact or hutchinson.")] = "auto",
-    probes: Annotated[int, typer.Option("--probes", help="Hutchinson probes.")] = 64,
+    method: MethodOpt = "auto",
+    probes: ProbesOpt = 64,
     dead_units: DeadUnitsOpt = "unscaled",
+    trace_params: TraceParamsOpt = "all",
+    rtol: RtolOpt = 0.01,
+    max_probes: MaxProbesOpt = 1000,
+    fr_include_bias: FrBiasOpt = False,
+    pacbayes_target: PacTargetOpt = "error",
+    pacbayes_threshold: PacThresholdOpt = 0.1,
+    mc_samples: McOpt = 10,
+    search_depth: DepthOpt = 15,
+    init: InitOpt = None,
     alpha_low: Annotated[
         float, typer.Option("--alpha-low", help="Smallest rescaling factor (log-uniform draws).")
     ] = 1 / 25,
     alpha_high: Annotated[float, typer.Option("--alpha-high", help="Largest factor.")] = 25.0,
-    rtol: Annotated[
-        float, typer.Option("--rtol", help="Relative change below which a measure reads invariant.")
+    tolerance: Annotated[
+        float,
+        typer.Option("--tolerance", help="Relative change below which a measure reads invariant."),
     ] = 1e-6,
     data: DataOpt = None,
     target: TargetOpt = None,
@@ -458,12 +669,29 @@ def audit(
     fmt = _check_format(fmt)
     if not 0 < alpha_low <= alpha_high:
         raise UsageError("--alpha-low and --alpha-high must satisfy 0 < low <= high")
-    names = registry.select(measures, normalize=normalize)
+    names = registry.select(
+        measures, normalize=normalize, has_init=init is not None, default=registry.AUDIT_DEFAULT
+    )
+    options = _measure_options(
+        method=method,
+        probes=probes,
+        seed=seed,
+        dead_units=dead_units,
+        trace_params=trace_params,
+        rtol=rtol,
+        max_probes=max_probes,
+        fr_include_bias=fr_include_bias,
+        pacbayes_target=pacbayes_target,
+        pacbayes_threshold=pacbayes_threshold,
+        mc_samples=mc_samples,
+        search_depth=search_depth,
+    )
+    kwargs = parse_json_object(arch_kwargs, "--arch-kwargs")
     prep = prepare(
         checkpoint,
         arch=arch,
         trust_code=trust_code,
-        arch_kwargs=parse_json_object(arch_kwargs, "--arch-kwargs"),
+        arch_kwargs=kwargs,
         data=data,
         split=split,
         target=target,
@@ -475,13 +703,12 @@ def audit(
     )
     layer_name = layer or default_layer(prep.model)
     find_layer(prep.model, layer_name)
-    config = registry.MeasureConfig(
-        layer=layer_name,
-        loss=prep.loss,
-        method=method,
-        probes=probes,
-        seed=seed,
-        dead_units=dead_units,
+    init_model, init_sha = _load_init(
+        init, arch=arch, arch_kwargs=kwargs, trust_code=trust_code, model=prep.model
+    )
+    config = registry.MeasureConfig.of(options, layer=layer_name, loss=prep.loss, init=init_sha)
+    inputs = registry.Inputs(
+        input_shape=tuple(prep.batches.first()[0].shape[1:]), init_model=init_model
     )
     with _progress() as note:
         original, reps = run_audit(
@@ -491,8 +718,9 @@ def audit(
             config,
             seed=seed,
             alpha_range=(alpha_low, alpha_high),
-            rtol=rtol,
+            rtol=tolerance,
             note=note,
+            inputs=inputs,
         )
     report = {
         "schema": "flatcli.audit/1",
@@ -536,7 +764,9 @@ def audit(
             title_justify="left",
         )
         for col in ("measure", "original", "reparameterized", "relative change", "invariant"):
-            table.add_column(col, justify="left" if col == "measure" else "right")
+            table.add_column(
+                col, justify="left" if col == "measure" else "right", no_wrap=col == "measure"
+            )
         for row in rep.rows:
             mark = "[green]yes[/]" if row.invariant else "[red]no[/]"
             table.add_row(
@@ -594,9 +824,17 @@ def correlate(
     max_samples: MaxSamplesOpt = None,
     batch_size: BatchOpt = 256,
     loss: LossOpt = None,
-    method: Annotated[str, typer.Option("--method", help="auto, exact or hutchinson.")] = "auto",
-    probes: Annotated[int, typer.Option("--probes", help="Hutchinson probes.")] = 64,
+    method: MethodOpt = "auto",
+    probes: ProbesOpt = 64,
     dead_units: DeadUnitsOpt = "unscaled",
+    trace_params: TraceParamsOpt = "all",
+    rtol: RtolOpt = 0.01,
+    max_probes: MaxProbesOpt = 1000,
+    fr_include_bias: FrBiasOpt = False,
+    pacbayes_target: PacTargetOpt = "error",
+    pacbayes_threshold: PacThresholdOpt = 0.1,
+    mc_samples: McOpt = 10,
+    search_depth: DepthOpt = 15,
     hparams: Annotated[
         Path | None,
         typer.Option(
@@ -656,6 +894,22 @@ def correlate(
 
     fmt = _check_format(fmt)
     chosen = select(measures) if measures else list(DEFAULT_CORRELATE())
+    if "distance_from_init" in chosen:
+        raise UsageError("correlate cannot compute distance_from_init (no --init per checkpoint)")
+    options = _measure_options(
+        method=method,
+        probes=probes,
+        seed=seed,
+        dead_units=dead_units,
+        trace_params=trace_params,
+        rtol=rtol,
+        max_probes=max_probes,
+        fr_include_bias=fr_include_bias,
+        pacbayes_target=pacbayes_target,
+        pacbayes_threshold=pacbayes_threshold,
+        mc_samples=mc_samples,
+        search_depth=search_depth,
+    )
     resolve_device(device)
     resolve_dtype(dtype)
     config = CorrelateConfig(
@@ -668,10 +922,7 @@ def correlate(
         loss=loss,
         device=device,
         dtype=dtype,
-        method=method,
-        probes=probes,
-        seed=seed,
-        dead_units=dead_units,
+        options=options,
         arch=arch,
         arch_kwargs=parse_json_object(arch_kwargs, "--arch-kwargs"),
         trust_code=trust_code,

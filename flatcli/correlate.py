@@ -27,6 +27,7 @@ from typing import Any
 
 from .errors import FlatcliError, UsageError
 from .io import atomic_write_text, sha256_file
+from .registry import MeasureOptions
 
 DEFAULT_MEASURES = (
     "relative_flatness",
@@ -50,7 +51,7 @@ class CorrelateConfig:
         layer: Feature layer (None: each model's last ``nn.Linear``).
         data: Data spec (None: each checkpoint's metadata).
         target, max_samples, batch_size, loss, device, dtype: As for ``flatcli measure``.
-        method, probes, seed, dead_units: Measure options.
+        options: The measures' own options (:class:`~flatcli.registry.MeasureOptions`).
         arch, arch_kwargs, trust_code: Loading options.
     """
 
@@ -63,10 +64,7 @@ class CorrelateConfig:
     loss: str | None = None
     device: str = "cpu"
     dtype: str = "float32"
-    method: str = "auto"
-    probes: int = 64
-    seed: int = 0
-    dead_units: str = "unscaled"
+    options: MeasureOptions = field(default_factory=MeasureOptions)
     arch: str | None = None
     arch_kwargs: Mapping[str, Any] | None = None
     trust_code: bool = False
@@ -255,16 +253,10 @@ def measure_one(
             f"{prep.data_spec} has no test split (x_test, y_test): the generalization gap needs one"
         )
     layer = config.layer or default_layer(prep.model)
-    mconf = registry.MeasureConfig(
-        layer=layer,
-        loss=prep.loss,
-        method=config.method,
-        probes=config.probes,
-        seed=config.seed,
-        dead_units=config.dead_units,
-    )
+    mconf = registry.MeasureConfig.of(config.options, layer=layer, loss=prep.loss)
     names = list(config.measures)
-    results = registry.run_measures(prep.model, prep.batches, names, mconf)
+    inputs = registry.Inputs(input_shape=tuple(prep.batches.first()[0].shape[1:]))
+    results = registry.run_measures(prep.model, prep.batches, names, mconf, inputs=inputs)
     split = LayerSplit(prep.model, layer)
     with torch.no_grad():
         train = evaluate(split, prep.batches, prep.loss)

@@ -17,41 +17,100 @@ from torch import nn
 from .data import Batches
 from .errors import UsageError
 from .measures.estimate import Estimate
-from .measures.relative_flatness import layer_measures
 
 
 @dataclass(frozen=True)
-class MeasureConfig:
-    """Every option a measure may read. Part of the cache key of ``correlate``.
+class MeasureOptions:
+    """The options of the measures themselves (not of the model, layer or data).
 
     Attributes:
-        layer: Feature layer name.
-        loss: ``cross_entropy`` or ``mse``.
-        method: ``auto``, ``exact`` or ``hutchinson`` for the layer-wise measures.
+        method: ``auto``, ``exact`` or ``hutchinson``, for the layer-wise measures and
+            the Hessian trace.
         probes: Hutchinson probes for the layer-wise measures.
         seed: Seed of every random estimate.
         dead_units: Theorem 4's treatment of dead units, ``unscaled`` or ``drop``.
+        trace_params: Parameters of ``hessian_trace`` and ``hessian_top_eigenvalue``:
+            ``all``, ``layer`` (the feature layer) or a module/parameter name.
+        rtol: Relative standard error target of the Hutchinson Hessian trace.
+        max_probes: Most probes of the Hutchinson Hessian trace.
+        fr_include_bias: Count biases in the Fisher-Rao norm.
+        pacbayes_target: ``error`` or ``loss``, for PAC-Bayes and sharpness.
+        pacbayes_threshold: The allowed increase τ of PAC-Bayes and sharpness.
+        mc_samples: Monte Carlo draws per PAC-Bayes bisection step.
+        search_depth: Bisection steps of PAC-Bayes and sharpness.
     """
 
-    layer: str
-    loss: str = "cross_entropy"
     method: str = "auto"
     probes: int = 64
     seed: int = 0
     dead_units: str = "unscaled"
+    trace_params: str = "all"
+    rtol: float = 0.01
+    max_probes: int = 1000
+    fr_include_bias: bool = False
+    pacbayes_target: str = "error"
+    pacbayes_threshold: float = 0.1
+    mc_samples: int = 10
+    search_depth: int = 15
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready options."""
         return asdict(self)
 
 
+@dataclass(frozen=True, kw_only=True)
+class MeasureConfig(MeasureOptions):
+    """Every option a measure may read. Part of the cache key of ``correlate``.
+
+    Attributes:
+        layer: Feature layer name.
+        loss: ``cross_entropy`` or ``mse``.
+        init: sha256 of the initial checkpoint (``--init``), or None.
+        Others: see :class:`MeasureOptions`.
+    """
+
+    layer: str
+    loss: str = "cross_entropy"
+    init: str | None = None
+
+    @classmethod
+    def of(
+        cls, options: MeasureOptions, *, layer: str, loss: str, init: str | None = None
+    ) -> MeasureConfig:
+        """``options`` for one model's ``layer`` and ``loss``."""
+        return cls(layer=layer, loss=loss, init=init, **asdict(options))
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What some measures need besides the model and the data.
+
+    Attributes:
+        input_shape: Shape of one input sample (``path_norm``).
+        init_model: The network at initialization (``distance_from_init``, and the
+            distance form of ``pacbayes_bound``).
+    """
+
+    input_shape: tuple[int, ...] | None = None
+    init_model: nn.Module | None = None
+
+
 Note = Callable[[str], None]
-Group = Callable[[nn.Module, Batches, MeasureConfig, Sequence[str], Note], Mapping[str, Estimate]]
+Group = Callable[
+    [nn.Module, Batches, MeasureConfig, Sequence[str], Note, Inputs], Mapping[str, Estimate]
+]
 
 
 def _layer_group(
-    model: nn.Module, batches: Batches, config: MeasureConfig, names: Sequence[str], note: Note
+    model: nn.Module,
+    batches: Batches,
+    config: MeasureConfig,
+    names: Sequence[str],
+    note: Note,
+    inputs: Inputs,
 ) -> Mapping[str, Estimate]:
+    from .measures.relative_flatness import layer_measures
+
     return layer_measures(
         model,
         config.layer,
@@ -66,6 +125,147 @@ def _layer_group(
     )
 
 
+def _hessian_group(
+    model: nn.Module,
+    batches: Batches,
+    config: MeasureConfig,
+    names: Sequence[str],
+    note: Note,
+    inputs: Inputs,
+) -> Mapping[str, Estimate]:
+    from .measures.hessian import hessian_top_eigenvalue, hessian_trace
+
+    params = config.layer if config.trace_params == "layer" else config.trace_params
+    out = {}
+    if "hessian_trace" in names:
+        note(f"Hessian trace over {params} parameters")
+        out["hessian_trace"] = hessian_trace(
+            model,
+            batches,
+            loss=config.loss,
+            params=params,
+            method=config.method,
+            rtol=config.rtol,
+            max_probes=config.max_probes,
+            seed=config.seed,
+            progress=note,
+        )
+    if "hessian_top_eigenvalue" in names:
+        note(f"top Hessian eigenvalue over {params} parameters")
+        out["hessian_top_eigenvalue"] = hessian_top_eigenvalue(
+            model, batches, loss=config.loss, params=params, seed=config.seed, progress=note
+        )
+    return out
+
+
+def _fisher_rao_group(
+    model: nn.Module,
+    batches: Batches,
+    config: MeasureConfig,
+    names: Sequence[str],
+    note: Note,
+    inputs: Inputs,
+) -> Mapping[str, Estimate]:
+    from .measures.fisher_rao import fisher_rao
+
+    note("Fisher-Rao norm (forward-mode JVP)")
+    return {
+        "fisher_rao": fisher_rao(
+            model, batches, loss=config.loss, include_bias=config.fr_include_bias
+        )
+    }
+
+
+def _pacbayes_group(
+    model: nn.Module,
+    batches: Batches,
+    config: MeasureConfig,
+    names: Sequence[str],
+    note: Note,
+    inputs: Inputs,
+) -> Mapping[str, Estimate]:
+    from .measures.pac_bayes import bound_estimate, flatness_estimate, pacbayes_sigma
+
+    def search(magnitude_aware: bool) -> Any:
+        return pacbayes_sigma(
+            model,
+            batches,
+            loss=config.loss,
+            magnitude_aware=magnitude_aware,
+            target=config.pacbayes_target,  # type: ignore[arg-type]
+            threshold=config.pacbayes_threshold,
+            mc_samples=config.mc_samples,
+            search_depth=config.search_depth,
+            seed=config.seed,
+            progress=note,
+        )
+
+    mc, depth = config.mc_samples, config.search_depth
+    out = {}
+    if "pacbayes_flatness" in names or "pacbayes_bound" in names:
+        isotropic = search(False)  # one search serves the flatness and the bound
+        if "pacbayes_flatness" in names:
+            out["pacbayes_flatness"] = flatness_estimate(isotropic, mc, depth)
+        if "pacbayes_bound" in names:
+            out["pacbayes_bound"] = bound_estimate(isotropic, model, inputs.init_model, mc, depth)
+    if "pacbayes_mag_flatness" in names:
+        out["pacbayes_mag_flatness"] = flatness_estimate(search(True), mc, depth)
+    return out
+
+
+def _sharpness_group(
+    model: nn.Module,
+    batches: Batches,
+    config: MeasureConfig,
+    names: Sequence[str],
+    note: Note,
+    inputs: Inputs,
+) -> Mapping[str, Estimate]:
+    from .measures.sharpness import sharpness
+
+    out = {}
+    for name, magnitude_aware in (("sharpness", False), ("mag_sharpness", True)):
+        if name in names:
+            out[name] = sharpness(
+                model,
+                batches,
+                loss=config.loss,
+                magnitude_aware=magnitude_aware,
+                target=config.pacbayes_target,  # type: ignore[arg-type]
+                threshold=config.pacbayes_threshold,
+                search_depth=config.search_depth,
+                seed=config.seed,
+                progress=note,
+            )
+    return out
+
+
+def _norms_group(
+    model: nn.Module,
+    batches: Batches,
+    config: MeasureConfig,
+    names: Sequence[str],
+    note: Note,
+    inputs: Inputs,
+) -> Mapping[str, Estimate]:
+    from .measures import norms
+
+    out = {}
+    if "frobenius_norms" in names:
+        out["frobenius_norms"] = norms.frobenius_norms(model)
+    if "spectral_norms" in names:
+        out["spectral_norms"] = norms.spectral_norms(model)
+    if "path_norm" in names:
+        if inputs.input_shape is None:
+            raise UsageError("path_norm needs the input shape (flatcli checkpoints record it)")
+        out["path_norm"] = norms.path_norm(model, inputs.input_shape)
+    if "distance_from_init" in names:
+        if inputs.init_model is None:
+            raise UsageError("distance_from_init needs --init CHECKPOINT (the initial weights)")
+        out["distance_from_init"] = norms.distance_from_init(model, inputs.init_model)
+    return out
+
+
 _LAYER = (
     "relative_flatness",
     "relative_flatness_normalized",
@@ -78,6 +278,17 @@ _LAYER = (
 
 GROUPS: dict[str, tuple[Group, tuple[str, ...]]] = {
     "layer": (_layer_group, _LAYER),
+    "hessian": (_hessian_group, ("hessian_trace", "hessian_top_eigenvalue")),
+    "fisher_rao": (_fisher_rao_group, ("fisher_rao",)),
+    "pacbayes": (
+        _pacbayes_group,
+        ("pacbayes_flatness", "pacbayes_mag_flatness", "pacbayes_bound"),
+    ),
+    "sharpness": (_sharpness_group, ("sharpness", "mag_sharpness")),
+    "norms": (
+        _norms_group,
+        ("frobenius_norms", "spectral_norms", "path_norm", "distance_from_init"),
+    ),
 }
 """Group name -> (function, the measure names it produces)."""
 
@@ -86,10 +297,30 @@ DEFAULT = (
     "layerwise_flatness",
     "layer_hessian_trace",
     "weight_norm",
+    "hessian_trace",
+    "fisher_rao",
+    "pacbayes_flatness",
+    "frobenius_norms",
     "train_loss",
     "train_accuracy",
 )
 """What ``flatcli measure`` computes without ``--measures`` (seconds on the sample model)."""
+
+AUDIT_DEFAULT = (
+    "relative_flatness",
+    "layerwise_flatness",
+    "layer_hessian_trace",
+    "weight_norm",
+    "hessian_top_eigenvalue",
+    "fisher_rao",
+    "frobenius_norms",
+    "path_norm",
+)
+"""What ``flatcli audit`` compares without ``--measures``: MATH.md §5's rows, all exact,
+so that "invariant" is decided by the arithmetic and not by an estimate's noise."""
+
+NEEDS_INIT = ("distance_from_init",)
+"""Measures that exist only with an initial checkpoint; ``all`` leaves them out without one."""
 
 
 def available() -> list[str]:
@@ -97,13 +328,23 @@ def available() -> list[str]:
     return [name for _, names in GROUPS.values() for name in names]
 
 
-def select(spec: str | None, *, normalize: bool = False) -> list[str]:
-    """Measure names from ``--measures`` (comma list, ``all`` or None for the default)."""
+def select(
+    spec: str | None,
+    *,
+    normalize: bool = False,
+    has_init: bool = False,
+    default: Sequence[str] = DEFAULT,
+) -> list[str]:
+    """Measure names from ``--measures`` (comma list, ``all`` or None for the default).
+
+    ``all`` includes ``distance_from_init`` only when ``has_init`` (an ``--init``
+    checkpoint was given); naming it without one is an error when it is computed.
+    """
     names = available()
     if spec is None or spec == "default":
-        chosen = list(DEFAULT)
+        chosen = list(default)
     elif spec == "all":
-        chosen = list(names)
+        chosen = [n for n in names if has_init or n not in NEEDS_INIT]
     else:
         chosen = [s.strip() for s in spec.split(",") if s.strip()]
         unknown = [c for c in chosen if c not in names]
@@ -126,14 +367,52 @@ def run_measures(
     config: MeasureConfig,
     *,
     note: Note | None = None,
+    inputs: Inputs | None = None,
+    done: Callable[[str], None] | None = None,
 ) -> dict[str, Estimate]:
-    """Compute ``names`` on ``model`` over ``batches``, each group once."""
+    """Compute ``names`` on ``model`` over ``batches``, each group once.
+
+    Args:
+        model: The network.
+        batches: The data.
+        names: Measure names (from :func:`select`).
+        config: The options.
+        note: Called with a line of text saying what is being computed.
+        inputs: Input shape and initial model, for the measures that need them.
+        done: Called with a group's name when it has finished (for a progress bar).
+    """
     note = note or (lambda _msg: None)
+    inputs = inputs or Inputs()
+    check(model, names, config, inputs)
     out: dict[str, Estimate] = {}
-    for fn, produces in GROUPS.values():
+    for group, (fn, produces) in GROUPS.items():
         wanted = [n for n in names if n in produces]
         if wanted:
-            out.update(
-                {k: v for k, v in fn(model, batches, config, wanted, note).items() if k in wanted}
-            )
+            results = fn(model, batches, config, wanted, note, inputs)
+            out.update({k: v for k, v in results.items() if k in wanted})
+            if done is not None:
+                done(group)
     return {n: out[n] for n in names if n in out}
+
+
+def check(model: nn.Module, names: Sequence[str], config: MeasureConfig, inputs: Inputs) -> None:
+    """Fail before any work when an option cannot apply to ``model``.
+
+    Raises:
+        UsageError: An unknown ``trace_params`` name (with close matches), or a measure
+            that needs an input shape or initial model that was not given.
+    """
+    if any(n in names for n in GROUPS["hessian"][1]) and config.trace_params not in ("all",):
+        from .measures.params import select_params
+
+        spec = config.layer if config.trace_params == "layer" else config.trace_params
+        select_params(model, spec)
+    if "distance_from_init" in names and inputs.init_model is None:
+        raise UsageError("distance_from_init needs --init CHECKPOINT (the initial weights)")
+    if "path_norm" in names and inputs.input_shape is None:
+        raise UsageError("path_norm needs the input shape (flatcli checkpoints record it)")
+
+
+def groups_of(names: Sequence[str]) -> list[str]:
+    """The groups that computing ``names`` runs, in order."""
+    return [g for g, (_, produces) in GROUPS.items() if any(n in produces for n in names)]

@@ -211,8 +211,14 @@ def test_tied_weights_round_trip(tmp_path: Path) -> None:
 
 def test_safetensors_saves_are_byte_reproducible(tmp_path: Path) -> None:
     model = make_model()
-    meta = {"arch": ARCH, "arch_kwargs": KWARGS, "data": "digits", "loss": "mse",
-            "input_shape": (5,), "hparams": {"b": 1, "a": 2}}
+    meta = {
+        "arch": ARCH,
+        "arch_kwargs": KWARGS,
+        "data": "digits",
+        "loss": "mse",
+        "input_shape": (5,),
+        "hparams": {"b": 1, "a": 2},
+    }
     first = save_checkpoint(model, tmp_path / "a.safetensors", **meta).read_bytes()
     second = save_checkpoint(model, tmp_path / "b.safetensors", **meta).read_bytes()
     assert first == second

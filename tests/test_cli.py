@@ -72,6 +72,8 @@ def test_measure_matches_the_python_api(runner: CliRunner) -> None:
         "float64",
         "--max-samples",
         "200",
+        "--measures",
+        "relative_flatness",
     )
     cli_value = json.loads(result.stdout)["measures"]["relative_flatness"]["value"]
     model = load_checkpoint(MLP).model.double()
@@ -96,6 +98,8 @@ def test_measure_hutchinson_on_conv_reports_stderr_and_seed(runner: CliRunner) -
         "json",
         "--seed",
         "7",
+        "--measures",
+        "relative_flatness,layer_hessian_trace",
     ]
     first = json.loads(run(runner, *args).stdout)
     again = json.loads(run(runner, *args).stdout)
@@ -301,3 +305,117 @@ def test_bad_option_values(runner: CliRunner) -> None:
     one_line_error(run(runner, "measure", MLP, "--device", "tpu"), code=2)
     one_line_error(run(runner, "measure", MLP, "--measures", "relative_flatnes"), code=2)
     one_line_error(run(runner, "measure", MLP, "--loss", "hinge"), code=2)
+
+
+def test_whole_network_measures_match_the_library(runner: CliRunner, tmp_path: Path) -> None:
+    from flatcli.checkpoints import load_checkpoint
+    from flatcli.data import load_data
+    from flatcli.measures import fisher_rao, hessian, norms, pac_bayes, sharpness
+
+    names = (
+        "hessian_trace,hessian_top_eigenvalue,fisher_rao,pacbayes_flatness,pacbayes_bound,"
+        "sharpness,frobenius_norms,path_norm,distance_from_init"
+    )
+    init = tmp_path / "init.safetensors"
+    model = load_checkpoint(MLP).model
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)
+    save_checkpoint(
+        model,
+        init,
+        arch="flatcli.archs:mlp",
+        arch_kwargs={"in_features": 64, "hidden": [64, 32], "num_classes": 10},
+        data="digits",
+    )
+    args = [
+        "measure",
+        MLP,
+        "--measures",
+        names,
+        "--init",
+        str(init),
+        "--max-samples",
+        "150",
+        "--dtype",
+        "float64",
+        "--seed",
+        "3",
+        "--trace-params",
+        "fc2",
+        "--rtol",
+        "0.05",
+        "--mc-samples",
+        "4",
+        "--search-depth",
+        "6",
+        "--fr-include-bias",
+        "--format",
+        "json",
+    ]
+    got = json.loads(run(runner, *args).stdout)
+    out = got["measures"]
+    assert list(out) == names.split(",")
+    assert got["config"]["init"] == load_checkpoint(init).sha256
+
+    ck = load_checkpoint(MLP)
+    net = ck.model.double()
+    ds = load_data("digits", max_samples=150)
+    data = (ds.x.double(), ds.y)
+    expect = {
+        "hessian_trace": hessian.hessian_trace(net, data, params="fc2", rtol=0.05, seed=3),
+        "hessian_top_eigenvalue": hessian.hessian_top_eigenvalue(net, data, params="fc2", seed=3),
+        "fisher_rao": fisher_rao.fisher_rao(net, data, include_bias=True),
+        "pacbayes_flatness": pac_bayes.pacbayes_flatness(
+            net, data, mc_samples=4, search_depth=6, seed=3
+        ),
+        "pacbayes_bound": pac_bayes.pacbayes_bound(
+            net,
+            data,
+            mc_samples=4,
+            search_depth=6,
+            seed=3,
+            init_model=load_checkpoint(init).model.double(),
+        ),
+        "sharpness": sharpness.sharpness(net, data, search_depth=6, seed=3),
+        "frobenius_norms": norms.frobenius_norms(net),
+        "path_norm": norms.path_norm(net, (64,)),
+    }
+    for name, est in expect.items():
+        assert out[name]["value"] == pytest.approx(est.value, rel=1e-10), name
+        assert out[name]["method"] == est.method, name
+    assert out["hessian_trace"]["stderr"] == pytest.approx(expect["hessian_trace"].stderr)
+    assert out["pacbayes_flatness"]["stderr"] > 0 and "sigma" in out["pacbayes_flatness"]
+    # every parameter halved: the distance is half the norm of the parameters
+    half = 0.5 * torch.cat([p.detach().flatten() for p in net.parameters()]).norm().item()
+    assert out["distance_from_init"]["value"] == pytest.approx(half, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--measures", "distance_from_init"], "needs --init"),
+        (["--pacbayes-target", "margin"], "--pacbayes-target must be error or loss"),
+        (["--rtol", "0"], "--rtol must be positive"),
+        (["--mc-samples", "1"], "--mc-samples must be at least 2"),
+        (["--trace-params", "fc9", "--measures", "hessian_trace"], "did you mean"),
+        (["--init", "missing.safetensors"], "not found"),
+    ],
+)
+def test_measure_option_errors_are_one_line(
+    runner: CliRunner, args: list[str], message: str
+) -> None:
+    result = runner.invoke(app, ["measure", MLP, "--max-samples", "50", *args])
+    assert result.exit_code != 0
+    assert message in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_every_public_name_resolves() -> None:
+    import flatcli
+
+    for name in flatcli.__all__:
+        assert getattr(flatcli, name) is not None, name
+    from flatcli.fam import FAMRegularizer
+
+    assert flatcli.FAMRegularizer is FAMRegularizer

@@ -77,7 +77,8 @@ def test_hutchinson_within_four_stderr_of_dense_trace(model_name: str) -> None:
     want = float(dense(model, "all", x, y, "cross_entropy").trace())
     assert got.stderr is not None and got.stderr > 0
     assert abs(got.value - want) <= 4 * got.stderr
-    assert got.method == f"hutchinson (rademacher, {got.details['probes']} probes)"
+    unconverged = "" if got.details["converged"] else "; max_probes reached before rtol 0.05"
+    assert got.method == f"hutchinson (rademacher, {got.details['probes']} probes{unconverged})"
 
 
 def test_hutchinson_stops_on_relative_stderr_after_two_rounds() -> None:

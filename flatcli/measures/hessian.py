@@ -23,6 +23,7 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -43,6 +44,7 @@ from .params import (
     select_params,
 )
 
+Progress = Callable[[str], None]
 Method = Literal["auto", "exact", "hutchinson"]
 METHODS = ("auto", "exact", "hutchinson")
 AUTO_EXACT_MAX_PARAMS = 2000
@@ -111,6 +113,7 @@ def hessian_trace(
     probe_batch: int = 16,
     seed: int = 0,
     batch_size: int = 256,
+    progress: Progress | None = None,
 ) -> Estimate:
     r"""Trace of the Hessian of the mean loss with respect to the selected parameters.
 
@@ -138,6 +141,8 @@ def hessian_trace(
         probe_batch: Probes per round (vmapped together).
         seed: Seed of the probes.
         batch_size: Batch size when ``data`` is in memory.
+        progress: Called with a line of text after every round of probes (or chunk of
+            unit vectors), for a progress display.
 
     Returns:
         An :class:`Estimate`; ``stderr`` is None when exact, ``details["probes"]`` the
@@ -165,10 +170,11 @@ def hessian_trace(
             resolved = "exact" if p <= AUTO_EXACT_MAX_PARAMS else "hutchinson"
             relation = "≤" if resolved == "exact" else ">"
             note = f"; auto: {p} parameters {relation} {AUTO_EXACT_MAX_PARAMS}"
+        tell = progress or (lambda _msg: None)
         if resolved == "exact":
-            return _exact_trace(op, note)
+            return _exact_trace(op, note, tell)
         return _hutchinson_trace(
-            op, note, rtol=rtol, max_probes=max_probes, probe_batch=probe_batch, seed=seed
+            op, note, tell, rtol=rtol, max_probes=max_probes, probe_batch=probe_batch, seed=seed
         )
 
 
@@ -183,7 +189,7 @@ def _check_trace_options(method: str, rtol: float, max_probes: int, probe_batch:
         raise UsageError(f"probe_batch must be at least 1, got {probe_batch}")
 
 
-def _exact_trace(op: LossHessian, note: str) -> Estimate:
+def _exact_trace(op: LossHessian, note: str, tell: Progress) -> Estimate:
     """Sum of ``e_jᵀ H e_j`` over all unit vectors, ``EXACT_CHUNK`` per data pass."""
     p = op.size
     if p > MAX_EXACT_PARAMS:
@@ -194,11 +200,19 @@ def _exact_trace(op: LossHessian, note: str) -> Estimate:
     for lo in range(0, p, EXACT_CHUNK):
         hi = min(lo + EXACT_CHUNK, p)
         total += float(op.quadratic_forms(_unit_rows(p, lo, hi)).sum())
+        tell(f"exact Hessian trace: {hi}/{p} HVPs")
     return Estimate(total, None, f"exact (diagonal by HVP{note})", {"parameters": p, "hvps": p})
 
 
 def _hutchinson_trace(
-    op: LossHessian, note: str, *, rtol: float, max_probes: int, probe_batch: int, seed: int
+    op: LossHessian,
+    note: str,
+    tell: Progress,
+    *,
+    rtol: float,
+    max_probes: int,
+    probe_batch: int,
+    seed: int,
 ) -> Estimate:
     """Rademacher rounds until the relative standard error reaches ``rtol``."""
     gen = torch.Generator().manual_seed(seed)
@@ -210,6 +224,11 @@ def _hutchinson_trace(
         samples.extend(op.quadratic_forms(rademacher(gen, (k, op.size))).tolist())
         rounds += 1
         mean, se = mean_and_stderr(samples)
+        if se is not None and mean != 0:
+            tell(
+                f"Hutchinson trace: {len(samples)} probes, relative stderr "
+                f"{se / abs(mean):.2%} (target {rtol:.2%})"
+            )
         if rounds >= 2 and se is not None and se <= rtol * abs(mean):
             converged = True
             break
@@ -218,7 +237,9 @@ def _hutchinson_trace(
     return Estimate(
         mean,
         se,
-        f"hutchinson (rademacher, {k} probes{note})",
+        f"hutchinson (rademacher, {k} probes{note}"
+        + ("" if converged else f"; max_probes reached before rtol {rtol:g}")
+        + ")",
         {"probes": k, "parameters": op.size, "converged": converged, "rtol": rtol},
     )
 
@@ -236,6 +257,7 @@ def hessian_top_eigenvalue(
     tol: float = 1e-6,
     seed: int = 0,
     batch_size: int = 256,
+    progress: Progress | None = None,
 ) -> Estimate:
     r"""Largest (algebraic) eigenvalue of the Hessian of the mean loss, by Lanczos.
 
@@ -261,6 +283,7 @@ def hessian_top_eigenvalue(
         tol: Relative residual target.
         seed: Seed of the start vector.
         batch_size: Batch size when ``data`` is in memory.
+        progress: Called with a line of text after every Lanczos iteration.
 
     Returns:
         An :class:`Estimate` with ``stderr`` None and ``details`` ``iterations``,
@@ -275,7 +298,9 @@ def hessian_top_eigenvalue(
         op = LossHessian(model, batches, loss, names)
         gen = torch.Generator().manual_seed(seed)
         start = torch.randn(op.size, generator=gen, dtype=torch.float64)
-        value, vector, iterations, converged = _lanczos_top(op, start, max_iters, tol)
+        value, vector, iterations, converged = _lanczos_top(
+            op, start, max_iters, tol, progress or (lambda _msg: None)
+        )
         residual = float((op.matmat(vector[None])[0] - value * vector).norm())
     return Estimate(
         value,
@@ -291,7 +316,7 @@ def hessian_top_eigenvalue(
 
 
 def _lanczos_top(
-    op: LossHessian, start: torch.Tensor, max_iters: int, tol: float
+    op: LossHessian, start: torch.Tensor, max_iters: int, tol: float, tell: Progress
 ) -> tuple[float, torch.Tensor, int, bool]:
     """Top Ritz pair after Lanczos with full reorthogonalization (all in float64)."""
     basis = [(start / start.norm()).to(op.theta.device)]
@@ -306,6 +331,7 @@ def _lanczos_top(
             w = w - q.T @ (q @ w)
         beta = float(w.norm())
         evals, evecs = torch.linalg.eigh(_tridiagonal(alphas, betas))
+        tell(f"Lanczos top eigenvalue: iteration {iterations}, λ ≈ {float(evals[-1]):.6g}")
         scale = max(float(evals.abs().max()), torch.finfo(torch.float64).tiny)
         invariant = beta <= 1e-12 * scale
         if invariant or beta * abs(float(evecs[-1, -1])) <= tol * scale:

@@ -153,16 +153,22 @@ def largest_below(
     upper: float,
     depth: int,
     threshold: float,
+    progress: Callable[[str], None] | None = None,
+    what: str = "scale",
 ) -> tuple[float, float]:
     """Bisection on ``[0, upper]`` for the largest scale whose increase is ≤ ``threshold``.
+
+    ``progress``, when given, is called with a line of text before every step.
 
     Returns:
         The final bracket ``(lo, hi)``: the increase was ≤ threshold at ``lo`` (or
         ``lo == 0``) and above it at ``hi`` (or ``hi == upper``, never exceeded).
     """
     lo, hi = 0.0, upper
-    for _ in range(depth):
+    for step in range(depth):
         mid = (lo + hi) / 2
+        if progress is not None:
+            progress(f"{what}: bisection step {step + 1}/{depth}, trying {mid:.4g}")
         if increase(mid) <= threshold:
             lo = mid
         else:
@@ -184,6 +190,7 @@ def pacbayes_sigma(
     epsilon: float = 1e-3,
     seed: int = 0,
     batch_size: int = 256,
+    progress: Callable[[str], None] | None = None,
 ) -> SigmaSearch:
     r"""σ': the largest noise scale whose expected error increase is at most ``threshold``.
 
@@ -216,7 +223,12 @@ def pacbayes_sigma(
             seed=seed,
         )
         lo, hi = largest_below(
-            lambda s: increase(s)[0], upper=sigma_max, depth=search_depth, threshold=threshold
+            lambda s: increase(s)[0],
+            upper=sigma_max,
+            depth=search_depth,
+            threshold=threshold,
+            progress=progress,
+            what="PAC-Bayes σ'" + (" (magnitude-aware)" if magnitude_aware else ""),
         )
         sigma = (lo + hi) / 2
         at_sigma, mc_stderr = increase(sigma)
@@ -338,6 +350,11 @@ def pacbayes_flatness(
         seed=seed,
         batch_size=batch_size,
     )
+    return flatness_estimate(search, mc_samples, search_depth)
+
+
+def flatness_estimate(search: SigmaSearch, mc_samples: int, search_depth: int) -> Estimate:
+    """``1/σ'²`` with its delta-method standard error, from a finished search."""
     s = search.sigma
     return Estimate(
         1 / s**2,
@@ -390,6 +407,17 @@ def pacbayes_bound(
         seed=seed,
         batch_size=batch_size,
     )
+    return bound_estimate(search, model, init_model, mc_samples, search_depth)
+
+
+def bound_estimate(
+    search: SigmaSearch,
+    model: nn.Module,
+    init_model: nn.Module | None,
+    mc_samples: int,
+    search_depth: int,
+) -> Estimate:
+    """The PAC-Bayes bound from a finished isotropic search (see :func:`pacbayes_bound`)."""
     sq = _squared_distance(model, init_model)
     s, n = search.sigma, search.n
     value = sq / (4 * s**2) + math.log(n / s) + 10

@@ -26,6 +26,7 @@ References:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -141,6 +142,7 @@ def sharpness(
     epsilon: float = 1e-3,
     seed: int = 0,
     batch_size: int = 256,
+    progress: Callable[[str], None] | None = None,
 ) -> Estimate:
     r"""Sharpness :math:`1/\alpha'^2` of Jiang et al. (2020), measures 52 and 60.
 
@@ -168,6 +170,7 @@ def sharpness(
         epsilon: ε of the magnitude-aware box.
         seed: Seed of the random start.
         batch_size: Batch size when ``data`` is in memory.
+        progress: Called with a line of text before every bisection step.
 
     Returns:
         An :class:`Estimate` with ``stderr`` None (deterministic for a seed; see the
@@ -191,7 +194,14 @@ def sharpness(
             ascent_steps=ascent_steps,
             seed=seed,
         )
-        lo, hi = largest_below(worst, upper=alpha_max, depth=search_depth, threshold=threshold)
+        lo, hi = largest_below(
+            worst,
+            upper=alpha_max,
+            depth=search_depth,
+            threshold=threshold,
+            progress=progress,
+            what="sharpness α'" + (" (magnitude-aware)" if magnitude_aware else ""),
+        )
         alpha = (lo + hi) / 2
         at_alpha = worst(alpha)
     box = "|u_i| ≤ α|w_i| + ε" if magnitude_aware else "|u_i| ≤ α"
