@@ -46,7 +46,7 @@ class MeasureOptions:
     dead_units: str = "unscaled"
     trace_params: str = "all"
     rtol: float = 0.01
-    max_probes: int = 1000
+    max_probes: int = 2000
     fr_include_bias: bool = False
     pacbayes_target: str = "error"
     pacbayes_threshold: float = 0.1

@@ -109,7 +109,7 @@ def hessian_trace(
     params: str = "all",
     method: Method = "auto",
     rtol: float = 0.01,
-    max_probes: int = 1000,
+    max_probes: int = 2000,
     probe_batch: int = 16,
     seed: int = 0,
     batch_size: int = 256,
