@@ -1043,6 +1043,8 @@ def _render_correlations(table, result, n, run) -> None:  # noqa: ANN001
     from rich.table import Table
 
     console = Console()
+    if not console.is_terminal:  # a file or pipe: do not squeeze the table into 80 columns
+        console = Console(width=max(console.width, 120))
     for gap, label in (("gap_loss", "test_loss − train_loss"), ("gap_acc", "train_acc − test_acc")):
         t = Table(
             title=f"correlation with the generalization gap {label} ({n} checkpoints, "
@@ -1050,7 +1052,7 @@ def _render_correlations(table, result, n, run) -> None:  # noqa: ANN001
             title_justify="left",
         )
         for col in ("measure", "Kendall τ-b", "τ-a", "Spearman ρ", "Pearson r", "Ψ"):
-            t.add_column(col, justify="left" if col == "measure" else "right")
+            t.add_column(col, justify="left" if col == "measure" else "right", no_wrap=True)
         rows = table[table["gap"] == gap].sort_values("kendall_tau_b", ascending=False)
         for _, r in rows.iterrows():
             psi = result["granulated"].get(gap, {}).get(r["measure"], {}).get("Psi")
