@@ -5,8 +5,11 @@ through it: measurement (no grad, the trunk runs once per batch), the Hessian-ve
 products of the downstream part, and FAM fine-tuning (gradients flow through ``φ`` into
 the trunk and through the downstream part).
 
-Two mechanisms, chosen automatically:
+Three mechanisms, chosen automatically:
 
+* ``sequence``: the layer is a direct child of an :class:`torch.nn.Sequential`; the
+  trunk is the children before it and the downstream part the children after it. No
+  tracing, so the split costs nothing to build (it is rebuilt on every call of a measure).
 * ``fx``: the model is traced with :mod:`torch.fx`; the graph is cut into a *trunk*
   ``x ↦ (φ, context)`` and a *downstream* ``(z, context) ↦ output``. ``context`` holds
   the trunk values the downstream part also reads (a skip connection, say), so the
@@ -88,7 +91,7 @@ class LayerSplit:
     Attributes:
         name: The layer's name.
         layer: The layer module.
-        mechanism: ``"fx"`` or ``"hook"`` (see the module docstring).
+        mechanism: ``"sequence"``, ``"fx"`` or ``"hook"`` (see the module docstring).
         produces_output: True when the layer's output is the model's output (logits), so
             the closed forms of Identity 3 apply.
         tied: Other names under which the layer's weight is used (empty when untied);
@@ -107,11 +110,12 @@ class LayerSplit:
             for n, p in model.named_parameters(remove_duplicate=False)
             if p is weight and n != f"{layer}.weight"
         ]
-        self._trunk: torch.fx.GraphModule | None = None
-        self._down: torch.fx.GraphModule | None = None
+        self._trunk: Callable[..., Any] | None = None
+        self._down: Callable[..., Any] | None = None
         self.produces_output = False
         self.mechanism = "hook"
-        self._build_fx()
+        if not self._build_sequence():
+            self._build_fx()
 
     # ------------------------------------------------------------------ properties
 
@@ -135,6 +139,21 @@ class LayerSplit:
         return w.reshape(w.shape[0], -1)
 
     # ------------------------------------------------------------------ fx construction
+
+    def _build_sequence(self) -> bool:
+        """Split an ``nn.Sequential`` at a direct child; False when that does not apply."""
+        if type(self.model) is not nn.Sequential or "." in self.name:
+            return False
+        children = list(self.model.children())
+        if sum(c is self.layer for c in children) != 1:
+            return False  # applied twice: fx (or the hook) detects and reports it
+        i = next(k for k, c in enumerate(children) if c is self.layer)
+        trunk, down = nn.Sequential(*children[:i]), nn.Sequential(*children[i + 1 :])
+        self._trunk = lambda x: (trunk(x),)
+        self._down = down
+        self.produces_output = i == len(children) - 1
+        self.mechanism = "sequence"
+        return True
 
     def _build_fx(self) -> None:
         try:

@@ -53,10 +53,36 @@ def test_methods_named_as_used() -> None:
     x, y = models.classification_data()
     closed = relative_flatness(models.mlp(), "fc", (x, y))
     hvp = relative_flatness(models.mlp(), "fc2", (x, y))
+    fx = relative_flatness(build(models.TanhHead), "fc1", (x, y))
     hook = relative_flatness(build(models.ControlFlow), "b", (x, y))
     assert "closed form" in closed.method
-    assert "Identity 2" in hvp.method and "fx" in hvp.method
+    assert "Identity 2" in hvp.method and "sequence split" in hvp.method
+    assert "Identity 2" in fx.method and "fx split" in fx.method
     assert "hook" in hook.method
+
+
+class Wrapped(torch.nn.Module):
+    """The same network inside a plain module, so that the split must trace it."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@pytest.mark.parametrize("layer", ["fc1", "fc2", "fc"])
+def test_sequence_and_fx_splits_agree(layer: str) -> None:
+    x, y = models.classification_data()
+    seq = models.mlp()
+    traced = Wrapped(seq)
+    assert LayerSplit(seq, layer).mechanism == "sequence"
+    assert LayerSplit(traced, f"net.{layer}").mechanism == "fx"
+    a = layer_measures(seq, layer, (x, y), normalize=True)
+    b = layer_measures(traced, f"net.{layer}", (x, y), normalize=True)
+    for name in ("relative_flatness", "relative_flatness_normalized", "layer_hessian_trace"):
+        assert a[name].value == pytest.approx(b[name].value, rel=1e-12), name
 
 
 def test_batch_size_does_not_change_the_value() -> None:
