@@ -322,15 +322,43 @@ def _measure_options(
     )
 
 
-def _load_init(path: Path | None, *, arch, arch_kwargs, trust_code, model):  # noqa: ANN001, ANN202
-    """The ``--init`` checkpoint (same architecture as ``model``), or (None, None)."""
-    if path is None:
-        return None, None
-    from .checkpoints import load_checkpoint
+def _setup(
+    checkpoint: Path,
+    options: Any,
+    *,
+    layer: str | None,
+    init: Path | None,
+    arch: str | None,
+    arch_kwargs: str | None,
+    trust_code: bool,
+    **prepare_kwargs: Any,
+):  # noqa: ANN202
+    """Load the checkpoint and data, and resolve the layer, the ``--init`` model and the config.
 
-    init = load_checkpoint(path, arch=arch, arch_kwargs=arch_kwargs, trust_code=trust_code)
-    p = next(model.parameters())
-    return init.model.to(device=p.device, dtype=p.dtype), init.sha256
+    Returns:
+        ``(prep, layer_name, config, inputs)`` for :func:`flatcli.registry.run_measures`.
+    """
+    from . import registry
+    from .checkpoints import load_checkpoint
+    from .features import default_layer, find_layer
+    from .prepare import parse_json_object, prepare
+
+    kwargs = parse_json_object(arch_kwargs, "--arch-kwargs")
+    prep = prepare(
+        checkpoint, arch=arch, trust_code=trust_code, arch_kwargs=kwargs, **prepare_kwargs
+    )
+    layer_name = layer or default_layer(prep.model)
+    find_layer(prep.model, layer_name)
+    init_model, init_sha = None, None
+    if init is not None:
+        ck = load_checkpoint(init, arch=arch, arch_kwargs=kwargs, trust_code=trust_code)
+        p = next(prep.model.parameters())
+        init_model, init_sha = ck.model.to(device=p.device, dtype=p.dtype), ck.sha256
+    config = registry.MeasureConfig.of(options, layer=layer_name, loss=prep.loss, init=init_sha)
+    inputs = registry.Inputs(
+        input_shape=tuple(prep.batches.first()[0].shape[1:]), init_model=init_model
+    )
+    return prep, layer_name, config, inputs
 
 
 def _check_format(fmt: str) -> str:
@@ -501,8 +529,7 @@ def measure(
         --format json --output result.json
     """
     from . import registry
-    from .features import default_layer, find_layer
-    from .prepare import parse_json_object, prepare
+    from .features import find_layer
     from .report import measure_report, measures_csv, measures_table, to_json
     from .runtime import manifest
 
@@ -522,12 +549,14 @@ def measure(
         mc_samples=mc_samples,
         search_depth=search_depth,
     )
-    kwargs = parse_json_object(arch_kwargs, "--arch-kwargs")
-    prep = prepare(
+    prep, layer_name, config, inputs = _setup(
         checkpoint,
+        options,
+        layer=layer,
+        init=init,
         arch=arch,
+        arch_kwargs=arch_kwargs,
         trust_code=trust_code,
-        arch_kwargs=kwargs,
         data=data,
         split=split,
         target=target,
@@ -537,15 +566,7 @@ def measure(
         dtype=dtype,
         loss=loss,
     )
-    layer_name = layer or default_layer(prep.model)
     module = find_layer(prep.model, layer_name)
-    init_model, init_sha = _load_init(
-        init, arch=arch, arch_kwargs=kwargs, trust_code=trust_code, model=prep.model
-    )
-    config = registry.MeasureConfig.of(options, layer=layer_name, loss=prep.loss, init=init_sha)
-    inputs = registry.Inputs(
-        input_shape=tuple(prep.batches.first()[0].shape[1:]), init_model=init_model
-    )
     with _progress(len(registry.groups_of(names))) as status:
         results = registry.run_measures(
             prep.model, prep.batches, names, config, note=status, inputs=inputs, done=status.advance
@@ -661,8 +682,6 @@ def audit(
     from . import registry
     from .audit import audit as run_audit
     from .audit import dead_unit_note
-    from .features import default_layer, find_layer
-    from .prepare import parse_json_object, prepare
     from .report import format_value, to_json
     from .runtime import manifest
 
@@ -686,12 +705,14 @@ def audit(
         mc_samples=mc_samples,
         search_depth=search_depth,
     )
-    kwargs = parse_json_object(arch_kwargs, "--arch-kwargs")
-    prep = prepare(
+    prep, layer_name, config, inputs = _setup(
         checkpoint,
+        options,
+        layer=layer,
+        init=init,
         arch=arch,
+        arch_kwargs=arch_kwargs,
         trust_code=trust_code,
-        arch_kwargs=kwargs,
         data=data,
         split=split,
         target=target,
@@ -700,15 +721,6 @@ def audit(
         device=device,
         dtype=dtype,
         loss=loss,
-    )
-    layer_name = layer or default_layer(prep.model)
-    find_layer(prep.model, layer_name)
-    init_model, init_sha = _load_init(
-        init, arch=arch, arch_kwargs=kwargs, trust_code=trust_code, model=prep.model
-    )
-    config = registry.MeasureConfig.of(options, layer=layer_name, loss=prep.loss, init=init_sha)
-    inputs = registry.Inputs(
-        input_shape=tuple(prep.batches.first()[0].shape[1:]), init_model=init_model
     )
     with _progress() as note:
         original, reps = run_audit(
