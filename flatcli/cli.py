@@ -587,7 +587,12 @@ def measure(
     if fmt == "json":
         _emit(to_json(report), output)
     elif fmt == "csv":
-        _emit(measures_csv(results), output)
+        text = measures_csv(results)
+        if output is not None:
+            from .report import write_csv_output
+
+            write_csv_output(output, text, {k: v for k, v in report.items() if k != "measures"})
+        sys.stdout.write(text)
     else:
         if output is not None:
             from .report import write_output
@@ -755,7 +760,13 @@ def audit(
         import pandas as pd
 
         rows = [{"reparameterization": r.kind, **row.__dict__} for r in reps for row in r.rows]
-        _emit(pd.DataFrame(rows).to_csv(index=False), output)
+        text = pd.DataFrame(rows).to_csv(index=False)
+        if output is not None:
+            from .report import write_csv_output
+
+            keep = ("schema", "checkpoint", "layer", "data", "manifest", "config")
+            write_csv_output(output, text, {k: report[k] for k in keep})
+        sys.stdout.write(text)
         return
     if output is not None:
         from .report import write_output
@@ -1039,9 +1050,12 @@ def _report_correlations(
         _emit(to_json(report), output)
         return
     if output is not None:
-        from .report import write_output
+        from .report import write_csv_output, write_output
 
-        write_output(output, df.to_csv(index=False))
+        provenance = {k: v for k, v in report.items() if k not in ("checkpoints", "correlations")}
+        if {"checkpoint", "sha256"} <= set(df.columns):
+            provenance["sha256"] = df[["checkpoint", "sha256"]].to_dict(orient="records")
+        write_csv_output(output, df.to_csv(index=False), provenance)
         corr_path = output.with_name(f"{output.stem}.correlations.csv")
         write_output(corr_path, table.to_csv(index=False))
     if fmt == "csv":

@@ -406,6 +406,7 @@ def finetune(
         out_sha = sha256_file(out)
     if log_path is not None:
         write_log(log_path, history)
+        _write_log_manifest(log_path, hparams, ck.sha256, out_sha, dev, dt, seed)
     plot = Path(plot_path) if plot_path is not None else None
     if plot is not None:
         plot_history(history, plot, title=f"FAM on {layer}, λ = {fam_lambda:g}")
@@ -775,6 +776,30 @@ def _save_output(
         hparams={**hparams, "finetuned_from": ck.path.name},
         parent_sha256=ck.sha256 or None,
     )
+
+
+def _write_log_manifest(
+    log_path: str | Path,
+    hparams: Mapping[str, Any],
+    parent_sha256: str,
+    out_sha256: str | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int,
+) -> Path:
+    """The CSV log's provenance beside it, ``STEM.manifest.json``, written atomically."""
+    from .report import to_json
+    from .runtime import manifest
+
+    log_path = Path(log_path)
+    provenance = {
+        "schema": "flatcli.finetune/1",
+        "checkpoint": {"parent_sha256": parent_sha256, "output_sha256": out_sha256},
+        "hparams": dict(hparams),
+        "manifest": manifest(device=device, dtype=dtype, seed=seed),
+    }
+    path = log_path.with_name(f"{log_path.stem}.manifest.json")
+    return atomic_write_text(path, to_json(provenance))
 
 
 def write_log(path: str | Path, history: list[EpochRecord] | tuple[EpochRecord, ...]) -> Path:

@@ -75,6 +75,17 @@ def write_output(path: str | Path, text: str) -> Path:
     return atomic_write_text(path, text)
 
 
+def write_csv_output(path: str | Path, text: str, provenance: Mapping[str, Any]) -> Path:
+    """Atomically write a CSV file and its provenance beside it, as ``STEM.manifest.json``.
+
+    A CSV has no place for the run manifest (versions, device, seed, checkpoint sha256),
+    so it goes into the sidecar; both are written atomically, the sidecar first.
+    """
+    path = Path(path)
+    atomic_write_text(path.with_name(f"{path.stem}.manifest.json"), to_json(provenance))
+    return atomic_write_text(path, text)
+
+
 def format_value(x: float | None) -> str:
     """Compact human number: 4 significant digits, scientific when far from 1."""
     if x is None or (isinstance(x, float) and not math.isfinite(x)):

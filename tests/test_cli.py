@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -118,6 +119,10 @@ def test_csv_and_output_file(runner: CliRunner, tmp_path: Path) -> None:
     lines = out.read_text().splitlines()
     assert lines[0] == "measure,value,stderr,method" and lines[1].startswith("relative_flatness,")
     assert out.read_text() == result.stdout
+    side = json.loads((tmp_path / "r.manifest.json").read_text())
+    assert side["checkpoint"]["sha256"] == hashlib.sha256(Path(MLP).read_bytes()).hexdigest()
+    assert side["manifest"]["seed"] == 0 and "torch" in side["manifest"]
+    assert side["config"]["layer"] == "fc"
 
 
 def test_table_output_and_normalize(runner: CliRunner) -> None:

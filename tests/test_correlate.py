@@ -102,6 +102,9 @@ def test_cli_json_csv_and_plots(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert out.is_file() and (tmp_path / "res.correlations.csv").is_file()
+    side = json.loads((tmp_path / "res.manifest.json").read_text())
+    assert "torch" in side["manifest"] and len(side["sha256"]) == 5
+    assert side["sha256"][0]["sha256"] == report["checkpoints"][0]["sha256"]
     assert (tmp_path / "figs" / "tau_gap_loss.png").stat().st_size > 1000
     assert (tmp_path / "figs" / "scatter_gap_acc.svg").is_file()
     replot = runner.invoke(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import re
 from pathlib import Path
 
@@ -118,6 +119,9 @@ def test_output_files(tmp_path: Path) -> None:
         "seconds",
     }
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    side = json.loads((tmp_path / "t.manifest.json").read_text())
+    assert side["checkpoint"] == {"parent_sha256": sha256_file(MLP), "output_sha256": ck.sha256}
+    assert side["hparams"]["fam_lambda"] == 0.05 and "torch" in side["manifest"]
     state = torch.load(tmp_path / "t.state.pt", weights_only=True)
     assert state["epoch"] == 2 and state["hparams"]["fam_lambda"] == 0.05
     assert {"relative_flatness", "test_accuracy", "train_loss"} <= set(result.after)
