@@ -818,6 +818,7 @@ def plot_history(
     """Atomically write a PNG of the loss, κ and test accuracy curves (matplotlib Agg)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [r.epoch for r in history]
     fig = Figure(figsize=(11, 3.4), layout="constrained")
@@ -836,6 +837,8 @@ def plot_history(
     if any(r.test_accuracy is not None for r in history):
         ax_acc.plot(epochs, [r.test_accuracy for r in history], "o-", color="C3")
     ax_acc.set(xlabel="epoch", ylabel="test accuracy")
+    for ax in (ax_loss, ax_kappa, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     if title:
         fig.suptitle(title)
     return atomic_write(Path(path), lambda p: fig.savefig(p, format="png", dpi=110))
