@@ -336,7 +336,8 @@ def _setup(
     """Load the checkpoint and data, and resolve the layer, the ``--init`` model and the config.
 
     Returns:
-        ``(prep, layer_name, config, inputs)`` for :func:`flatcli.registry.run_measures`.
+        ``(prep, layer_name, layer_module, config, inputs)`` for
+        :func:`flatcli.registry.run_measures`.
     """
     from . import registry
     from .checkpoints import load_checkpoint
@@ -348,17 +349,14 @@ def _setup(
         checkpoint, arch=arch, trust_code=trust_code, arch_kwargs=kwargs, **prepare_kwargs
     )
     layer_name = layer or default_layer(prep.model)
-    find_layer(prep.model, layer_name)
+    module = find_layer(prep.model, layer_name)
     init_model, init_sha = None, None
     if init is not None:
         ck = load_checkpoint(init, arch=arch, arch_kwargs=kwargs, trust_code=trust_code)
         p = next(prep.model.parameters())
         init_model, init_sha = ck.model.to(device=p.device, dtype=p.dtype), ck.sha256
     config = registry.MeasureConfig.of(options, layer=layer_name, loss=prep.loss, init=init_sha)
-    inputs = registry.Inputs(
-        input_shape=tuple(prep.batches.first()[0].shape[1:]), init_model=init_model
-    )
-    return prep, layer_name, config, inputs
+    return prep, layer_name, module, config, registry.Inputs.of(prep.batches, init_model)
 
 
 def _check_format(fmt: str) -> str:
@@ -529,7 +527,6 @@ def measure(
         --format json --output result.json
     """
     from . import registry
-    from .features import find_layer
     from .report import measure_report, measures_csv, measures_table, to_json
     from .runtime import manifest
 
@@ -549,7 +546,7 @@ def measure(
         mc_samples=mc_samples,
         search_depth=search_depth,
     )
-    prep, layer_name, config, inputs = _setup(
+    prep, layer_name, module, config, inputs = _setup(
         checkpoint,
         options,
         layer=layer,
@@ -566,7 +563,6 @@ def measure(
         dtype=dtype,
         loss=loss,
     )
-    module = find_layer(prep.model, layer_name)
     with _progress(len(registry.groups_of(names))) as status:
         results = registry.run_measures(
             prep.model, prep.batches, names, config, note=status, inputs=inputs, done=status.advance
@@ -710,7 +706,7 @@ def audit(
         mc_samples=mc_samples,
         search_depth=search_depth,
     )
-    prep, layer_name, config, inputs = _setup(
+    prep, layer_name, _, config, inputs = _setup(
         checkpoint,
         options,
         layer=layer,

@@ -255,7 +255,7 @@ def measure_one(
     layer = config.layer or default_layer(prep.model)
     mconf = registry.MeasureConfig.of(config.options, layer=layer, loss=prep.loss)
     names = list(config.measures)
-    inputs = registry.Inputs(input_shape=tuple(prep.batches.first()[0].shape[1:]))
+    inputs = registry.Inputs.of(prep.batches)
     results = registry.run_measures(prep.model, prep.batches, names, mconf, inputs=inputs)
     split = LayerSplit(prep.model, layer)
     with torch.no_grad():

@@ -788,18 +788,16 @@ def _write_log_manifest(
     seed: int,
 ) -> Path:
     """The CSV log's provenance beside it, ``STEM.manifest.json``, written atomically."""
-    from .report import to_json
+    from .report import write_manifest_beside
     from .runtime import manifest
 
-    log_path = Path(log_path)
     provenance = {
         "schema": "flatcli.finetune/1",
         "checkpoint": {"parent_sha256": parent_sha256, "output_sha256": out_sha256},
         "hparams": dict(hparams),
         "manifest": manifest(device=device, dtype=dtype, seed=seed),
     }
-    path = log_path.with_name(f"{log_path.stem}.manifest.json")
-    return atomic_write_text(path, to_json(provenance))
+    return write_manifest_beside(log_path, provenance)
 
 
 def write_log(path: str | Path, history: list[EpochRecord] | tuple[EpochRecord, ...]) -> Path:

@@ -94,6 +94,11 @@ class Inputs:
     input_shape: tuple[int, ...] | None = None
     init_model: nn.Module | None = None
 
+    @classmethod
+    def of(cls, batches: Batches, init_model: nn.Module | None = None) -> Inputs:
+        """The input shape read off the data's first batch, and ``init_model``."""
+        return cls(input_shape=tuple(batches.first()[0].shape[1:]), init_model=init_model)
+
 
 Note = Callable[[str], None]
 Group = Callable[
@@ -135,7 +140,7 @@ def _hessian_group(
 ) -> Mapping[str, Estimate]:
     from .measures.hessian import hessian_top_eigenvalue, hessian_trace
 
-    params = config.layer if config.trace_params == "layer" else config.trace_params
+    params = _trace_spec(config)
     out = {}
     if "hessian_trace" in names:
         note(f"Hessian trace over {params} parameters")
@@ -255,14 +260,10 @@ def _norms_group(
         out["frobenius_norms"] = norms.frobenius_norms(model)
     if "spectral_norms" in names:
         out["spectral_norms"] = norms.spectral_norms(model)
-    if "path_norm" in names:
-        if inputs.input_shape is None:
-            raise UsageError("path_norm needs the input shape (flatcli checkpoints record it)")
-        out["path_norm"] = norms.path_norm(model, inputs.input_shape)
+    if "path_norm" in names:  # check() made sure the inputs are there
+        out["path_norm"] = norms.path_norm(model, inputs.input_shape)  # type: ignore[arg-type]
     if "distance_from_init" in names:
-        if inputs.init_model is None:
-            raise UsageError("distance_from_init needs --init CHECKPOINT (the initial weights)")
-        out["distance_from_init"] = norms.distance_from_init(model, inputs.init_model)
+        out["distance_from_init"] = norms.distance_from_init(model, inputs.init_model)  # type: ignore[arg-type]
     return out
 
 
@@ -405,12 +406,16 @@ def check(model: nn.Module, names: Sequence[str], config: MeasureConfig, inputs:
     if any(n in names for n in GROUPS["hessian"][1]) and config.trace_params not in ("all",):
         from .measures.params import select_params
 
-        spec = config.layer if config.trace_params == "layer" else config.trace_params
-        select_params(model, spec)
+        select_params(model, _trace_spec(config))
     if "distance_from_init" in names and inputs.init_model is None:
         raise UsageError("distance_from_init needs --init CHECKPOINT (the initial weights)")
     if "path_norm" in names and inputs.input_shape is None:
         raise UsageError("path_norm needs the input shape (flatcli checkpoints record it)")
+
+
+def _trace_spec(config: MeasureConfig) -> str:
+    """``--trace-params`` as a parameter spec: ``layer`` means the feature layer."""
+    return config.layer if config.trace_params == "layer" else config.trace_params
 
 
 def groups_of(names: Sequence[str]) -> list[str]:

@@ -81,9 +81,14 @@ def write_csv_output(path: str | Path, text: str, provenance: Mapping[str, Any])
     A CSV has no place for the run manifest (versions, device, seed, checkpoint sha256),
     so it goes into the sidecar; both are written atomically, the sidecar first.
     """
-    path = Path(path)
-    atomic_write_text(path.with_name(f"{path.stem}.manifest.json"), to_json(provenance))
+    write_manifest_beside(path, provenance)
     return atomic_write_text(path, text)
+
+
+def write_manifest_beside(path: str | Path, provenance: Mapping[str, Any]) -> Path:
+    """Atomically write ``provenance`` as JSON to ``STEM.manifest.json`` next to ``path``."""
+    path = Path(path)
+    return atomic_write_text(path.with_name(f"{path.stem}.manifest.json"), to_json(provenance))
 
 
 def format_value(x: float | None) -> str:
