@@ -78,7 +78,10 @@ def test_hutchinson_within_four_stderr_of_dense_trace(model_name: str) -> None:
     assert got.stderr is not None and got.stderr > 0
     assert abs(got.value - want) <= 4 * got.stderr
     unconverged = "" if got.details["converged"] else "; max_probes reached before rtol 0.05"
-    assert got.method == f"hutchinson (rademacher, {got.details['probes']} probes{unconverged})"
+    assert got.method == (
+        f"hutchinson (rademacher, {got.details['probes']} probes; forward-over-reverse, "
+        f"32 probes per vmapped call{unconverged})"
+    )
 
 
 def test_hutchinson_stops_on_relative_stderr_after_two_rounds() -> None:

@@ -53,6 +53,24 @@ def _json_value(v: Any) -> Any:
     return v
 
 
+def with_warnings(est: Estimate, *messages: str) -> Estimate:
+    """``est`` with ``messages`` appended to ``details["warnings"]`` (none: ``est`` itself).
+
+    A warning flags a value that should not be read as a plain number: one at or below
+    float resolution, a search that hit its bound, an estimate stopped before its target.
+    """
+    new = [m for m in messages if m and m not in warnings_of(est)]
+    if not new:
+        return est
+    details = {**est.details, "warnings": [*warnings_of(est), *new]}
+    return Estimate(est.value, est.stderr, est.method, details)
+
+
+def warnings_of(est: Estimate) -> list[str]:
+    """The warnings attached to ``est`` (empty when none)."""
+    return list(est.details.get("warnings", ()))
+
+
 def mean_and_stderr(samples: Sequence[float]) -> tuple[float, float | None]:
     """Sample mean and its standard error ``std(ddof=1)/√k`` (``None`` for k < 2)."""
     k = len(samples)

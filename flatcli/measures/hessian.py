@@ -13,6 +13,9 @@ References:
     Hutchinson. *A stochastic estimator of the trace of the influence matrix for
     Laplacian smoothing splines.* 1989.
 
+    Meyer, Musco, Musco, Woodruff. *Hutch++: Optimal Stochastic Trace Estimation.*
+    SOSA 2021. https://arxiv.org/abs/2010.09649
+
     Yao, Gholami, Keutzer, Mahoney. *PyHessian: Neural Networks Through the Lens of the
     Hessian.* 2020. https://arxiv.org/abs/1912.07145 (its trace stops when the running
     mean stops moving; this module stops on a relative standard-error target instead).
@@ -23,7 +26,9 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -32,40 +37,130 @@ from torch import nn
 from ..data import Batches
 from ..errors import UsageError
 from ..losses import check_loss
-from .estimate import Estimate, mean_and_stderr
+from .budget import (
+    FACTORS,
+    VMAP_BASE,
+    VMAP_PER_DIRECTION,
+    Stopwatch,
+    activation_bytes,
+    format_bytes,
+    format_seconds,
+    plan_rows,
+    resolve_max_memory,
+    row_chunks,
+    rows_of,
+)
+from .estimate import Estimate, mean_and_stderr, with_warnings
 from .params import (
     FlatParams,
     batches_for,
+    double_backward_hvps,
     empty_data,
     evaluating,
     fixed_params,
     functional_loss,
     hvp,
+    saturation_warning,
     select_params,
 )
 
 Progress = Callable[[str], None]
 Method = Literal["auto", "exact", "hutchinson"]
 METHODS = ("auto", "exact", "hutchinson")
+TRACE_METHODS = ("hutchinson", "hutch++")
+"""Estimators of a Hutchinson-method trace: plain, or with a low-rank sketch (Hutch++)."""
 AUTO_EXACT_MAX_PARAMS = 2000
 """``method="auto"`` computes the trace exactly up to this many parameters."""
 MAX_EXACT_PARAMS = 100_000
 """An exact trace needs one HVP per parameter; refuse beyond this."""
 EXACT_CHUNK = 256
 """Unit directions per vmapped HVP call of the exact trace."""
+ROUND = 16
+"""Hutchinson probes per round (one pass over the data per round)."""
+VMAP_MAX_PARAMS = 1_000_000
+"""``probe_batch=None`` vmaps forward-over-reverse products up to this many parameters
+(fast on MLPs); above it, it uses double backward, one probe at a time (faster and 2-3×
+leaner on conv nets and transformers: bench/bench_models.py)."""
+SKETCH = 16
+"""Default Hutch++ sketch size (16 HVPs for the sketch, 16 for its exact part)."""
+
+
+# --------------------------------------------------------------------------- directions
+
+
+@dataclass(frozen=True)
+class Directions:
+    """``count`` directions of length ``p``, made block by block when needed.
+
+    Attributes:
+        count: Number of directions.
+        block: ``(lo, hi) -> (hi - lo, p)`` tensor of directions ``lo..hi``.
+    """
+
+    count: int
+    block: Callable[[int, int], torch.Tensor]
+
+    @classmethod
+    def of(cls, vectors: torch.Tensor) -> Directions:
+        """The rows of a ``(k, p)`` tensor."""
+        return cls(int(vectors.shape[0]), lambda lo, hi: vectors[lo:hi])
+
+    def row(self, r: int) -> torch.Tensor:
+        """Direction ``r``."""
+        return self.block(r, r + 1)[0]
+
+
+def _directions(vectors: torch.Tensor | Directions) -> Directions:
+    return vectors if isinstance(vectors, Directions) else Directions.of(vectors)
 
 
 class LossHessian:
     r"""The operator :math:`V \mapsto H V` of the mean loss, one pass over the data per call.
+
+    Products are computed by one of two engines, chosen to fit ``max_memory``:
+
+    * ``double_backward``: reverse-over-reverse, one direction at a time on a gradient
+      graph built once per data chunk and shared by all directions of the call
+      (PyHessian's product; the least memory);
+    * ``vmap``: forward-over-reverse, ``probe_batch`` directions per vmapped call (fast
+      on small dense models, memory growing with ``probe_batch``).
+
+    Data batches whose estimated peak would exceed ``max_memory`` are split into chunks
+    of fewer rows (per-sample sums, so the value does not change).
 
     Args:
         model: The network (in eval mode; its parameters are never modified).
         batches: The data.
         loss: ``cross_entropy`` or ``mse``.
         names: Parameters :math:`\theta` (from :func:`select_params`).
+        max_memory: Bytes the products may use (default: half the free memory).
+        probe_batch: Directions per vmapped call; 1 selects double backward; None
+            decides from ``max_memory`` and the number of parameters.
+        extra_bytes: Memory the caller will hold besides (probe or basis vectors).
+
+    Attributes:
+        engine: ``double_backward`` or ``vmap``.
+        probe_batch: Directions per call (1 for double backward).
+        rows: Most rows per data chunk.
+        estimate: Estimated peak bytes of one call at ``rows`` rows: ``fixed_bytes +
+            factor · activations.of(rows)``.
+        budget: The resolved ``max_memory``.
+        on_step: Called after every product block (for progress), or None.
     """
 
-    def __init__(self, model: nn.Module, batches: Batches, loss: str, names: list[str]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: Batches,
+        loss: str,
+        names: list[str],
+        *,
+        max_memory: int | None = None,
+        probe_batch: int | None = None,
+        extra_bytes: float = 0.0,
+    ) -> None:
+        if probe_batch is not None and probe_batch < 1:
+            raise UsageError(f"probe_batch must be at least 1, got {probe_batch}")
         self.model = model
         self.batches = batches
         self.loss = loss
@@ -73,29 +168,148 @@ class LossHessian:
         self.theta = self.flat.vector(model)
         self.fixed = fixed_params(model, self.flat)
         self.n: int | None = None
+        self.on_step: Callable[[], None] | None = None
+        self.budget = resolve_max_memory(max_memory, self.theta.device)
+        self._plan(probe_batch, extra_bytes)
+
+    def _plan(self, probe_batch: int | None, extra_bytes: float) -> None:
+        x, y = self.batches.first()
+        acts = activation_bytes(
+            lambda t, x, y: self._loss_fn(x, y)(t), self.model, x, y, theta=self.theta
+        )
+        p, item = self.size, self.theta.element_size()
+        fixed = extra_bytes + 4 * p * item + 2 * p * 8  # θ, ∇, Hv, v; float64 accumulators
+        first_rows = rows_of(x)
+
+        def vmap_factor(k: int) -> float:
+            return VMAP_BASE + VMAP_PER_DIRECTION * k
+
+        engine, k = "double_backward", 1
+        if probe_batch is None and p <= VMAP_MAX_PARAMS:
+            for cand in (ROUND, 8, 4, 2):
+                if fixed + vmap_factor(cand) * acts.of(first_rows) <= self.budget:
+                    engine, k = "vmap", cand
+                    break
+        elif probe_batch is not None and probe_batch > 1:
+            engine, k = "vmap", probe_batch
+        factor = FACTORS["double_backward"] if engine == "double_backward" else vmap_factor(k)
+        what = f"a Hessian-vector product ({engine.replace('_', ' ')})"
+        self.rows = plan_rows(acts, factor, self.budget, fixed=fixed, what=what)
+        self.engine, self.probe_batch = engine, k
+        self.activations, self.fixed_bytes, self.factor = acts, fixed, factor
+        self.split = self.rows < first_rows
+        self.estimate = fixed + factor * acts.of(min(self.rows, first_rows))
 
     @property
     def size(self) -> int:
         """Number of parameters ``p``."""
         return self.flat.size
 
-    def matmat(self, vectors: torch.Tensor, *, chunk_size: int | None = None) -> torch.Tensor:
-        """``H v_k`` for each row of ``vectors`` (``(k, p)``), in float64."""
-        v = vectors.to(self.theta)
-        total = torch.zeros(v.shape, dtype=torch.float64, device=v.device)
+    def describe(self) -> str:
+        """The engine and chunking, in words (for a method string)."""
+        how = (
+            "double backward, one probe at a time"
+            if self.engine == "double_backward"
+            else f"forward-over-reverse, {self.probe_batch} probes per vmapped call"
+        )
+        if self.split:
+            how += f", data in chunks of {self.rows} rows"
+        return how
+
+    def plan_details(self) -> dict[str, Any]:
+        """Engine, probe batch, chunk rows and memory estimate, for ``details``."""
+        return {
+            "engine": self.engine,
+            "probe_batch": self.probe_batch,
+            "chunk_rows": self.rows if self.split else None,
+            "max_memory": self.budget,
+            "memory_estimate": int(self.estimate),
+        }
+
+    def _loss_fn(self, x: Any, y: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        return functional_loss(self.model, self.flat, x, y, self.loss, fixed=self.fixed)
+
+    def _products(
+        self, dirs: Directions, consume: Callable[[int, int, torch.Tensor], None]
+    ) -> None:
+        """``consume(lo, hi, H_chunk V[lo:hi])`` for every data chunk and direction block."""
         n = 0
-        for x, y in self.batches:
-            f = functional_loss(self.model, self.flat, x, y, self.loss, fixed=self.fixed)
-            total += hvp(f, self.theta, v, chunk_size=chunk_size).double()
-            n += int(x.shape[0])
+        for x, y in row_chunks(self.batches, self.rows):
+            f = self._loss_fn(x, y)
+            if self.engine == "double_backward":
+                for r, hv in double_backward_hvps(f, self.theta, dirs.row, dirs.count):
+                    consume(r, r + 1, hv[None])
+                    self._step()
+            else:
+                for lo in range(0, dirs.count, self.probe_batch):
+                    hi = min(lo + self.probe_batch, dirs.count)
+                    consume(lo, hi, hvp(f, self.theta, dirs.block(lo, hi).to(self.theta)))
+                    self._step()
+            n += int(y.shape[0])
         if n == 0:
             raise empty_data()
         self.n = n
-        return total / n
 
-    def quadratic_forms(self, vectors: torch.Tensor) -> torch.Tensor:
-        """``v_kᵀ H v_k`` for each row of ``vectors``, in float64."""
-        return (self.matmat(vectors) * vectors.to(torch.float64)).sum(-1)
+    def _step(self) -> None:
+        if self.on_step is not None:
+            self.on_step()
+
+    def matmat(self, vectors: torch.Tensor | Directions) -> torch.Tensor:
+        """``H v_k`` for each direction (rows of a ``(k, p)`` tensor), in float64."""
+        dirs = _directions(vectors)
+        total = torch.zeros(dirs.count, self.size, dtype=torch.float64, device=self.theta.device)
+
+        def add(lo: int, hi: int, hv: torch.Tensor) -> None:
+            total[lo:hi] += hv.double()
+
+        self._products(dirs, add)
+        return total / self.n  # type: ignore[operator]
+
+    def quadratic_forms(self, vectors: torch.Tensor | Directions) -> torch.Tensor:
+        """``v_kᵀ H v_k`` for each direction, in float64 (only ``k`` numbers are kept)."""
+        dirs = _directions(vectors)
+        total = torch.zeros(dirs.count, dtype=torch.float64)
+
+        def add(lo: int, hi: int, hv: torch.Tensor) -> None:
+            v = dirs.block(lo, hi).to(hv)
+            total[lo:hi] += (v.double() * hv.double()).sum(-1).cpu()
+
+        self._products(dirs, add)
+        return total / self.n  # type: ignore[operator]
+
+
+class MatrixOperator:
+    """A dense symmetric matrix with :class:`LossHessian`'s interface (tests, simulations)."""
+
+    def __init__(self, matrix: torch.Tensor) -> None:
+        self.matrix = matrix.double()
+        self.on_step: Callable[[], None] | None = None
+
+    @property
+    def size(self) -> int:
+        """Dimension ``p``."""
+        return int(self.matrix.shape[0])
+
+    def describe(self) -> str:
+        """How products are computed."""
+        return "dense matrix"
+
+    def plan_details(self) -> dict[str, Any]:
+        """Nothing to plan."""
+        return {}
+
+    def matmat(self, vectors: torch.Tensor | Directions) -> torch.Tensor:
+        """``H v_k`` for each direction."""
+        dirs = _directions(vectors)
+        return dirs.block(0, dirs.count).double() @ self.matrix
+
+    def quadratic_forms(self, vectors: torch.Tensor | Directions) -> torch.Tensor:
+        """``v_kᵀ H v_k`` for each direction."""
+        v = _directions(vectors).block(0, _directions(vectors).count).double()
+        return ((v @ self.matrix) * v).sum(-1)
+
+
+Operator = LossHessian | MatrixOperator
 
 
 # --------------------------------------------------------------------------- trace
@@ -108,9 +322,13 @@ def hessian_trace(
     loss: str = "cross_entropy",
     params: str = "all",
     method: Method = "auto",
+    trace_method: str = "hutchinson",
     rtol: float = 0.01,
     max_probes: int = 2000,
-    probe_batch: int = 16,
+    probe_batch: int | None = None,
+    max_memory: int | None = None,
+    time_budget: float | None = None,
+    sketch: int = SKETCH,
     seed: int = 0,
     batch_size: int = 256,
     progress: Progress | None = None,
@@ -122,12 +340,21 @@ def hessian_trace(
         \mathrm{Tr}\,H = \sum_{j=1}^p e_j^\top H e_j
         \approx \frac1k \sum_{r=1}^k v_r^\top H v_r, \quad v_r \sim \mathrm{Rademacher}^p
 
-    Hutchinson probes are drawn in rounds of ``probe_batch`` (one vmapped HVP per data
-    batch per round, the same probes for every data batch of the round) from a
-    ``torch.Generator`` seeded with ``seed``. The estimate stops once its standard error
-    :math:`s/\sqrt{k}` (sample std, ddof = 1) is at most ``rtol`` times :math:`|\bar t|`,
-    after at least two rounds, or at ``max_probes`` probes (``details["converged"]``
-    says which).
+    Hutchinson probes are drawn in rounds of 16 (one pass over the data per round, the
+    same probes for every data batch of the round) from a ``torch.Generator`` seeded with
+    ``seed``. The estimate stops once its standard error :math:`s/\sqrt{k}` (sample std,
+    ddof = 1) is at most ``rtol`` times :math:`|\bar t|`, after at least two rounds, at
+    ``max_probes`` probes, or when ``time_budget`` seconds are spent (``details["stop"]``
+    says which; a time-budget stop reports the standard error reached, with a warning).
+
+    ``trace_method="hutch++"`` first spends ``sketch`` products on a sketch
+    :math:`Y = HS` of Rademacher :math:`S`, takes its orthonormal basis :math:`Q`, and
+    computes :math:`\mathrm{Tr}(Q^\top H Q)` exactly (``sketch`` more products); the rest,
+    :math:`\mathrm{Tr}((I-QQ^\top)H(I-QQ^\top))`, is Hutchinson with projected probes
+    :math:`(I-QQ^\top)v`, in rounds until ``rtol`` as above. Given :math:`Q` the two parts
+    are an exact number and an unbiased mean of i.i.d. samples, so the standard error is
+    that of the residual samples alone. Neural-network Hessians have a few outlier
+    eigenvalues; removing them shrinks the variance (Meyer et al. 2021).
 
     Args:
         model: The network.
@@ -136,17 +363,24 @@ def hessian_trace(
         params: ``"all"``, a module name, or a parameter name (see :func:`select_params`).
         method: ``exact`` (one HVP per parameter, with unit vectors), ``hutchinson``, or
             ``auto`` (exact up to 2,000 parameters, Hutchinson above).
+        trace_method: ``hutchinson`` or ``hutch++`` (for the Hutchinson method).
         rtol: Target relative standard error of the Hutchinson estimate.
-        max_probes: Most Hutchinson probes.
-        probe_batch: Probes per round (vmapped together).
+        max_probes: Most Hessian-vector products of a Hutchinson estimate (Hutch++:
+            sketch and exact part included).
+        probe_batch: Probes per vmapped product call; 1 = double backward, one probe at a
+            time; None = chosen from ``max_memory`` (see :class:`LossHessian`).
+        max_memory: Bytes the products may use (default: half of the free memory).
+        time_budget: Seconds after which the estimate stops (None or 0: no limit).
+        sketch: Hutch++ sketch size.
         seed: Seed of the probes.
         batch_size: Batch size when ``data`` is in memory.
-        progress: Called with a line of text after every round of probes (or chunk of
-            unit vectors), for a progress display.
+        progress: Called with a line of text (probes done, relative stderr, ETA) at
+            least every 2 seconds of work, for a progress display.
 
     Returns:
         An :class:`Estimate`; ``stderr`` is None when exact, ``details["probes"]`` the
-        number of probes of a Hutchinson estimate, ``details["parameters"]`` is ``p``.
+        number of products of a Hutchinson estimate, ``details["parameters"]`` is ``p``,
+        plus the engine and memory plan (see :meth:`LossHessian.plan_details`).
 
     Example:
         >>> import torch
@@ -159,33 +393,63 @@ def hessian_trace(
     """
     loss = check_loss(loss)
     _check_trace_options(method, rtol, max_probes, probe_batch)
+    if trace_method not in TRACE_METHODS:
+        raise UsageError(
+            f"unknown trace method {trace_method!r}; choose one of {', '.join(TRACE_METHODS)}"
+        )
+    clock = Stopwatch(time_budget)
     names = select_params(model, params)
     batches = batches_for(model, data, batch_size=batch_size)
     with evaluating(model), torch.no_grad():
-        op = LossHessian(model, batches, loss, names)
-        p = op.size
+        p = FlatParams.of(model, names).size
         resolved = method
         note = ""
         if method == "auto":
             resolved = "exact" if p <= AUTO_EXACT_MAX_PARAMS else "hutchinson"
             relation = "≤" if resolved == "exact" else ">"
             note = f"; auto: {p} parameters {relation} {AUTO_EXACT_MAX_PARAMS}"
-        tell = progress or (lambda _msg: None)
-        if resolved == "exact":
-            return _exact_trace(op, note, tell)
-        return _hutchinson_trace(
-            op, note, tell, rtol=rtol, max_probes=max_probes, probe_batch=probe_batch, seed=seed
+        extra = 0.0
+        if resolved != "exact":
+            extra = ROUND * p  # int8 probes
+            if trace_method == "hutch++":
+                extra += 3 * sketch * p * 8  # sketch, its basis, QR workspace (float64)
+        op = LossHessian(
+            model,
+            batches,
+            loss,
+            names,
+            max_memory=max_memory,
+            probe_batch=probe_batch,
+            extra_bytes=extra,
         )
+        tell = progress or (lambda _msg: None)
+        saturated = saturation_warning(model, batches, loss)
+        if resolved == "exact":
+            return with_warnings(_exact_trace(op, note, tell), saturated or "")
+        est = trace_estimate(
+            op,
+            trace_method=trace_method,
+            rtol=rtol,
+            max_probes=max_probes,
+            seed=seed,
+            sketch=sketch,
+            clock=clock,
+            progress=tell,
+            note=note,
+        )
+        return with_warnings(est, saturated or "")
 
 
-def _check_trace_options(method: str, rtol: float, max_probes: int, probe_batch: int) -> None:
+def _check_trace_options(
+    method: str, rtol: float, max_probes: int, probe_batch: int | None
+) -> None:
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if not rtol >= 0:
         raise UsageError(f"rtol must be at least 0, got {rtol}")
     if max_probes < 2:
         raise UsageError(f"max_probes must be at least 2 (for a standard error), got {max_probes}")
-    if probe_batch < 1:
+    if probe_batch is not None and probe_batch < 1:
         raise UsageError(f"probe_batch must be at least 1, got {probe_batch}")
 
 
@@ -201,47 +465,183 @@ def _exact_trace(op: LossHessian, note: str, tell: Progress) -> Estimate:
         hi = min(lo + EXACT_CHUNK, p)
         total += float(op.quadratic_forms(_unit_rows(p, lo, hi)).sum())
         tell(f"exact Hessian trace: {hi}/{p} HVPs")
-    return Estimate(total, None, f"exact (diagonal by HVP{note})", {"parameters": p, "hvps": p})
+    est = Estimate(total, None, f"exact (diagonal by HVP{note})", {"parameters": p, "hvps": p})
+    return _flag_zero(est)
 
 
-def _hutchinson_trace(
-    op: LossHessian,
-    note: str,
-    tell: Progress,
+def trace_estimate(
+    op: Operator,
+    *,
+    trace_method: str = "hutchinson",
+    rtol: float = 0.01,
+    max_probes: int = 2000,
+    seed: int = 0,
+    sketch: int = SKETCH,
+    clock: Stopwatch | None = None,
+    progress: Progress | None = None,
+    note: str = "",
+) -> Estimate:
+    """Hutchinson or Hutch++ trace of any operator (see :func:`hessian_trace`).
+
+    ``op`` is a :class:`LossHessian` or, for simulations, a :class:`MatrixOperator`.
+    """
+    clock = clock or Stopwatch()
+    tell = progress or (lambda _msg: None)
+    gen = torch.Generator().manual_seed(seed)
+    p = op.size
+    low, low_part, sketch_used = 0.0, None, 0
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None
+    if trace_method == "hutch++":
+        sketch_used = max(1, min(sketch, p // 2))
+        if max_probes < 2 * sketch_used + 2:
+            raise UsageError(
+                f"hutch++ with a sketch of {sketch_used} needs max_probes ≥ "
+                f"{2 * sketch_used + 2}, got {max_probes}"
+            )
+        tell(f"Hutch++ trace: sketch of {sketch_used} HVPs")
+        signs = rademacher_signs(gen, (sketch_used, p))
+        y = op.matmat(Directions(sketch_used, lambda lo, hi: signs[lo:hi].double()))
+        q = torch.linalg.qr(y.T).Q.T.contiguous()  # (s, p), orthonormal rows
+        del y, signs
+        tell(f"Hutch++ trace: exact part on the {sketch_used}-dimensional sketch")
+        forms = op.quadratic_forms(q)
+        low_part = [float(v) for v in forms]
+        low = math.fsum(low_part)
+
+        def project(v: torch.Tensor) -> torch.Tensor:
+            v = v.to(q)
+            return v - (v @ q.T) @ q
+
+    spent = 2 * sketch_used
+    samples, stop = _sampled_rounds(
+        op,
+        gen,
+        rtol=rtol,
+        max_probes=max_probes - spent,
+        clock=clock,
+        tell=tell,
+        offset=low,
+        label="Hutch++ trace" if project is not None else "Hutchinson trace",
+        project=project,
+    )
+    mean, se = mean_and_stderr(samples)
+    k = len(samples)
+    value = low + mean
+    rel = se / abs(value) if se is not None and value != 0 else math.inf
+    if project is None:
+        how = f"hutchinson (rademacher, {k} probes"
+    else:
+        how = f"hutch++ (rank-{sketch_used} sketch exact, {k} rademacher probes on the rest"
+    how += f"{note}; {op.describe()}" if op.describe() != "dense matrix" else note
+    if stop == "max_probes":
+        how += f"; max_probes reached before rtol {rtol:g}"
+    elif stop == "time_budget":
+        how += f"; time budget reached at relative stderr {rel:.2%}"
+    how += ")"
+    details: dict[str, Any] = {
+        "probes": k + spent,
+        "parameters": p,
+        "converged": stop == "rtol",
+        "rtol": rtol,
+        "stop": stop,
+        "relative_stderr": rel,
+        "seconds": clock.elapsed,
+        **op.plan_details(),
+    }
+    if project is not None:
+        details |= {"sketch": sketch_used, "residual_probes": k, "sketch_trace": low}
+    est = Estimate(value, se, how, details)
+    if stop == "time_budget":
+        est = with_warnings(
+            est,
+            f"stopped by the time budget at {rel:.1%} relative stderr (target {rtol:.1%})",
+        )
+    return _flag_zero(est)
+
+
+def _sampled_rounds(
+    op: Operator,
+    gen: torch.Generator,
     *,
     rtol: float,
     max_probes: int,
-    probe_batch: int,
-    seed: int,
-) -> Estimate:
-    """Rademacher rounds until the relative standard error reaches ``rtol``."""
-    gen = torch.Generator().manual_seed(seed)
+    clock: Stopwatch,
+    tell: Progress,
+    offset: float,
+    label: str,
+    project: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> tuple[list[float], str]:
+    """Rademacher rounds of ``vᵀHv`` (``v`` projected by ``project``) until a stop.
+
+    Stops when the standard error is ≤ ``rtol·|offset + mean|`` after two rounds, at
+    ``max_probes`` samples, or when ``clock``'s budget would be overrun by the next
+    probe. With a time budget the first round is 4 probes, so that the time per probe is
+    known early, and later rounds are shortened to what the budget still allows.
+    """
     samples: list[float] = []
     rounds = 0
-    converged = False
-    while len(samples) < max_probes:
-        k = min(probe_batch, max_probes - len(samples))
-        samples.extend(op.quadratic_forms(rademacher(gen, (k, op.size))).tolist())
-        rounds += 1
-        mean, se = mean_and_stderr(samples)
-        if se is not None and mean != 0:
+    loop_start = clock.elapsed
+    state = {"round": 0, "done": 0}
+    status = ""
+
+    def on_step() -> None:
+        state["done"] += 1
+        if clock.due(2.0):
             tell(
-                f"Hutchinson trace: {len(samples)} probes, relative stderr "
-                f"{se / abs(mean):.2%} (target {rtol:.2%})"
+                f"{label}: {len(samples)} probes done, next round {state['done']}/"
+                f"{state['round']}{status}"
             )
-        if rounds >= 2 and se is not None and se <= rtol * abs(mean):
-            converged = True
-            break
-    mean, se = mean_and_stderr(samples)
-    k = len(samples)
-    return Estimate(
-        mean,
-        se,
-        f"hutchinson (rademacher, {k} probes{note}"
-        + ("" if converged else f"; max_probes reached before rtol {rtol:g}")
-        + ")",
-        {"probes": k, "parameters": op.size, "converged": converged, "rtol": rtol},
-    )
+
+    previous = getattr(op, "on_step", None)
+    op.on_step = on_step
+    try:
+        while len(samples) < max_probes:
+            k = min(ROUND, max_probes - len(samples))
+            if clock.budget is not None:
+                if samples:
+                    per_probe = (clock.elapsed - loop_start) / len(samples)
+                    k = min(k, int(clock.remaining // per_probe))
+                    if k < 1:
+                        return samples, "time_budget"
+                else:
+                    k = min(k, 4)
+            k = max(k, 2 - len(samples), 1)
+            signs = rademacher_signs(gen, (k, op.size))
+
+            def block(lo: int, hi: int, signs: torch.Tensor = signs) -> torch.Tensor:
+                v = signs[lo:hi]
+                return v if project is None else project(v)
+
+            state["round"], state["done"] = k, 0
+            samples.extend(op.quadratic_forms(Directions(k, block)).tolist())
+            rounds += 1
+            mean, se = mean_and_stderr(samples)
+            value = offset + mean
+            if se is None:
+                continue
+            rel = se / abs(value) if value != 0 else math.inf
+            per_probe = (clock.elapsed - loop_start) / len(samples)
+            need = len(samples) * (rel / rtol) ** 2 if rtol > 0 else math.inf
+            eta = (min(need, max_probes) - len(samples)) * per_probe
+            eta = min(max(eta, 0.0), clock.remaining)
+            status = f"; relative stderr {rel:.2%} (target {rtol:.2%}), ETA {format_seconds(eta)}"
+            tell(f"{label}: {len(samples)} probes{status}")
+            if rounds >= 2 and se <= rtol * abs(value):
+                return samples, "rtol"
+            if clock.spent():
+                return samples, "time_budget"
+        return samples, "max_probes"
+    finally:
+        op.on_step = previous
+
+
+def _flag_zero(est: Estimate) -> Estimate:
+    if est.value == 0:
+        return with_warnings(
+            est,
+            "exactly 0: the loss curvature vanished in floating point (saturated softmax?)",
+        )
+    return est
 
 
 # --------------------------------------------------------------------------- top eigenvalue
@@ -255,6 +655,9 @@ def hessian_top_eigenvalue(
     params: str = "all",
     max_iters: int = 200,
     tol: float = 1e-6,
+    probe_batch: int | None = None,
+    max_memory: int | None = None,
+    time_budget: float | None = None,
     seed: int = 0,
     batch_size: int = 256,
     progress: Progress | None = None,
@@ -279,8 +682,14 @@ def hessian_top_eigenvalue(
         data: ``(x, y)`` tensors, a DataLoader, or :class:`~flatcli.data.Batches`.
         loss: ``cross_entropy`` or ``mse``.
         params: ``"all"``, a module name, or a parameter name.
-        max_iters: Most Lanczos iterations (HVPs).
+        max_iters: Most Lanczos iterations (HVPs). The basis is kept in float64 and may
+            take half of ``max_memory``, which caps the iterations (with a warning).
         tol: Relative residual target.
+        probe_batch: 1 for double-backward products, None to choose (see
+            :class:`LossHessian`).
+        max_memory: Bytes the products and the basis may use (default: half the free
+            memory).
+        time_budget: Seconds after which Lanczos stops (unconverged, with a warning).
         seed: Seed of the start vector.
         batch_size: Batch size when ``data`` is in memory.
         progress: Called with a line of text after every Lanczos iteration.
@@ -292,41 +701,78 @@ def hessian_top_eigenvalue(
     loss = check_loss(loss)
     if max_iters < 1:
         raise UsageError(f"max_iters must be at least 1, got {max_iters}")
+    clock = Stopwatch(time_budget)
     names = select_params(model, params)
     batches = batches_for(model, data, batch_size=batch_size)
     with evaluating(model), torch.no_grad():
-        op = LossHessian(model, batches, loss, names)
+        p = FlatParams.of(model, names).size
+        budget = resolve_max_memory(max_memory, batches.device)
+        # the float64 basis gets at most half of the budget, the products the rest
+        iters = max(2, min(max_iters, p, int(budget / 2 // (8 * p)) - 1))
+        op = LossHessian(
+            model,
+            batches,
+            loss,
+            names,
+            max_memory=budget,
+            probe_batch=probe_batch,
+            extra_bytes=(iters + 1) * p * 8,
+        )
         gen = torch.Generator().manual_seed(seed)
         start = torch.randn(op.size, generator=gen, dtype=torch.float64)
         value, vector, iterations, converged = _lanczos_top(
-            op, start, max_iters, tol, progress or (lambda _msg: None)
+            op, start, iters, tol, progress or (lambda _msg: None), clock
         )
         residual = float((op.matmat(vector[None])[0] - value * vector).norm())
-    return Estimate(
+        saturated = saturation_warning(model, batches, loss)
+    est = Estimate(
         value,
         None,
-        f"lanczos (full reorthogonalization, {iterations} HVPs)",
+        f"lanczos (full reorthogonalization, {iterations} HVPs; {op.describe()})",
         {
             "iterations": iterations,
             "residual": residual,
             "converged": converged,
             "parameters": op.size,
+            **op.plan_details(),
         },
     )
+    if not converged and iters < max_iters and iterations == iters:
+        est = with_warnings(
+            est,
+            f"unconverged: --max-memory {format_bytes(op.budget)} holds a Lanczos basis of "
+            f"{iters} vectors only (residual {residual:.3g})",
+        )
+    elif not converged and clock.spent():
+        est = with_warnings(
+            est, f"unconverged: stopped by the time budget (residual {residual:.3g})"
+        )
+    return with_warnings(_flag_zero(est), saturated or "")
 
 
 def _lanczos_top(
-    op: LossHessian, start: torch.Tensor, max_iters: int, tol: float, tell: Progress
+    op: LossHessian,
+    start: torch.Tensor,
+    max_iters: int,
+    tol: float,
+    tell: Progress,
+    clock: Stopwatch,
 ) -> tuple[float, torch.Tensor, int, bool]:
-    """Top Ritz pair after Lanczos with full reorthogonalization (all in float64)."""
-    basis = [(start / start.norm()).to(op.theta.device)]
+    """Top Ritz pair after Lanczos with full reorthogonalization (all in float64).
+
+    The basis lives in one preallocated ``(iterations + 1, p)`` matrix, so its memory is
+    ``8·p`` bytes per iteration and nothing is copied.
+    """
+    steps = min(max_iters, op.size)
+    basis = torch.empty(steps + 1, op.size, dtype=torch.float64, device=start.device)
+    basis[0] = start / start.norm()
     alphas: list[float] = []
     betas: list[float] = []
     iterations = 0
-    for iterations in range(1, min(max_iters, op.size) + 1):
-        w = op.matmat(basis[-1][None])[0]
-        alphas.append(float(w @ basis[-1]))
-        q = torch.stack(basis)
+    for iterations in range(1, steps + 1):
+        w = op.matmat(basis[iterations - 1][None])[0]
+        alphas.append(float(w @ basis[iterations - 1]))
+        q = basis[:iterations]
         for _ in range(2):  # twice is enough (Kahan–Parlett)
             w = w - q.T @ (q @ w)
         beta = float(w.norm())
@@ -337,8 +783,10 @@ def _lanczos_top(
         if invariant or beta * abs(float(evecs[-1, -1])) <= tol * scale:
             return float(evals[-1]), evecs[:, -1].to(q) @ q, iterations, True
         betas.append(beta)
-        basis.append(w / beta)
-    q = torch.stack(basis[: len(alphas)])
+        basis[iterations] = w / beta
+        if clock.spent():
+            break
+    q = basis[: len(alphas)]
     evals, evecs = torch.linalg.eigh(_tridiagonal(alphas, betas[: len(alphas) - 1]))
     return float(evals[-1]), evecs[:, -1].to(q) @ q, iterations, iterations == op.size
 
@@ -356,7 +804,12 @@ def _tridiagonal(alphas: list[float], betas: list[float]) -> torch.Tensor:
 
 def rademacher(gen: torch.Generator, shape: tuple[int, ...]) -> torch.Tensor:
     """±1 entries with equal probability, in float64, drawn from ``gen``."""
-    return torch.randint(0, 2, shape, generator=gen, dtype=torch.int8).double() * 2 - 1
+    return rademacher_signs(gen, shape).double()
+
+
+def rademacher_signs(gen: torch.Generator, shape: tuple[int, ...]) -> torch.Tensor:
+    """The same draws as :func:`rademacher`, kept as int8 (one byte per entry)."""
+    return torch.randint(0, 2, shape, generator=gen, dtype=torch.int8) * 2 - 1
 
 
 def _unit_rows(p: int, lo: int, hi: int) -> torch.Tensor:

@@ -11,7 +11,9 @@ of parameters, flattened into one vector :math:`\theta \in \mathbb{R}^p`:
   (a per-sample **sum**, so that sums over batches divided by ``n`` give the mean
   risk), with every other parameter held fixed and detached.
 * :func:`hvp` is the batched Hessian-vector product
-  ``jvp(grad(f))`` (forward-over-reverse), vmapped over probe directions.
+  ``jvp(grad(f))`` (forward-over-reverse), vmapped over probe directions;
+  :func:`double_backward_hvps` is the reverse-over-reverse one, one direction at a time
+  on a gradient graph shared by all of them (less memory, and faster on conv nets).
 * :func:`mean_objective` is the training error or mean loss, optionally with
   replaced parameters (the perturbation measures never touch the model's own weights).
 """
@@ -188,6 +190,35 @@ def hvp(
     return torch.func.vmap(one, chunk_size=chunk_size)(vectors)
 
 
+def double_backward_hvps(
+    f: Callable[[torch.Tensor], torch.Tensor],
+    theta: torch.Tensor,
+    direction: Callable[[int], torch.Tensor],
+    k: int,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    r"""``(r, H v_r)`` for ``r < k``, by reverse-over-reverse (double backward).
+
+    One forward pass and one ``create_graph`` backward pass build :math:`\nabla f(\theta)`
+    with its graph; each direction then costs one more backward pass through it, with the
+    graph retained until the last. Peak memory is that of one direction, whatever ``k``
+    (PyHessian's product). Works under an outer ``torch.no_grad()``.
+
+    Args:
+        f: Scalar function of a flat vector.
+        theta: Point, shape ``(p,)``.
+        direction: ``r -> v_r``, shape ``(p,)`` (made when needed, so that ``k``
+            directions never have to be held at once in floating point).
+        k: Number of directions.
+    """
+    with torch.enable_grad():
+        t = theta.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(f(t), t, create_graph=True)
+        for r in range(k):
+            v = direction(r).to(theta)
+            (hv,) = torch.autograd.grad(g, t, v, retain_graph=r < k - 1)
+            yield r, hv
+
+
 # --------------------------------------------------------------------------- data and mode
 
 
@@ -214,6 +245,38 @@ def evaluating(model: nn.Module) -> Iterator[None]:
 def empty_data() -> FlatcliError:
     """The error every measure raises on a dataset with no samples."""
     return FlatcliError("the dataset is empty")
+
+
+def saturation_warning(model: nn.Module, batches: Batches, loss: str) -> str | None:
+    r"""A warning when the softmax is saturated on every sample, else None.
+
+    With cross-entropy every curvature term of a sample carries a factor
+    :math:`p_j(1-p_j)`, at most :math:`1 - \max_j p_j`. When that is below the float
+    resolution of the model's dtype on *every* sample, Hessian (and gradient) measures
+    are rounding noise, however small or exactly 0 they print. One forward pass.
+    """
+    if loss != "cross_entropy":
+        return None
+    worst, n = -math.inf, 0
+    for x, _ in batches:
+        out = model(x)
+        if out.ndim != 2 or out.shape[1] < 2:
+            return None
+        top = out.max(-1, keepdim=True).values
+        rest = torch.where(out == top, torch.full_like(out, -math.inf), out)
+        # log(1 − max p) = logsumexp(the other logits) − logsumexp(all logits)
+        gap = torch.logsumexp(rest, -1) - torch.logsumexp(out, -1)
+        worst = max(worst, float(gap.max()))
+        n += int(out.shape[0])
+        eps = torch.finfo(out.dtype).eps
+        if worst >= math.log(eps):
+            return None
+    if n == 0:
+        return None
+    return (
+        f"softmax saturated on all {n} samples (1 − max p < {eps:.1e}, the float "
+        "resolution): curvature below float resolution, the value is rounding noise"
+    )
 
 
 def check_target(target: str, y: torch.Tensor) -> None:
