@@ -8,6 +8,7 @@ order.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from .data import Batches
-from .errors import UsageError
+from .errors import FlatcliError, UsageError
 from .measures.estimate import Estimate
 
 
@@ -38,6 +39,14 @@ class MeasureOptions:
         pacbayes_threshold: The allowed increase τ of PAC-Bayes and sharpness.
         mc_samples: Monte Carlo draws per PAC-Bayes bisection step.
         search_depth: Bisection steps of PAC-Bayes and sharpness.
+        trace_method: ``hutchinson`` or ``hutch++``, the estimator of a Hutchinson
+            Hessian trace.
+        probe_batch: Probes per vmapped Hessian-vector product call (1: double
+            backward, one at a time); None chooses from ``max_memory``.
+        max_memory: Bytes the whole-network measures may use (None: half the free
+            memory); data batches and probe batches are split to fit.
+        time_budget: Seconds after which a Hutchinson trace or Lanczos stops, reporting
+            the standard error (or residual) reached; None for no limit.
     """
 
     method: str = "auto"
@@ -52,6 +61,10 @@ class MeasureOptions:
     pacbayes_threshold: float = 0.1
     mc_samples: int = 10
     search_depth: int = 15
+    trace_method: str = "hutchinson"
+    probe_batch: int | None = None
+    max_memory: int | None = None
+    time_budget: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready options."""
@@ -150,15 +163,27 @@ def _hessian_group(
             loss=config.loss,
             params=params,
             method=config.method,
+            trace_method=config.trace_method,
             rtol=config.rtol,
             max_probes=config.max_probes,
+            probe_batch=config.probe_batch,
+            max_memory=config.max_memory,
+            time_budget=config.time_budget,
             seed=config.seed,
             progress=note,
         )
     if "hessian_top_eigenvalue" in names:
         note(f"top Hessian eigenvalue over {params} parameters")
         out["hessian_top_eigenvalue"] = hessian_top_eigenvalue(
-            model, batches, loss=config.loss, params=params, seed=config.seed, progress=note
+            model,
+            batches,
+            loss=config.loss,
+            params=params,
+            probe_batch=config.probe_batch,
+            max_memory=config.max_memory,
+            time_budget=config.time_budget,
+            seed=config.seed,
+            progress=note,
         )
     return out
 
@@ -176,7 +201,11 @@ def _fisher_rao_group(
     note("Fisher-Rao norm (forward-mode JVP)")
     return {
         "fisher_rao": fisher_rao(
-            model, batches, loss=config.loss, include_bias=config.fr_include_bias
+            model,
+            batches,
+            loss=config.loss,
+            include_bias=config.fr_include_bias,
+            max_memory=config.max_memory,
         )
     }
 
@@ -202,6 +231,7 @@ def _pacbayes_group(
             mc_samples=config.mc_samples,
             search_depth=config.search_depth,
             seed=config.seed,
+            max_memory=config.max_memory,
             progress=note,
         )
 
@@ -240,6 +270,7 @@ def _sharpness_group(
                 threshold=config.pacbayes_threshold,
                 search_depth=config.search_depth,
                 seed=config.seed,
+                max_memory=config.max_memory,
                 progress=note,
             )
     return out
@@ -324,6 +355,10 @@ NEEDS_INIT = ("distance_from_init",)
 """Measures that exist only with an initial checkpoint; ``all`` leaves them out without one."""
 
 
+DEFAULT_TIME_BUDGET = 300.0
+"""``--time-budget`` of the CLI: seconds per Hutchinson trace or Lanczos run."""
+
+
 def available() -> list[str]:
     """Every measure name, in display order."""
     return [name for _, names in GROUPS.values() for name in names]
@@ -370,6 +405,7 @@ def run_measures(
     note: Note | None = None,
     inputs: Inputs | None = None,
     done: Callable[[str], None] | None = None,
+    keep_going: bool = False,
 ) -> dict[str, Estimate]:
     """Compute ``names`` on ``model`` over ``batches``, each group once.
 
@@ -381,19 +417,89 @@ def run_measures(
         note: Called with a line of text saying what is being computed.
         inputs: Input shape and initial model, for the measures that need them.
         done: Called with a group's name when it has finished (for a progress bar).
+        keep_going: When a group fails, record its measures as failed rows (see
+            :func:`failed`) and go on with the others; on KeyboardInterrupt, record the
+            unfinished ones as interrupted and return what was computed. Otherwise an
+            error propagates. A :class:`~flatcli.errors.UsageError` (a bad option or
+            name) always propagates.
+
+    Curvature measures of a cross-entropy model whose softmax is saturated on every
+    sample get a warning (see :func:`flatcli.measures.params.saturation_warning`).
     """
     note = note or (lambda _msg: None)
     inputs = inputs or Inputs()
     check(model, names, config, inputs)
     out: dict[str, Estimate] = {}
+    interrupted = False
     for group, (fn, produces) in GROUPS.items():
         wanted = [n for n in names if n in produces]
-        if wanted:
+        if not wanted:
+            continue
+        if interrupted:
+            out.update({n: failure("interrupted", interrupted=True) for n in wanted})
+            continue
+        try:
             results = fn(model, batches, config, wanted, note, inputs)
+        except KeyboardInterrupt:
+            if not keep_going:
+                raise
+            interrupted = True
+            out.update({n: failure("interrupted", interrupted=True) for n in wanted})
+            continue
+        except UsageError:
+            raise  # a bad option or name: the user's to fix, not a measure's failure
+        except Exception as e:  # noqa: BLE001 - reported as the measure's row
+            if not keep_going:
+                raise
+            line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            kind = "" if isinstance(e, FlatcliError) else f"{type(e).__name__}: "
+            out.update({n: failure(kind + line) for n in wanted})
+        else:
             out.update({k: v for k, v in results.items() if k in wanted})
-            if done is not None:
-                done(group)
+        if done is not None:
+            done(group)
+    _flag_saturation(model, batches, config, out)
     return {n: out[n] for n in names if n in out}
+
+
+def failure(error: str, *, interrupted: bool = False) -> Estimate:
+    """The row of a measure that failed (value NaN, ``details["error"]`` its one line)."""
+    return Estimate(
+        math.nan, None, f"failed: {error}", {"error": error, "interrupted": interrupted}
+    )
+
+
+def failed(est: Estimate) -> bool:
+    """Whether ``est`` is a failed (or interrupted) measure's row."""
+    return "error" in est.details
+
+
+def interrupted(results: Mapping[str, Estimate]) -> bool:
+    """Whether a run with ``keep_going`` was interrupted."""
+    return any(e.details.get("interrupted") for e in results.values())
+
+
+CURVATURE = (*_LAYER[:4], "fisher_rao")
+"""Measures made of loss curvature or gradients (rounding noise under a saturated softmax);
+the Hessian group flags itself."""
+
+
+def _flag_saturation(
+    model: nn.Module, batches: Batches, config: MeasureConfig, out: dict[str, Estimate]
+) -> None:
+    names = [n for n in CURVATURE if n in out and not failed(out[n])]
+    if not names:
+        return
+    import torch
+
+    from .measures.estimate import with_warnings
+    from .measures.params import evaluating, saturation_warning
+
+    with evaluating(model), torch.no_grad():
+        warning = saturation_warning(model, batches, config.loss)
+    if warning is not None:
+        for n in names:
+            out[n] = with_warnings(out[n], warning)
 
 
 def check(model: nn.Module, names: Sequence[str], config: MeasureConfig, inputs: Inputs) -> None:

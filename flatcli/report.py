@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .io import atomic_write_text
-from .measures.estimate import Estimate
+from .measures.estimate import Estimate, warnings_of
 
 MEASURE_SCHEMA = "flatcli.measure/1"
 FORMATS = ("table", "json", "csv")
@@ -26,13 +26,17 @@ def measure_report(
     manifest: Mapping[str, Any],
     config: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The stable JSON shape of ``flatcli measure`` (schema ``flatcli.measure/1``)."""
+    """The stable JSON shape of ``flatcli measure`` (schema ``flatcli.measure/1``).
+
+    Every measure carries a ``warnings`` list (empty when its value can be read as a
+    plain number); a failed measure has ``value`` null and an ``error`` line.
+    """
     report = {
         "schema": MEASURE_SCHEMA,
         "checkpoint": dict(checkpoint),
         "layer": dict(layer),
         "data": dict(data),
-        "measures": {k: v.to_dict() for k, v in measures.items()},
+        "measures": {k: {**v.to_dict(), "warnings": warnings_of(v)} for k, v in measures.items()},
         "manifest": dict(manifest),
     }
     if config is not None:
@@ -56,13 +60,14 @@ def _finite(obj: Any) -> Any:
 
 
 def measures_csv(measures: Mapping[str, Estimate]) -> str:
-    """One row per measure: ``measure,value,stderr,method``."""
+    """One row per measure: ``measure,value,stderr,method,warnings`` (``; ``-joined)."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["measure", "value", "stderr", "method"])
+    writer.writerow(["measure", "value", "stderr", "method", "warnings"])
     for name, est in measures.items():
         d = est.to_dict()
-        writer.writerow([name, _cell(d["value"]), _cell(d["stderr"]), est.method])
+        row = [name, _cell(d["value"]), _cell(d["stderr"]), est.method]
+        writer.writerow([*row, "; ".join(warnings_of(est))])
     return buf.getvalue()
 
 
@@ -101,16 +106,38 @@ def format_value(x: float | None) -> str:
     return f"{x:.6g}"
 
 
+FLAG = "⚠"
+"""Marks a value that should not be read as a plain number (see the flags column)."""
+
+
 def measures_table(measures: Mapping[str, Estimate], *, title: str | None = None):  # noqa: ANN201
-    """A rich Table of measures with value, standard error and method."""
+    """A rich Table of measures with value, standard error and method.
+
+    A failed measure shows ``failed`` and its error; a value with warnings is marked
+    :data:`FLAG` and its warnings fill a ``flags`` column (present only when needed).
+    """
     from rich.table import Table
 
+    flagged = any(warnings_of(e) or "error" in e.details for e in measures.values())
     table = Table(title=title, title_justify="left")
     table.add_column("measure", style="bold")
     table.add_column("value", justify="right")
     table.add_column("± stderr", justify="right")
     table.add_column("method")
+    if flagged:
+        table.add_column("flags", style="yellow")
     for name, est in measures.items():
+        if "error" in est.details:
+            row = [name, "[red]failed[/]", "", est.method]
+            if flagged:
+                row.append("interrupted" if est.details.get("interrupted") else "error")
+            table.add_row(*row)
+            continue
         se = "exact" if est.stderr is None else format_value(est.stderr)
-        table.add_row(name, format_value(est.value), se, est.method)
+        notes = warnings_of(est)
+        value = format_value(est.value) + (f" {FLAG}" if notes else "")
+        row = [name, value, se, est.method]
+        if flagged:
+            row.append("\n".join(notes))
+        table.add_row(*row)
     return table

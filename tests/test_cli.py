@@ -117,7 +117,8 @@ def test_csv_and_output_file(runner: CliRunner, tmp_path: Path) -> None:
     )
     assert result.exit_code == 0
     lines = out.read_text().splitlines()
-    assert lines[0] == "measure,value,stderr,method" and lines[1].startswith("relative_flatness,")
+    assert lines[0] == "measure,value,stderr,method,warnings"
+    assert lines[1].startswith("relative_flatness,")
     assert out.read_text() == result.stdout
     side = json.loads((tmp_path / "r.manifest.json").read_text())
     assert side["checkpoint"]["sha256"] == hashlib.sha256(Path(MLP).read_bytes()).hexdigest()
@@ -424,3 +425,55 @@ def test_every_public_name_resolves() -> None:
     from flatcli.fam import FAMRegularizer
 
     assert flatcli.FAMRegularizer is FAMRegularizer
+
+
+def test_a_failed_measure_is_a_row_and_the_others_are_written(
+    runner: CliRunner, tmp_path: Path
+) -> None:
+    out = tmp_path / "r.json"
+    args = ["measure", MLP, "--measures", "frobenius_norms,hessian_trace,weight_norm"]
+    result = run(runner, *args, "--max-memory", "1K", "--max-samples", "50", "-o", str(out))
+    assert result.exit_code == 1
+    assert "1 measure(s) failed: hessian_trace" in result.stderr
+    assert "failed" in result.stdout and "raise --max-memory" in result.stdout
+    report = json.loads(out.read_text())["measures"]
+    assert report["frobenius_norms"]["value"] > 0 and report["weight_norm"]["value"] > 0
+    assert report["hessian_trace"]["value"] is None
+    assert "raise --max-memory" in report["hessian_trace"]["error"]
+    assert report["frobenius_norms"]["warnings"] == []
+
+
+def test_interrupt_reports_what_was_computed_and_exits_130(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flatcli import registry
+
+    def interrupted(*_args: object) -> None:
+        raise KeyboardInterrupt
+
+    produces = registry.GROUPS["hessian"][1]
+    monkeypatch.setitem(registry.GROUPS, "hessian", (interrupted, produces))
+    out = tmp_path / "r.json"
+    names = "weight_norm,hessian_trace,frobenius_norms"  # groups run layer, hessian, ..., norms
+    args = ["measure", MLP, "--measures", names, "--max-samples", "50", "--format", "json"]
+    result = run(runner, *args, "-o", str(out))
+    assert result.exit_code == 130
+    report = json.loads(out.read_text())["measures"]
+    assert json.loads(result.stdout)["measures"] == report
+    assert report["weight_norm"]["value"] > 0
+    assert report["hessian_trace"]["interrupted"] and report["frobenius_norms"]["interrupted"]
+    assert report["frobenius_norms"]["value"] is None
+
+
+def test_budget_options(runner: CliRunner) -> None:
+    args = ["measure", MLP, "--measures", "hessian_trace", "--max-samples", "100"]
+    args += ["--method", "hutchinson", "--format", "json", "--rtol", "0.2"]
+    got = json.loads(
+        run(runner, *args, "--trace-method", "hutch++", "--probe-batch", "1").stdout
+    )["measures"]["hessian_trace"]
+    assert got["method"].startswith("hutch++ (rank-16 sketch exact")
+    assert got["engine"] == "double_backward" and got["warnings"] == []
+    one_line_error(run(runner, *args, "--max-memory", "lots"), code=2)
+    one_line_error(run(runner, *args, "--trace-method", "xtrace"), code=2)
+    one_line_error(run(runner, *args, "--probe-batch", "0"), code=2)
+    one_line_error(run(runner, *args, "--time-budget", "-1"), code=2)

@@ -126,8 +126,13 @@ def measure_options(
     pacbayes_threshold: float,
     mc_samples: int,
     search_depth: int,
+    trace_method: str = "hutchinson",
+    max_memory: str | None = None,
+    probe_batch: int | None = None,
+    time_budget: float | None = None,
 ):  # noqa: ANN202 - a registry.MeasureOptions, imported lazily
     """The measures' options, checked before anything is loaded."""
+    from ..measures.budget import parse_memory
     from ..registry import MeasureOptions
 
     checks = [
@@ -152,6 +157,18 @@ def measure_options(
         ),
         (mc_samples >= 2, f"--mc-samples must be at least 2, got {mc_samples}"),
         (search_depth >= 1, f"--search-depth must be at least 1, got {search_depth}"),
+        (
+            trace_method in ("hutchinson", "hutch++"),
+            f"--trace-method must be hutchinson or hutch++, got {trace_method!r}",
+        ),
+        (
+            probe_batch is None or probe_batch >= 1,
+            f"--probe-batch must be at least 1, got {probe_batch}",
+        ),
+        (
+            time_budget is None or time_budget >= 0,
+            f"--time-budget must be at least 0 seconds, got {time_budget}",
+        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -169,6 +186,10 @@ def measure_options(
         pacbayes_threshold=pacbayes_threshold,
         mc_samples=mc_samples,
         search_depth=search_depth,
+        trace_method=trace_method,
+        max_memory=parse_memory(max_memory),
+        probe_batch=probe_batch,
+        time_budget=time_budget or None,
     )
 
 

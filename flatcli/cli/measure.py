@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from .app import app
-from .common import check_format, emit, friendly, measure_options, progress, setup
+from .common import check_format, emit, friendly, measure_options, progress, setup, stderr
 from .options import (
     ArchKwargsOpt,
     ArchOpt,
@@ -24,6 +24,7 @@ from .options import (
     InitOpt,
     LayerOpt,
     LossOpt,
+    MaxMemoryOpt,
     MaxProbesOpt,
     MaxSamplesOpt,
     McOpt,
@@ -31,11 +32,14 @@ from .options import (
     OutputOpt,
     PacTargetOpt,
     PacThresholdOpt,
+    ProbeBatchOpt,
     ProbesOpt,
     RtolOpt,
     SeedOpt,
     SplitOpt,
     TargetOpt,
+    TimeBudgetOpt,
+    TraceMethodOpt,
     TraceParamsOpt,
     TrustOpt,
 )
@@ -67,6 +71,10 @@ def measure(
     trace_params: TraceParamsOpt = "all",
     rtol: RtolOpt = 0.01,
     max_probes: MaxProbesOpt = 2000,
+    trace_method: TraceMethodOpt = "hutchinson",
+    max_memory: MaxMemoryOpt = None,
+    probe_batch: ProbeBatchOpt = None,
+    time_budget: TimeBudgetOpt = 300.0,
     fr_include_bias: FrBiasOpt = False,
     pacbayes_target: PacTargetOpt = "error",
     pacbayes_threshold: PacThresholdOpt = 0.1,
@@ -100,6 +108,11 @@ def measure(
 
         flatcli measure model.pt --arch mypkg.nets:make_net --layer fc --data data.npz
         --format json --output result.json
+
+    When a measure fails, the others are still reported (and written with --output); the
+    failed one is a row with its one-line error and the exit code is 1. Interrupted
+    (Ctrl-C) during the measures: what was computed is reported and written, the rest are
+    rows marked interrupted, and the exit code is 130.
     """
     from .. import registry
     from ..report import measure_report, measures_csv, measures_table, to_json
@@ -120,6 +133,10 @@ def measure(
         pacbayes_threshold=pacbayes_threshold,
         mc_samples=mc_samples,
         search_depth=search_depth,
+        trace_method=trace_method,
+        max_memory=max_memory,
+        probe_batch=probe_batch,
+        time_budget=time_budget,
     )
     prep, layer_name, module, config, inputs = setup(
         checkpoint,
@@ -140,7 +157,14 @@ def measure(
     )
     with progress(len(registry.groups_of(names))) as status:
         results = registry.run_measures(
-            prep.model, prep.batches, names, config, note=status, inputs=inputs, done=status.advance
+            prep.model,
+            prep.batches,
+            names,
+            config,
+            note=status,
+            inputs=inputs,
+            done=status.advance,
+            keep_going=True,
         )
     weight = getattr(module, "weight", None)
     report = measure_report(
@@ -176,3 +200,21 @@ def measure(
             f"{split} (n={prep.batches.n_samples}) · {prep.loss}"
         )
         Console().print(measures_table(results, title=title))
+    exit_for_failures(results)
+
+
+def exit_for_failures(results: dict) -> None:  # type: ignore[type-arg]
+    """Exit 130 after an interrupt, 1 when a measure failed (after the output is written)."""
+    from .. import registry
+
+    if registry.interrupted(results):
+        stderr().print("interrupted: the measures computed so far were reported")
+        raise typer.Exit(130)
+    bad = [name for name, est in results.items() if registry.failed(est)]
+    if bad:
+        stderr().print(
+            f"[bold red]error:[/] {len(bad)} measure(s) failed: {', '.join(bad)} "
+            "(see their rows)",
+            highlight=False,
+        )
+        raise typer.Exit(1)

@@ -106,6 +106,38 @@ RtolOpt = Annotated[
 MaxProbesOpt = Annotated[
     int, typer.Option("--max-probes", help="Hutchinson Hessian trace: most probes.")
 ]
+TraceMethodOpt = Annotated[
+    str,
+    typer.Option(
+        "--trace-method",
+        help="Hutchinson Hessian trace estimator: hutchinson, or hutch++ (an exact low-rank "
+        "part plus Hutchinson on the rest: fewer probes for the same stderr).",
+    ),
+]
+MaxMemoryOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--max-memory",
+        help="Memory the whole-network measures may use, e.g. 4G or 512M (default: half "
+        "of the free RAM or device memory). Data and probe batches are split to fit.",
+    ),
+]
+ProbeBatchOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--probe-batch",
+        help="Probes per Hessian-vector product call: 1 = double backward, one at a time "
+        "(least memory); N > 1 = N vmapped forward-over-reverse (default: from --max-memory).",
+    ),
+]
+TimeBudgetOpt = Annotated[
+    float,
+    typer.Option(
+        "--time-budget",
+        help="Seconds per Hutchinson trace or Lanczos run; it stops there and reports the "
+        "stderr reached (0: no limit).",
+    ),
+]
 FrBiasOpt = Annotated[
     bool, typer.Option("--fr-include-bias", help="Count biases in the Fisher-Rao norm.")
 ]

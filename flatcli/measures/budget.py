@@ -200,6 +200,43 @@ def row_chunks(batches: Any, rows: int | None) -> Iterator[tuple[Any, torch.Tens
             yield slice_rows(x, lo, lo + rows), y[lo : lo + rows]
 
 
+def chunked(batches: Any, rows: int | None) -> Any:
+    """``batches`` (a :class:`~flatcli.data.Batches`) re-batched to at most ``rows`` rows."""
+    from ..data import Batches
+
+    if rows is None:
+        return batches
+    return Batches(
+        lambda: row_chunks(batches, rows),
+        n_samples=batches.n_samples,
+        device=batches.device,
+        dtype=batches.dtype,
+        source=batches.source,
+        split=batches.split,
+    )
+
+
+def fit_batches(
+    model: nn.Module,
+    batches: Any,
+    engine: str,
+    max_memory: int | None,
+    *,
+    loss_of: Callable[[Any, torch.Tensor, torch.Tensor], Any],
+    theta: torch.Tensor | None = None,
+    fixed: float = 0.0,
+    what: str = "this measure",
+) -> tuple[Any, int | None]:
+    """``batches`` split to fit ``max_memory`` under ``engine``, and the chunk rows (None:
+    no batch needed splitting, as far as the first batch tells)."""
+    rows = chunked_rows(
+        model, batches, engine, max_memory, loss_of=loss_of, theta=theta, fixed=fixed, what=what
+    )
+    if rows >= rows_of(batches.first()[0]):
+        return batches, None
+    return chunked(batches, rows), rows
+
+
 def plan_rows(
     activations: Activations,
     factor: float,

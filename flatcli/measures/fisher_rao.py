@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..losses import check_loss, per_sample_loss
+from .budget import fit_batches
 from .estimate import Estimate
 from .params import FlatParams, batches_for, empty_data, evaluating, fixed_params, select_params
 
@@ -32,6 +33,7 @@ def fisher_rao(
     params: str = "all",
     include_bias: bool = False,
     batch_size: int = 256,
+    max_memory: int | None = None,
 ) -> Estimate:
     r"""Fisher-Rao norm of the weights, the general definition of Liang et al. (2019).
 
@@ -61,10 +63,12 @@ def fisher_rao(
         params: ``"all"``, a module name, or a parameter name.
         include_bias: Count biases as weights too.
         batch_size: Batch size when ``data`` is in memory.
+        max_memory: Bytes the JVPs may use (default: half the free memory); batches
+            are split into fewer rows to fit (a per-sample sum: same value).
 
     Returns:
         An exact :class:`Estimate` (``stderr`` None); ``details["parameters"]`` is
-        :math:`|\theta|`.
+        :math:`|\theta|`, ``details["chunk_rows"]`` the rows per chunk (None: unsplit).
     """
     loss = check_loss(loss)
     names = select_params(model, params, include_bias=include_bias)
@@ -73,6 +77,21 @@ def fisher_rao(
         flat = FlatParams.of(model, names)
         theta = flat.vector(model)
         fixed = fixed_params(model, flat)
+
+        def loss_of(t: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            out = torch.func.functional_call(model, {**fixed, **flat.unflatten(t)}, (x,))
+            return per_sample_loss(out, y, loss).sum()
+
+        batches, rows = fit_batches(
+            model,
+            batches,
+            "jvp",
+            max_memory,
+            loss_of=loss_of,
+            theta=theta,
+            fixed=3 * theta.numel() * theta.element_size(),
+            what="the Fisher-Rao JVP",
+        )
         total, n = 0.0, 0
         for x, y in batches:
 
@@ -90,5 +109,5 @@ def fisher_rao(
         total / n,
         None,
         f"exact (forward-mode JVP along θ, {biases})",
-        {"parameters": flat.size},
+        {"parameters": flat.size, "chunk_rows": rows},
     )

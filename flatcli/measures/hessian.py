@@ -575,8 +575,8 @@ def _sampled_rounds(
 
     Stops when the standard error is ≤ ``rtol·|offset + mean|`` after two rounds, at
     ``max_probes`` samples, or when ``clock``'s budget would be overrun by the next
-    probe. With a time budget the first round is 4 probes, so that the time per probe is
-    known early, and later rounds are shortened to what the budget still allows.
+    probe: rounds after the first are shortened to what the budget still allows. A
+    budget that does not bind changes nothing (same rounds, same value).
     """
     samples: list[float] = []
     rounds = 0
@@ -597,14 +597,11 @@ def _sampled_rounds(
     try:
         while len(samples) < max_probes:
             k = min(ROUND, max_probes - len(samples))
-            if clock.budget is not None:
-                if samples:
-                    per_probe = (clock.elapsed - loop_start) / len(samples)
-                    k = min(k, int(clock.remaining // per_probe))
-                    if k < 1:
-                        return samples, "time_budget"
-                else:
-                    k = min(k, 4)
+            if clock.budget is not None and samples:
+                per_probe = (clock.elapsed - loop_start) / len(samples)
+                k = min(k, int(clock.remaining // per_probe))
+                if k < 1:
+                    return samples, "time_budget"
             k = max(k, 2 - len(samples), 1)
             signs = rademacher_signs(gen, (k, op.size))
 

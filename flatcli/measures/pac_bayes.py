@@ -34,8 +34,9 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..losses import check_loss
-from .estimate import Estimate, mean_and_stderr
+from ..losses import check_loss, per_sample_loss
+from .budget import fit_batches
+from .estimate import Estimate, mean_and_stderr, with_warnings
 from .norms import parameter_distance_squared
 from .params import Target, batches_for, check_target, evaluating, mean_objective, select_params
 
@@ -190,6 +191,7 @@ def pacbayes_sigma(
     epsilon: float = 1e-3,
     seed: int = 0,
     batch_size: int = 256,
+    max_memory: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> SigmaSearch:
     r"""σ': the largest noise scale whose expected error increase is at most ``threshold``.
@@ -203,7 +205,9 @@ def pacbayes_sigma(
     All trainable parameters are perturbed, biases and normalization parameters
     included (as Jiang et al. do); buffers (BatchNorm running statistics) are not.
 
-    Args: see :func:`pacbayes_flatness`.
+    ``max_memory`` (bytes, default half the free memory) splits data batches into fewer
+    rows when a forward pass would not fit; the objective is a per-sample mean, so the
+    result does not change. Other args: see :func:`pacbayes_flatness`.
     """
     loss = check_loss(loss)
     check_search(target, threshold, search_depth, sigma_max, epsilon, upper_name="sigma_max")
@@ -212,6 +216,15 @@ def pacbayes_sigma(
     batches = batches_for(model, data, batch_size=batch_size)
     with evaluating(model), torch.no_grad():
         check_target(target, batches.first()[1])
+        batches, _ = fit_batches(
+            model,
+            batches,
+            "forward",
+            max_memory,
+            loss_of=lambda _t, x, y: per_sample_loss(model(x), y, loss).sum(),
+            fixed=2 * _param_bytes(model),  # the noise and the moved weights
+            what="a perturbed forward pass",
+        )
         increase = NoisyIncrease(
             model,
             batches,
@@ -249,6 +262,10 @@ def pacbayes_sigma(
             f"draws of u ~ {noise} over all parameters, {target} increase ≤ {threshold:g}"
         ),
     )
+
+
+def _param_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def _secant_slope(increase: Callable[[float], tuple[float, float]], sigma: float) -> float:
@@ -356,12 +373,13 @@ def pacbayes_flatness(
 def flatness_estimate(search: SigmaSearch, mc_samples: int, search_depth: int) -> Estimate:
     """``1/σ'²`` with its delta-method standard error, from a finished search."""
     s = search.sigma
-    return Estimate(
+    est = Estimate(
         1 / s**2,
         2 * search.sigma_stderr / s**3,
         f"1/σ'², {search.method}",
         _details(search, mc_samples, search_depth),
     )
+    return with_warnings(est, *search_warnings(search.bracket, search.hit_sigma_max, "σ'"))
 
 
 def pacbayes_bound(
@@ -423,12 +441,31 @@ def bound_estimate(
     value = sq / (4 * s**2) + math.log(n / s) + 10
     derivative = abs(-sq / (2 * s**3) - 1 / s)
     reference = "‖w − w₀‖²" if init_model is not None else "‖w‖²"
-    return Estimate(
+    est = Estimate(
         value,
         derivative * search.sigma_stderr,
         f"{reference}/(4σ'²) + log(n/σ') + 10, {search.method}",
         {**_details(search, mc_samples, search_depth), "norm_squared": sq},
     )
+    return with_warnings(est, *search_warnings(search.bracket, search.hit_sigma_max, "σ'"))
+
+
+def search_warnings(
+    bracket: tuple[float, float] | list[float], hit_max: bool, what: str
+) -> list[str]:
+    """Warnings for a bisection that hit either end of its range (PAC-Bayes, sharpness)."""
+    lo, hi = bracket
+    if hit_max:
+        return [
+            f"search hit its upper bound {hi:g}: the increase never exceeded the threshold, "
+            f"so {what} ≥ {lo:g} and the flatness is only bounded"
+        ]
+    if lo == 0:
+        return [
+            f"search hit its lower bound: the increase exceeded the threshold at every scale "
+            f"tried, so {what} < {hi:.3g} (the search resolution)"
+        ]
+    return []
 
 
 def _squared_distance(model: nn.Module, init_model: nn.Module | None) -> float:

@@ -35,8 +35,9 @@ from torch import nn
 from ..data import Batches
 from ..errors import UsageError
 from ..losses import check_loss, per_sample_loss
-from .estimate import Estimate
-from .pac_bayes import check_search, largest_below
+from .budget import fit_batches
+from .estimate import Estimate, with_warnings
+from .pac_bayes import check_search, largest_below, search_warnings
 from .params import (
     FlatParams,
     Target,
@@ -142,6 +143,7 @@ def sharpness(
     epsilon: float = 1e-3,
     seed: int = 0,
     batch_size: int = 256,
+    max_memory: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Estimate:
     r"""Sharpness :math:`1/\alpha'^2` of Jiang et al. (2020), measures 52 and 60.
@@ -170,6 +172,8 @@ def sharpness(
         epsilon: ε of the magnitude-aware box.
         seed: Seed of the random start.
         batch_size: Batch size when ``data`` is in memory.
+        max_memory: Bytes a gradient pass may use (default: half the free memory); data
+            batches are split into fewer rows to fit (per-sample sums: same value).
         progress: Called with a line of text before every bisection step.
 
     Returns:
@@ -184,6 +188,16 @@ def sharpness(
     batches = batches_for(model, data, batch_size=batch_size)
     with evaluating(model), torch.no_grad():
         check_target(target, batches.first()[1])
+        p_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        batches, _ = fit_batches(
+            model,
+            batches,
+            "gradient",
+            max_memory,
+            loss_of=lambda _t, x, y: per_sample_loss(model(x), y, loss).sum(),
+            fixed=6 * p_bytes,  # w, u, r, the gradient and the moved weights
+            what="a gradient pass",
+        )
         worst = WorstIncrease(
             model,
             batches,
@@ -205,7 +219,7 @@ def sharpness(
         alpha = (lo + hi) / 2
         at_alpha = worst(alpha)
     box = "|u_i| ≤ α|w_i| + ε" if magnitude_aware else "|u_i| ≤ α"
-    return Estimate(
+    est = Estimate(
         1 / alpha**2,
         None,
         f"1/α'², bisection on α ∈ [0, {alpha_max:g}] ({search_depth} steps), worst case in "
@@ -221,3 +235,4 @@ def sharpness(
             "base": worst.base,
         },
     )
+    return with_warnings(est, *search_warnings((lo, hi), hi == alpha_max, "α'"))
