@@ -78,9 +78,10 @@ EXACT_CHUNK = 256
 ROUND = 16
 """Hutchinson probes per round (one pass over the data per round)."""
 VMAP_MAX_PARAMS = 1_000_000
-"""``probe_batch=None`` vmaps forward-over-reverse products up to this many parameters
-(fast on MLPs); above it, it uses double backward, one probe at a time (faster and 2-3×
-leaner on conv nets and transformers: bench/bench_models.py)."""
+"""``probe_batch=None`` vmaps forward-over-reverse products over parameters that are all
+vectors or matrices (no conv kernels), up to this many (fast on MLPs); otherwise it uses
+double backward, one probe at a time (faster and 2-3× leaner on conv nets and
+transformers: bench/bench_models.py)."""
 SKETCH = 16
 """Default Hutch++ sketch size (16 HVPs for the sketch, 16 for its exact part)."""
 
@@ -123,7 +124,8 @@ class LossHessian:
       graph built once per data chunk and shared by all directions of the call
       (PyHessian's product; the least memory);
     * ``vmap``: forward-over-reverse, ``probe_batch`` directions per vmapped call (fast
-      on small dense models, memory growing with ``probe_batch``).
+      on small dense models, memory growing with ``probe_batch``); the default for at
+      most :data:`VMAP_MAX_PARAMS` parameters without conv kernels, when it fits.
 
     Data batches whose estimated peak would exceed ``max_memory`` are split into chunks
     of fewer rows (per-sample sums, so the value does not change).
@@ -185,7 +187,8 @@ class LossHessian:
             return VMAP_BASE + VMAP_PER_DIRECTION * k
 
         engine, k = "double_backward", 1
-        if probe_batch is None and p <= VMAP_MAX_PARAMS:
+        dense = all(len(shape) <= 2 for shape in self.flat.shapes)
+        if probe_batch is None and p <= VMAP_MAX_PARAMS and dense:
             for cand in (ROUND, 8, 4, 2):
                 if fixed + vmap_factor(cand) * acts.of(first_rows) <= self.budget:
                     engine, k = "vmap", cand
@@ -254,16 +257,23 @@ class LossHessian:
         if self.on_step is not None:
             self.on_step()
 
-    def matmat(self, vectors: torch.Tensor | Directions) -> torch.Tensor:
-        """``H v_k`` for each direction (rows of a ``(k, p)`` tensor), in float64."""
+    def matmat(
+        self, vectors: torch.Tensor | Directions, *, dtype: torch.dtype | None = torch.float64
+    ) -> torch.Tensor:
+        """``H v_k`` for each direction (rows of a ``(k, p)`` tensor).
+
+        Accumulated over the data in ``dtype`` (None: the parameters' dtype, half the
+        memory of float64 in float32, for a sketch whose accuracy does not matter).
+        """
         dirs = _directions(vectors)
-        total = torch.zeros(dirs.count, self.size, dtype=torch.float64, device=self.theta.device)
+        dtype = dtype or self.theta.dtype
+        total = torch.zeros(dirs.count, self.size, dtype=dtype, device=self.theta.device)
 
         def add(lo: int, hi: int, hv: torch.Tensor) -> None:
-            total[lo:hi] += hv.double()
+            total[lo:hi] += hv.to(dtype)
 
         self._products(dirs, add)
-        return total / self.n  # type: ignore[operator]
+        return total.div_(self.n)  # type: ignore[arg-type]
 
     def quadratic_forms(self, vectors: torch.Tensor | Directions) -> torch.Tensor:
         """``v_kᵀ H v_k`` for each direction, in float64 (only ``k`` numbers are kept)."""
@@ -271,11 +281,42 @@ class LossHessian:
         total = torch.zeros(dirs.count, dtype=torch.float64)
 
         def add(lo: int, hi: int, hv: torch.Tensor) -> None:
-            v = dirs.block(lo, hi).to(hv)
-            total[lo:hi] += (v.double() * hv.double()).sum(-1).cpu()
+            v = dirs.block(lo, hi)
+            for r in range(hi - lo):
+                total[lo + r] += dot64(v[r], hv[r])
 
         self._products(dirs, add)
         return total / self.n  # type: ignore[operator]
+
+
+DOT_CHUNK = 1 << 20
+
+
+def dot64(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``a · b`` accumulated in float64, a million entries at a time (no full copies)."""
+    total = 0.0
+    for lo in range(0, a.numel(), DOT_CHUNK):
+        hi = lo + DOT_CHUNK
+        total += float(torch.dot(a[lo:hi].double(), b[lo:hi].double()))
+    return total
+
+
+def orthonormalize_rows(q: torch.Tensor) -> None:
+    """Gram–Schmidt (twice) on the rows of ``q``, in place, dots in float64.
+
+    A row that is (numerically) in the span of the earlier ones becomes 0; its part of
+    the trace then goes to the Hutchinson residual, which stays unbiased.
+    """
+    for i in range(q.shape[0]):
+        scale = math.sqrt(dot64(q[i], q[i]))
+        for _ in range(2):
+            for j in range(i):
+                q[i] -= dot64(q[j], q[i]) * q[j]
+        norm = math.sqrt(dot64(q[i], q[i]))
+        if norm <= 1e-10 * scale or norm == 0:
+            q[i].zero_()
+        else:
+            q[i] /= norm
 
 
 class MatrixOperator:
@@ -298,8 +339,10 @@ class MatrixOperator:
         """Nothing to plan."""
         return {}
 
-    def matmat(self, vectors: torch.Tensor | Directions) -> torch.Tensor:
-        """``H v_k`` for each direction."""
+    def matmat(
+        self, vectors: torch.Tensor | Directions, *, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """``H v_k`` for each direction, in float64."""
         dirs = _directions(vectors)
         return dirs.block(0, dirs.count).double() @ self.matrix
 
@@ -409,10 +452,11 @@ def hessian_trace(
             relation = "≤" if resolved == "exact" else ">"
             note = f"; auto: {p} parameters {relation} {AUTO_EXACT_MAX_PARAMS}"
         extra = 0.0
+        item = next(model.parameters()).element_size()
         if resolved != "exact":
-            extra = ROUND * p  # int8 probes
+            extra = 2 * p  # int8 probes made on demand
             if trace_method == "hutch++":
-                extra += 3 * sketch * p * 8  # sketch, its basis, QR workspace (float64)
+                extra += sketch * p * item  # the sketch, orthonormalized in place
         op = LossHessian(
             model,
             batches,
@@ -487,7 +531,6 @@ def trace_estimate(
     """
     clock = clock or Stopwatch()
     tell = progress or (lambda _msg: None)
-    gen = torch.Generator().manual_seed(seed)
     p = op.size
     low, low_part, sketch_used = 0.0, None, 0
     project: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -499,10 +542,9 @@ def trace_estimate(
                 f"{2 * sketch_used + 2}, got {max_probes}"
             )
         tell(f"Hutch++ trace: sketch of {sketch_used} HVPs")
-        signs = rademacher_signs(gen, (sketch_used, p))
-        y = op.matmat(Directions(sketch_used, lambda lo, hi: signs[lo:hi].double()))
-        q = torch.linalg.qr(y.T).Q.T.contiguous()  # (s, p), orthonormal rows
-        del y, signs
+        sketch_probes = Probes(seed, p, stream=1)
+        q = op.matmat(Directions(sketch_used, sketch_probes.block), dtype=None)
+        orthonormalize_rows(q)  # in place: Q, with orthonormal rows spanning HS
         tell(f"Hutch++ trace: exact part on the {sketch_used}-dimensional sketch")
         forms = op.quadratic_forms(q)
         low_part = [float(v) for v in forms]
@@ -515,7 +557,7 @@ def trace_estimate(
     spent = 2 * sketch_used
     samples, stop = _sampled_rounds(
         op,
-        gen,
+        Probes(seed, p),
         rtol=rtol,
         max_probes=max_probes - spent,
         clock=clock,
@@ -561,7 +603,7 @@ def trace_estimate(
 
 def _sampled_rounds(
     op: Operator,
-    gen: torch.Generator,
+    probes: Probes,
     *,
     rtol: float,
     max_probes: int,
@@ -603,10 +645,10 @@ def _sampled_rounds(
                 if k < 1:
                     return samples, "time_budget"
             k = max(k, 2 - len(samples), 1)
-            signs = rademacher_signs(gen, (k, op.size))
+            first, _ = probes.take(k)
 
-            def block(lo: int, hi: int, signs: torch.Tensor = signs) -> torch.Tensor:
-                v = signs[lo:hi]
+            def block(lo: int, hi: int, first: int = first) -> torch.Tensor:
+                v = probes.block(first + lo, first + hi)
                 return v if project is None else project(v)
 
             state["round"], state["done"] = k, 0
@@ -802,6 +844,33 @@ def _tridiagonal(alphas: list[float], betas: list[float]) -> torch.Tensor:
 def rademacher(gen: torch.Generator, shape: tuple[int, ...]) -> torch.Tensor:
     """±1 entries with equal probability, in float64, drawn from ``gen``."""
     return rademacher_signs(gen, shape).double()
+
+
+class Probes:
+    """Rademacher probes ``r = 0, 1, 2, …``, each made on demand from its own seed.
+
+    Probe ``r`` of a stream seeded with ``seed`` is drawn from a ``torch.Generator``
+    seeded with ``seed · 1,000,003 + r`` (plus a stream offset), so any block can be made
+    again for every data chunk instead of holding ``k × p`` signs in memory.
+    """
+
+    def __init__(self, seed: int, size: int, stream: int = 0) -> None:
+        self.seed, self.size, self.stream = seed, size, stream
+        self.next = 0
+
+    def take(self, k: int) -> tuple[int, int]:
+        """Reserve the next ``k`` probes: their index range."""
+        lo = self.next
+        self.next += k
+        return lo, lo + k
+
+    def block(self, lo: int, hi: int) -> torch.Tensor:
+        """Probes ``lo..hi`` as an int8 ``(hi - lo, p)`` tensor of ±1."""
+        rows = []
+        for r in range(lo, hi):
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 * self.stream + r)
+            rows.append(rademacher_signs(gen, (self.size,)))
+        return torch.stack(rows)
 
 
 def rademacher_signs(gen: torch.Generator, shape: tuple[int, ...]) -> torch.Tensor:

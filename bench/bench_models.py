@@ -1,0 +1,235 @@
+"""Whole-network Hutchinson trace on real-size models vs a PyHessian-style loop.
+
+    python bench/bench_models.py [--models resnet18,minilm] [--batch 64] [--probes 16]
+                                 [--rtol 0.05] [--width 64] [--vmap]
+
+For each model (random weights, a fixed random batch, float32, one thread), every side
+runs in its own subprocess so that its peak RSS (``resource.getrusage`` maxrss) is its own:
+
+* ``loop``: a PyHessian-style loop: one Rademacher probe at a time, each a forward pass, a
+  ``create_graph`` backward pass and a second backward pass (``dataloader_hv_product``);
+* ``flatcli``: ``hessian_trace(method="hutchinson")`` with the default plan (on these
+  models: double backward, the gradient graph of a batch shared by a round of probes),
+  ``rtol=0`` and ``max_probes=--probes``;
+* ``hutch++``: ``hessian_trace(trace_method="hutch++")`` run until ``--rtol`` relative
+  stderr (sketch 16, then rounds of 16 residual probes);
+* ``vmap`` (with ``--vmap``): the former default, 16 probes vmapped forward-over-reverse.
+
+Reported: seconds per probe (model build and imports excluded), peak RSS, the relative
+stderr after the probes, and the time to ``--rtol`` relative stderr. For the loop and
+plain Hutchinson, that time is extrapolated from the measured per-probe time and sample
+variance (probes needed = k·(rel/rtol)²); Hutch++'s is measured. Ratios are against the
+loop of the same run.
+
+Models: ``resnet18`` is :func:`flatcli.archs.resnet18` (11.2 M parameters at width 64)
+on 3×32×32 inputs, 10 classes; ``minilm`` is a MiniLM-L6-sized BERT (6 layers, hidden 384,
+12 heads, 22.7 M parameters) built from a ``transformers.BertConfig`` with random weights
+and eager attention, on 16-token sequences, 2 classes, wrapped in a plain ``nn.Module``
+that returns the logits (skipped if transformers is not installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- one side
+
+
+def build(name: str, batch: int, width: int):  # noqa: ANN201
+    import torch
+    from torch import nn
+
+    gen = torch.Generator().manual_seed(0)
+    if name == "resnet18":
+        from flatcli import archs
+
+        torch.manual_seed(0)
+        model = archs.resnet18(width=width).eval()
+        x = torch.randn(batch, 3, 32, 32, generator=gen)
+        y = torch.randint(0, 10, (batch,), generator=gen)
+        return model, x, y
+    if name == "minilm":
+        from transformers import BertConfig, BertForSequenceClassification
+
+        torch.manual_seed(0)
+        config = BertConfig(
+            hidden_size=384,
+            num_hidden_layers=6,
+            num_attention_heads=12,
+            intermediate_size=1536,
+            num_labels=2,
+            attn_implementation="eager",
+        )
+        bert = BertForSequenceClassification(config).eval()
+
+        class Logits(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.bert = bert
+
+            def forward(self, ids: torch.Tensor) -> torch.Tensor:
+                return self.bert(input_ids=ids).logits
+
+        x = torch.randint(0, config.vocab_size, (batch, 16), generator=gen)
+        y = torch.randint(0, 2, (batch,), generator=gen)
+        return Logits().eval(), x, y
+    raise SystemExit(f"unknown model {name}")
+
+
+def side(args: argparse.Namespace) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from flatcli.measures.estimate import mean_and_stderr
+    from flatcli.measures.hessian import hessian_trace
+
+    torch.set_num_threads(1)
+    model, x, y = build(args.model, args.batch, args.width)
+    start_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out: dict = {"parameters": sum(p.numel() for p in model.parameters())}
+    t0 = time.perf_counter()
+    if args.side == "loop":
+        params = [p for p in model.parameters() if p.requires_grad]
+        gen = torch.Generator().manual_seed(args.seed)
+        samples = []
+        for _ in range(args.probes):
+            v = [(torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).to(p) for p in params]
+            loss = F.cross_entropy(model(x), y)
+            grads = torch.autograd.grad(loss, params, create_graph=True)
+            hv = torch.autograd.grad(grads, params, grad_outputs=v)
+            samples.append(float(sum((h * vi).sum() for h, vi in zip(hv, v, strict=True))))
+            del loss, grads, hv
+        mean, se = mean_and_stderr(samples)
+        out |= {"value": mean, "stderr": se, "probes": len(samples)}
+    else:
+        kwargs: dict = {"method": "hutchinson", "seed": args.seed, "batch_size": args.batch}
+        if args.side == "hutch++":
+            kwargs |= {"trace_method": "hutch++", "rtol": args.rtol, "max_probes": 2000}
+        else:
+            kwargs |= {"rtol": 0.0, "max_probes": args.probes}
+        if args.side == "vmap":
+            kwargs["probe_batch"] = 16
+        est = hessian_trace(model, (x, y), **kwargs)
+        out |= {
+            "value": est.value,
+            "stderr": est.stderr,
+            "probes": est.details["probes"],
+            "engine": est.details["engine"],
+            "method": est.method,
+        }
+    out["seconds"] = time.perf_counter() - t0
+    out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out["start_rss"] = start_rss
+    return out
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def run_side(model: str, which: str, args: argparse.Namespace) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--side",
+        which,
+        "--model",
+        model,
+        "--batch",
+        str(args.batch),
+        "--probes",
+        str(args.probes),
+        "--rtol",
+        str(args.rtol),
+        "--width",
+        str(args.width),
+        "--seed",
+        str(args.seed),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["?"])[-1]
+        return {"error": tail}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--models", default="resnet18,minilm")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--probes", type=int, default=16)
+    parser.add_argument("--rtol", type=float, default=0.05)
+    parser.add_argument("--width", type=int, default=64, help="ResNet-18 base width")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vmap", action="store_true", help="also the vmapped engine")
+    parser.add_argument("--side", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:
+        print(json.dumps(side(args)))
+        return
+    import torch
+
+    print(
+        f"torch {torch.__version__}, 1 thread, float32, batch {args.batch}, "
+        f"{args.probes} probes per side, Hutch++ to {args.rtol:.0%} relative stderr"
+    )
+    sides = ["loop", "flatcli", "hutch++"] + (["vmap"] if args.vmap else [])
+    for model in args.models.split(","):
+        if model == "minilm":
+            try:
+                import transformers  # noqa: F401
+            except ImportError:
+                print("\n== minilm: skipped (transformers is not installed)")
+                continue
+        results = {s: run_side(model, s, args) for s in sides}
+        base = results["loop"]
+        p = next((r["parameters"] for r in results.values() if "parameters" in r), 0)
+        print(f"\n== {model}: {p / 1e6:.1f} M parameters")
+        print(
+            f"{'side':<9} {'probes':>6} {'s/probe':>8} {'ratio':>6} {'peak RSS GiB':>12} "
+            f"{'ratio':>6} {'rel se':>7} {'s to ' + format(args.rtol, '.0%'):>9} {'ratio':>6}"
+        )
+        base_to = None
+        for name, r in results.items():
+            if "error" in r:
+                print(f"{name:<9} failed: {r['error']}")
+                continue
+            per = r["seconds"] / r["probes"]
+            rel = r["stderr"] / abs(r["value"]) if r["stderr"] else math.nan
+            if name == "hutch++":
+                to = r["seconds"]
+            else:
+                to = per * max(r["probes"], r["probes"] * (rel / args.rtol) ** 2)
+            if name == "loop":
+                base_to = to
+            bp = base["seconds"] / base["probes"] if "error" not in base else math.nan
+            brss = base.get("peak_rss", math.nan)
+            print(
+                f"{name:<9} {r['probes']:>6} {per:>8.2f} {per / bp:>5.2f}x "
+                f"{gib(r['peak_rss']):>12} {r['peak_rss'] / brss:>5.2f}x {rel:>7.2%} "
+                f"{to:>9.1f} {to / base_to if base_to else math.nan:>5.2f}x"
+            )
+        for name, r in results.items():
+            if "engine" in r:
+                print(f"  {name}: {r['method']}")
+
+
+if __name__ == "__main__":
+    main()
