@@ -140,6 +140,8 @@ def _layer_group(
         seed=config.seed,
         dead_units=config.dead_units,
         progress=note,
+        max_memory=config.max_memory,
+        trace_method=config.trace_method,
     )
 
 

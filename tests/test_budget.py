@@ -293,3 +293,44 @@ def test_searches_that_hit_their_bound_are_flagged() -> None:
     low = pacbayes_flatness(model, (x, y), mc_samples=2, search_depth=3, threshold=1e-9)
     assert any("lower bound" in w for w in warnings_of(low))
     assert not any("bound" in w for w in warnings_of(pacbayes_flatness(model, (x, y))))
+
+
+# --------------------------------------------------------------------------- Hutchinson κ
+
+
+def test_identity1_chunked_to_a_small_budget_gives_the_same_kappa() -> None:
+    from flatcli.features import LayerSplit
+    from flatcli.measures.relative_flatness import identity1_plan, layer_measures
+
+    model = models.init(models.SmallCNN())
+    x, y = models.classification_data(n=12, shape=(2, 3, 3))
+    kwargs = dict(method="hutchinson", probes=20, seed=3)
+    free = layer_measures(model, "conv2", (x, y), **kwargs)
+    split, batches = LayerSplit(model, "conv2"), as_batches((x, y))
+    assert identity1_plan(split, batches, None)[0] == 16
+    chunk, chunked = identity1_plan(split, batches, 20_000)
+    assert chunk == 1 and [len(c[1]) for c in chunked] == [5, 5, 2]  # 1 probe, 5 rows a call
+    tight = layer_measures(model, "conv2", (x, y), max_memory=20_000, **kwargs)
+    for key in ("relative_flatness", "layer_hessian_trace"):
+        assert tight[key].value == pytest.approx(free[key].value, rel=1e-10), key
+        assert tight[key].stderr == pytest.approx(free[key].stderr, rel=1e-8), key
+    with pytest.raises(FlatcliError, match="max-memory"):
+        layer_measures(model, "conv2", (x, y), max_memory=1000, **kwargs)
+
+
+@pytest.mark.parametrize("layer", ["conv1", "conv2"])
+def test_hutchpp_kappa_within_four_stderr_of_dense(layer: str) -> None:
+    from flatcli.measures.relative_flatness import layer_measures
+
+    from .reference import dense_kappa, dense_trace
+
+    model = models.init(models.SmallCNN())
+    x, y = models.classification_data(n=12, shape=(2, 3, 3))
+    got = layer_measures(
+        model, layer, (x, y), method="hutchinson", probes=40, seed=1, trace_method="hutch++"
+    )
+    kappa, trace = got["relative_flatness"], got["layer_hessian_trace"]
+    assert kappa.method.startswith("hutch++: Identity 1, A-space, rank-10 sketch exact")
+    assert kappa.details["probes"] == 40 and kappa.stderr is not None
+    assert abs(kappa.value - float(dense_kappa(model, layer, x, y))) <= 4 * kappa.stderr
+    assert abs(trace.value - dense_trace(model, layer, x, y)) <= 4 * trace.stderr

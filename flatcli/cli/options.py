@@ -110,8 +110,9 @@ TraceMethodOpt = Annotated[
     str,
     typer.Option(
         "--trace-method",
-        help="Hutchinson Hessian trace estimator: hutchinson, or hutch++ (an exact low-rank "
-        "part plus Hutchinson on the rest: fewer probes for the same stderr).",
+        help="Estimator of the Hutchinson Hessian trace and of Hutchinson κ / layer trace "
+        "(Identity 1): hutchinson, or hutch++ (an exact low-rank part plus Hutchinson on "
+        "the rest: fewer probes for the same stderr).",
     ),
 ]
 MaxMemoryOpt = Annotated[

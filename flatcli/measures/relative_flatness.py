@@ -175,11 +175,19 @@ def layer_measures(
     batch_size: int = 256,
     dead_units: str = "unscaled",
     progress: Callable[[str], None] | None = None,
+    max_memory: int | None = None,
+    trace_method: str = "hutchinson",
 ) -> dict[str, Estimate]:
     """Every layer-wise measure of one layer, sharing the passes over the data.
 
     ``dead_units`` (``unscaled`` or ``drop``) chooses how Theorem 4 treats coordinates with
     σ = 0; see :func:`feature_scaling`.
+
+    The Hutchinson estimates of Identity 1 (conv and tied layers) vmap as many probes per
+    call, and split data batches into as few rows, as ``max_memory`` allows (bytes;
+    default half the free memory); see :func:`identity1_plan`. ``trace_method="hutch++"``
+    estimates κ and the layer trace by Hutch++ with ``probes`` products in all (see
+    :func:`flatcli.measures.hessian.hessian_trace`).
 
     Returns:
         ``relative_flatness``, ``relative_flatness_normalized`` (only with ``normalize``),
@@ -219,6 +227,8 @@ def layer_measures(
                 exact=resolved == "exact",
                 probes=probes,
                 seed=seed,
+                max_memory=max_memory,
+                trace_method=trace_method,
             )
         n = fit["n"]
     wn = float(split.weight.detach().double().pow(2).sum())
@@ -398,6 +408,8 @@ def _identity1(
     exact: bool,
     probes: int,
     seed: int,
+    max_memory: int | None = None,
+    trace_method: str = "hutchinson",
 ) -> dict[str, Estimate]:
     r"""κ and Tr H from HVPs in the weight: :math:`\kappa = \mathrm{Tr}\,\nabla^2_A E(W + WA)`.
 
@@ -413,6 +425,9 @@ def _identity1(
             f"exact κ of {split.name!r} needs {m * m} HVP directions; use --method hutchinson"
         )
     gen = torch.Generator().manual_seed(seed)
+    chunk = 16
+    if not exact:
+        chunk, batches = identity1_plan(split, batches, max_memory, loss)
 
     def kappa_dirs(a: torch.Tensor) -> torch.Tensor:  # (k, m, m) -> (k, *w.shape): W A
         return (w2 @ a.to(w2)).reshape(-1, *w.shape)
@@ -431,8 +446,13 @@ def _identity1(
             chunks = (
                 to_dirs(_basis(m * m, lo, hi).reshape(-1, m, m)) for lo, hi in _ranges(m * m, 256)
             )
+        elif trace_method == "hutch++":
+            out[key] = _hutchpp_estimate(
+                split, batches, loss, n, to_dirs, (m, m), probes, seed, chunk, "Identity 1, A-space"
+            )
+            continue
         else:
-            chunks = (to_dirs(_rademacher(gen, (k, m, m))) for k in _sizes(probes, 16))
+            chunks = (to_dirs(_rademacher(gen, (k, m, m))) for k in _sizes(probes, chunk))
         out[key] = _quadratic_estimate(
             split, batches, loss, n, chunks, exact=exact, what="Identity 1, A-space"
         )
@@ -441,8 +461,14 @@ def _identity1(
             _basis(w.numel(), lo, hi).reshape(-1, *w.shape).to(w)
             for lo, hi in _ranges(w.numel(), 256)
         )
+    elif trace_method == "hutch++":
+        out["layer_hessian_trace"] = _hutchpp_estimate(
+            split, batches, loss, n, lambda v: v.to(w), tuple(w.shape), probes, seed, chunk,
+            "weight space",
+        )
+        return out
     else:
-        chunks = (_rademacher(gen, (k, *w.shape)).to(w) for k in _sizes(probes, 16))
+        chunks = (_rademacher(gen, (k, *w.shape)).to(w) for k in _sizes(probes, chunk))
     out["layer_hessian_trace"] = _quadratic_estimate(
         split, batches, loss, n, chunks, exact=exact, what="weight space"
     )
@@ -545,3 +571,152 @@ def _sizes(total: int, step: int) -> Iterator[int]:
 
 def _with_details(est: Estimate, **details: Any) -> Estimate:
     return Estimate(est.value, est.stderr, est.method, {**est.details, **details})
+
+
+# --------------------------------------------------------------------------- budget, Hutch++
+
+
+def identity1_plan(
+    split: LayerSplit, batches: Batches, max_memory: int | None, loss: str = "cross_entropy"
+) -> tuple[int, Batches]:
+    r"""Probes per vmapped call and the (possibly re-chunked) data for Identity 1 Hutchinson.
+
+    Each vmapped direction holds an ``m × m`` probe ``A`` (float64 and int8), ``W A`` and
+    its tangents (about 4 weight-sized tensors), plus forward-over-reverse tangents of the
+    activations (:data:`~flatcli.measures.budget.VMAP_PER_DIRECTION` times the saved
+    activations of a batch). The most directions (at most 16) that fit ``max_memory``
+    are vmapped together; when not even one fits at full batches, batches are split.
+    """
+    from .budget import (
+        VMAP_BASE,
+        VMAP_PER_DIRECTION,
+        activation_bytes,
+        chunked,
+        plan_rows,
+        resolve_max_memory,
+        rows_of,
+    )
+
+    x, y = batches.first()
+    w = split.weight.detach()
+    m = split.weight_matrix(w).shape[1]
+    budget = resolve_max_memory(max_memory, w.device)
+
+    def loss_of(_t: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return per_sample_loss(split.model(x), y, loss).sum()  # type: ignore[arg-type]
+
+    acts = activation_bytes(loss_of, split.model, x, y)
+    per_direction = 9.0 * m * m + 4.0 * w.numel() * 8
+    rows = rows_of(x)
+    for k in (16, 8, 4, 2, 1):
+        need = k * per_direction + (VMAP_BASE + VMAP_PER_DIRECTION * k) * acts.of(rows)
+        if need <= budget:
+            return k, batches
+    factor = VMAP_BASE + VMAP_PER_DIRECTION
+    fit = plan_rows(acts, factor, budget, fixed=per_direction, what="one Identity 1 probe")
+    return 1, chunked(batches, fit)
+
+
+class _WeightHessian:
+    """The layer-weight Hessian in A-space (``V = W A``) or weight space, as an operator."""
+
+    def __init__(
+        self,
+        split: LayerSplit,
+        batches: Batches,
+        loss: str,
+        n: int,
+        to_dirs: Callable[[torch.Tensor], torch.Tensor],
+        shape: tuple[int, ...],
+        chunk: int,
+    ) -> None:
+        self.split, self.batches, self.loss, self.n = split, batches, loss, n
+        self.to_dirs, self.shape, self.chunk = to_dirs, shape, chunk
+        self.w = split.weight.detach()
+        self.on_step: Callable[[], None] | None = None
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def describe(self) -> str:
+        return f"{self.chunk} probes per vmapped call"
+
+    def plan_details(self) -> dict[str, Any]:
+        return {"probe_batch": self.chunk}
+
+    def _hvps(self, v: torch.Tensor) -> torch.Tensor:
+        """``Σ_batches H_W V_k`` for weight-shaped directions ``V`` (``(k, *w.shape)``)."""
+        w = self.w
+        total = torch.zeros(v.shape, dtype=torch.float64, device=w.device)
+        for x, y in self.batches:
+            cut = self.split.cut(x)
+
+            def f(weight: torch.Tensor, cut: Cut = cut, y: torch.Tensor = y) -> torch.Tensor:
+                out = self.split.weight_output(cut, weight)
+                return per_sample_loss(out, y, self.loss).sum()  # type: ignore[arg-type]
+
+            grad_fn = torch.func.grad(f)
+
+            def one(d: torch.Tensor, grad_fn: Callable[..., torch.Tensor] = grad_fn) -> Any:
+                return torch.func.jvp(grad_fn, (w,), (d,))[1]
+
+            total += torch.func.vmap(one, chunk_size=self.chunk)(v.to(w)).double()
+        return total / self.n
+
+    def matmat(self, vectors: Any, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``∇²_A`` (or ``∇²_W``) applied to each direction, flattened, in float64."""
+        from .hessian import _directions
+
+        dirs = _directions(vectors)
+        a = dirs.block(0, dirs.count).reshape(-1, *self.shape)
+        hv = self._hvps(self.to_dirs(a))
+        if self.shape == tuple(self.w.shape):
+            return hv.reshape(dirs.count, -1)
+        w2 = self.split.weight_matrix(self.w).double()  # A-space: ∇_A = W2ᵀ ∇_W2
+        return (w2.T @ hv.reshape(dirs.count, *w2.shape)).reshape(dirs.count, -1)
+
+    def quadratic_forms(self, vectors: Any) -> torch.Tensor:
+        """``⟨V, H V⟩`` for each direction, ``chunk`` at a time, in float64."""
+        from .hessian import _directions
+
+        dirs = _directions(vectors)
+        out = []
+        for lo in range(0, dirs.count, self.chunk):
+            hi = min(lo + self.chunk, dirs.count)
+            v = self.to_dirs(dirs.block(lo, hi).reshape(-1, *self.shape)).double()
+            out.append((v * self._hvps(v)).reshape(hi - lo, -1).sum(-1).cpu())
+            if self.on_step is not None:
+                self.on_step()
+        return torch.cat(out)
+
+
+def _hutchpp_estimate(
+    split: LayerSplit,
+    batches: Batches,
+    loss: str,
+    n: int,
+    to_dirs: Callable[[torch.Tensor], torch.Tensor],
+    shape: tuple[int, ...],
+    probes: int,
+    seed: int,
+    chunk: int,
+    what: str,
+) -> Estimate:
+    """Hutch++ with ``probes`` products in all: a sketch of ``probes // 4`` (at most 16)."""
+    from .hessian import trace_estimate
+
+    op = _WeightHessian(split, batches, loss, n, to_dirs, shape, chunk)
+    sketch = max(1, min(16, probes // 4))
+    if probes < 2 * sketch + 2:
+        raise UsageError(f"--probes must be at least {2 * sketch + 2} for hutch++, got {probes}")
+    est = trace_estimate(
+        op, trace_method="hutch++", rtol=0.0, max_probes=probes, seed=seed, sketch=sketch
+    )
+    tied = ", tied weight" if split.tied else ""
+    method = (
+        f"hutch++: {what}, rank-{est.details['sketch']} sketch exact + "
+        f"{est.details['residual_probes']} Rademacher probes{tied}"
+    )
+    keep = ("probes", "sketch", "residual_probes", "sketch_trace", "probe_batch")
+    return Estimate(est.value, est.stderr, method, {k: est.details[k] for k in keep})
