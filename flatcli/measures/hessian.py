@@ -541,12 +541,28 @@ def trace_estimate(
                 f"hutch++ with a sketch of {sketch_used} needs max_probes ≥ "
                 f"{2 * sketch_used + 2}, got {max_probes}"
             )
-        tell(f"Hutch++ trace: sketch of {sketch_used} HVPs")
-        sketch_probes = Probes(seed, p, stream=1)
-        q = op.matmat(Directions(sketch_used, sketch_probes.block), dtype=None)
-        orthonormalize_rows(q)  # in place: Q, with orthonormal rows spanning HS
-        tell(f"Hutch++ trace: exact part on the {sketch_used}-dimensional sketch")
-        forms = op.quadratic_forms(q)
+        phase = {"name": "sketch", "done": 0}
+
+        def on_step() -> None:
+            phase["done"] += 1
+            if clock.due(2.0):
+                tell(
+                    f"Hutch++ trace: {phase['name']}, {phase['done']}/{sketch_used} HVPs, "
+                    f"{format_seconds(clock.elapsed)} so far"
+                )
+
+        previous = op.on_step
+        op.on_step = on_step
+        try:
+            tell(f"Hutch++ trace: sketch of {sketch_used} HVPs")
+            sketch_probes = Probes(seed, p, stream=1)
+            q = op.matmat(Directions(sketch_used, sketch_probes.block), dtype=None)
+            orthonormalize_rows(q)  # in place: Q, with orthonormal rows spanning HS
+            phase.update(name="exact part on the sketch", done=0)
+            tell(f"Hutch++ trace: exact part on the {sketch_used}-dimensional sketch")
+            forms = op.quadratic_forms(q)
+        finally:
+            op.on_step = previous
         low_part = [float(v) for v in forms]
         low = math.fsum(low_part)
 
