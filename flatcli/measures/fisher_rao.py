@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..autodiff import SecondOrder
+from ..features import ModelInput, batch_len, call_model
 from ..losses import check_loss, per_sample_loss
 from .estimate import Estimate
 from .params import FlatParams, batches_for, empty_data, evaluating, fixed_params, select_params
@@ -74,21 +76,37 @@ def fisher_rao(
         theta = flat.vector(model)
         fixed = fixed_params(model, flat)
         total, n = 0.0, 0
+        ad = SecondOrder()
         for x, y in batches:
 
-            def losses(t: torch.Tensor, x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
-                out = torch.func.functional_call(model, {**fixed, **flat.unflatten(t)}, (x,))
+            def losses(t: torch.Tensor, x: ModelInput = x, y: torch.Tensor = y) -> torch.Tensor:
+                out = call_model(model, x, {**fixed, **flat.unflatten(t)})
                 return per_sample_loss(out, y, loss)
 
-            _, along_theta = torch.func.jvp(losses, (theta,), (theta,))
+            def forward(losses: Any = losses) -> torch.Tensor:
+                return torch.func.jvp(losses, (theta,), (theta,))[1]
+
+            def reverse(losses: Any = losses) -> torch.Tensor:
+                # J θ by double backward: u ↦ Jᵀu is linear, and its vjp with θ is J θ.
+                values, pullback = torch.func.vjp(losses, theta)
+                u0 = torch.zeros_like(values)
+                return torch.func.vjp(lambda u: pullback(u)[0], u0)[1](theta)[0]
+
+            along_theta = ad(forward, reverse)
             total += float(along_theta.double().pow(2).sum())
-            n += int(x.shape[0])
+            n += batch_len(x)
     if n == 0:
         raise empty_data()
     biases = "biases included" if include_bias else "biases excluded"
     return Estimate(
         total / n,
         None,
-        f"exact (forward-mode JVP along θ, {biases})",
+        f"exact ({_jvp_words(ad.mode)} along θ, {biases})",
         {"parameters": flat.size},
     )
+
+
+def _jvp_words(mode: str) -> str:
+    """How the JVP was taken, for the method string (:mod:`flatcli.autodiff` modes)."""
+    how = "JVP by double backward" if mode.startswith("reverse") else "forward-mode JVP"
+    return how + (", SDPA math kernel" if "SDPA" in mode else "")

@@ -31,7 +31,7 @@ from torch import nn
 from ..checkpoints import eval_mode
 from ..data import Batches, as_batches
 from ..errors import FlatcliError, UsageError
-from ..features import Cut, LayerSplit, default_layer
+from ..features import Cut, LayerSplit, batch_len, call_model, default_layer
 from ..losses import check_loss, per_sample_loss
 from .estimate import Estimate, mean_and_stderr
 
@@ -274,7 +274,7 @@ def evaluate(split: LayerSplit, batches: Batches, loss: str) -> dict[str, Any]:
     """Mean loss and accuracy over the data (one forward pass), checking it is usable."""
     fit = _Fit(loss)
     for x, y in batches:
-        fit.add(split.model(x), y)
+        fit.add(call_model(split.model, x), y)
     return fit.result()
 
 
@@ -330,7 +330,7 @@ def feature_scaling(
 def _population_std(split: LayerSplit, batches: Batches) -> tuple[torch.Tensor, torch.Tensor]:
     count, mean, m2 = 0, None, None
     for x, _ in batches:
-        phi = split.cut(x).phi.reshape(x.shape[0], -1).double()
+        phi = split.cut(x).phi.reshape(batch_len(x), -1).double()
         b = phi.shape[0]
         b_mean = phi.mean(0)
         b_m2 = ((phi - b_mean) ** 2).sum(0)
@@ -364,7 +364,7 @@ def _identity2(
     for x, y in batches:
         cut = split.cut(x)
         fit.add(cut.z if split.produces_output else split.downstream(cut.z, cut.context), y)
-        phi = cut.phi.reshape(x.shape[0], -1)
+        phi = cut.phi.reshape(batch_len(x), -1)
         q, tr = split.quadratic_forms(cut, y, loss, mats, trace=True)
         assert tr is not None
         norms = [(phi * phi).sum(1)]
@@ -377,7 +377,7 @@ def _identity2(
     how = (
         "closed form (Identity 3, logits layer)"
         if split.produces_output
-        else f"per-sample downstream HVPs (Identity 2, {split.mechanism} split)"
+        else f"per-sample downstream HVPs (Identity 2, {split.mechanism} split{split.ad.note})"
     )
     out = {
         "relative_flatness": Estimate(float(sums[0]) / n, None, f"exact: {how}"),
@@ -477,10 +477,23 @@ def _quadratic_estimate(
             ) -> torch.Tensor:
                 return (v * torch.func.jvp(grad_fn, (w,), (v,))[1]).sum()
 
-            acc += torch.func.vmap(vhv)(dirs.to(w.device)).double().cpu()
+            def vhv_reverse(
+                v: torch.Tensor, grad_fn: Callable[..., torch.Tensor] = grad_fn
+            ) -> torch.Tensor:
+                return (v * torch.func.vjp(grad_fn, w)[1](v)[0]).sum()
+
+            v = dirs.to(w.device)
+            acc += (
+                split.ad(
+                    lambda v=v, vhv=vhv: torch.func.vmap(vhv)(v),
+                    lambda v=v, r=vhv_reverse: torch.func.vmap(r)(v),
+                )
+                .double()
+                .cpu()
+            )
         values.append(acc / n)
     per_dir = torch.cat(values)
-    tied = ", tied weight" if split.tied else ""
+    tied = (", tied weight" if split.tied else "") + split.ad.note
     if exact:
         return Estimate(
             float(per_dir.sum()), None, f"exact: {what} basis, {per_dir.numel()} HVPs{tied}"
