@@ -101,7 +101,7 @@ def fisher_rao(
     return Estimate(
         total / n,
         None,
-        f"exact ({_jvp_words(ad.mode)} along θ, {biases})",
+        f"exact ({_jvp_words(ad.mode)}, {biases})",
         {"parameters": flat.size},
     )
 
@@ -109,4 +109,4 @@ def fisher_rao(
 def _jvp_words(mode: str) -> str:
     """How the JVP was taken, for the method string (:mod:`flatcli.autodiff` modes)."""
     how = "JVP by double backward" if mode.startswith("reverse") else "forward-mode JVP"
-    return how + (", SDPA math kernel" if "SDPA" in mode else "")
+    return how + " along θ" + ("; SDPA math kernel" if "SDPA" in mode else "")
