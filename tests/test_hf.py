@@ -168,7 +168,8 @@ def test_padded_positions_never_count() -> None:
     model = tiny_bert().double()
     batch = padded_batch(12)
     other = dict(batch)
-    noise = torch.randint(1, 20, batch["input_ids"].shape, generator=torch.Generator().manual_seed(9))
+    g = torch.Generator().manual_seed(9)
+    noise = torch.randint(1, 20, batch["input_ids"].shape, generator=g)
     other["input_ids"] = torch.where(batch["attention_mask"].bool(), batch["input_ids"], noise)
     assert not torch.equal(other["input_ids"], batch["input_ids"])
     for fn in (
@@ -258,7 +259,8 @@ def test_folder_loads_safetensors_only(bert_dir: Path, tmp_path: Path) -> None:
     assert load_checkpoint(bert_dir / "config.json").sha256 == ck.sha256
     ref = tiny_bert()
     batch = padded_batch(4)
-    torch.testing.assert_close(call_model(ck.model, inputs_of(batch)), ref(**inputs_of(batch)).logits)
+    x = inputs_of(batch)
+    torch.testing.assert_close(call_model(ck.model, x), ref(**x).logits)
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     (pickled / "config.json").write_text((bert_dir / "config.json").read_text())
@@ -384,3 +386,66 @@ def test_cli_audit_dict_inputs_and_outputs(tmp_path: Path) -> None:
     batch = {k: torch.as_tensor(v) for k, v in np.load(tokens).items() if not k.endswith("_test")}
     losses = per_sample_loss(call_model(model, inputs_of(batch)), batch["labels"], "cross_entropy")
     assert torch.isfinite(losses).all()
+
+
+# --------------------------------------------------------------------------- zoos and --arch
+
+
+def test_correlate_arch_columns_load_mixed_widths(tmp_path: Path) -> None:
+    from flatcli import archs
+    from flatcli.correlate import arch_kwargs_table
+
+    rows = ["checkpoint,arch.hidden,arch.activation,lr"]
+    paths = []
+    for i, width in enumerate([4, 8, 12]):
+        torch.manual_seed(i)
+        p = tmp_path / f"w{width}.pt"
+        torch.save(archs.mlp(64, [width], 10).state_dict(), p)  # plain state dict, no metadata
+        paths.append(str(p))
+        rows.append(f"{p.name},[{width}],relu,0.{i + 1}")
+    csv = tmp_path / "runs.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    assert arch_kwargs_table(csv)["w8.pt"] == {"hidden": [8], "activation": "relu"}
+    common = ["--arch", "flatcli.archs:mlp", "--data", "digits", "--max-samples", "60",
+              "--measures", "relative_flatness,weight_norm", "--bootstrap", "10"]  # fmt: skip
+    out = tmp_path / "t.csv"
+    run("correlate", *paths, *common, "--hparams", str(csv), "-o", str(out),
+        "--cache-dir", str(tmp_path / "c"))  # fmt: skip
+    import pandas as pd
+
+    df = pd.read_csv(out)
+    assert sorted(df["checkpoint"]) == ["w12.pt", "w4.pt", "w8.pt"]
+    for _, row in df.iterrows():  # each width loaded with its own kwargs: ‖W_fc‖² matches
+        width = int(row["checkpoint"][1:-3])
+        torch.manual_seed([4, 8, 12].index(width))
+        w = archs.mlp(64, [width], 10).fc.weight.detach()
+        assert row["weight_norm"] == pytest.approx(float(w.double().pow(2).sum()), rel=1e-6)
+    result = CliRunner().invoke(
+        app, ["correlate", *paths, *common, "--cache-dir", str(tmp_path / "c2")]
+    )
+    assert result.exit_code != 0 and "shape mismatch" in result.output
+
+
+def test_arch_from_a_user_file_resnet18(tmp_path: Path) -> None:
+    """--arch path/to/file.py:fn, as for torchvision/timm constructors (not installable here)."""
+    from flatcli import archs
+
+    nets = tmp_path / "nets.py"
+    nets.write_text(
+        "from flatcli.archs import resnet18\n\n"
+        "def make(num_classes=10):\n    return resnet18(num_classes=num_classes, in_channels=1)\n"
+    )
+    torch.manual_seed(0)
+    model = archs.resnet18(num_classes=10, in_channels=1).eval()
+    ck = tmp_path / "resnet.pt"
+    torch.save(model.state_dict(), ck)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
+    data = tmp_path / "images.npz"
+    np.savez(data, x=x.numpy(), y=y.numpy())
+    out = tmp_path / "r.json"
+    run("measure", str(ck), "--arch", f"{nets}:make", "--arch-kwargs", '{"num_classes": 10}',
+        "--data", str(data), "--measures", "relative_flatness", "--format", "json",
+        "-o", str(out))  # fmt: skip
+    value = _measures(json.loads(out.read_text()))["relative_flatness"]["value"]
+    assert value == pytest.approx(relative_flatness(model, "fc", (x, y)).value, rel=1e-5)
