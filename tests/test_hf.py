@@ -371,7 +371,7 @@ def dict_net() -> nn.Module:
 def test_cli_audit_dict_inputs_and_outputs(tmp_path: Path) -> None:
     arch_file = tmp_path / "nets.py"
     arch_file.write_text(
-        "import sys\nsys.path.insert(0, %r)\nfrom tests.test_hf import dict_net\n" % str(ROOT)
+        f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nfrom tests.test_hf import dict_net\n"
     )
     ck = tmp_path / "dict.safetensors"
     save_checkpoint(dict_net(), ck, arch=f"{arch_file}:dict_net")
