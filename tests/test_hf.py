@@ -146,6 +146,7 @@ def test_kappa_at_classifier_matches_dense_oracle() -> None:
     assert est.value == pytest.approx(ref, rel=1e-8, abs=1e-12)
 
 
+@pytest.mark.slow
 def test_whole_network_trace_with_default_attention() -> None:
     model = tiny_bert().double()  # transformers' default: SDPA, no forward-mode AD on CPU
     assert model.config._attn_implementation == "sdpa"
