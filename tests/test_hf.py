@@ -379,10 +379,17 @@ def test_cli_audit_dict_inputs_and_outputs(tmp_path: Path) -> None:
     tokens = write_tokens(tmp_path / "tokens.npz")
     out = tmp_path / "audit.json"
     run("audit", str(ck), "--arch", f"{arch_file}:dict_net", "--data", str(tokens),
-        "--measures", "relative_flatness,relative_flatness_normalized,fisher_rao",
-        "--format", "json", "-o", str(out))  # fmt: skip
+        "--normalize", "--format", "json", "-o", str(out))  # fmt: skip
     res = json.loads(out.read_text())
-    assert "relative_flatness" in json.dumps(res)
+    assert "path_norm" not in json.dumps(res)  # undefined for token ids: not in the default set
+    reps = [r for r in res["reparameterizations"] if not r["refused"]]
+    assert {r["kind"] for r in reps} >= {"layerwise", "neuronwise"}
+    for rep in reps:  # the dict-output model really was reparameterized and re-measured
+        assert rep["max_output_change"] < 1e-6
+        rows = {row["measure"]: row for row in rep["rows"]}
+        assert rows["relative_flatness_normalized"]["invariant"]
+        assert rows["fisher_rao"]["invariant"]
+        assert not rows["frobenius_norms"]["invariant"]
     model = dict_net()
     batch = {k: torch.as_tensor(v) for k, v in np.load(tokens).items() if not k.endswith("_test")}
     losses = per_sample_loss(call_model(model, inputs_of(batch)), batch["labels"], "cross_entropy")
