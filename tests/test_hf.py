@@ -203,8 +203,11 @@ def test_hidden_layer_kappa_hutchinson_through_sdpa() -> None:
     batch = padded_batch(6)
     layer = "bert.encoder.layer.0.attention.self.query"
     ref = dense_kappa_dict(tiny_bert("eager").double(), layer, batch)
-    est = relative_flatness(model, layer, batch, method="hutchinson", probes=64, seed=1)
-    assert "SDPA math kernel" in est.method
+    exact = relative_flatness(model, layer, batch, method="exact")  # Identity 1, m² directions
+    assert exact.value == pytest.approx(ref, rel=1e-8)
+    assert "SDPA math kernel" in exact.method
+    est = relative_flatness(model, layer, batch, seed=1)  # auto: Hutchinson for per-token output
+    assert est.method.startswith("hutchinson") and "SDPA math kernel" in est.method
     assert est.stderr is not None and est.stderr < 0.3 * abs(ref)
     assert abs(est.value - ref) <= 4 * est.stderr
 

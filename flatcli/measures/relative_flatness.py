@@ -73,7 +73,8 @@ def relative_flatness(
         method: ``exact`` (Identity 3 closed form for a logits layer, Identity 2 per-sample
             HVPs for a hidden Linear layer, Identity 1 basis enumeration for conv or tied
             weights), ``hutchinson`` (Identity 1 with Rademacher probes, any layer), or
-            ``auto`` (exact for an untied ``nn.Linear``, Hutchinson otherwise).
+            ``auto`` (exact for an untied ``nn.Linear`` with one output row per sample;
+            Hutchinson otherwise, e.g. for a Linear applied per token).
         normalize: Return :math:`\tilde\kappa` after Theorem 4's normalization instead.
         dead_units: Theorem 4's treatment of units with σ = 0: ``unscaled`` (MATH.md §4)
             or ``drop`` (pseudo-inverse; exactly neuron-wise invariant).
@@ -204,9 +205,10 @@ def layer_measures(
                 )
             note("feature statistics for Theorem 4 normalization")
             sigma = feature_scaling(split, batches, dead_units=dead_units)
-        resolved = _resolve_method(split, method)
+        per_sample = _per_sample_linear(split, batches)
+        resolved = _resolve_method(split, method, per_sample)
         note(f"relative flatness ({resolved})")
-        if resolved == "exact" and split.kind == "linear" and not split.tied:
+        if resolved == "exact" and per_sample:
             out, fit = _identity2(split, batches, loss, sigma)
         else:
             fit = evaluate(split, batches, loss)
@@ -510,10 +512,21 @@ def _quadratic_estimate(
 # --------------------------------------------------------------------------- helpers
 
 
-def _resolve_method(split: LayerSplit, method: str) -> str:
+def _per_sample_linear(split: LayerSplit, batches: Batches) -> bool:
+    """An untied Linear with one ``(batch, features)`` output row per sample (Identity 2 applies).
+
+    A Linear applied per token (output ``(batch, tokens, features)``) is not: its κ goes
+    through Identity 1 in the weight, like a convolution's.
+    """
+    if split.kind != "linear" or split.tied:
+        return False
+    return split.cut(batches.first()[0]).z.ndim == 2
+
+
+def _resolve_method(split: LayerSplit, method: str, per_sample: bool) -> str:
     if method != "auto":
         return method
-    return "exact" if split.kind == "linear" and not split.tied else "hutchinson"
+    return "exact" if per_sample else "hutchinson"
 
 
 def _batches_for(model: nn.Module, data: Any, batch_size: int) -> Batches:
