@@ -512,3 +512,33 @@ def test_real_minilm_with_a_classification_head(
         logits = model(**inputs_of(batch)).logits
     loss = torch.nn.functional.cross_entropy(logits, batch["labels"])
     assert rows["train_loss"]["value"] == pytest.approx(float(loss), rel=1e-5)
+
+
+def test_image_classifier_pixel_values(tmp_path: Path) -> None:
+    """A tiny ViT: pixel_values in a data file, the head's Linear by default, κ vs the oracle."""
+    cfg = transformers.ViTConfig(
+        image_size=8,
+        patch_size=4,
+        num_channels=1,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=8,
+        num_labels=3,
+        initializer_range=0.5,
+    )
+    torch.manual_seed(0)
+    vit = transformers.ViTForImageClassification(cfg).eval()
+    folder = tmp_path / "vit"
+    vit.save_pretrained(str(folder))
+    g = torch.Generator().manual_seed(0)
+    px, y = torch.rand(10, 1, 8, 8, generator=g), torch.randint(0, 3, (10,), generator=g)
+    data = tmp_path / "images.npz"
+    np.savez(data, pixel_values=px.numpy(), labels=y.numpy())
+    out = tmp_path / "v.json"
+    run("measure", str(folder), "--data", str(data), "--measures", "relative_flatness",
+        "--dtype", "float64", "--format", "json", "-o", str(out))  # fmt: skip
+    res = json.loads(out.read_text())
+    assert default_layer(vit) == "classifier"
+    ref = dense_kappa_dict(vit.double(), "classifier", {"pixel_values": px.double(), "labels": y})
+    assert _measures(res)["relative_flatness"]["value"] == pytest.approx(ref, rel=1e-8)
