@@ -542,3 +542,65 @@ def test_image_classifier_pixel_values(tmp_path: Path) -> None:
     assert default_layer(vit) == "classifier"
     ref = dense_kappa_dict(vit.double(), "classifier", {"pixel_values": px.double(), "labels": y})
     assert _measures(res)["relative_flatness"]["value"] == pytest.approx(ref, rel=1e-8)
+
+
+CUSTOM_CONFIG = '''from transformers import PretrainedConfig
+
+
+class XConfig(PretrainedConfig):
+    model_type = "flatcli_test_x"
+
+    def __init__(self, width=4, num_labels=3, **kw):
+        self.width = width
+        super().__init__(num_labels=num_labels, **kw)
+'''
+
+CUSTOM_MODEL = '''import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from .configuration_x import XConfig
+
+
+class XModel(PreTrainedModel):
+    config_class = XConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.body = nn.Linear(5, config.width)
+        self.classifier = nn.Linear(config.width, config.num_labels)
+        self.post_init()
+
+    def forward(self, x):
+        return {"logits": self.classifier(torch.tanh(self.body(x)))}
+'''
+
+
+def test_custom_code_loads_with_trust_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    import transformers.dynamic_module_utils as dyn
+
+    monkeypatch.setattr(dyn, "HF_MODULES_CACHE", str(tmp_path / "modules"), raising=False)
+    pkg = tmp_path / "src" / "flatcli_custom_x"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "configuration_x.py").write_text(CUSTOM_CONFIG)
+    (pkg / "modeling_x.py").write_text(CUSTOM_MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path / "src"))
+    config_mod = importlib.import_module("flatcli_custom_x.configuration_x")
+    model_mod = importlib.import_module("flatcli_custom_x.modeling_x")
+    config_mod.XConfig.register_for_auto_class()
+    model_mod.XModel.register_for_auto_class("AutoModelForSequenceClassification")
+    torch.manual_seed(0)
+    model = model_mod.XModel(config_mod.XConfig()).eval()
+    folder = tmp_path / "custom"
+    model.save_pretrained(str(folder))
+    assert "auto_map" in json.loads((folder / "config.json").read_text())
+    with pytest.raises(FlatcliError, match="--trust-code"):
+        load_checkpoint(folder)
+    ck = load_checkpoint(folder, trust_code=True)
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    assert relative_flatness(ck.model, None, {"x": x, "y": y}).value == pytest.approx(
+        relative_flatness(model, "classifier", (x, y)).value, rel=1e-6
+    )
