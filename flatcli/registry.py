@@ -28,12 +28,14 @@ class MeasureOptions:
             the Hessian trace.
         probes: Hutchinson probes for the layer-wise measures.
         seed: Seed of every random estimate.
-        dead_units: Theorem 4's treatment of dead units, ``unscaled`` or ``drop``.
+        dead_units: Theorem 4's treatment of dead units, ``drop`` (default) or ``unscaled``.
         trace_params: Parameters of ``hessian_trace`` and ``hessian_top_eigenvalue``:
             ``all``, ``layer`` (the feature layer) or a module/parameter name.
         rtol: Relative standard error target of the Hutchinson Hessian trace.
         max_probes: Most probes of the Hutchinson Hessian trace.
         fr_include_bias: Count biases in the Fisher-Rao norm.
+        fr_labels: Fisher-Rao labels: ``true`` (empirical) or ``model`` (softmax expectation).
+        l2: Weight decay α whose penalty Hessian ``α·I`` the layer-wise measures add to H.
         pacbayes_target: ``error`` or ``loss``, for PAC-Bayes and sharpness.
         pacbayes_threshold: The allowed increase τ of PAC-Bayes and sharpness.
         mc_samples: Monte Carlo draws per PAC-Bayes bisection step.
@@ -43,11 +45,13 @@ class MeasureOptions:
     method: str = "auto"
     probes: int = 64
     seed: int = 0
-    dead_units: str = "unscaled"
+    dead_units: str = "drop"
     trace_params: str = "all"
     rtol: float = 0.01
     max_probes: int = 2000
     fr_include_bias: bool = False
+    fr_labels: str = "true"
+    l2: float = 0.0
     pacbayes_target: str = "error"
     pacbayes_threshold: float = 0.1
     mc_samples: int = 10
@@ -126,6 +130,7 @@ def _layer_group(
         probes=config.probes,
         seed=config.seed,
         dead_units=config.dead_units,
+        l2=config.l2,
         progress=note,
     )
 
@@ -176,7 +181,11 @@ def _fisher_rao_group(
     note("Fisher-Rao norm (forward-mode JVP)")
     return {
         "fisher_rao": fisher_rao(
-            model, batches, loss=config.loss, include_bias=config.fr_include_bias
+            model,
+            batches,
+            loss=config.loss,
+            include_bias=config.fr_include_bias,
+            labels=config.fr_labels,
         )
     }
 
