@@ -276,6 +276,23 @@ def _norms_group(
     return out
 
 
+def _bound_group(
+    model: nn.Module,
+    batches: Batches,
+    config: MeasureConfig,
+    names: Sequence[str],
+    note: Note,
+    inputs: Inputs,
+) -> Mapping[str, Estimate]:
+    from .bound import bound_terms
+
+    note("Theorem 6 terms (KDE representativeness + κ)")
+    terms = bound_terms(
+        model, config.layer, batches, loss=config.loss, seed=config.seed, progress=note
+    )
+    return {"bound_estimate": terms.as_estimate()}
+
+
 _LAYER = (
     "relative_flatness",
     "relative_flatness_normalized",
@@ -299,6 +316,7 @@ GROUPS: dict[str, tuple[Group, tuple[str, ...]]] = {
         _norms_group,
         ("frobenius_norms", "spectral_norms", "path_norm", "distance_from_init"),
     ),
+    "bound": (_bound_group, ("bound_estimate",)),
 }
 """Group name -> (function, the measure names it produces)."""
 
