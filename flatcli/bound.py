@@ -18,8 +18,8 @@ What can be computed (Petzka et al. §6, Fig. 4):
   paper, in feature space). Over several seeded random splits of the training features
   into halves ``a`` (the first ``n // 2`` of ``numpy.random.default_rng(seed)``'s k-th
   permutation) and ``b`` (the rest), a Gaussian kernel density estimate is fitted on ``a``
-  (:class:`scipy.stats.gaussian_kde`, bandwidth by Scott's rule, over the non-constant
-  feature coordinates), and
+  (:class:`scipy.stats.gaussian_kde`, bandwidth by Scott's rule, in the span of the
+  features' principal directions, constant coordinates left out), and
 
   .. math::
 
@@ -74,7 +74,9 @@ class BoundTerms:
         splits: Random splits.
         draws: Kernel draws per training point.
         dead_units: Feature coordinates left out of the KDE (constant over the data).
-        bandwidth: Scott's factor of the KDE (``n_a^(−1/(m'+4))``).
+        bandwidth: The KDE's bandwidth factor: Scott's ``n_a^(−1/(r+4))`` (``r`` the span's
+            rank) unless one was given.
+        bandwidth_rule: ``scott`` or ``given``.
         seed: The seed.
         layer: Layer name.
     """
@@ -97,6 +99,7 @@ class BoundTerms:
     bandwidth: float
     seed: int
     layer: str
+    bandwidth_rule: str = "scott"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (non-finite numbers become None)."""
@@ -140,6 +143,7 @@ def bound_terms(
     loss: str = "cross_entropy",
     splits: int = 10,
     draws: int = 8,
+    bandwidth: float | None = None,
     seed: int = 0,
     batch_size: int = 256,
     progress: Callable[[str], None] | None = None,
@@ -154,6 +158,10 @@ def bound_terms(
         loss: ``cross_entropy`` or ``mse``.
         splits: Random half splits for the representativeness estimate (at least 2).
         draws: Kernel samples per training point and split.
+        bandwidth: The KDE's bandwidth factor (kernel covariance = factor² × the sample
+            covariance); None: Scott's rule ``n_a^(−1/(r+4))``. In many dimensions Scott's
+            factor is close to 1, kernels as wide as the data, and the estimate is then
+            dominated by the smoothing (see docs/theory.md).
         seed: Seed of the splits and the kernel draws.
         batch_size: Batch size when data are in memory.
         progress: Called with a line saying what is being computed.
@@ -163,6 +171,8 @@ def bound_terms(
         raise UsageError(f"--splits must be at least 2 (for a standard error), got {splits}")
     if draws < 1:
         raise UsageError(f"--draws must be at least 1, got {draws}")
+    if bandwidth is not None and not (math.isfinite(bandwidth) and bandwidth > 0):
+        raise UsageError(f"--bandwidth must be a positive number, got {bandwidth}")
     split = LayerSplit(model, layer or default_layer(model))
     if split.kind != "linear" or split.tied:
         raise UsageError(
@@ -200,7 +210,7 @@ def bound_terms(
         reps, factor = [], math.nan
         for order in orders:
             a, b = np.sort(order[: n // 2]), order[n // 2 :]
-            cov, factor = _kde_covariance(phi[a][:, alive])
+            cov, factor = _kde_covariance(phi[a][:, alive], bandwidth)
             in_a = np.zeros(n, dtype=bool)
             in_a[a] = True
             smoothed = _smoothed_loss(split, cuts, loss, in_a, alive, cov, draws, rng)
@@ -239,23 +249,34 @@ def bound_terms(
         bandwidth=factor,
         seed=seed,
         layer=split.name,
+        bandwidth_rule="scott" if bandwidth is None else "given",
     )
 
 
-def _kde_covariance(points: np.ndarray) -> tuple[np.ndarray, float]:
-    """The kernel covariance of scipy's Gaussian KDE (Scott's rule) and Scott's factor."""
+def _kde_covariance(points: np.ndarray, bandwidth: float | None) -> tuple[np.ndarray, float]:
+    """The kernel covariance of scipy's Gaussian KDE (Scott's rule) and Scott's factor.
+
+    The KDE is fitted in the span of the points' principal directions (eigenvalues of the
+    sample covariance above 1e-10 of the largest), as scipy advises for data in a
+    lower-dimensional subspace; the kernel covariance is mapped back to feature space.
+    """
     from scipy.stats import gaussian_kde
 
     if points.shape[1] == 0:
         raise FlatcliError("every feature coordinate is constant over the data")
-    try:
-        kde = gaussian_kde(points.T, bw_method="scott")
-    except (np.linalg.LinAlgError, ValueError) as e:
+    evals, evecs = np.linalg.eigh(np.atleast_2d(np.cov(points.T)))
+    basis = evecs[:, evals > 1e-10 * max(float(evals.max()), 1e-300)]
+    if basis.shape[1] == 0 or points.shape[0] <= basis.shape[1]:
         raise FlatcliError(
-            f"the KDE cannot be fitted on {points.shape[0]} feature vectors of dimension "
-            f"{points.shape[1]} (singular covariance: {e}); use more samples"
-        ) from None
-    return np.atleast_2d(kde.covariance), float(kde.factor)
+            f"the KDE needs more feature vectors than dimensions ({points.shape[0]} in a "
+            f"{basis.shape[1]}-dimensional span); use more samples"
+        )
+    try:
+        kde = gaussian_kde((points @ basis).T, bw_method=bandwidth or "scott")
+    except (np.linalg.LinAlgError, ValueError) as e:
+        raise FlatcliError(f"the KDE cannot be fitted on the features: {e}") from None
+    cov = basis @ np.atleast_2d(kde.covariance) @ basis.T
+    return cov, float(kde.factor)
 
 
 def _smoothed_loss(

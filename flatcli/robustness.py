@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -334,3 +335,54 @@ def _finite(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x):
         return None
     return x
+
+
+def plot_robustness(result: Robustness, path: str | Path) -> Path:
+    """Log-log plot of E_F(δ) (± 2 stderr) and δ²κ/(2m) against δ, written atomically.
+
+    The format follows the suffix (``.png``, ``.svg``, ``.pdf``). Points whose estimate is
+    not positive cannot be drawn on a log axis and are left out (the table has them).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from .io import atomic_write
+
+    path = Path(path)
+    fmt = path.suffix.lstrip(".").lower()
+    if fmt not in ("png", "svg", "pdf"):
+        raise UsageError(f"--plot must end in .png, .svg or .pdf, got {path.name!r}")
+    fig = Figure(figsize=(5, 3.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    pts = list(result.points)
+    deltas = [p.delta for p in pts]
+    ax.plot(deltas, [p.predicted for p in pts], "-", color="0.3", label="δ²κ/(2m) (Theorem 5)")
+    shown = [p for p in pts if p.feature_robustness > 0]
+    ax.errorbar(
+        [p.delta for p in shown],
+        [p.feature_robustness for p in shown],
+        yerr=[2 * (p.stderr or 0.0) for p in shown],
+        fmt="o",
+        color="tab:blue",
+        capsize=3,
+        label="E_F(δ), labels held constant (± 2 se)",
+    )
+    changed = [p for p in pts if p.label_change is not None and p.label_change > 0]
+    if changed:
+        ax.plot(
+            [p.delta for p in changed],
+            [p.label_change for p in changed],
+            "s",
+            color="tab:orange",
+            label="E_F(δ), nearest-neighbour labels",
+        )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("δ")
+    ax.set_ylabel("loss increase")
+    ax.set_title(f"layer {result.layer}: κ = {result.kappa:.4g}, m = {result.m}", fontsize=9)
+    ax.legend(fontsize=7)
+    meta = {"Software": None} if fmt == "png" else {"Date": None} if fmt == "svg" else {}
+    atomic_write(path, lambda p: fig.savefig(p, format=fmt, dpi=150, metadata=meta))
+    return path

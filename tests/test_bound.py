@@ -105,3 +105,15 @@ def test_rejects_bad_options() -> None:
     with pytest.raises(UsageError, match="nn.Linear"):
         xc, yc = models.classification_data(shape=(2, 3, 3))
         bound_terms(models.init(models.SmallCNN()), "conv2", (xc, yc))
+
+
+def test_given_bandwidth_sets_the_kernel_width() -> None:
+    model, x, y = tiny()
+    got = bound_terms(model, "0", (x, y), loss="mse", splits=3, draws=200, bandwidth=0.2)
+    assert got.bandwidth == 0.2 and got.bandwidth_rule == "given"
+    scott = bound_terms(model, "0", (x, y), loss="mse", splits=3, draws=200)
+    assert scott.bandwidth_rule == "scott"
+    # A narrower kernel smooths less: the smoothed loss is lower, representativeness higher.
+    assert got.representativeness > scott.representativeness
+    with pytest.raises(UsageError, match="bandwidth"):
+        bound_terms(model, "0", (x, y), loss="mse", bandwidth=0.0)
