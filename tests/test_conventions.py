@@ -9,8 +9,11 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from torch import nn
 
 from flatcli.errors import UsageError
 from flatcli.measures.fisher_rao import fisher_rao
@@ -69,18 +72,50 @@ def test_l2_matches_dense_hessian_of_regularized_loss(factory, layer, loss, meth
     trace = float(torch.diagonal(h.reshape(d * m, d * m)).sum())
     assert got["layer_hessian_trace"].value == pytest.approx(trace, rel=1e-10)
     assert got["layerwise_flatness"].value == pytest.approx(trace * float(w.pow(2).sum()))
-    # κ̃: Identity 1 in Theorem 4's coordinates, A ↦ W + W V A V⁻¹, on the same objective.
+    # κ̃: Definition 3 on the explicitly normalized twin (dead units removed), with the
+    # penalty (α/2)‖W̃‖² on its weight.
     with torch.no_grad():
         phi = models_phi(model, layer, x)
     sigma = phi.std(0, unbiased=False)
-    alive = sigma > 1e-12
-    inverse = torch.where(alive, 1 / torch.where(alive, sigma, 1.0), 0.0)  # dead units dropped
-    v, v_inv = torch.diag(sigma * alive), torch.diag(inverse)
-    want = regularized_identity1_trace(model, layer, x, y, loss, ALPHA, w @ v, v_inv)
+    keep = sigma > 1e-12
+    twin = copy.deepcopy(model)
+    lin = nn.Linear(int(keep.sum()), d).double()
+    module = dict(model.named_modules())[layer]
+    with torch.no_grad():
+        lin.weight.copy_(w[:, keep] * sigma[keep])
+        lin.bias.copy_(module.bias)
+    setattr(twin, layer, nn.Sequential(Pick(keep, 1 / sigma[keep]), lin))
+    want = dense_kappa_of(twin, f"{layer}.1", x, y, loss, ALPHA)
     assert got["relative_flatness_normalized"].value == pytest.approx(want, rel=1e-9)
     # The penalty's term is not small here, so the test can tell it apart from none.
     assert got["relative_flatness"].value - plain["relative_flatness"].value > 0.05 * kappa
     assert "L2 term" in got["relative_flatness"].method
+
+
+class Pick(nn.Module):
+    """``φ ↦ V⁺φ`` restricted to the kept coordinates."""
+
+    def __init__(self, keep: torch.Tensor, inverse: torch.Tensor) -> None:
+        super().__init__()
+        self.keep, self.inverse = keep, inverse
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, self.keep] * self.inverse
+
+
+def dense_kappa_of(model, layer, x, y, loss, alpha) -> float:
+    """Definition 3 from the dense Hessian of ``E(W) + (α/2)‖W‖²`` in ``layer``'s weight."""
+    w = dict(model.named_modules())[layer].weight.detach()
+    d, m = w.shape
+    f = mean_loss_of_weight(model, layer, x, y, loss)
+    h = torch.autograd.functional.hessian(
+        lambda v: f(v.reshape(d, m)) + 0.5 * alpha * v.pow(2).sum(), w.reshape(-1)
+    ).reshape(d, m, d, m)
+    return sum(
+        float(w[s] @ w[t]) * float(torch.diagonal(h[s, :, t, :]).sum())
+        for s in range(d)
+        for t in range(d)
+    )
 
 
 def models_phi(model: torch.nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
@@ -164,3 +199,19 @@ def test_dead_units_drop_is_the_default() -> None:
     unscaled = layer_measures(model, "fc", (x, y), normalize=True, dead_units="unscaled")
     assert est.value == drop["relative_flatness_normalized"].value
     assert est.value != pytest.approx(unscaled["relative_flatness_normalized"].value, rel=1e-6)
+
+
+def test_l2_keeps_normalized_kappa_neuronwise_invariant() -> None:
+    from flatcli.reparam import find_pairs, neuronwise
+
+    model = models.mlp()
+    x, y = models.classification_data()
+    alphas = torch.tensor([2.0, 9.0, 0.5, 3.0], dtype=torch.float64)
+    twin = neuronwise(model, find_pairs(model)[0][-1], alphas)
+    torch.testing.assert_close(twin(x), model(x))
+    a, b = (
+        layer_measures(m, "fc", (x, y), normalize=True, l2=ALPHA)["relative_flatness_normalized"]
+        for m in (model, twin)
+    )
+    assert a.value == pytest.approx(b.value, rel=1e-10)
+    assert a.details["l2_term"] > 0.05 * a.value

@@ -188,10 +188,13 @@ def layer_measures(
     σ = 0; see :func:`feature_scaling`.
 
     ``l2 = α > 0`` measures the regularized objective ``E + (α/2)‖W‖²_F`` of a net trained
-    with weight decay α: its Hessian is ``H + α·I``, so, exactly, Tr(H) gains ``α·d·m``,
-    κ gains ``α·m·‖W‖²_F`` (Definition 3 with ``H_{s,s'} += α·δ_{ss'}·I_m``) and κ̃ gains
-    ``α·‖WV‖²_F·Σ_t σ_t⁺²`` (with ``σ_t⁺ = 1/σ_t``, and 0 for a dropped dead unit). These
-    closed-form terms are added to the data-loss values (and change no standard error).
+    with weight decay α: its Hessian is ``H + α·I``, so, exactly, Tr(H) gains ``α·d·m``
+    and κ gains ``α·m·‖W‖²_F`` (Definition 3 with ``H_{s,s'} += α·δ_{ss'}·I_m``). κ̃ is κ
+    of the normalized layer ``W̃ = WV``, and the penalty's Hessian ``α·I`` is added to the
+    Hessian in ``W̃`` (as the authors' code adds it to whichever weights it measures): κ̃
+    gains ``α·m̃·‖WV‖²_F``, ``m̃`` the coordinates the normalization keeps (dropped dead
+    units leave). That keeps κ̃ neuron-wise invariant. These closed-form terms are added
+    to the data-loss values (and change no standard error).
 
     Returns:
         ``relative_flatness``, ``relative_flatness_normalized`` (only with ``normalize``),
@@ -271,9 +274,8 @@ def _with_l2(
     }
     if sigma is not None:
         wv = w * sigma.scale.to(w)
-        extra["relative_flatness_normalized"] = (
-            l2 * float(wv.pow(2).sum()) * float(sigma.inverse.double().pow(2).sum())
-        )
+        kept = int((sigma.inverse != 0).sum())
+        extra["relative_flatness_normalized"] = l2 * kept * float(wv.pow(2).sum())
     return {
         key: Estimate(
             est.value + extra[key],
