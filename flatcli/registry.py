@@ -350,6 +350,10 @@ so that "invariant" is decided by the arithmetic and not by an estimate's noise.
 NEEDS_INIT = ("distance_from_init",)
 """Measures that exist only with an initial checkpoint; ``all`` leaves them out without one."""
 
+OPTIONAL = ("bound_estimate",)
+"""Measures only computed when named: ``all`` leaves them out (an approximation, not a
+measure of the model alone, and defined for ``nn.Linear`` feature layers only)."""
+
 
 def available() -> list[str]:
     """Every measure name, in display order."""
@@ -365,14 +369,17 @@ def select(
 ) -> list[str]:
     """Measure names from ``--measures`` (comma list, ``all`` or None for the default).
 
-    ``all`` includes ``distance_from_init`` only when ``has_init`` (an ``--init``
+    ``all`` leaves out the :data:`OPTIONAL` measures, and includes ``distance_from_init``
+    only when ``has_init`` (an ``--init``
     checkpoint was given); naming it without one is an error when it is computed.
     """
     names = available()
     if spec is None or spec == "default":
         chosen = list(default)
     elif spec == "all":
-        chosen = [n for n in names if has_init or n not in NEEDS_INIT]
+        chosen = [
+            n for n in names if (has_init or n not in NEEDS_INIT) and n not in OPTIONAL
+        ]
     else:
         chosen = [s.strip() for s in spec.split(",") if s.strip()]
         unknown = [c for c in chosen if c not in names]

@@ -117,3 +117,8 @@ def test_given_bandwidth_sets_the_kernel_width() -> None:
     assert got.representativeness > scott.representativeness
     with pytest.raises(UsageError, match="bandwidth"):
         bound_terms(model, "0", (x, y), loss="mse", bandwidth=0.0)
+
+
+def test_all_leaves_the_optional_bound_estimate_out() -> None:
+    assert "bound_estimate" not in select("all")
+    assert select("bound_estimate,relative_flatness") == ["bound_estimate", "relative_flatness"]
