@@ -344,7 +344,7 @@ AUDIT_DEFAULT = (
     "frobenius_norms",
     "path_norm",
 )
-"""What ``flatcli audit`` compares without ``--measures``: MATH.md §5's rows, all exact,
+"""What ``flatcli audit`` compares without ``--measures``: the invariance table's rows, exact,
 so that "invariant" is decided by the arithmetic and not by an estimate's noise."""
 
 NEEDS_INIT = ("distance_from_init",)

@@ -77,3 +77,15 @@ def test_measure_defaults_and_new_options() -> None:
     assert bad.exit_code == 2 and "--fr-labels" in bad.output
     bad = invoke("measure", MLP, "--l2", "-1")
     assert bad.exit_code == 2 and "--l2" in bad.output
+
+
+def test_robustness_csv_output_has_manifest_sidecar(tmp_path: Path) -> None:
+    out = tmp_path / "rob.csv"
+    result = invoke(
+        "robustness", MLP, "--deltas", "0.1", "--probes", "2", "--max-samples", "50",
+        "--format", "csv", "--output", str(out),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert out.read_text().splitlines()[0].startswith("delta,feature_robustness,stderr")
+    sidecar = json.loads((tmp_path / "rob.manifest.json").read_text())
+    assert sidecar["schema"] == "flatcli.robustness/1" and "manifest" in sidecar

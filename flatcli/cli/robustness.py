@@ -143,15 +143,21 @@ def robustness(
     if fmt == "json":
         emit(to_json(report), output)
         return
+    if fmt == "csv":
+        import pandas as pd
+
+        text = pd.DataFrame(report["deltas"]).to_csv(index=False)
+        if output is not None:
+            from ..report import write_csv_output
+
+            provenance = {k: v for k, v in report.items() if k != "deltas"}
+            write_csv_output(output, text, provenance)
+        sys.stdout.write(text)
+        return
     if output is not None:
         from ..report import write_output
 
         write_output(output, to_json(report))
-    if fmt == "csv":
-        import pandas as pd
-
-        sys.stdout.write(pd.DataFrame(report["deltas"]).to_csv(index=False))
-        return
     from .render import robustness_table
 
     robustness_table(result, title=f"{prep.checkpoint.path.name} · {prep.batches.source} {split}")

@@ -1,4 +1,4 @@
-r"""Fisher-Rao norm (Liang et al. 2019), MATH.md §7.
+r"""Fisher-Rao norm (Liang et al. 2019); conventions in docs/measures.md.
 
 .. math::
 
@@ -51,8 +51,8 @@ def fisher_rao(
     :math:`\theta` is every trainable parameter selected by ``params`` whose name does not
     end in ``bias`` (unless ``include_bias``). Normalization-layer scales (a BatchNorm's
     ``weight``) therefore count as weights: they multiply like weights, and the norm's
-    invariances (MATH.md §5) are only exact for bias- and normalization-free ReLU
-    networks anyway.
+    invariances (docs/measures.md, "Invariances") are only exact for bias- and
+    normalization-free ReLU networks anyway.
 
     For a bias-free ReLU network with ``K`` weight layers and cross-entropy, Euler's
     theorem gives :math:`\langle\theta, \nabla\ell_i\rangle = K(\langle

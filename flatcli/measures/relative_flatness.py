@@ -7,7 +7,7 @@ References:
     Adilova, Abourayya, Li, Dada, Petzka, Egger, Kleesiek, Kamp. *FAM: Relative
     Flatness Aware Minimization.* 2023. https://arxiv.org/abs/2307.02337
 
-All quantities are per-sample averages accumulated batch by batch (MATH.md §1–§4):
+All quantities are per-sample averages accumulated batch by batch (docs/measures.md):
 
 .. math::
 
@@ -329,7 +329,7 @@ def feature_std(split: LayerSplit, batches: Batches) -> tuple[torch.Tensor, int]
 
     Streams batch by batch with Chan's parallel update in float64, so it is exact up to
     rounding without holding the features. Dead coordinates (σ = 0) come back as 1 and are
-    counted (MATH.md §4).
+    counted (Theorem 4's dead units).
     """
     sigma, dead = _population_std(split, batches)
     return torch.where(dead, torch.ones_like(sigma), sigma), int(dead.sum())
