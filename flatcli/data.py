@@ -234,15 +234,17 @@ def as_batches(
 
 def check_same_length(x: ModelInput, y: torch.Tensor) -> int:
     """The number of samples, checking that inputs (every entry) and labels agree."""
-    entries = x.items() if isinstance(x, Mapping) else [("x", x)]
+    entries = list(x.items()) if isinstance(x, Mapping) else [("x", x)]
     if not entries:
         raise FlatcliError("a dict batch holds no inputs")
-    n_y = int(y.shape[0]) if y.ndim else 0
+    if y.ndim == 0:
+        raise FlatcliError("labels must hold one value per sample, got a scalar")
+    n = int(y.shape[0])
     for name, t in entries:
         n_x = int(t.shape[0]) if t.ndim else 0
-        if n_x != n_y or n_y == 0 and y.ndim == 0:
-            raise FlatcliError(f"{name} has {n_x} samples but y has {n_y}")
-    return n_y
+        if n_x != n:
+            raise FlatcliError(f"{name} has {n_x} samples but y has {n}")
+    return n
 
 
 def _len_or_none(data: Iterable[Any]) -> int | None:

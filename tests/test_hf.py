@@ -162,6 +162,10 @@ def test_whole_network_trace_with_default_attention() -> None:
     fr_sdpa, fr_eager = fisher_rao(model, batch), fisher_rao(eager, batch)
     assert fr_sdpa.value == pytest.approx(fr_eager.value, rel=1e-10)
     assert "SDPA math kernel" in fr_sdpa.method and "SDPA" not in fr_eager.method
+    model_fisher = fisher_rao(model, batch, labels="model")
+    assert model_fisher.value == pytest.approx(
+        fisher_rao(eager, batch, labels="model").value, rel=1e-10
+    )
 
 
 def test_padded_positions_never_count() -> None:
