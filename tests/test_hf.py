@@ -212,6 +212,8 @@ def test_hidden_layer_kappa_hutchinson_through_sdpa() -> None:
     assert "SDPA math kernel" in exact.method
     est = relative_flatness(model, layer, batch, seed=1)  # auto: Hutchinson for per-token output
     assert est.method.startswith("hutchinson") and "SDPA math kernel" in est.method
+    with pytest.raises(FlatcliError, match="one feature vector per sample"):
+        relative_flatness(model, layer, batch, normalize=True)
     assert est.stderr is not None and est.stderr < 0.3 * abs(ref)
     assert abs(est.value - ref) <= 4 * est.stderr
 

@@ -214,15 +214,22 @@ def layer_measures(
     note = progress or (lambda _msg: None)
     with _eval_mode(model), torch.no_grad():
         sigma: FeatureScaling | None = None
+        rows = split.kind == "linear" and split.cut(batches.first()[0]).z.ndim == 2
         if normalize:
             if split.kind != "linear":
                 raise UsageError(
                     "--normalize (Theorem 4) is defined for nn.Linear feature "
                     f"layers; {split.name!r} is {type(split.layer).__name__}"
                 )
+            if not rows:
+                raise UsageError(
+                    f"--normalize (Theorem 4) needs one feature vector per sample; "
+                    f"{split.name!r} is applied per position (a token), so its features "
+                    "have no per-sample standard deviation"
+                )
             note("feature statistics for Theorem 4 normalization")
             sigma = feature_scaling(split, batches, dead_units=dead_units)
-        per_sample = _per_sample_linear(split, batches)
+        per_sample = rows and not split.tied
         resolved = _resolve_method(split, method, per_sample)
         note(f"relative flatness ({resolved})")
         if resolved == "exact" and per_sample:
@@ -559,18 +566,12 @@ def _quadratic_estimate(
 # --------------------------------------------------------------------------- helpers
 
 
-def _per_sample_linear(split: LayerSplit, batches: Batches) -> bool:
-    """An untied Linear with one ``(batch, features)`` output row per sample (Identity 2 applies).
-
-    A Linear applied per token (output ``(batch, tokens, features)``) is not: its κ goes
-    through Identity 1 in the weight, like a convolution's.
-    """
-    if split.kind != "linear" or split.tied:
-        return False
-    return split.cut(batches.first()[0]).z.ndim == 2
-
-
 def _resolve_method(split: LayerSplit, method: str, per_sample: bool) -> str:
+    """``auto``: exact (Identity 2) for an untied Linear with one output row per sample.
+
+    A Linear applied per token (output ``(batch, tokens, features)``), a convolution and a
+    tied weight go through Identity 1 in the weight, with Hutchinson probes.
+    """
     if method != "auto":
         return method
     return "exact" if per_sample else "hutchinson"
