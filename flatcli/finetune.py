@@ -501,7 +501,6 @@ def finetune(
                     f"{WARN_STEP_RATIO:g}: FAM may be unstable; lower --lr or --fam-lambda, "
                     f"or use --fam-lambda auto (R = {SAFE_STEP_RATIO:g})"
                 )
-                note(f"warning: {warnings[-1]}")
         guard = DivergenceGuard(
             loss0=before["train_loss"].value,
             kappa0=before[kappa_key].value,

@@ -163,8 +163,8 @@ def history_figure(
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     if start is not None:
-        fig.text(0.01, 0.01, "epoch 0: the starting model (full data); then batch averages",
-                 fontsize=7, color="0.4")  # fmt: skip
+        for ax in axes:
+            ax.set_xlabel("epoch (0: the starting model)")
     if title:
         fig.suptitle(title)
     return fig

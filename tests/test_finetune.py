@@ -373,6 +373,8 @@ def test_cli_bundled_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     result = invoke(str(MLP), "--fam-lambda", "0.1", "--epochs", "2", "--max-samples", "300")
     assert result.exit_code == 0, result.output
     assert "before → after" in result.stdout and "relative_flatness" in result.stdout
+    assert "T-matched" in result.stdout and "R = " in result.stdout
+    assert "clip 1" in result.stdout
     for suffix in (".safetensors", ".csv", ".png", ".state.pt"):
         assert (tmp_path / f"digits_mlp-fam{suffix}").is_file(), suffix
     assert load_checkpoint(tmp_path / "digits_mlp-fam.safetensors").hparams["fam_lambda"] == 0.1
@@ -399,9 +401,10 @@ def test_cli_explicit_data_out_and_resume(tmp_path: Path) -> None:
         "--seed",
         "5",
     ]
-    first = invoke(*args)
+    first = invoke(*args, "--fam-gradient", "detached", "--clip-grad-norm", "none")
     assert first.exit_code == 0, first.output
-    again = invoke(*args, "--resume")
+    assert "detached gradient" in first.stdout and "clip off" in first.stdout
+    again = invoke(*args, "--fam-gradient", "detached", "--clip-grad-norm", "0", "--resume")
     assert again.exit_code == 0 and "resumed after epoch 2" in again.stdout
     assert load_checkpoint(out).metadata["data"] == "digits"
     assert (tmp_path / "tuned.csv").is_file() and (tmp_path / "tuned.png").is_file()
@@ -413,6 +416,10 @@ def test_cli_explicit_data_out_and_resume(tmp_path: Path) -> None:
         (["--fam-lambda", "-0.1"], 2, "--fam-lambda must be"),
         (["--layer", "fc_2"], 2, "did you mean fc2"),
         (["--optimizer", "lbfgs"], 2, "--optimizer"),
+        (["--fam-lambda", "lots"], 2, "--fam-lambda must be"),
+        (["--clip-grad-norm", "tight"], 2, "--clip-grad-norm must be"),
+        (["--fam-gradient", "half"], 2, "--fam-gradient"),
+        (["--fam-scale", "log"], 2, "--fam-scale"),
         (["--data", "nope.npz"], 1, "data file not found"),
     ],
 )
