@@ -444,7 +444,6 @@ def finetune(
         return found
 
     start_net = copy.deepcopy(net)  # the starting weights, for the temperature baseline
-    warnings: list[str] = []
     cuda = [dev] if dev.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.default_generator.manual_seed(torch_seed)
@@ -490,17 +489,7 @@ def finetune(
                 )
             )
         lam = float(hparams["fam_lambda_used"])
-        ratio = hparams["fam_step_ratio"]
-        if fam_lambda != lam:
-            note(f"λ = {lam:.4g} ({fam_scale if fam_lambda != 'auto' else 'auto'})")
-        if ratio is not None:
-            note(f"relative step at step 0: R = {ratio:.3g}")
-            if ratio > WARN_STEP_RATIO:
-                warnings.append(
-                    f"the relative step at step 0 is R = {ratio:.3g}, above "
-                    f"{WARN_STEP_RATIO:g}: FAM may be unstable; lower --lr or --fam-lambda, "
-                    f"or use --fam-lambda auto (R = {SAFE_STEP_RATIO:g})"
-                )
+        warnings = _announce_lambda(hparams, note)
         guard = DivergenceGuard(
             loss0=before["train_loss"].value,
             kappa0=before[kappa_key].value,
@@ -510,35 +499,20 @@ def finetune(
         )
         good_weights = copy.deepcopy(net.state_dict())
         for epoch in range(start + 1, epochs + 1):
-            t0 = time.perf_counter()
-            stats = train_epoch(
+            record, reason = _epoch(
+                epoch,
                 net,
                 reg,
                 opt,
                 sched,
-                x,
-                y,
+                (x, y),
+                test_xy,
+                guard,
                 fam_lambda=lam,
                 batch_size=batch_size,
                 shuffle=shuffle,
                 sam=optimizer == "sam",
                 clip_grad_norm=clip,
-            )
-            weight_sq = float(reg.split.weight.detach().double().pow(2).sum())
-            reason = guard.check(stats, weight_sq)
-            finite = reason is None or "NaN" not in reason
-            tm = heldout_metrics(net, test_xy, loss_name) if test_xy and finite else {}
-            record = EpochRecord(
-                epoch=epoch,
-                lr=float(opt.param_groups[0]["lr"]),
-                train_loss=stats.train_loss,
-                kappa=stats.kappa,
-                test_loss=tm["test_loss"].value if "test_loss" in tm else None,
-                test_accuracy=tm["test_accuracy"].value if "test_accuracy" in tm else None,
-                weight_sq_norm=weight_sq,
-                phi_sq_mean=stats.phi_sq_mean,
-                max_softmax=stats.max_softmax,
-                seconds=time.perf_counter() - t0,
             )
             history.append(record)
             if reason is not None:
@@ -617,6 +591,58 @@ def finetune(
 
 
 # --------------------------------------------------------------------------- bookkeeping
+
+
+def _epoch(
+    epoch: int,
+    net: nn.Module,
+    reg: FAMRegularizer,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler | None,
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor] | None,
+    guard: DivergenceGuard,
+    **step: Any,
+) -> tuple[EpochRecord, str | None]:
+    """One epoch (:func:`~flatcli.training.train_epoch` with ``step``), its test metrics
+    and its record, and the guard's verdict (None: fine)."""
+    t0 = time.perf_counter()
+    stats = train_epoch(net, reg, opt, sched, *train, **step)
+    weight_sq = float(reg.split.weight.detach().double().pow(2).sum())
+    reason = guard.check(stats, weight_sq)
+    finite = reason is None or "NaN" not in reason
+    tm = heldout_metrics(net, test, reg.loss) if test is not None and finite else {}
+    record = EpochRecord(
+        epoch=epoch,
+        lr=float(opt.param_groups[0]["lr"]),
+        train_loss=stats.train_loss,
+        kappa=stats.kappa,
+        test_loss=tm["test_loss"].value if "test_loss" in tm else None,
+        test_accuracy=tm["test_accuracy"].value if "test_accuracy" in tm else None,
+        weight_sq_norm=weight_sq,
+        phi_sq_mean=stats.phi_sq_mean,
+        max_softmax=stats.max_softmax,
+        seconds=time.perf_counter() - t0,
+    )
+    return record, reason
+
+
+def _announce_lambda(hparams: Mapping[str, Any], note: Callable[[str], None]) -> list[str]:
+    """Say which λ the run uses and its step ratio R; the warnings, if R is large."""
+    lam, ratio = hparams["fam_lambda_used"], hparams["fam_step_ratio"]
+    if hparams["fam_lambda"] != lam:
+        how = "auto" if hparams["fam_lambda"] == "auto" else hparams["fam_scale"]
+        note(f"λ = {lam:.4g} ({how})")
+    if ratio is None:
+        return []
+    note(f"relative step at step 0: R = {ratio:.3g}")
+    if ratio <= WARN_STEP_RATIO:
+        return []
+    return [
+        f"the relative step at step 0 is R = {ratio:.3g}, above {WARN_STEP_RATIO:g}: FAM "
+        "may be unstable; lower --lr or --fam-lambda, or use --fam-lambda auto "
+        f"(R = {SAFE_STEP_RATIO:g})"
+    ]
 
 
 def _title(layer: str, lam: float) -> str:
