@@ -789,7 +789,8 @@ def _check_options(
     if fam_lambda == "auto":
         need(
             optimizer != "adam",
-            "--fam-lambda auto needs --optimizer sgd or sam (R assumes an SGD step)",
+            "--fam-lambda auto needs --optimizer sgd or sam (R assumes an SGD step); "
+            "with adam, pass a number",
         )
         need(
             fam_scale == "absolute",

@@ -32,11 +32,11 @@ def finetune(
         str,
         typer.Option(
             "--fam-lambda",
-            help="λ ≥ 0, the weight of κ in the objective E + λκ (0: plain), or auto: the λ "
-            "whose relative step R at step 0 is 0.003 (sgd, sam). With --fam-scale relative: "
-            "the fraction λκ₀/E₀.",
+            help="λ ≥ 0, the weight of κ in the objective E + λκ (0: plain), or auto (the "
+            "default): the λ whose relative step R at step 0 is 0.003 (sgd, sam; pass a "
+            "number with adam). With --fam-scale relative: the fraction λκ₀/E₀.",
         ),
-    ] = "0.1",
+    ] = "auto",
     fam_scale: Annotated[
         str,
         typer.Option(
@@ -139,6 +139,8 @@ def finetune(
     the last good epoch's weights and exits 1.
 
     Examples:
+
+        flatcli finetune sample_models/digits_mlp.safetensors
 
         flatcli finetune sample_models/digits_mlp.safetensors --fam-lambda 0.1
 
