@@ -34,8 +34,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..autodiff import FORWARD, REVERSE, SecondOrder
 from ..data import Batches
 from ..errors import UsageError
+from ..features import batch_len
 from ..losses import check_loss
 from .budget import (
     FACTORS,
@@ -171,6 +173,7 @@ class LossHessian:
         self.fixed = fixed_params(model, self.flat)
         self.n: int | None = None
         self.on_step: Callable[[], None] | None = None
+        self.ad = SecondOrder()
         self.budget = resolve_max_memory(max_memory, self.theta.device)
         self._plan(probe_batch, extra_bytes)
 
@@ -199,6 +202,8 @@ class LossHessian:
         what = f"a Hessian-vector product ({engine.replace('_', ' ')})"
         self.rows = plan_rows(acts, factor, self.budget, fixed=fixed, what=what)
         self.engine, self.probe_batch = engine, k
+        if engine == "double_backward":
+            self.ad.mode = REVERSE
         self.activations, self.fixed_bytes, self.factor = acts, fixed, factor
         self.split = self.rows < first_rows
         self.estimate = fixed + factor * acts.of(min(self.rows, first_rows))
@@ -215,6 +220,10 @@ class LossHessian:
             if self.engine == "double_backward"
             else f"forward-over-reverse, {self.probe_batch} probes per vmapped call"
         )
+        if "SDPA" in self.ad.mode:
+            how += ", SDPA math kernel"
+        elif self.engine == "vmap" and self.ad.mode != FORWARD:
+            how += f", fell back to {self.ad.mode}"
         if self.split:
             how += f", data in chunks of {self.rows} rows"
         return how
@@ -240,15 +249,22 @@ class LossHessian:
         for x, y in row_chunks(self.batches, self.rows):
             f = self._loss_fn(x, y)
             if self.engine == "double_backward":
-                for r, hv in double_backward_hvps(f, self.theta, dirs.row, dirs.count):
-                    consume(r, r + 1, hv[None])
-                    self._step()
+
+                def run(f: Callable[[torch.Tensor], torch.Tensor] = f) -> None:
+                    # a missing double-backward formula fails on the first product,
+                    # before anything is consumed, so a retry starts clean
+                    for r, hv in double_backward_hvps(f, self.theta, dirs.row, dirs.count):
+                        consume(r, r + 1, hv[None])
+                        self._step()
+
+                self.ad(run, run)
             else:
                 for lo in range(0, dirs.count, self.probe_batch):
                     hi = min(lo + self.probe_batch, dirs.count)
-                    consume(lo, hi, hvp(f, self.theta, dirs.block(lo, hi).to(self.theta)))
+                    v = dirs.block(lo, hi).to(self.theta)
+                    consume(lo, hi, hvp(f, self.theta, v, ad=self.ad))
                     self._step()
-            n += int(y.shape[0])
+            n += batch_len(x)
         if n == 0:
             raise empty_data()
         self.n = n
@@ -509,7 +525,14 @@ def _exact_trace(op: LossHessian, note: str, tell: Progress) -> Estimate:
         hi = min(lo + EXACT_CHUNK, p)
         total += float(op.quadratic_forms(_unit_rows(p, lo, hi)).sum())
         tell(f"exact Hessian trace: {hi}/{p} HVPs")
-    est = Estimate(total, None, f"exact (diagonal by HVP{note})", {"parameters": p, "hvps": p})
+    fallback = ""
+    if "SDPA" in op.ad.mode:
+        fallback = "; SDPA math kernel"
+    elif op.engine == "vmap" and op.ad.mode != FORWARD:
+        fallback = f"; {op.ad.mode}"
+    est = Estimate(
+        total, None, f"exact (diagonal by HVP{note}{fallback})", {"parameters": p, "hvps": p}
+    )
     return _flag_zero(est)
 
 

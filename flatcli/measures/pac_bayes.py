@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
+from ..features import call_model
 from ..losses import check_loss, per_sample_loss
 from .budget import fit_batches
 from .estimate import Estimate, mean_and_stderr, with_warnings
@@ -221,7 +222,7 @@ def pacbayes_sigma(
             batches,
             "forward",
             max_memory,
-            loss_of=lambda _t, x, y: per_sample_loss(model(x), y, loss).sum(),
+            loss_of=lambda _t, x, y: per_sample_loss(call_model(model, x), y, loss).sum(),
             fixed=2 * _param_bytes(model),  # the noise and the moved weights
             what="a perturbed forward pass",
         )
