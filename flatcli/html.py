@@ -231,11 +231,14 @@ def _audit_page(r: Mapping[str, Any]) -> dict[str, Any]:
                 _invariant(None if hit is None else hit["invariant"]),
             ]
         rows.append(row)
+    settings = r.get("audit") or {}
+    tolerance = settings.get("tolerance")
     summary = _table(
         columns,
         rows,
         caption="Relative change of each measure under each function-preserving "
-        "reparameterization; “invariant” when below the tolerance.",
+        "reparameterization; “invariant” when below the tolerance"
+        + (f" ({tolerance:g})." if isinstance(tolerance, (int, float)) else "."),
         id="invariance",
     )
     blocks: list[dict[str, Any]] = [summary]
@@ -590,7 +593,7 @@ def _manifest_blocks(r: Mapping[str, Any]) -> list[dict[str, Any]]:
                 sortable=False,
             )
         )
-    for key in ("config", "hparams"):
+    for key in ("config", "hparams", "audit"):
         if isinstance(r.get(key), Mapping) and r[key]:
             blocks.append(_kv_table(r[key].items(), "option", caption=f"Options ({key})."))
     blocks.append({"kind": "details", "summary": "The whole manifest as JSON",

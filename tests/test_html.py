@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import shlex
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -296,3 +297,81 @@ def test_non_finite_numbers_show_as_na() -> None:
     value = page.row("measures", "fisher_rao")[1]
     assert value[1] == "n/a" and value[0]["data-value"] == ""
     assert not math.isnan(float(page.row("measures", "tiny")[1][0]["data-value"]))
+
+
+# --------------------------------------------------------------------------- the CLI
+
+ROOT = Path(__file__).resolve().parents[1]
+MLP = str(ROOT / "sample_models" / "digits_mlp.safetensors")
+
+
+def invoke(*args: str) -> str:
+    from typer.testing import CliRunner
+
+    from flatcli.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_measure_report_is_the_page_of_its_json(tmp_path: Path) -> None:
+    page, saved = tmp_path / "m.html", tmp_path / "m.json"
+    args = ["measure", MLP, "--measures", "relative_flatness,weight_norm", "--max-samples",
+            "200", "--format", "json", "--output", str(saved), "--report", str(page)]
+    invoke(*args)
+    result = load_result(saved)
+    assert result["manifest"]["argv"] == ["flatcli", *args]  # in the order given here
+    invoke("report", str(saved), "-o", str(tmp_path / "again.html"))
+    assert (tmp_path / "again.html").read_bytes() == page.read_bytes()
+    shown = Page(page.read_text(encoding="utf-8"))
+    assert shlex.join(["flatcli", *args]) in shown.text  # the command line, as one line
+    for name, est in result["measures"].items():
+        assert float(shown.row("measures", name)[1][0]["data-value"]) == est["value"]
+
+
+def test_audit_writes_its_page(tmp_path: Path) -> None:
+    audit_page = tmp_path / "audit.html"
+    invoke("audit", MLP, "--measures", "relative_flatness,weight_norm", "--max-samples", "100",
+           "--report", str(audit_page))
+    audit = load_result(audit_page)
+    assert audit["audit"]["tolerance"] == 1e-6
+    assert "(1e-06)" in audit_page.read_text(encoding="utf-8")
+
+
+def test_finetune_writes_its_page(tmp_path: Path) -> None:
+    ft_page = tmp_path / "ft.html"
+    invoke("finetune", MLP, "--epochs", "1", "--max-samples", "64", "--out",
+           str(tmp_path / "ft.safetensors"), "--report", str(ft_page))
+    ft = load_result(ft_page)
+    assert ft["schema"] == "flatcli.finetune/1" and len(ft["history"]) == 1
+    assert ft["manifest"]["argv"][:3] == ["flatcli", "finetune", MLP]
+    assert ft["checkpoint"]["output_sha256"] and "relative_flatness" in ft["after"]
+    assert len(figures(Page(ft_page.read_text(encoding="utf-8")))) == 1
+
+
+def test_plot_writes_the_correlate_page(tmp_path: Path) -> None:
+    import pandas as pd
+
+    table = tmp_path / "zoo.csv"
+    pd.DataFrame(correlate_result()["checkpoints"]).to_csv(table, index=False)
+    page = tmp_path / "zoo.html"
+    invoke("plot", str(table), "--plots", str(tmp_path / "figs"), "--bootstrap", "20",
+           "--color-by", "lr", "--report", str(page))
+    saved = load_result(page)
+    assert saved["source"] == str(table) and len(saved["checkpoints"]) == 12
+    text = page.read_text(encoding="utf-8")
+    assert "colored by lr" in text and len(figures(Page(text))) == 4
+
+
+def test_report_fails_fast_on_a_missing_directory(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from flatcli.cli import app
+
+    missing = tmp_path / "nope" / "page.html"
+    result = CliRunner().invoke(app, ["measure", MLP, "--report", str(missing)])
+    assert result.exit_code == 1 and "does not exist" in result.output
+    assert "Traceback" not in result.output
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "none.json")])
+    assert result.exit_code == 1 and "result file not found" in result.output

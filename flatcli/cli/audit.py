@@ -9,7 +9,17 @@ import typer
 
 from ..errors import UsageError
 from .app import app
-from .common import check_format, emit, friendly, measure_options, progress, setup
+from .common import (
+    check_format,
+    check_report_path,
+    command_argv,
+    emit,
+    friendly,
+    measure_options,
+    progress,
+    setup,
+    write_page,
+)
 from .options import (
     ArchKwargsOpt,
     ArchOpt,
@@ -32,6 +42,7 @@ from .options import (
     PacTargetOpt,
     PacThresholdOpt,
     ProbesOpt,
+    ReportOpt,
     RtolOpt,
     SeedOpt,
     SplitOpt,
@@ -44,6 +55,7 @@ from .options import (
 @app.command()
 @friendly
 def audit(
+    ctx: typer.Context,
     checkpoint: Checkpoint,
     layer: LayerOpt = None,
     measures: Annotated[
@@ -101,6 +113,7 @@ def audit(
     seed: SeedOpt = 0,
     fmt: FormatOpt = "table",
     output: OutputOpt = None,
+    report_page: ReportOpt = None,
 ) -> None:
     """Which measures survive function-preserving reparameterizations?
 
@@ -121,6 +134,7 @@ def audit(
     from ..runtime import manifest
 
     fmt = check_format(fmt)
+    check_report_path(report_page)
     if not 0 < alpha_low <= alpha_high:
         raise UsageError("--alpha-low and --alpha-high must satisfy 0 < low <= high")
     names = registry.select(
@@ -180,9 +194,13 @@ def audit(
         },
         "measures": {k: v.to_dict() for k, v in original.items()},
         "reparameterizations": [r.to_dict() for r in reps],
-        "manifest": manifest(device=prep.device, dtype=prep.dtype, seed=seed),
+        "manifest": manifest(
+            device=prep.device, dtype=prep.dtype, seed=seed, argv=command_argv(ctx)
+        ),
         "config": config.as_dict(),
+        "audit": {"tolerance": tolerance, "alpha_range": [alpha_low, alpha_high]},
     }
+    write_page(report_page, report)
     if fmt == "json":
         emit(to_json(report), output)
         return

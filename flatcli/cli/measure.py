@@ -8,7 +8,17 @@ from typing import Annotated
 import typer
 
 from .app import app
-from .common import check_format, emit, friendly, measure_options, progress, setup
+from .common import (
+    check_format,
+    check_report_path,
+    command_argv,
+    emit,
+    friendly,
+    measure_options,
+    progress,
+    setup,
+    write_page,
+)
 from .options import (
     ArchKwargsOpt,
     ArchOpt,
@@ -32,6 +42,7 @@ from .options import (
     PacTargetOpt,
     PacThresholdOpt,
     ProbesOpt,
+    ReportOpt,
     RtolOpt,
     SeedOpt,
     SplitOpt,
@@ -44,6 +55,7 @@ from .options import (
 @app.command()
 @friendly
 def measure(
+    ctx: typer.Context,
     checkpoint: Checkpoint,
     layer: LayerOpt = None,
     measures: Annotated[
@@ -87,6 +99,7 @@ def measure(
     seed: SeedOpt = 0,
     fmt: FormatOpt = "table",
     output: OutputOpt = None,
+    report_page: ReportOpt = None,
 ) -> None:
     """Relative flatness and the other measures of one checkpoint, on its training data.
 
@@ -106,6 +119,7 @@ def measure(
     from ..runtime import manifest
 
     fmt = check_format(fmt)
+    check_report_path(report_page)
     names = registry.select(measures, normalize=normalize, has_init=init is not None)
     options = measure_options(
         method=method,
@@ -152,9 +166,12 @@ def measure(
         },
         data={"source": prep.batches.source, "split": split, "n_samples": prep.batches.n_samples},
         measures=results,
-        manifest=manifest(device=prep.device, dtype=prep.dtype, seed=seed),
+        manifest=manifest(
+            device=prep.device, dtype=prep.dtype, seed=seed, argv=command_argv(ctx)
+        ),
         config=config.as_dict(),
     )
+    write_page(report_page, report)
     if fmt == "json":
         emit(to_json(report), output)
     elif fmt == "csv":

@@ -156,3 +156,11 @@ BootstrapOpt = Annotated[
     int, typer.Option("--bootstrap", help="Bootstrap resamples for the 95% confidence intervals.")
 ]
 
+ReportOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--report",
+        help="Also write the result as one self-contained HTML page (figures inline, "
+        "nothing loaded from the network).",
+    ),
+]
