@@ -72,6 +72,7 @@ def audit(
         typer.Option(
             "--normalize",
             help="Include relative_flatness_normalized (its neuron-wise row must read invariant).",
+            metavar="",
         ),
     ] = False,
     method: MethodOpt = "auto",

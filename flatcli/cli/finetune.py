@@ -90,7 +90,11 @@ def finetune(
     ] = None,
     resume: Annotated[
         bool,
-        typer.Option("--resume", help="Continue from OUT's state file after an interruption."),
+        typer.Option(
+            "--resume",
+            help="Continue from OUT's state file after an interruption.",
+            metavar="",
+        ),
     ] = False,
     data: DataOpt = None,
     target: TargetOpt = None,

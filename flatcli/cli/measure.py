@@ -71,7 +71,9 @@ def measure(
     normalize: Annotated[
         bool,
         typer.Option(
-            "--normalize", help="Add relative_flatness_normalized (Theorem 4, std with ddof=0)."
+            "--normalize",
+            help="Add relative_flatness_normalized (Theorem 4, std with ddof=0).",
+            metavar="",
         ),
     ] = False,
     probes: ProbesOpt = 64,
@@ -115,7 +117,7 @@ def measure(
         --format json --output result.json
     """
     from .. import registry
-    from ..report import measure_report, measures_csv, measures_table, to_json
+    from ..report import measure_report, measures_csv, to_json
     from ..runtime import manifest
 
     fmt = check_format(fmt)
@@ -186,10 +188,10 @@ def measure(
             from ..report import write_output
 
             write_output(output, to_json(report))
-        from rich.console import Console
+        from .render import measures_table
 
         title = (
             f"{prep.checkpoint.path.name} · layer {layer_name} · {prep.batches.source} "
             f"{split} (n={prep.batches.n_samples}) · {prep.loss}"
         )
-        Console().print(measures_table(results, title=title))
+        measures_table(results, title=title)
