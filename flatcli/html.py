@@ -387,7 +387,7 @@ def _correlate_page(
                     if hparams
                     else ""
                 )
-                + ". Click a column header to sort.",
+                + ".",
                 id=f"correlations-{gap}",
                 layout="scroll",
             ),
@@ -648,7 +648,7 @@ def _checkpoint_table(df: Any, measures: Sequence[str]) -> dict[str, Any]:
                 cells.append(_num(_nan_none(v)))
         rows.append(cells)
     return _table(header, rows, caption=f"{len(rows)} checkpoints: measures, losses, "
-                  "accuracies, gaps and hyperparameters. Click a column header to sort.",
+                  "accuracies, gaps and hyperparameters.",
                   id="checkpoints", layout="scroll")
 
 

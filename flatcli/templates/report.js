@@ -2,6 +2,7 @@
 // Sortable tables: each header of a table.sortable becomes a button; cells sort by their
 // data-value (a number) when they have one, else by their text. Empty values sort last.
 (function () {
+  document.documentElement.classList.add("js");
   function key(cell) {
     if (!cell) return null;
     var v = cell.getAttribute("data-value");
