@@ -242,6 +242,9 @@ def _audit_page(r: Mapping[str, Any]) -> dict[str, Any]:
         id="invariance",
     )
     blocks: list[dict[str, Any]] = [summary]
+    note = _dead_unit_note(r["measures"], reps)
+    if note:
+        blocks.append(_p("Note: " + note.removeprefix("note: "), cls="note"))
     for rep in reps:
         blocks.append({"kind": "h3", "text": f"{rep['kind']} reparameterization"})
         if rep.get("refused"):
@@ -304,6 +307,31 @@ def _audit_page(r: Mapping[str, Any]) -> dict[str, Any]:
              "blocks": measures},
         ],
     }
+
+
+def _dead_unit_note(measures: Mapping[str, Any], reps: Sequence[Any]) -> str | None:
+    """The terminal's explanation of a moved κ̃ (:func:`flatcli.audit.dead_unit_note`)."""
+    from .audit import Reparameterization, Row, dead_unit_note
+    from .measures.estimate import Estimate
+
+    original = {
+        name: Estimate(
+            est.get("value"),
+            est.get("stderr"),
+            est.get("method", ""),
+            {k: v for k, v in est.items() if k not in ("value", "stderr", "method")},
+        )
+        for name, est in measures.items()
+    }
+    objects = [
+        Reparameterization(
+            kind=rep["kind"],
+            refused=rep.get("refused"),
+            rows=[Row(**row) for row in rep.get("rows", [])],
+        )
+        for rep in reps
+    ]
+    return dead_unit_note(original, objects)
 
 
 def _correlate_page(

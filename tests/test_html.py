@@ -150,6 +150,21 @@ def test_audit_page_shows_the_invariance_table(pages) -> None:
         assert change[1] == f"{row['relative_change']:.1e}"
         assert invariant[1] == ("yes" if row["invariant"] else "no")
     assert "Refused: tanh is not positively homogeneous" in " ".join(page.text)
+    assert "dead" not in " ".join(page.text)  # no dead units, no note
+
+
+def test_audit_page_explains_a_moved_normalized_measure() -> None:
+    result = json.loads(to_json(audit_result()))
+    result["measures"]["relative_flatness_normalized"] = {
+        "value": 2.0, "stderr": None, "method": "exact", "dead_units": 2,
+        "dead_unit_handling": "unscaled",
+    }
+    result["reparameterizations"][0]["rows"].append(
+        {"measure": "relative_flatness_normalized", "original": 2.0, "reparameterized": 2.1,
+         "relative_change": 0.05, "invariant": False}
+    )
+    text = " ".join(Page(render_html(result)).text)
+    assert "Note: 2 feature unit(s) are dead" in text and "--dead-units drop" in text
 
 
 def test_correlate_page_shows_the_json_numbers(pages) -> None:
