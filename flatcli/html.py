@@ -186,26 +186,7 @@ def _measure_page(r: Mapping[str, Any]) -> dict[str, Any]:
     ]
     if r.get("config", {}).get("loss"):
         facts.append(("loss", r["config"]["loss"]))
-    rows = []
-    for name, est in r["measures"].items():
-        flags = _flags(est)
-        rows.append(
-            [
-                _text(name, cls="name"),
-                _num(est.get("value")),
-                _stderr_cell(est),
-                _cell(est.get("method"), cls="method", more=_details(est)),
-                _cell(None, flags=flags or (), text_if_empty="none"),
-            ]
-        )
-    n_flagged = sum(1 for row in rows if row[-1]["flags"])
-    table = _table(
-        ["measure", ("value", "num"), ("± stderr", "num"), "method", "flags"],
-        rows,
-        caption=f"{len(rows)} measures, {n_flagged} flagged. “exact” in the standard error "
-        "column: the value is computed, not estimated from random draws.",
-        id="measures",
-    )
+    table = _measures_table(r["measures"], id="measures")
     return {
         "title": f"{_name(ck.get('path'))} · layer {layer.get('name')}",
         "facts": facts,
@@ -278,22 +259,7 @@ def _audit_page(r: Mapping[str, Any]) -> dict[str, Any]:
                 ],
             )
         )
-    measures = [
-        _table(
-            ["measure", ("value", "num"), ("± stderr", "num"), "method", "flags"],
-            [
-                [
-                    _text(name, cls="name"),
-                    _num(est.get("value")),
-                    _stderr_cell(est),
-                    _cell(est.get("method"), cls="method", more=_details(est)),
-                    _cell(None, flags=_flags(est), text_if_empty="none"),
-                ]
-                for name, est in r["measures"].items()
-            ],
-            caption="The measures of the original model.",
-        )
-    ]
+    measures = [_measures_table(r["measures"], id="original-measures")]
     return {
         "title": f"{_name(ck.get('path'))} · layer {layer.get('name')} · invariance audit",
         "facts": [
@@ -307,6 +273,28 @@ def _audit_page(r: Mapping[str, Any]) -> dict[str, Any]:
              "blocks": measures},
         ],
     }
+
+
+def _measures_table(measures: Mapping[str, Any], *, id: str) -> dict[str, Any]:  # noqa: A002
+    """Value, standard error, method (with its details) and flags of each measure."""
+    rows = [
+        [
+            _text(name, cls="name"),
+            _num(est.get("value")),
+            _stderr_cell(est),
+            _cell(est.get("method"), cls="method", more=_details(est)),
+            _cell(None, flags=_flags(est), text_if_empty="none"),
+        ]
+        for name, est in measures.items()
+    ]
+    n_flagged = sum(1 for row in rows if row[-1]["flags"])
+    return _table(
+        ["measure", ("value", "num"), ("± stderr", "num"), "method", "flags"],
+        rows,
+        caption=f"{len(rows)} measures, {n_flagged} flagged. “exact” in the standard error "
+        "column: the value is computed, not estimated from random draws.",
+        id=id,
+    )
 
 
 def _dead_unit_note(measures: Mapping[str, Any], reps: Sequence[Any]) -> str | None:
