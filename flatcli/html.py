@@ -75,6 +75,11 @@ def render_html(
         FlatcliError: The result has no known schema or lacks what its page needs.
     """
     kind = _kind(result)
+    # Render what the JSON holds (NaN as null, numpy numbers as plain ones): a page from
+    # --report and one from its saved JSON are then the same, byte for byte.
+    from .report import to_json
+
+    result = json.loads(to_json(result))
     try:
         if kind == "measure":
             page = _measure_page(result)

@@ -390,3 +390,10 @@ def test_report_fails_fast_on_a_missing_directory(tmp_path: Path) -> None:
     assert "Traceback" not in result.output
     result = CliRunner().invoke(app, ["report", str(tmp_path / "none.json")])
     assert result.exit_code == 1 and "result file not found" in result.output
+
+
+def test_in_memory_result_and_its_json_give_the_same_page() -> None:
+    result = measure_result()
+    # A NaN, as a command's in-memory result can hold (its JSON has null).
+    result["measures"]["extra"] = {"value": float("nan"), "stderr": None, "method": "x"}
+    assert render_html(result) == render_html(json.loads(to_json(result)))
