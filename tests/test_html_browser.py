@@ -21,7 +21,7 @@ import pytest
 from flatcli.html import render_html
 from flatcli.report import to_json
 
-from .results import correlate_result, measure_result
+from .results import audit_result, correlate_result, finetune_result, measure_result
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 NO_BROWSER = "NO BROWSER: install Debian's chromium (apt-get install chromium) to run this test"
@@ -124,7 +124,13 @@ def pixels(png: Path) -> np.ndarray:
 def pages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("browser")
     out = {}
-    for kind, result in (("correlate", correlate_result()), ("measure", measure_result())):
+    kinds = (
+        ("correlate", correlate_result()),
+        ("measure", measure_result()),
+        ("audit", audit_result()),
+        ("finetune", finetune_result(tmp)),
+    )
+    for kind, result in kinds:
         text = render_html(json.loads(to_json(result)))
         charset = '<meta charset="utf-8">\n'  # the probe goes before the CSP <meta>
         probed = text.replace(charset, charset + PROBE + "\n", 1)
@@ -136,7 +142,7 @@ def pages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["correlate", "measure"])
+@pytest.mark.parametrize("kind", ["correlate", "measure", "audit", "finetune"])
 def test_page_in_a_real_browser(pages: dict[str, Path], kind: str, tmp_path: Path) -> None:
     exe = browser()
     page = pages[kind]
@@ -149,13 +155,14 @@ def test_page_in_a_real_browser(pages: dict[str, Path], kind: str, tmp_path: Pat
     table = probe["table"]
     assert table["visible"] and table["width"] > 300 and table["height"] > 60, table
     assert table["ready"] == "ready"  # the page's own script ran under its CSP
-    assert len(probe["images"]) == {"correlate": 4, "measure": 0}[kind]
+    assert len(probe["images"]) == {"correlate": 4, "measure": 0, "audit": 0, "finetune": 1}[kind]
     assert all(i["complete"] and i["width"] > 100 and i["shown"] > 100 for i in probe["images"])
     numbers = [float(v) for v in probe["ascending"] if v]
     assert numbers == sorted(numbers) and len(numbers) >= 2
     assert [float(v) for v in probe["descending"] if v] == sorted(numbers, reverse=True)
     assert probe["sort"] == "descending"
-    for width in (1280, 390):
+    # Screenshots of the two pages that use every kind of block (the others share them).
+    for width in (1280, 390) if kind in ("correlate", "measure") else ():
         shot = tmp_path / f"{kind}-{width}.png"
         run = run_browser(
             exe, page, tmp_path / "profile", f"--screenshot={shot}", f"--window-size={width},1800"
