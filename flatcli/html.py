@@ -596,13 +596,11 @@ def _wbr(text: Any) -> Any:
 
 
 def _manifest_blocks(r: Mapping[str, Any]) -> list[dict[str, Any]]:
-    manifest = dict(r.get("manifest") or {})
-    argv = manifest.pop("argv", None)
+    # argv is the command line above; the JSON at the end has it as recorded.
+    manifest = {k: v for k, v in (r.get("manifest") or {}).items() if k != "argv"}
     blocks: list[dict[str, Any]] = [
         _kv_table(manifest.items(), "manifest", caption="Versions, device, dtype and seed.")
     ]
-    if argv is not None:
-        blocks.append(_p(f"Arguments as recorded: {json.dumps(argv)}"))
     sums = _checksums(r)
     if sums:
         blocks.append(
