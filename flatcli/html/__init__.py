@@ -192,7 +192,7 @@ def _environment():  # noqa: ANN202 - a jinja2.Environment, imported lazily
     import jinja2
 
     env = jinja2.Environment(
-        loader=jinja2.PackageLoader("flatcli", "templates"),
+        loader=jinja2.PackageLoader("flatcli.html", "templates"),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
