@@ -98,7 +98,8 @@ def correlate(
         typer.Option(
             "--hparams",
             help="CSV of hyperparameters with a 'checkpoint' column of file names "
-            "(default: each checkpoint's flatcli.hparams metadata).",
+            "(default: each checkpoint's flatcli.hparams metadata). Columns named "
+            "arch.<kwarg> give that checkpoint's --arch-kwargs (mixed-width zoos).",
         ),
     ] = None,
     plots: PlotsOpt = None,
@@ -189,7 +190,10 @@ def correlate(
         arch_kwargs=parse_json_object(arch_kwargs, "--arch-kwargs"),
         trust_code=trust_code,
     )
-    run = _measure_with_progress(checkpoints, config, cache_dir, jobs)
+    from ..correlate import arch_kwargs_table
+
+    per_checkpoint = arch_kwargs_table(hparams) if hparams is not None else None
+    run = _measure_with_progress(checkpoints, config, cache_dir, jobs, per_checkpoint)
     df = results_table(run, hparams_csv=hparams)
     for item in run.skipped:
         stderr().print(
@@ -227,7 +231,7 @@ def DEFAULT_CORRELATE() -> tuple[str, ...]:  # noqa: N802 - reads as the constan
     return tuple(m for m in DEFAULT_MEASURES if m in names)
 
 
-def _measure_with_progress(checkpoints, config, cache_dir, jobs):  # noqa: ANN001, ANN202
+def _measure_with_progress(checkpoints, config, cache_dir, jobs, arch_kwargs_for=None):  # noqa: ANN001, ANN202
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from ..correlate import measure_checkpoints
@@ -240,6 +244,7 @@ def _measure_with_progress(checkpoints, config, cache_dir, jobs):  # noqa: ANN00
             cache_dir=cache_dir,
             jobs=jobs,
             on_result=lambda c, s: print(f"flatcli: {Path(c).name}: {s}", file=sys.stderr),
+            arch_kwargs_for=arch_kwargs_for,
         )
     with Progress(
         TextColumn("{task.description}"),
@@ -255,6 +260,7 @@ def _measure_with_progress(checkpoints, config, cache_dir, jobs):  # noqa: ANN00
             cache_dir=cache_dir,
             jobs=jobs,
             on_result=lambda c, s: progress.advance(task),
+            arch_kwargs_for=arch_kwargs_for,
         )
 
 
