@@ -148,24 +148,43 @@ def finetune_result(tmp_path: Path) -> dict[str, Any]:
     from flatcli.html import finetune_result as as_dict
 
     history = tuple(
-        EpochRecord(e, 1e-3 / e, 0.5 / e, 2.0 - 0.3 * e, 0.6 / e, 0.8 + 0.05 * e, 0.25)
+        EpochRecord(
+            epoch=e,
+            lr=1e-3 / e,
+            train_loss=0.5 / e,
+            kappa=2.0 - 0.3 * e,
+            test_loss=0.6 / e,
+            test_accuracy=0.8 + 0.05 * e,
+            weight_sq_norm=70.0 + e,
+            phi_sq_mean=3.0,
+            max_softmax=0.9,
+            seconds=0.25,
+        )
         for e in (1, 2, 3)
     )
     res = FinetuneResult(
         model=torch.nn.Identity(),
         history=history,
         before={"relative_flatness": Estimate(2.0, None, "exact"),
+                "train_loss": Estimate(0.6, None, "exact"),
                 "test_accuracy": Estimate(0.8, None, "exact")},
         after={"relative_flatness": Estimate(1.5, None, "exact"),
+               "train_loss": Estimate(0.2, None, "exact"),
                "test_accuracy": Estimate(0.95, None, "exact")},
         layer="fc",
         fam_method="exact: closed form",
-        hparams={"fam_lambda": 0.1, "optimizer": "sgd", "lr": 1e-3, "schedule": "cosine",
-                 "batch_size": 32, "data": EVIL},
+        hparams={"fam_lambda": "auto", "fam_lambda_used": 0.0123, "optimizer": "sgd",
+                 "lr": 1e-3, "schedule": "cosine", "batch_size": 32, "data": EVIL,
+                 "fam_gradient": "full"},
         resumed_from=1,
         out_path=tmp_path / "tuned.safetensors",
         out_sha256="ef" * 32,
         parent_sha256="01" * 32,
+        temperature_matched={"relative_flatness": Estimate(1.8, None, "exact"),
+                             "train_loss": Estimate(0.2, None, "exact"),
+                             "test_accuracy": Estimate(0.8, None, "exact")},
+        temperature_c=1.7,
+        warnings=(f"κ rose above twice its start {EVIL}",),
     )
     return as_dict(res, manifest=run_manifest(argv=["flatcli", "finetune", "m.safetensors"]))
 

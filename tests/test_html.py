@@ -213,18 +213,29 @@ def test_correlate_page_shows_the_json_numbers(pages) -> None:
 def test_finetune_page_shows_curves_and_before_after(pages) -> None:
     saved, text = pages["finetune"]
     page = Page(text)
+    assert page.headers["before-after"] == [
+        "measure", "before", "after", "change", "T-matched", "change vs T-matched", "method"
+    ]
     for name, after in saved["after"].items():
-        _, before, shown_after, change, _ = page.row("before-after", name)
+        _, before, shown_after, change, matched, vs_matched, _ = page.row("before-after", name)
         b = saved["before"][name]["value"]
+        t = saved["temperature_matched"][name]["value"]
         assert float(before[0]["data-value"]) == b
         assert float(shown_after[0]["data-value"]) == after["value"]
         assert change[1] == f"{after['value'] / b - 1:+.1%}"
+        assert float(matched[0]["data-value"]) == t
+        assert vs_matched[1] == f"{after['value'] / t - 1:+.1%}"
+    text = " ".join(page.text)
+    assert "logits scaled by 1.7" in text and "λ = 0.0123 (auto)" in text
+    assert f"κ rose above twice its start {EVIL}" in text  # the run's warnings, escaped
     assert [int(r[0][1]) for r in page.tables["epochs"]] == [1, 2, 3]
     for shown, row in zip(page.tables["epochs"], saved["history"], strict=True):
         assert float(shown[3][0]["data-value"]) == row["kappa"]
+        assert float(shown[4][0]["data-value"]) == row["weight_sq_norm"]
     assert "epochs 1–1 were restored" in " ".join(page.text)
     images = figures(page)
-    assert len(images) == 1 and images[0][0] == "png"
+    assert len(images) == 1 and images[0][0] == "svg"
+    ET.fromstring(images[0][1])
 
 
 def figures(page: Page) -> list[tuple[str, bytes, str]]:

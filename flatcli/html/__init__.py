@@ -145,6 +145,12 @@ def finetune_result(result: FinetuneResult, *, manifest: Mapping[str, Any]) -> d
         "history": [r.to_row() for r in result.history],
         "before": {k: v.to_dict() for k, v in result.before.items()},
         "after": {k: v.to_dict() for k, v in result.after.items()},
+        "temperature_matched": None
+        if result.temperature_matched is None
+        else {k: v.to_dict() for k, v in result.temperature_matched.items()},
+        "temperature_c": result.temperature_c,
+        "temperature_note": result.temperature_note,
+        "warnings": list(result.warnings),
         "files": {
             what: None if p is None else str(p)
             for what, p in (

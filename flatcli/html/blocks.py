@@ -154,29 +154,6 @@ def svg_figure(fig: Figure, *, alt: str, caption: str, wide: bool = False) -> di
     }
 
 
-def png_figure(png: bytes, *, alt: str, caption: str, size: tuple[float, float]) -> dict[str, Any]:
-    return {
-        "wide": True,
-        "kind": "figure",
-        "src": "data:image/png;base64," + base64.b64encode(png).decode("ascii"),
-        "alt": alt,
-        "caption": caption,
-        "width": round(size[0]),
-        "height": round(size[1]),
-    }
-
-
-def history_png(history: Sequence[Any]) -> bytes:
-    """The fine-tuning curves as PNG bytes, drawn by :func:`flatcli.finetune.plot_history`."""
-    import tempfile
-
-    from ..finetune import plot_history
-
-    with tempfile.TemporaryDirectory(prefix="flatcli-html-") as tmp:
-        path = plot_history(history, Path(tmp) / "curves.png")
-        return path.read_bytes()
-
-
 def json_text(obj: Any) -> str:
     from ..report import to_json
 

@@ -286,32 +286,84 @@ def correlate_page(
 
 
 def finetune_page(r: Mapping[str, Any]) -> dict[str, Any]:
-    from ..finetune import EpochRecord
+    from ..finetune_report import EpochRecord, history_figure
+    from ..measures.estimate import Estimate
 
     h = r.get("hparams") or {}
+    before, after = r.get("before") or {}, r.get("after") or {}
+    matched = r.get("temperature_matched")
     history = [EpochRecord(**row) for row in r["history"]]
-    blocks: list[dict[str, Any]] = []
+    kappa_key = "layerwise_flatness" if h.get("fam_variant") == "layerwise" else "relative_flatness"
+    sections = []
+    if r.get("warnings"):
+        sections.append(
+            {"title": "Warnings", "id": "warnings", "blocks": [
+                {"kind": "list", "items": [str(w) for w in r["warnings"]]}]}
+        )
+    columns: list[Any] = ["measure", ("before", "num"), ("after", "num"), ("change", "num")]
+    if matched is not None:
+        columns += [("T-matched", "num"), ("change vs T-matched", "num")]
+    columns.append("method")
+    rows = []
+    for name, est in after.items():
+        was = (before.get(name) or {}).get("value")
+        now = est.get("value")
+        row = [b.text_cell(name, cls="name"), b.num(was), b.num(now), _change(now, was)]
+        if matched is not None:
+            t = (matched.get(name) or {}).get("value")
+            row += [b.num(t), _change(now, t)]
+        rows.append([*row, b.cell(est.get("method"), cls="method")])
+    caption = (
+        "The layer's measures and test metrics before and after fine-tuning (measures on "
+        "the training data)."
+    )
+    if matched is not None and r.get("temperature_c") is not None:
+        caption += (
+            f" T-matched: the starting model with its logits scaled by "
+            f"{r['temperature_c']:.4g}, at the fine-tuned train loss."
+        )
+    compare = [b.table(columns, rows, caption=caption, id="before-after")]
+    if matched is None and r.get("temperature_note"):
+        compare.append(
+            b.paragraph(f"No temperature-matched baseline: {r['temperature_note']}", cls="note")
+        )
+    if h.get("fam_step_ratio") is not None:
+        compare.append(
+            b.paragraph(f"Relative step at step 0: R = {h['fam_step_ratio']:.3g}.", cls="note")
+        )
+    sections.append({"title": "Before and after", "id": "before-after-section",
+                     "blocks": compare})
+    curves: list[dict[str, Any]] = []
     if history:
-        blocks.append(
-            b.png_figure(
-                b.history_png(history),
-                alt="Three line charts over epochs: training and test loss, the FAM "
-                "penalty κ, and test accuracy.",
-                caption="Per-epoch curves: loss (log scale), κ averaged over the epoch's "
-                "batches, and test accuracy.",
-                size=(11 * 96, 3.4 * 96),
+        start = {
+            k: Estimate(v.get("value"), v.get("stderr"), v.get("method", ""))
+            for k, v in before.items()
+            if v.get("value") is not None
+        }
+        fig = history_figure(history, start=start, kappa_key=kappa_key)
+        curves.append(
+            b.svg_figure(
+                fig,
+                alt="Line charts over epochs, from the starting model at epoch 0: training "
+                "and test loss, the FAM penalty κ, and test accuracy (when there is one).",
+                caption="Per-epoch curves: loss (log scale), κ (the starting model's on "
+                "all training data at epoch 0, then averaged over each epoch's batches), "
+                "and test accuracy.",
+                wide=True,
             )
         )
-    blocks.append(
+    curves.append(
         b.table(
             [("epoch", "num"), ("lr", "num"), ("train loss", "num"), ("κ (batches)", "num"),
-             ("test loss", "num"), ("test acc", "num"), ("seconds", "num")],
+             ("‖W‖²", "num"), ("test loss", "num"), ("test acc", "num"),
+             ("seconds", "num")],
             [
                 [
                     b.int_cell(row["epoch"]),
                     b.num(row.get("lr"), fmt=lambda x: f"{x:.3g}"),
                     b.num(row.get("train_loss")),
                     b.num(row.get("kappa")),
+                    b.num(row.get("weight_sq_norm")),
                     b.num(row.get("test_loss")),
                     b.num(row.get("test_accuracy")),
                     b.num(row.get("seconds"), fmt=lambda x: f"{x:.1f}"),
@@ -326,43 +378,7 @@ def finetune_page(r: Mapping[str, Any]) -> dict[str, Any]:
             layout="scroll",
         )
     )
-    before, after = r.get("before") or {}, r.get("after") or {}
-    rows = []
-    for name, est in after.items():
-        was = (before.get(name) or {}).get("value")
-        a = est.get("value")
-        change = a / was - 1 if a is not None and was not in (None, 0) else None
-        rows.append(
-            [
-                b.text_cell(name, cls="name"),
-                b.num(was),
-                b.num(a),
-                b.num(change, fmt=lambda x: f"{x:+.1%}"),
-                b.cell(est.get("method"), cls="method"),
-            ]
-        )
-    compare = b.table(
-        ["measure", ("before", "num"), ("after", "num"), ("change", "num"), "method"],
-        rows,
-        caption="The layer's measures and test metrics before and after fine-tuning "
-        "(measures on the training data).",
-        id="before-after",
-    )
-    lam = h.get("fam_lambda")
-    opt = h.get("optimizer")
-    facts = [
-        ("FAM layer", r.get("layer")),
-        ("κ computed by", r.get("fam_method")),
-        ("objective", f"E + λκ with λ = {lam:g}" if isinstance(lam, (int, float)) else None),
-        ("optimizer", f"{opt} · lr {h.get('lr')} ({h.get('schedule')}) · batch "
-         f"{h.get('batch_size')} · {len(history)} epoch(s)" if opt else None),
-        ("output", (r.get("checkpoint") or {}).get("output")),
-    ]
-    files = [(what, p) for what, p in (r.get("files") or {}).items() if p]
-    sections = [
-        {"title": "Before and after", "id": "before-after-section", "blocks": [compare]},
-        {"title": "Training curves", "id": "curves", "blocks": blocks},
-    ]
+    sections.append({"title": "Training curves", "id": "curves", "blocks": curves})
     if h:
         sections.append(
             {
@@ -371,15 +387,35 @@ def finetune_page(r: Mapping[str, Any]) -> dict[str, Any]:
                 "blocks": [b.kv_table(h.items(), "hyperparameter")],
             }
         )
+    files = [(what, p) for what, p in (r.get("files") or {}).items() if p]
     if files:
         sections.append({"title": "Files", "id": "files", "blocks": [
             {"kind": "list", "items": files}]})
+    lam, asked = h.get("fam_lambda_used", h.get("fam_lambda")), h.get("fam_lambda")
+    objective = None
+    if isinstance(lam, (int, float)):
+        objective = f"E + λκ with λ = {lam:.4g}" + (f" ({asked})" if asked == "auto" else "")
+    opt = h.get("optimizer")
+    facts = [
+        ("FAM layer", r.get("layer")),
+        ("κ computed by", r.get("fam_method")),
+        ("objective", objective),
+        ("gradient", h.get("fam_gradient")),
+        ("optimizer", f"{opt} · lr {h.get('lr')} ({h.get('schedule')}) · batch "
+         f"{h.get('batch_size')} · {len(history)} epoch(s)" if opt else None),
+        ("output", (r.get("checkpoint") or {}).get("output")),
+    ]
     out = (r.get("checkpoint") or {}).get("output")
     return {
         "title": f"FAM fine-tuning · {b.file_name(out) if out else r.get('layer')}",
         "facts": [(k, v) for k, v in facts if v is not None],
         "sections": sections,
     }
+
+
+def _change(now: float | None, was: float | None) -> dict[str, Any]:
+    change = now / was - 1 if now is not None and was not in (None, 0) else None
+    return b.num(change, fmt=lambda x: f"{x:+.1%}")
 
 
 def _checkpoint_table(df: Any, measures: Sequence[str]) -> dict[str, Any]:
