@@ -107,37 +107,21 @@ def format_value(x: float | None) -> str:
 
 
 FLAG = "⚠"
-"""Marks a value that should not be read as a plain number (see the flags column)."""
+"""Marks a value that should not be read as a plain number (its warnings say why)."""
 
 
 def measures_table(measures: Mapping[str, Estimate], *, title: str | None = None):  # noqa: ANN201
-    """A rich Table of measures with value, standard error and method.
-
-    A failed measure shows ``failed`` and its error; a value with warnings is marked
-    :data:`FLAG` and its warnings fill a ``flags`` column (present only when needed).
-    """
+    """A rich Table of measures with value, standard error and method (values with
+    warnings marked :data:`FLAG`; the CLI prints :func:`flatcli.cli.render.measures_table`)."""
     from rich.table import Table
 
-    flagged = any(warnings_of(e) or "error" in e.details for e in measures.values())
     table = Table(title=title, title_justify="left")
     table.add_column("measure", style="bold")
     table.add_column("value", justify="right")
     table.add_column("± stderr", justify="right")
     table.add_column("method")
-    if flagged:
-        table.add_column("flags", style="yellow")
     for name, est in measures.items():
-        if "error" in est.details:
-            row = [name, "[red]failed[/]", "", est.method]
-            if flagged:
-                row.append("interrupted" if est.details.get("interrupted") else "error")
-            table.add_row(*row)
-            continue
         se = "exact" if est.stderr is None else format_value(est.stderr)
-        notes = warnings_of(est)
-        value = format_value(est.value) + (f" {FLAG}" if notes else "")
-        row = [name, value, se, est.method]
-        if flagged:
-            row.append("\n".join(notes))
-        table.add_row(*row)
+        value = format_value(est.value) + (f" {FLAG}" if warnings_of(est) else "")
+        table.add_row(name, value, se, est.method)
     return table
