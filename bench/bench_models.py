@@ -204,6 +204,34 @@ def run_side(model: str, which: str, args: argparse.Namespace, state: str) -> di
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def common_reference(done: dict, rtol: float) -> None:
+    """Time to ``rtol`` with one reference trace for every side.
+
+    A side's own relative stderr divides by its own noisy mean; near a zero trace that
+    dominates. Here the reference is the estimate with the smallest stderr, and each
+    side needs ``(σ / (rtol·|T_ref|))²`` probes, ``σ = stderr·√k`` its per-probe spread.
+    """
+    ok = {n: r for n, r in done.items() if r.get("stderr")}
+    if not ok or "loop" not in ok:
+        return
+    ref = min(ok.values(), key=lambda r: r["stderr"])
+    t_ref = abs(ref["value"])
+    print("  trace estimates: " + ", ".join(
+        f"{n} {r['value']:.4g} ± {r['stderr']:.2g}" for n, r in ok.items()
+    ))
+    base = None
+    for name, r in ok.items():
+        sigma = r["stderr"] * math.sqrt(r["k"])
+        need = (sigma / (rtol * t_ref)) ** 2
+        to = r["per"] * (r["fixed"] + need)
+        base = to if name == "loop" else base
+        print(
+            f"  {name:<9} per-probe σ {sigma:.4g}: {need:.0f} probes to {rtol:.0%} of "
+            f"|T| = {t_ref:.4g}, {to:.0f} CPU s = {to / base:.2f}x the loop",
+            flush=True,
+        )
+
+
 def gib(n: float) -> str:
     return f"{n / 2**30:.2f}"
 
@@ -264,6 +292,7 @@ def main() -> None:
             )
             base: dict = {}
             methods = []
+            done: dict = {}
             for name in sides:
                 r = run_side(model, name, args, state)
                 if "error" in r:
@@ -284,7 +313,9 @@ def main() -> None:
                 )
                 if "method" in r:
                     methods.append(f"  {name}: {r['method']} ({r['parameters'] / 1e6:.1f} M)")
+                done[name] = {**r, "per": per, "k": k, "fixed": fixed}
             print("\n".join(methods), flush=True)
+            common_reference(done, args.rtol)
 
 
 if __name__ == "__main__":
