@@ -15,10 +15,10 @@ runs in its own subprocess so that its peak RSS (``resource.getrusage`` maxrss) 
   products in all (a sketch of 16, 16 more for its exact part, the rest residual probes);
 * ``vmap`` (with ``--vmap``): the former default, 16 probes vmapped forward-over-reverse.
 
-Before the sides run, the driver fits the model to the batch for ``--fit-steps`` Adam
-steps (so that the Hessian is that of a model near a minimum, not of a random one whose
-trace is near 0 and whose relative stderr is meaningless) and saves it; every side loads
-that state.
+Before the sides run, the driver fits the model (in eval mode) to the batch for
+``--fit-steps`` Adam steps (so that the Hessian is that of a model near a minimum, not of
+a random one whose trace is near 0 and whose relative stderr is meaningless) and saves
+it; every side loads that state.
 
 Reported: CPU seconds per probe (``time.process_time`` of the one-thread process, model
 build and imports excluded: wall time is meaningless on a shared machine), peak RSS, the
@@ -102,12 +102,12 @@ def fit(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     model, x, y = build(args.model, args.batch, args.width)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    model.train()
+    # eval mode: BatchNorm's statistics stay fixed, so the loss that is fitted is the one
+    # measured (train-mode statistics would lag behind after a few steps)
     for _ in range(args.fit_steps):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
-    model.eval()
     with torch.no_grad():
         loss = float(F.cross_entropy(model(x), y))
         acc = float((model(x).argmax(-1) == y).float().mean())
