@@ -577,7 +577,10 @@ def finetune(
         out_sha = _save_output(net, out, ck, hparams, data_spec, loss_name)
     if log_path is not None:
         write_log(log_path, history)
-        write_log_manifest(log_path, hparams, ck.sha256, out_sha, dev, dt, seed)
+        measured = {"before": _estimates(before), "after": _estimates(after)}
+        if matched is not None:
+            measured["temperature_matched"] = {"c": c, **_estimates(matched)}
+        write_log_manifest(log_path, hparams, ck.sha256, out_sha, dev, dt, seed, measured)
     plot = Path(plot_path) if plot_path is not None else None
     if plot is not None:
         plot_history(history, plot, title=_title(layer, lam), start=before, kappa_key=kappa_key)
@@ -914,6 +917,14 @@ def _default_state(out: Path | None) -> Path | None:
     return None if out is None else out.with_name(out.stem + ".state.pt")
 
 
+def _estimates(found: Mapping[str, Estimate]) -> dict[str, dict[str, Any]]:
+    """Estimates as plain JSON-able dicts (the state file and the manifest)."""
+    return {
+        k: {"value": e.value, "stderr": e.stderr, "method": e.method, "details": dict(e.details)}
+        for k, e in found.items()
+    }
+
+
 def _save_state(
     path: Path,
     *,
@@ -944,15 +955,7 @@ def _save_state(
             "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         },
         "history": [r.to_row() for r in history],
-        "before": {
-            k: {
-                "value": e.value,
-                "stderr": e.stderr,
-                "method": e.method,
-                "details": dict(e.details),
-            }
-            for k, e in before.items()
-        },
+        "before": _estimates(before),
     }
     atomic_write(path, lambda p: torch.save(state, p))
 
