@@ -193,7 +193,10 @@ class DivergenceGuard:
     * the epoch's train loss exceeds ``loss_factor`` × the starting train loss plus
       ``loss_floor`` (the floor keeps a near-zero starting loss from tripping it);
     * with λ > 0 and an exact κ, the epoch's κ exceeds ``kappa_factor`` × the starting κ
-      (a Hutchinson κ with few probes is too noisy for this test);
+      (a Hutchinson κ with few probes is too noisy for this test), unless the train loss
+      fell by more than ``loss_floor`` below its start: a model still being fitted (a
+      fresh classification head at chance, say) gains κ as it leaves the uniform softmax,
+      and that is learning, not instability;
     * with λ > 0, κ fell below ``saturation_kappa`` × its start while the layer's
       ``‖W‖²`` grew above ``saturation_weight`` × its start: flatness by a saturated
       softmax, not a flatter minimum.
@@ -226,7 +229,8 @@ class DivergenceGuard:
             )
         if not self.fam:
             return None
-        if self.kappa_exact and kappa > self.kappa_factor * self.kappa0:
+        fitting = loss < self.loss0 - self.loss_floor
+        if self.kappa_exact and kappa > self.kappa_factor * self.kappa0 and not fitting:
             factor = self.kappa_factor
             return f"κ rose to {kappa:.4g}, above {factor:g}× its start {self.kappa0:.4g}"
         if (
