@@ -348,16 +348,27 @@ class FAMRegularizer:
 
         Valid when the downstream part is piecewise linear, so that
         :math:`B_i = J_i^\top H_i J_i` exactly (no curvature term). ``J_i`` comes from
-        ``C`` vector-Jacobian products (one per logit), each over the whole batch at once:
-        the downstream part maps row ``i`` of ``z`` to row ``i`` of the logits only (eval
-        mode). Differentiable in ``z``, ``w`` and the downstream parameters.
+        ``C`` vector-Jacobian products (one per logit) in one batched backward, each over
+        the whole batch at once: the downstream part maps row ``i`` of ``z`` to row ``i``
+        of the logits only (eval mode). Differentiable in ``z``, ``w`` and the downstream
+        parameters when grad mode is on (the backward keeps its graph).
         """
-        z, context = cut.z, cut.context
-        out, pullback = torch.func.vjp(lambda zz: self.split.downstream(zz, context), z)
-        n, c = out.shape
-        eye = torch.eye(c, dtype=out.dtype, device=out.device)
-        # jac[k, i] = e_kᵀ J_i, the k-th row of sample i's Jacobian
-        jac = torch.func.vmap(lambda e: pullback(e.expand(n, c))[0])(eye)
+        graph = torch.is_grad_enabled()
+        with torch.enable_grad():  # J_i needs autograd even when only the value is wanted
+            z = cut.z if cut.z.requires_grad else cut.z.detach().requires_grad_()
+            out = self.split.downstream(z, cut.context)
+            n, c = out.shape
+            eye = torch.eye(c, dtype=out.dtype, device=out.device)
+            # jac[k, i] = e_kᵀ J_i, the k-th row of sample i's Jacobian: one batched backward
+            (jac,) = torch.autograd.grad(
+                out,
+                z,
+                grad_outputs=eye[:, None, :].expand(c, n, c),
+                is_grads_batched=True,
+                create_graph=graph,
+            )
+        if not graph:
+            out = out.detach()
         m = torch.einsum("kid,dr->ikr", jac, w)  # M_i = J_i W, (n, C, r)
         if self.loss == "cross_entropy":
             p = torch.softmax(out, dim=-1)

@@ -247,13 +247,15 @@ def test_train_mode_batchnorm_uses_eval_downstream_and_leaves_running_stats() ->
     assert_grads_close(flat_grads(value, model), flat_grads(dense, model), RTOL)
 
 
-def test_no_grad_gives_the_value_only() -> None:
-    model = build(models.TanhHead)
+@pytest.mark.parametrize("factory", [models.TanhHead, models.mlp])  # HVPs; Jacobian
+def test_no_grad_gives_the_value_only(factory) -> None:  # noqa: ANN001
+    model = build(factory)
     x, y = models.classification_data()
     reg = FAMRegularizer(model, "fc1")
     with torch.no_grad():
         value = reg(x, y)
     assert not value.requires_grad
+    assert all(p.grad is None for p in model.parameters())
     assert num(value) == pytest.approx(num(dense_kappa(model, "fc1", x, y)), rel=RTOL)
 
 
