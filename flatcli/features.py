@@ -27,6 +27,7 @@ report :attr:`LayerSplit.tied` and callers fall back to Identity 1 on the whole 
 from __future__ import annotations
 
 import difflib
+import weakref
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -156,6 +157,21 @@ class LayerSplit:
         return True
 
     def _build_fx(self) -> None:
+        """Trace and cut, or reuse the cut of an identical earlier call (see :data:`_FX_CACHE`)."""
+        signature = _structure(self.model)
+        per_model = _FX_CACHE.setdefault(self.model, {})
+        hit = per_model.get(self.name)
+        if hit is None or hit[0] != signature:
+            before = (self._trunk, self._down, self.produces_output, self.mechanism, self.tied)
+            self._trace_and_cut()
+            built = (self._trunk, self._down, self.produces_output, self.mechanism, self.tied)
+            self._trunk, self._down, self.produces_output, self.mechanism, self.tied = before
+            hit = (signature, built)
+            per_model[self.name] = hit
+        self._trunk, self._down, self.produces_output, self.mechanism, tied = hit[1]
+        self.tied = list(tied)
+
+    def _trace_and_cut(self) -> None:
         try:
             gm = torch.fx.symbolic_trace(self.model)
         except Exception:  # noqa: BLE001 - any tracing failure means: use hooks
@@ -327,6 +343,33 @@ class LayerSplit:
             names = [f"{self.name}.weight", *[t for t in self.tied if not t.startswith("<")]]
             return torch.func.functional_call(self.model, dict.fromkeys(names, weight), (cut.x,))
         return self.downstream(self.layer_forward(cut.phi, weight), cut.context)
+
+
+_FX_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[Any, Any]]] = (
+    weakref.WeakKeyDictionary()
+)
+"""The fx split of each (model, layer), so that a measure does not re-trace the model on
+every call (the trace costs about as much as the measure). Keyed weakly by the model; an
+entry is used only while :func:`_structure` of the model is unchanged. Weights changed in
+place need no invalidation: the cut graphs call the model's own submodules and tensors."""
+
+
+def _structure(model: nn.Module) -> tuple[Any, ...]:
+    """What a traced graph depends on: every submodule, parameter and buffer object (by
+    identity, so replacing one invalidates), module classes, instance-level ``forward``
+    overrides and training flags (``if self.training`` is traced as a constant)."""
+    modules = tuple(
+        (name, id(m), type(m), id(m.__dict__.get("forward")), m.training)
+        for name, m in model.named_modules(remove_duplicate=False)
+    )
+    tensors = tuple(
+        (name, id(t))
+        for name, t in (
+            *model.named_parameters(remove_duplicate=False),
+            *model.named_buffers(remove_duplicate=False),
+        )
+    )
+    return modules, tensors
 
 
 def _subgraph(gm: torch.fx.GraphModule, outputs: list[torch.fx.Node]) -> torch.fx.GraphModule:

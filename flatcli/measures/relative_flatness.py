@@ -31,7 +31,7 @@ from torch import nn
 from ..checkpoints import eval_mode
 from ..data import Batches, as_batches
 from ..errors import FlatcliError, UsageError
-from ..features import Cut, LayerSplit, default_layer
+from ..features import Cut, LayerSplit, default_layer, per_sample_hvp
 from ..losses import check_loss, per_sample_loss
 from .estimate import Estimate, mean_and_stderr
 
@@ -72,7 +72,9 @@ def relative_flatness(
         loss: ``cross_entropy`` or ``mse`` (mean over all elements, one-hot for int labels).
         method: ``exact`` (Identity 3 closed form for a logits layer, Identity 2 per-sample
             HVPs for a hidden Linear layer, Identity 1 basis enumeration for conv or tied
-            weights), ``hutchinson`` (Identity 1 with Rademacher probes, any layer), or
+            weights), ``hutchinson`` (Rademacher probes: in feature space through
+            Identity 2 for an untied Linear layer, one length-``d`` vector per probe;
+            Identity 1 in A-space for conv or tied weights), or
             ``auto`` (exact for an untied ``nn.Linear``, Hutchinson otherwise).
         normalize: Return :math:`\tilde\kappa` after Theorem 4's normalization instead.
         dead_units: Theorem 4's treatment of units with σ = 0: ``unscaled`` (MATH.md §4)
@@ -159,7 +161,7 @@ def layerwise_flatness(
 def weight_norm(model: nn.Module, layer: str | None = None) -> Estimate:
     r"""Squared Frobenius norm :math:`\|W\|_F^2` of the layer weight."""
     split = LayerSplit(model, layer or default_layer(model))
-    return Estimate(float(split.weight.detach().double().pow(2).sum()), None, "exact")
+    return Estimate(squared_norm(split.weight), None, "exact")
 
 
 def layer_measures(
@@ -208,6 +210,8 @@ def layer_measures(
         note(f"relative flatness ({resolved})")
         if resolved == "exact" and split.kind == "linear" and not split.tied:
             out, fit = _identity2(split, batches, loss, sigma)
+        elif split.kind == "linear" and not split.tied:
+            out, fit = _feature_hutchinson(split, batches, loss, sigma, probes=probes, seed=seed)
         else:
             fit = evaluate(split, batches, loss)
             out = _identity1(
@@ -221,7 +225,7 @@ def layer_measures(
                 seed=seed,
             )
         n = fit["n"]
-    wn = float(split.weight.detach().double().pow(2).sum())
+    wn = squared_norm(split.weight)
     trace = out["layer_hessian_trace"]
     result = {"relative_flatness": out["relative_flatness"]}
     if normalize:
@@ -388,6 +392,104 @@ def _identity2(
     return out, fit.result()
 
 
+FEATURE_PROBE_CHUNK = 32
+"""Directions per batched downstream HVP of the feature-space Hutchinson estimate."""
+
+
+def _feature_hutchinson(
+    split: LayerSplit,
+    batches: Batches,
+    loss: str,
+    sigma: FeatureScaling | None,
+    *,
+    probes: int,
+    seed: int,
+) -> tuple[dict[str, Estimate], dict[str, Any]]:
+    r"""Hutchinson κ, κ̃ and Tr(H) of an untied Linear layer in feature space (Identity 2).
+
+    .. math::
+
+        \mathrm{Tr}(W^\top B_i W) = \mathbb{E}_u[(Wu)^\top B_i (Wu)], \quad
+        u \in \{\pm1\}^m, \qquad
+        \mathrm{Tr}(B_i) = \mathbb{E}_v[v^\top B_i v], \quad v \in \{\pm1\}^d.
+
+    Each probe ``u`` is shared by every sample, so probe ``j``'s value
+    :math:`\frac1n\sum_i \|\phi_i\|^2 (Wu_j)^\top B_i (Wu_j)` is an unbiased estimate of κ
+    and the probes are independent: mean and standard error over probes. A probe is one
+    vector of length ``d`` (one batched downstream HVP, or the closed form of a logits
+    layer), not an ``m × m`` matrix as in A-space, so memory is ``O(d·probes)`` beyond the
+    weight itself. Also returns the mean loss and accuracy, from the same trunk pass.
+    """
+    w = split.weight_matrix().detach()
+    d, m = w.shape
+    gen = torch.Generator().manual_seed(seed)
+    u = _rademacher(gen, (m, probes)).to(w)
+    groups = {"relative_flatness": w @ u}
+    if sigma is not None:
+        groups["relative_flatness_normalized"] = (w * sigma.scale.to(w)) @ u
+    groups["layer_hessian_trace"] = _rademacher(gen, (d, probes)).to(w)
+    dirs = torch.cat(list(groups.values()), dim=1)  # (d, K)
+    sums = torch.zeros(dirs.shape[1], dtype=torch.float64, device=w.device)
+    fit = _Fit(loss)
+    for x, y in batches:
+        cut = split.cut(x)
+        fit.add(cut.z if split.produces_output else split.downstream(cut.z, cut.context), y)
+        phi = cut.phi.reshape(x.shape[0], -1)
+        norm = (phi * phi).sum(1).double()
+        weights = [norm] * len(groups)
+        if sigma is not None:
+            weights[1] = ((phi * sigma.inverse.to(phi)) ** 2).sum(1).double()
+        forms = _probe_forms(split, cut, y, loss, dirs).double()  # (n, K)
+        for j, wt in enumerate(weights):
+            sums[j * probes : (j + 1) * probes] += wt @ forms[:, j * probes : (j + 1) * probes]
+    n = fit.result()["n"]
+    per_probe = (sums / n).cpu()
+    how = (
+        "closed form (Identity 3, logits layer)"
+        if split.produces_output
+        else f"downstream HVPs (Identity 2, {split.mechanism} split)"
+    )
+    out = {}
+    for j, key in enumerate(groups):
+        mean, se = mean_and_stderr(per_probe[j * probes : (j + 1) * probes].tolist())
+        space = "v ∈ {±1}^d" if key == "layer_hessian_trace" else "u ∈ {±1}^m"
+        out[key] = Estimate(
+            mean,
+            se,
+            f"hutchinson: feature space, {probes} Rademacher probes {space}, {how}",
+            {"probes": probes},
+        )
+    return out, fit.result()
+
+
+def _probe_forms(
+    split: LayerSplit, cut: Cut, y: torch.Tensor, loss: str, dirs: torch.Tensor
+) -> torch.Tensor:
+    """``vᵀ B_i v`` for every sample ``i`` and every column ``v`` of ``dirs`` (``(n, K)``)."""
+    z = cut.z
+    if z.ndim != 2:
+        raise UsageError(
+            f"layer {split.name!r} output has shape {tuple(z.shape)}; feature-space "
+            "probes need (batch, features)"
+        )
+    d = z.shape[-1]
+    if split.produces_output and loss == "cross_entropy":
+        p = torch.softmax(z, dim=-1)
+        return p @ (dirs * dirs) - (p @ dirs) ** 2
+    if split.produces_output and loss == "mse":
+        return (2 / d) * (dirs * dirs).sum(0).expand(z.shape[0], -1)
+
+    def total(zz: torch.Tensor) -> torch.Tensor:
+        return per_sample_loss(split.downstream(zz, cut.context), y, loss).sum()  # type: ignore[arg-type]
+
+    cols = []
+    for lo, hi in _ranges(dirs.shape[1], FEATURE_PROBE_CHUNK):
+        chunk = dirs[:, lo:hi]
+        hv = per_sample_hvp(total, z, chunk.T)  # (k, n, d): B_i v
+        cols.append(torch.einsum("knd,dk->nk", hv, chunk))
+    return torch.cat(cols, dim=1)
+
+
 def _identity1(
     split: LayerSplit,
     batches: Batches,
@@ -495,6 +597,13 @@ def _quadratic_estimate(
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def squared_norm(t: torch.Tensor, chunk: int = 1 << 22) -> float:
+    """``‖t‖²`` accumulated in float64, ``chunk`` elements at a time (no float64 copy of a
+    huge weight)."""
+    flat = t.detach().reshape(-1)
+    return math.fsum(float(c.double().square().sum()) for c in flat.split(chunk))
 
 
 def _resolve_method(split: LayerSplit, method: str) -> str:
