@@ -10,6 +10,8 @@ Reliability:
 * A checkpoint that cannot be loaded or measured is reported and skipped; the others go on.
 * ``jobs > 1`` measures checkpoints in worker processes (one CUDA device each, round robin,
   when several are visible). Each worker's result is cached as soon as it is done.
+* Under ``torchrun`` (:mod:`flatcli.distributed`) each rank measures every ``world``-th
+  uncached checkpoint and every rank receives all rows (rank 0 writes the outputs).
 
 References:
     Jiang, Neyshabur, Mobahi, Krishnan, Bengio. *Fantastic Generalization Measures and
@@ -102,6 +104,7 @@ def measure_checkpoints(
     cache_dir: str | Path,
     jobs: int = 1,
     on_result: Callable[[str, str], None] | None = None,
+    threads: int | None = None,
 ) -> CorrelateRun:
     """Measure every checkpoint (train split) and evaluate it on train and test.
 
@@ -109,7 +112,10 @@ def measure_checkpoints(
         paths: Checkpoint files.
         config: Measure configuration, shared by all checkpoints.
         cache_dir: Directory of the per-checkpoint cache (created if missing).
-        jobs: Worker processes.
+        jobs: Worker processes (each reused for many checkpoints, so torch is imported
+            once per worker).
+        threads: Intra-op threads of each worker (default 1: ``jobs`` workers on
+            ``jobs`` cores; more oversubscribes them).
         on_result: Called with ``(checkpoint, status)`` as each finishes; status is
             ``cached``, ``computed`` or ``skipped: reason``.
 
@@ -145,10 +151,16 @@ def measure_checkpoints(
             except (json.JSONDecodeError, OSError):
                 pass  # a damaged cache entry is recomputed
         todo.append((i, str(path), entry))
-    for i, outcome in _run(todo, config, jobs, note):
-        results[i] = outcome
-        if isinstance(outcome, dict):
-            run.computed += 1
+    from . import distributed
+
+    # Under torchrun, rank r measures every world-th checkpoint; every rank gets all rows.
+    mine = todo[distributed.rank() :: distributed.world_size()]
+    local = [[i, outcome] for i, outcome in _run(mine, config, jobs, note, threads)]
+    for part in distributed.gather(local):
+        for i, outcome in part:
+            results[i] = outcome
+            if isinstance(outcome, dict):
+                run.computed += 1
     for i, p in enumerate(paths):
         outcome = results[i]
         if isinstance(outcome, dict):
@@ -163,6 +175,7 @@ def _run(
     config: CorrelateConfig,
     jobs: int,
     note: Callable[[str, str], None],
+    threads: int | None = None,
 ):  # noqa: ANN202 - generator of (index, outcome)
     devices = _devices(config.device, jobs)
     if jobs == 1 or len(todo) <= 1:
@@ -175,7 +188,10 @@ def _run(
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     with ProcessPoolExecutor(
-        max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init
+        max_workers=jobs,
+        mp_context=mp.get_context("spawn"),
+        initializer=_worker_init,
+        initargs=(threads or 1,),
     ) as pool:
         futures = {
             pool.submit(_measure_and_cache, path, entry, config, devices[k % len(devices)]): (
@@ -191,12 +207,12 @@ def _run(
             yield i, outcome
 
 
-def _worker_init() -> None:
+def _worker_init(threads: int = 1) -> None:
     import warnings
 
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated")
 
 

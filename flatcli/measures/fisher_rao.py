@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import distributed
 from ..losses import check_loss, per_sample_loss
 from .estimate import Estimate
 from .params import FlatParams, batches_for, empty_data, evaluating, fixed_params, select_params
@@ -83,6 +84,7 @@ def fisher_rao(
             _, along_theta = torch.func.jvp(losses, (theta,), (theta,))
             total += float(along_theta.double().pow(2).sum())
             n += int(x.shape[0])
+    total, n = distributed.sum_floats(batches, total, n)
     if n == 0:
         raise empty_data()
     biases = "biases included" if include_bias else "biases excluded"

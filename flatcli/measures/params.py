@@ -28,6 +28,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .. import distributed
 from ..checkpoints import eval_mode
 from ..data import Batches, as_batches
 from ..errors import FlatcliError, UsageError
@@ -256,6 +257,8 @@ def mean_objective(
         else:
             total += float(per_sample_loss(out, y, loss).double().sum())  # type: ignore[arg-type]
         n += int(x.shape[0])
+    total, n_sum = distributed.sum_floats(batches, total, n)
+    n = int(n_sum)
     if n == 0:
         raise empty_data()
     value = total / n

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .. import distributed
 from ..checkpoints import eval_mode
 from ..data import Batches, as_batches
 from ..errors import FlatcliError, UsageError
@@ -267,6 +268,15 @@ class _Fit:
         else:
             self.correct += int((out.argmax(-1) == y).sum())
 
+    def merge(self, batches: Batches) -> _Fit:
+        """Sum the counts over the ranks when ``batches`` is a shard (see distributed.py)."""
+        n, loss_sum, correct, regression = distributed.sum_floats(
+            batches, self.n, self.loss_sum, self.correct, float(not self.classify)
+        )
+        self.n, self.loss_sum, self.correct = int(n), loss_sum, int(correct)
+        self.classify = regression == 0
+        return self
+
     def result(self) -> dict[str, Any]:
         if self.n == 0:
             raise FlatcliError("the dataset is empty")
@@ -279,7 +289,7 @@ def evaluate(split: LayerSplit, batches: Batches, loss: str) -> dict[str, Any]:
     fit = _Fit(loss)
     for x, y in batches:
         fit.add(split.model(x), y)
-    return fit.result()
+    return fit.merge(batches).result()
 
 
 def feature_std(split: LayerSplit, batches: Batches) -> tuple[torch.Tensor, int]:
@@ -348,6 +358,11 @@ def _population_std(split: LayerSplit, batches: Batches) -> tuple[torch.Tensor, 
         count = total
     if mean is None or m2 is None:
         raise FlatcliError("the dataset is empty")
+    if isinstance(batches, distributed.ShardedBatches):  # Chan's merge over the ranks
+        total = distributed.sum_floats(batches, count)[0]
+        merged = distributed.sum_over_shards(batches, mean * count) / total
+        m2 = distributed.sum_over_shards(batches, m2 + count * (mean - merged) ** 2)
+        count = total
     sigma = (m2 / count).sqrt()
     return sigma, sigma <= 1e-12 * max(1.0, float(sigma.max()))
 
@@ -377,7 +392,8 @@ def _identity2(
         for j, nrm in enumerate(norms):
             sums[j] += float((nrm.double() * q[:, j].double()).sum())
         sums[-1] += float((norms[0].double() * tr.double()).sum())
-    n = fit.result()["n"]
+    sums = distributed.sum_over_shards(batches, sums)
+    n = fit.merge(batches).result()["n"]
     how = (
         "closed form (Identity 3, logits layer)"
         if split.produces_output
@@ -442,7 +458,8 @@ def _feature_hutchinson(
         forms = _probe_forms(split, cut, y, loss, dirs).double()  # (n, K)
         for j, wt in enumerate(weights):
             sums[j * probes : (j + 1) * probes] += wt @ forms[:, j * probes : (j + 1) * probes]
-    n = fit.result()["n"]
+    sums = distributed.sum_over_shards(batches, sums)
+    n = fit.merge(batches).result()["n"]
     per_probe = (sums / n).cpu()
     how = (
         "closed form (Identity 3, logits layer)"
@@ -580,7 +597,7 @@ def _quadratic_estimate(
                 return (v * torch.func.jvp(grad_fn, (w,), (v,))[1]).sum()
 
             acc += torch.func.vmap(vhv)(dirs.to(w.device)).double().cpu()
-        values.append(acc / n)
+        values.append(distributed.sum_over_shards(batches, acc) / n)
     per_dir = torch.cat(values)
     tied = ", tied weight" if split.tied else ""
     if exact:
