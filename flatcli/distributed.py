@@ -68,6 +68,11 @@ def world_size() -> int:
     return torch.distributed.get_world_size() if active() else 1
 
 
+def local_world_size() -> int:
+    """Ranks on this machine (``LOCAL_WORLD_SIZE`` under torchrun, else 1)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if active() else 1
+
+
 def is_main() -> bool:
     """True on rank 0, the rank that writes output (always True when not distributed)."""
     return rank() == 0

@@ -34,7 +34,8 @@ def friendly(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except FlatcliError as e:
-            stderr().print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            where = _rank_prefix()
+            stderr().print(f"[bold red]{where}error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             stderr().print("interrupted")
@@ -46,13 +47,42 @@ def friendly(fn: F) -> F:
                 raise
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             stderr().print(
-                f"[bold red]internal error:[/] {type(e).__name__}: {first} "
+                f"[bold red]{_rank_prefix()}internal error:[/] {type(e).__name__}: {first} "
                 "(set FLATCLI_DEBUG=1 for the traceback)",
                 highlight=False,
             )
             raise typer.Exit(1) from None
+        finally:
+            if "flatcli.distributed" in sys.modules:
+                sys.modules["flatcli.distributed"].shutdown()
 
     return wrapper  # type: ignore[return-value]
+
+
+def _rank_prefix() -> str:
+    """``rank R: `` under torchrun (which rank failed), else nothing."""
+    if "flatcli.distributed" not in sys.modules:
+        return ""
+    dist = sys.modules["flatcli.distributed"]
+    return f"rank {dist.rank()}: " if dist.active() else ""
+
+
+def start_distributed(device: str, backend: str) -> str:
+    """Join the torchrun process group when launched by torchrun; return the device to use."""
+    from .. import distributed
+
+    return distributed.init(device, backend)
+
+
+@contextmanager
+def quiet() -> Iterator[Status]:
+    """A :class:`Status` that shows nothing (ranks other than 0 under torchrun)."""
+
+    class Silent(Status):
+        def __call__(self, msg: str) -> None:
+            pass
+
+    yield Silent()
 
 
 class Status:

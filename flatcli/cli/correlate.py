@@ -10,10 +10,11 @@ import typer
 
 from ..errors import FlatcliError, UsageError
 from .app import app
-from .common import check_format, emit, friendly, measure_options, stderr
+from .common import check_format, emit, friendly, measure_options, start_distributed, stderr
 from .options import (
     ArchKwargsOpt,
     ArchOpt,
+    BackendOpt,
     BatchOpt,
     BootstrapOpt,
     ColorByOpt,
@@ -38,6 +39,7 @@ from .options import (
     RtolOpt,
     SeedOpt,
     TargetOpt,
+    ThreadsOpt,
     TraceParamsOpt,
     TrustOpt,
 )
@@ -90,7 +92,14 @@ def correlate(
     color_by: ColorByOpt = None,
     log_x: LogXOpt = False,
     bootstrap: BootstrapOpt = 1000,
-    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Worker processes.")] = 1,
+    jobs: Annotated[
+        int,
+        typer.Option(
+            "--jobs",
+            "-j",
+            help="Worker processes (per torchrun rank), each reused for many checkpoints.",
+        ),
+    ] = 1,
     cache_dir: Annotated[
         Path,
         typer.Option(
@@ -104,6 +113,8 @@ def correlate(
     trust_code: TrustOpt = False,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
+    threads: ThreadsOpt = None,
+    backend: BackendOpt = "auto",
     seed: SeedOpt = 0,
     fmt: FormatOpt = "table",
     output: Annotated[
@@ -129,11 +140,15 @@ def correlate(
 
         flatcli correlate runs/*.safetensors --data data.npz --layer fc --plots figs/
         --output results.csv
+
+        torchrun --nproc-per-node 2 -m flatcli correlate runs/*.safetensors
+        (checkpoints are sharded across the ranks; rank 0 writes; see docs/scaling.md)
     """
+    from .. import distributed
     from ..correlate import CorrelateConfig, results_table
     from ..prepare import parse_json_object
     from ..registry import select
-    from ..runtime import manifest, resolve_device, resolve_dtype
+    from ..runtime import manifest, resolve_device, resolve_dtype, set_threads
 
     fmt = check_format(fmt)
     chosen = select(measures) if measures else list(DEFAULT_CORRELATE())
@@ -155,6 +170,13 @@ def correlate(
     )
     resolve_device(device)
     resolve_dtype(dtype)
+    if jobs < 1:
+        raise UsageError(f"--jobs must be at least 1, got {jobs}")
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {threads}")
+    device = start_distributed(device, backend)
+    if jobs == 1:
+        set_threads(threads, processes=distributed.local_world_size())
     config = CorrelateConfig(
         measures=tuple(chosen),
         layer=layer,
@@ -170,7 +192,9 @@ def correlate(
         arch_kwargs=parse_json_object(arch_kwargs, "--arch-kwargs"),
         trust_code=trust_code,
     )
-    run = _measure_with_progress(checkpoints, config, cache_dir, jobs)
+    run = _measure_with_progress(checkpoints, config, cache_dir, jobs, threads)
+    if not distributed.is_main():
+        return  # rank 0 gathered every row and writes the outputs
     df = results_table(run, hparams_csv=hparams)
     for item in run.skipped:
         stderr().print(
@@ -189,7 +213,9 @@ def correlate(
         log_x=log_x,
         bootstrap=bootstrap,
         seed=seed,
-        manifest=manifest(device=device, dtype=dtype, seed=seed, config_key=config.key()),
+        manifest=manifest(
+            device=device, dtype=dtype, seed=seed, config_key=config.key(), **distributed.info()
+        ),
     )
 
 
@@ -201,7 +227,7 @@ def DEFAULT_CORRELATE() -> tuple[str, ...]:  # noqa: N802 - reads as the constan
     return tuple(m for m in DEFAULT_MEASURES if m in names)
 
 
-def _measure_with_progress(checkpoints, config, cache_dir, jobs):  # noqa: ANN001, ANN202
+def _measure_with_progress(checkpoints, config, cache_dir, jobs, threads=None):  # noqa: ANN001, ANN202
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from ..correlate import measure_checkpoints
@@ -213,6 +239,7 @@ def _measure_with_progress(checkpoints, config, cache_dir, jobs):  # noqa: ANN00
             config,
             cache_dir=cache_dir,
             jobs=jobs,
+            threads=threads,
             on_result=lambda c, s: print(f"flatcli: {Path(c).name}: {s}", file=sys.stderr),
         )
     with Progress(
@@ -228,6 +255,7 @@ def _measure_with_progress(checkpoints, config, cache_dir, jobs):  # noqa: ANN00
             config,
             cache_dir=cache_dir,
             jobs=jobs,
+            threads=threads,
             on_result=lambda c, s: progress.advance(task),
         )
 
