@@ -256,20 +256,30 @@ class _Fit:
 
     def __init__(self, loss: str) -> None:
         self.loss, self.n, self.loss_sum, self.correct, self.classify = loss, 0, 0.0, 0, True
+        self._sums: torch.Tensor | None = None  # (loss sum, correct), kept on the device
 
     def add(self, out: torch.Tensor, y: torch.Tensor) -> None:
         losses = per_sample_loss(out, y, self.loss)  # type: ignore[arg-type]
-        if not torch.isfinite(losses).all():
-            raise FlatcliError("the loss is NaN or Inf on this data")
         self.n += out.shape[0]
-        self.loss_sum += float(losses.double().sum())
         if y.is_floating_point():
             self.classify = False
+            sums = losses.sum(dtype=torch.float64).expand(2)
         else:
-            self.correct += int((out.argmax(-1) == y).sum())
+            right = (out.argmax(-1) == y).sum(dtype=torch.float64)
+            sums = torch.stack([losses.sum(dtype=torch.float64), right])
+        self._sums = sums if self._sums is None else self._sums + sums
 
     def merge(self, batches: Batches) -> _Fit:
-        """Sum the counts over the ranks when ``batches`` is a shard (see distributed.py)."""
+        """Check the loss and sum the counts over the ranks when ``batches`` is a shard.
+
+        A NaN or Inf loss makes the (non-negative) loss sum non-finite, so one check of the
+        sum finds it (see distributed.py for the ranks).
+        """
+        if self._sums is not None:
+            loss_sum, correct = self._sums.tolist()
+            if not math.isfinite(loss_sum):
+                raise FlatcliError("the loss is NaN or Inf on this data")
+            self.loss_sum, self.correct, self._sums = loss_sum, int(correct), None
         n, loss_sum, correct, regression = distributed.sum_floats(
             batches, self.n, self.loss_sum, self.correct, float(not self.classify)
         )
@@ -389,9 +399,9 @@ def _identity2(
         norms = [(phi * phi).sum(1)]
         if sigma is not None:
             norms.append(((phi * sigma.inverse.to(phi)) ** 2).sum(1))
-        for j, nrm in enumerate(norms):
-            sums[j] += float((nrm.double() * q[:, j].double()).sum())
-        sums[-1] += float((norms[0].double() * tr.double()).sum())
+        values = torch.cat([q, tr[:, None]], 1).double()  # Tr(UᵀBU) for each U, then Tr(B)
+        weights = torch.stack([*norms, norms[0]], 1).double()
+        sums += (weights * values).sum(0).to(sums.device)
     sums = distributed.sum_over_shards(batches, sums)
     n = fit.merge(batches).result()["n"]
     how = (
