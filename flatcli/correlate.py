@@ -154,6 +154,10 @@ def measure_checkpoints(
     from . import distributed
 
     # Under torchrun, rank r measures every world-th checkpoint; every rank gets all rows.
+    # Rank 0's list decides (the gather is also a barrier: no rank writes a cache entry
+    # before every rank has read the cache).
+    shared = distributed.gather([[i, path, str(entry)] for i, path, entry in todo])[0]
+    todo = [(int(i), str(path), Path(entry)) for i, path, entry in shared]
     mine = todo[distributed.rank() :: distributed.world_size()]
     local = [[i, outcome] for i, outcome in _run(mine, config, jobs, note, threads)]
     for part in distributed.gather(local):
