@@ -158,17 +158,18 @@ class LayerSplit:
 
     def _build_fx(self) -> None:
         """Trace and cut, or reuse the cut of an identical earlier call (see :data:`_FX_CACHE`)."""
-        signature = _structure(self.model)
+        key = (self.name, _structure(self.model))
         per_model = _FX_CACHE.setdefault(self.model, {})
-        hit = per_model.get(self.name)
-        if hit is None or hit[0] != signature:
+        built = per_model.pop(key, None)
+        if built is None:
             before = (self._trunk, self._down, self.produces_output, self.mechanism, self.tied)
             self._trace_and_cut()
             built = (self._trunk, self._down, self.produces_output, self.mechanism, self.tied)
             self._trunk, self._down, self.produces_output, self.mechanism, self.tied = before
-            hit = (signature, built)
-            per_model[self.name] = hit
-        self._trunk, self._down, self.produces_output, self.mechanism, tied = hit[1]
+        per_model[key] = built  # most recently used last
+        while len(per_model) > _FX_CACHE_PER_MODEL:
+            del per_model[next(iter(per_model))]
+        self._trunk, self._down, self.produces_output, self.mechanism, tied = built
         self.tied = list(tied)
 
     def _trace_and_cut(self) -> None:
@@ -345,13 +346,16 @@ class LayerSplit:
         return self.downstream(self.layer_forward(cut.phi, weight), cut.context)
 
 
-_FX_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[Any, Any]]] = (
+_FX_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, Any], Any]] = (
     weakref.WeakKeyDictionary()
 )
 """The fx split of each (model, layer), so that a measure does not re-trace the model on
-every call (the trace costs about as much as the measure). Keyed weakly by the model; an
-entry is used only while :func:`_structure` of the model is unchanged. Weights changed in
-place need no invalidation: the cut graphs call the model's own submodules and tensors."""
+every call (the trace costs about as much as the measure). Keyed weakly by the model, then
+by the layer and :func:`_structure` of the model, so a structural change misses the cache.
+Weights changed in place need no invalidation: the cut graphs call the model's own
+submodules and tensors. At most :data:`_FX_CACHE_PER_MODEL` entries per model (least
+recently used dropped), e.g. one per layer and per train/eval mode."""
+_FX_CACHE_PER_MODEL = 8
 
 
 def _structure(model: nn.Module) -> tuple[Any, ...]:

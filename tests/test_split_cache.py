@@ -100,7 +100,7 @@ def test_training_flag_is_part_of_the_key(traces: list[nn.Module]) -> None:
             model.train(mode)
             out, _ = LayerSplit(model, "b").run(x)
             torch.testing.assert_close(out, model(x), rtol=0, atol=0)
-    assert len(traces) == 3  # train, eval, train again (one slot per layer)
+    assert len(traces) == 2  # train and eval, each traced once
 
 
 def test_untraceable_model_is_tried_once(traces: list[nn.Module]) -> None:
@@ -122,3 +122,12 @@ def test_cache_does_not_keep_the_model_alive() -> None:
     gc.collect()
     assert ref() is None
     assert len(features._FX_CACHE) == before - 1
+
+
+def test_cache_is_bounded_per_model(traces: list[nn.Module]) -> None:
+    model = models.init(models.Residual())
+    for _ in range(features._FX_CACHE_PER_MODEL + 3):  # a new Parameter object each time
+        model.fc.weight = nn.Parameter(model.fc.weight.detach().clone())
+        LayerSplit(model, "b")
+    assert len(features._FX_CACHE[model]) == features._FX_CACHE_PER_MODEL
+    check_exact(model, "b")
