@@ -25,6 +25,8 @@ from .options import (
     DtypeOpt,
     FormatOpt,
     FrBiasOpt,
+    FrLabelsOpt,
+    L2Opt,
     LayerOpt,
     LogXOpt,
     LossOpt,
@@ -71,11 +73,13 @@ def correlate(
     loss: LossOpt = None,
     method: MethodOpt = "auto",
     probes: ProbesOpt = 64,
-    dead_units: DeadUnitsOpt = "unscaled",
+    dead_units: DeadUnitsOpt = "drop",
     trace_params: TraceParamsOpt = "all",
     rtol: RtolOpt = 0.01,
     max_probes: MaxProbesOpt = 2000,
     fr_include_bias: FrBiasOpt = False,
+    fr_labels: FrLabelsOpt = "true",
+    l2: L2Opt = 0.0,
     pacbayes_target: PacTargetOpt = "error",
     pacbayes_threshold: PacThresholdOpt = 0.1,
     mc_samples: McOpt = 10,
@@ -85,7 +89,8 @@ def correlate(
         typer.Option(
             "--hparams",
             help="CSV of hyperparameters with a 'checkpoint' column of file names "
-            "(default: each checkpoint's flatcli.hparams metadata).",
+            "(default: each checkpoint's flatcli.hparams metadata). Columns named "
+            "arch.<kwarg> give that checkpoint's --arch-kwargs (mixed-width zoos).",
         ),
     ] = None,
     plots: PlotsOpt = None,
@@ -163,6 +168,8 @@ def correlate(
         rtol=rtol,
         max_probes=max_probes,
         fr_include_bias=fr_include_bias,
+        fr_labels=fr_labels,
+        l2=l2,
         pacbayes_target=pacbayes_target,
         pacbayes_threshold=pacbayes_threshold,
         mc_samples=mc_samples,
@@ -192,7 +199,10 @@ def correlate(
         arch_kwargs=parse_json_object(arch_kwargs, "--arch-kwargs"),
         trust_code=trust_code,
     )
-    run = _measure_with_progress(checkpoints, config, cache_dir, jobs, threads)
+    from ..correlate import arch_kwargs_table
+
+    per_checkpoint = arch_kwargs_table(hparams) if hparams is not None else None
+    run = _measure_with_progress(checkpoints, config, cache_dir, jobs, per_checkpoint, threads)
     if not distributed.is_main():
         return  # rank 0 gathered every row and writes the outputs
     df = results_table(run, hparams_csv=hparams)
@@ -227,7 +237,9 @@ def DEFAULT_CORRELATE() -> tuple[str, ...]:  # noqa: N802 - reads as the constan
     return tuple(m for m in DEFAULT_MEASURES if m in names)
 
 
-def _measure_with_progress(checkpoints, config, cache_dir, jobs, threads=None):  # noqa: ANN001, ANN202
+def _measure_with_progress(  # noqa: ANN202
+    checkpoints, config, cache_dir, jobs, arch_kwargs_for=None, threads=None  # noqa: ANN001
+):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from ..correlate import measure_checkpoints
@@ -241,6 +253,7 @@ def _measure_with_progress(checkpoints, config, cache_dir, jobs, threads=None): 
             jobs=jobs,
             threads=threads,
             on_result=lambda c, s: print(f"flatcli: {Path(c).name}: {s}", file=sys.stderr),
+            arch_kwargs_for=arch_kwargs_for,
         )
     with Progress(
         TextColumn("{task.description}"),
@@ -257,6 +270,7 @@ def _measure_with_progress(checkpoints, config, cache_dir, jobs, threads=None): 
             jobs=jobs,
             threads=threads,
             on_result=lambda c, s: progress.advance(task),
+            arch_kwargs_for=arch_kwargs_for,
         )
 
 

@@ -30,8 +30,10 @@ import torch
 from torch import nn
 
 from .. import distributed
+from ..autodiff import SecondOrder
 from ..data import Batches
 from ..errors import UsageError
+from ..features import batch_len
 from ..losses import check_loss
 from .estimate import Estimate, mean_and_stderr
 from .params import (
@@ -74,6 +76,7 @@ class LossHessian:
         self.theta = self.flat.vector(model)
         self.fixed = fixed_params(model, self.flat)
         self.n: int | None = None
+        self.ad = SecondOrder()
 
     @property
     def size(self) -> int:
@@ -87,8 +90,8 @@ class LossHessian:
         n = 0
         for x, y in self.batches:
             f = functional_loss(self.model, self.flat, x, y, self.loss, fixed=self.fixed)
-            total += hvp(f, self.theta, v, chunk_size=chunk_size).double()
-            n += int(x.shape[0])
+            total += hvp(f, self.theta, v, chunk_size=chunk_size, ad=self.ad).double()
+            n += batch_len(x)
         total = distributed.sum_over_shards(self.batches, total)
         n = int(distributed.sum_floats(self.batches, n)[0])
         if n == 0:
@@ -175,10 +178,20 @@ def hessian_trace(
             note = f"; auto: {p} parameters {relation} {AUTO_EXACT_MAX_PARAMS}"
         tell = progress or (lambda _msg: None)
         if resolved == "exact":
-            return _exact_trace(op, note, tell)
-        return _hutchinson_trace(
-            op, note, tell, rtol=rtol, max_probes=max_probes, probe_batch=probe_batch, seed=seed
+            return _with_ad_note(_exact_trace(op, note, tell), op)
+        return _with_ad_note(
+            _hutchinson_trace(
+                op, note, tell, rtol=rtol, max_probes=max_probes, probe_batch=probe_batch, seed=seed
+            ),
+            op,
         )
+
+
+def _with_ad_note(est: Estimate, op: LossHessian) -> Estimate:
+    """``est`` with the HVP fallback (if any) named in its method string."""
+    if not op.ad.note:
+        return est
+    return Estimate(est.value, est.stderr, f"{est.method} [HVPs {op.ad.mode}]", est.details)
 
 
 def _check_trace_options(method: str, rtol: float, max_probes: int, probe_batch: int) -> None:
@@ -308,7 +321,7 @@ def hessian_top_eigenvalue(
     return Estimate(
         value,
         None,
-        f"lanczos (full reorthogonalization, {iterations} HVPs)",
+        f"lanczos (full reorthogonalization, {iterations} HVPs{op.ad.note})",
         {
             "iterations": iterations,
             "residual": residual,
