@@ -537,7 +537,7 @@ def _feature_hutchinson(
     how = (
         "closed form (Identity 3, logits layer)"
         if split.produces_output
-        else f"downstream HVPs (Identity 2, {split.mechanism} split)"
+        else f"downstream HVPs (Identity 2, {split.mechanism} split{split.ad.note})"
     )
     out = {}
     for j, key in enumerate(groups):
@@ -575,7 +575,7 @@ def _probe_forms(
     cols = []
     for lo, hi in _ranges(dirs.shape[1], FEATURE_PROBE_CHUNK):
         chunk = dirs[:, lo:hi]
-        hv = per_sample_hvp(total, z, chunk.T)  # (k, n, d): B_i v
+        hv = per_sample_hvp(total, z, chunk.T, ad=split.ad)  # (k, n, d): B_i v
         cols.append(torch.einsum("knd,dk->nk", hv, chunk))
     return torch.cat(cols, dim=1)
 
