@@ -4,12 +4,15 @@ The experiment of Petzka et al. (2021), Fig. 5, and Jiang et al. (2020), as one 
 
 Reliability:
 
-* Every checkpoint's result is cached as one JSON file, keyed by the checkpoint's sha256
-  and the measure configuration, and written atomically. An interrupted run, rerun with the
+* Every checkpoint's result is cached as one JSON file, keyed by the checkpoint's sha256,
+  the sha256 of its data file (for a bundled set, of the bundled file) and the measure
+  configuration, and written atomically. An entry is checked against the result schema
+  when read; a damaged one is measured again, with a warning. An interrupted run, rerun with the
   same arguments, recomputes only what is missing and yields the same table.
 * A checkpoint that cannot be loaded or measured is reported and skipped; the others go on.
 * ``jobs > 1`` measures checkpoints in worker processes (one CUDA device each, round robin,
-  when several are visible). Each worker's result is cached as soon as it is done.
+  when several are visible). Each worker's result is cached as soon as it is done. Ctrl-C
+  stops the workers at once; the results cached so far are kept.
 
 References:
     Jiang, Neyshabur, Mobahi, Krishnan, Bengio. *Fantastic Generalization Measures and
@@ -18,6 +21,7 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
@@ -25,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import FlatcliError, UsageError
+from .errors import FlatcliError, UsageError, warn
 from .io import atomic_write_text, sha256_file
 from .registry import MeasureOptions
 
@@ -39,7 +43,18 @@ DEFAULT_MEASURES = (
 )
 """Petzka et al.'s Fig. 5 comparison."""
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+_ROW_KEYS = (
+    "sha256",
+    "layer",
+    "n_train",
+    "n_test",
+    "train_loss",
+    "test_loss",
+    "train_acc",
+    "test_acc",
+    "hparams",
+)
 
 
 @dataclass(frozen=True)
@@ -88,11 +103,14 @@ class CorrelateRun:
         rows: One dict per measured checkpoint (measures, losses, accuracies, hparams).
         skipped: ``{"checkpoint", "reason"}`` for each checkpoint that failed.
         computed: How many checkpoints were measured now (the rest came from the cache).
+        data_sha256: The sha256 of each data file used (bundled sets: of the bundled file),
+            by data spec; part of every cache key, and of the run's manifest.
     """
 
     rows: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
     computed: int = 0
+    data_sha256: dict[str, str] = field(default_factory=dict)
 
 
 def measure_checkpoints(
@@ -129,26 +147,31 @@ def measure_checkpoints(
     run = CorrelateRun()
     results: dict[int, dict[str, Any] | str] = {}
     todo: list[tuple[int, str, Path]] = []
+    data_shas: dict[tuple[str, str], str] = {}
     for i, p in enumerate(paths):
         path = Path(p)
         if not path.is_file():
             results[i] = f"not found: {path}"
             note(str(path), f"skipped: {results[i]}")
             continue
-        entry = cache / f"{sha256_file(path)}-{config.key()}.json"
+        sha = sha256_file(path)
+        spec, data_sha = _data_of(path, config, data_shas)
+        if spec is not None and data_sha is not None:
+            run.data_sha256[spec] = data_sha
+        entry = cache / f"{sha}-{config.key()}-{(data_sha or 'nodata')[:16]}.json"
         if entry.is_file():
-            try:
-                row = json.loads(entry.read_text())
+            row, problem = read_cache_entry(entry, config, sha)
+            if row is not None:
                 results[i] = {"checkpoint": path.name, "path": str(path), **row}
                 note(str(path), "cached")
                 continue
-            except (json.JSONDecodeError, OSError):
-                pass  # a damaged cache entry is recomputed
+            warn(f"cache entry {entry.name} of {path.name} is damaged ({problem}); measuring again")
         todo.append((i, str(path), entry))
-    for i, outcome in _run(todo, config, jobs, note):
-        results[i] = outcome
-        if isinstance(outcome, dict):
-            run.computed += 1
+    with contextlib.closing(_run(todo, config, jobs, note)) as outcomes:
+        for i, outcome in outcomes:
+            results[i] = outcome
+            if isinstance(outcome, dict):
+                run.computed += 1
     for i, p in enumerate(paths):
         outcome = results[i]
         if isinstance(outcome, dict):
@@ -156,6 +179,77 @@ def measure_checkpoints(
         else:
             run.skipped.append({"checkpoint": str(p), "reason": outcome})
     return run
+
+
+def _data_of(
+    path: Path, config: CorrelateConfig, memo: dict[tuple[str, str], str]
+) -> tuple[str | None, str | None]:
+    """The data spec a checkpoint is measured on and its content sha256 (None: unknown,
+    the measurement itself then reports why)."""
+    from .checkpoints import read_metadata
+    from .data import data_sha256, metadata_data
+
+    try:
+        if config.data is not None:
+            spec, base = config.data, path.parent
+        else:
+            named = read_metadata(path).get("data")
+            if named is None:
+                return None, None
+            spec, base = metadata_data(named, path), None
+        resolved = str(Path(spec).expanduser().resolve()) if Path(spec).exists() else spec
+        key = (resolved, str(base))
+        if key not in memo:
+            memo[key] = data_sha256(spec, base_dir=base)
+        return spec, memo[key]
+    except (FlatcliError, OSError):
+        return None, None
+
+
+def read_cache_entry(
+    entry: Path, config: CorrelateConfig, sha256: str
+) -> tuple[dict[str, Any] | None, str]:
+    """A cached result, checked against the result schema.
+
+    Returns:
+        ``(row, "")`` for a valid entry, else ``(None, reason)``.
+    """
+    try:
+        row = json.loads(entry.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        return None, "not UTF-8"
+    except json.JSONDecodeError:
+        return None, "not JSON"
+    except OSError as e:
+        return None, e.strerror or "unreadable"
+    problem = _row_problem(row, config, sha256)
+    return (None, problem) if problem else (row, "")
+
+
+def _row_problem(row: Any, config: CorrelateConfig, sha256: str) -> str:
+    def number(v: Any) -> bool:
+        return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+    if not isinstance(row, dict):
+        return f"a JSON {type(row).__name__}, not a result"
+    missing = [k for k in _ROW_KEYS if k not in row]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    allowed = set(_ROW_KEYS) | {m + s for m in config.measures for s in ("", "_stderr")}
+    extra = [k for k in row if k not in allowed]
+    if extra:
+        return f"unexpected {', '.join(map(str, extra[:3]))}"
+    if row["sha256"] != sha256:
+        return "another checkpoint's result"
+    if not isinstance(row["layer"], str) or not isinstance(row["hparams"], dict):
+        return "wrong types"
+    counts = (row["n_train"], row["n_test"])
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in counts):
+        return "sample counts are not positive integers"
+    bad = [k for k in row if k not in ("sha256", "layer", "hparams") and not number(row[k])]
+    if bad:
+        return f"non-numeric {', '.join(bad[:3])}"
+    return ""
 
 
 def _run(
@@ -174,9 +268,10 @@ def _run(
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    with ProcessPoolExecutor(
+    pool = ProcessPoolExecutor(
         max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init
-    ) as pool:
+    )
+    try:
         futures = {
             pool.submit(_measure_and_cache, path, entry, config, devices[k % len(devices)]): (
                 i,
@@ -189,13 +284,43 @@ def _run(
             outcome = future.result()
             note(path, "computed" if isinstance(outcome, dict) else f"skipped: {outcome}")
             yield i, outcome
+    except BaseException:  # Ctrl-C (or a failure): stop now, not after the queue drains
+        _stop(pool)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _stop(pool: Any) -> None:
+    """Cancel what has not started and end the workers; what they cached stays cached.
+
+    The workers ignore SIGINT (the terminal sends it to the whole process group) and turn
+    SIGTERM into an exit that removes a half-written cache file.
+    """
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in processes:
+        if p.is_alive():
+            p.terminate()
+    for p in processes:
+        p.join(timeout=5)
+        if p.is_alive():
+            p.kill()
 
 
 def _worker_init() -> None:
+    import signal
+    import sys
     import warnings
 
     import torch
 
+    from .errors import FlatcliWarning
+    from .text import show_warning
+
+    warnings.showwarning = show_warning
+    warnings.simplefilter("always", FlatcliWarning)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated")
 
