@@ -9,7 +9,15 @@ import typer
 
 from ..errors import UsageError
 from .app import app
-from .common import check_format, emit, friendly, measure_options, progress, setup
+from .common import (
+    check_format,
+    check_outputs,
+    emit,
+    friendly,
+    measure_options,
+    progress,
+    setup,
+)
 from .options import (
     ArchKwargsOpt,
     ArchOpt,
@@ -121,6 +129,7 @@ def audit(
     from ..runtime import manifest
 
     fmt = check_format(fmt)
+    check_outputs(output, *((".manifest.json",) if fmt == "csv" else ()))
     if not 0 < alpha_low <= alpha_high:
         raise UsageError("--alpha-low and --alpha-high must satisfy 0 < low <= high")
     names = registry.select(

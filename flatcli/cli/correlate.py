@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -9,8 +10,10 @@ from typing import Annotated
 import typer
 
 from ..errors import FlatcliError, UsageError
+from ..io import check_regular_file
+from ..text import markup_safe, plain
 from .app import app
-from .common import check_format, emit, friendly, measure_options, stderr
+from .common import check_format, check_outputs, emit, friendly, measure_options, stderr
 from .options import (
     ArchKwargsOpt,
     ArchOpt,
@@ -170,11 +173,15 @@ def correlate(
         arch_kwargs=parse_json_object(arch_kwargs, "--arch-kwargs"),
         trust_code=trust_code,
     )
+    check_outputs(output, *((".manifest.json", ".correlations.csv") if fmt != "json" else ()))
+    _make_plots_dir(plots)
     run = _measure_with_progress(checkpoints, config, cache_dir, jobs)
     df = results_table(run, hparams_csv=hparams)
     for item in run.skipped:
         stderr().print(
-            f"skipped {item['checkpoint']}: {item['reason']}", highlight=False, soft_wrap=True
+            f"skipped {markup_safe(item['checkpoint'])}: {markup_safe(item['reason'])}",
+            highlight=False,
+            soft_wrap=True,
         )
     if df.empty:
         raise FlatcliError("no checkpoint could be measured")
@@ -189,7 +196,13 @@ def correlate(
         log_x=log_x,
         bootstrap=bootstrap,
         seed=seed,
-        manifest=manifest(device=device, dtype=dtype, seed=seed, config_key=config.key()),
+        manifest=manifest(
+            device=device,
+            dtype=dtype,
+            seed=seed,
+            config_key=config.key(),
+            data_sha256=run.data_sha256,
+        ),
     )
 
 
@@ -199,6 +212,10 @@ def DEFAULT_CORRELATE() -> tuple[str, ...]:  # noqa: N802 - reads as the constan
 
     names = set(available())
     return tuple(m for m in DEFAULT_MEASURES if m in names)
+
+
+def _print_result(checkpoint: str, status: str) -> None:
+    print(f"flatcli: {plain(Path(checkpoint).name)}: {plain(status)}", file=sys.stderr)
 
 
 def _measure_with_progress(checkpoints, config, cache_dir, jobs):  # noqa: ANN001, ANN202
@@ -213,7 +230,7 @@ def _measure_with_progress(checkpoints, config, cache_dir, jobs):  # noqa: ANN00
             config,
             cache_dir=cache_dir,
             jobs=jobs,
-            on_result=lambda c, s: print(f"flatcli: {Path(c).name}: {s}", file=sys.stderr),
+            on_result=_print_result,
         )
     with Progress(
         TextColumn("{task.description}"),
@@ -292,10 +309,7 @@ def _plot(df, table, measures, plots: Path, *, color_by, log_x) -> None:  # noqa
     from ..plots import scatter_grid, tau_bar_chart
     from ..stats import GAPS
 
-    try:
-        plots.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise FlatcliError(f"cannot create {plots}: {e.strerror}") from None
+    _make_plots_dir(plots)
     color = None
     if color_by is not None:
         color = color_by if color_by in df.columns else f"hp_{color_by}"
@@ -317,7 +331,21 @@ def _plot(df, table, measures, plots: Path, *, color_by, log_x) -> None:  # noqa
             path_stem=plots / f"scatter_{gap}",
         )
         written += tau_bar_chart(table, gap, path_stem=plots / f"tau_{gap}")
-    stderr().print(f"wrote {len(written)} figures to {plots}", highlight=False)
+    stderr().print(f"wrote {len(written)} figures to {markup_safe(plots)}", highlight=False)
+
+
+def _make_plots_dir(plots: Path | None) -> None:
+    """Create the figure directory up front, so a bad ``--plots`` fails before measuring."""
+    if plots is None:
+        return
+    if plots.exists() and not plots.is_dir():
+        raise FlatcliError(f"--plots {plots} is not a directory")
+    try:
+        plots.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FlatcliError(f"cannot create {plots}: {e.strerror}") from None
+    if not os.access(plots, os.W_OK | os.X_OK):
+        raise FlatcliError(f"cannot write figures into {plots}: not writable")
 
 
 @app.command()
@@ -350,8 +378,10 @@ def plot(
     from ..runtime import manifest
 
     fmt = check_format(fmt)
-    if not results.is_file():
+    if not results.exists():
         raise FlatcliError(f"results file not found: {results}")
+    check_regular_file(results, "results file")
+    _make_plots_dir(plots)
     try:
         df = pd.read_csv(results)
     except Exception as e:  # noqa: BLE001 - any parse failure is a bad file to the user

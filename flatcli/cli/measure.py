@@ -8,7 +8,15 @@ from typing import Annotated
 import typer
 
 from .app import app
-from .common import check_format, emit, friendly, measure_options, progress, setup
+from .common import (
+    check_format,
+    check_outputs,
+    emit,
+    friendly,
+    measure_options,
+    progress,
+    setup,
+)
 from .options import (
     ArchKwargsOpt,
     ArchOpt,
@@ -106,6 +114,7 @@ def measure(
     from ..runtime import manifest
 
     fmt = check_format(fmt)
+    check_outputs(output, *((".manifest.json",) if fmt == "csv" else ()))
     names = registry.select(measures, normalize=normalize, has_init=init is not None)
     options = measure_options(
         method=method,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..text import markup_safe
+
 
 def inspect_table(ck: Any, info: dict) -> None:
     """Print :func:`flatcli.inspection.describe`'s result as a table."""
@@ -12,7 +14,8 @@ def inspect_table(ck: Any, info: dict) -> None:
 
     console = Console()
     table = Table(
-        title=f"{ck.path.name} ({info['checkpoint']['format']}, {info['parameters']:,} parameters)",
+        title=f"{markup_safe(ck.path.name)} ({info['checkpoint']['format']}, "
+        f"{info['parameters']:,} parameters)",
         title_justify="left",
     )
     for col in ("layer", "type", "weight shape", "parameters", "measures"):
@@ -20,18 +23,18 @@ def inspect_table(ck: Any, info: dict) -> None:
     for row in info["layers"]:
         name = row["name"] + (" *" if row["name"] == info["default_layer"] else "")
         table.add_row(
-            name,
-            row["type"],
+            markup_safe(name),
+            markup_safe(row["type"]),
             str(row["weight_shape"] or ""),
             f"{row['parameters']:,}",
-            row["measures"],
+            markup_safe(row["measures"]),
         )
     console.print(table)
-    console.print(f"* default feature layer: {info['default_layer']}")
-    console.print(f"model-wide measures: {info['model_measures']}")
+    console.print(f"* default feature layer: {markup_safe(info['default_layer'])}")
+    console.print(f"model-wide measures: {markup_safe(info['model_measures'])}")
     console.print(f"sha256: {info['checkpoint']['sha256']}")
     for key, value in info["metadata"].items():
-        console.print(f"metadata {key}: {value}", highlight=False)
+        console.print(f"metadata {markup_safe(key)}: {markup_safe(value)}", highlight=False)
 
 
 def audit_tables(original: Any, reps: Any) -> None:
@@ -46,9 +49,11 @@ def audit_tables(original: Any, reps: Any) -> None:
     console = Console()
     for rep in reps:
         if rep.refused:
-            console.print(f"[bold]{rep.kind}[/]: refused: {rep.refused}", highlight=False)
+            console.print(
+                f"[bold]{rep.kind}[/]: refused: {markup_safe(rep.refused)}", highlight=False
+            )
             continue
-        pairs = ", ".join(f"{a}→{b}" for a, b in rep.pairs)
+        pairs = markup_safe(", ".join(f"{a}→{b}" for a, b in rep.pairs))
         table = Table(
             title=f"{rep.kind} reparameterization ({pairs}; max |Δ output| = "
             f"{rep.max_output_change:.2e})",
@@ -61,7 +66,7 @@ def audit_tables(original: Any, reps: Any) -> None:
         for row in rep.rows:
             mark = "[green]yes[/]" if row.invariant else "[red]no[/]"
             table.add_row(
-                row.measure,
+                markup_safe(row.measure),
                 format_value(row.original),
                 format_value(row.reparameterized),
                 f"{row.relative_change:.1e}",
@@ -70,7 +75,7 @@ def audit_tables(original: Any, reps: Any) -> None:
         console.print(table)
     explain = dead_unit_note(original, reps)
     if explain:
-        console.print(explain, highlight=False)
+        console.print(markup_safe(explain), highlight=False)
 
 
 
@@ -94,7 +99,7 @@ def correlations(table, result, n, run) -> None:  # noqa: ANN001
         for _, r in rows.iterrows():
             psi = result["granulated"].get(gap, {}).get(r["measure"], {}).get("Psi")
             t.add_row(
-                r["measure"],
+                markup_safe(r["measure"]),
                 _ci(r, "kendall_tau_b"),
                 _num(r["kendall_tau_a"]),
                 _ci(r, "spearman_rho"),
@@ -103,7 +108,7 @@ def correlations(table, result, n, run) -> None:  # noqa: ANN001
             )
         console.print(t)
     if result["hparams"]:
-        console.print(f"Ψ: granulated Kendall over {', '.join(result['hparams'])}")
+        console.print(f"Ψ: granulated Kendall over {markup_safe(', '.join(result['hparams']))}")
     if run is not None:
         console.print(
             f"{run.computed} checkpoint(s) measured now, "
@@ -134,8 +139,10 @@ def finetune_tables(result) -> None:  # noqa: ANN001 - a FinetuneResult, importe
     console = Console()
     h = result.hparams
     epochs = Table(
-        title=f"FAM on {result.layer} · λ = {h['fam_lambda']:g} · {h['optimizer']} "
-        f"lr {h['lr']:g} ({h['schedule']}) · {result.fam_method}",
+        title=markup_safe(
+            f"FAM on {result.layer} · λ = {h['fam_lambda']:g} · {h['optimizer']} "
+            f"lr {h['lr']:g} ({h['schedule']}) · {result.fam_method}"
+        ),
         title_justify="left",
     )
     for col in ("epoch", "lr", "train loss", "κ (batches)", "test loss", "test acc", "s"):
@@ -158,7 +165,7 @@ def finetune_tables(result) -> None:  # noqa: ANN001 - a FinetuneResult, importe
         before = result.before.get(name)
         b = before.value if before is not None else None
         change = f"{after.value / b - 1:+.1%}" if b not in (None, 0) else ""
-        compare.add_row(name, format_value(b), format_value(after.value), change)
+        compare.add_row(markup_safe(name), format_value(b), format_value(after.value), change)
     console.print(compare)
     if result.resumed_from:
         console.print(f"resumed after epoch {result.resumed_from}", highlight=False)
@@ -169,6 +176,6 @@ def finetune_tables(result) -> None:  # noqa: ANN001 - a FinetuneResult, importe
         ("state", result.state_path),
     ):
         if path is not None:
-            console.print(f"{what}: {path}", highlight=False)
+            console.print(f"{what}: {markup_safe(path)}", highlight=False)
     console.print(f"sha256: {result.out_sha256}", highlight=False)
 
