@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -273,7 +274,7 @@ def _run(
     )
     try:
         futures = {
-            pool.submit(_measure_and_cache, path, entry, config, devices[k % len(devices)]): (
+            pool.submit(_worker_task, path, entry, config, devices[k % len(devices)]): (
                 i,
                 path,
             )
@@ -309,7 +310,6 @@ def _stop(pool: Any) -> None:
 
 def _worker_init() -> None:
     import signal
-    import sys
     import warnings
 
     import torch
@@ -320,9 +320,34 @@ def _worker_init() -> None:
     warnings.showwarning = show_warning
     warnings.simplefilter("always", FlatcliWarning)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGTERM, _on_sigterm)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated")
+
+
+class _Terminated(BaseException):
+    """SIGTERM in a worker: unwinds the running task (removing a half-written cache file)."""
+
+
+_in_task = False
+
+
+def _on_sigterm(*_: Any) -> None:
+    if _in_task:
+        raise _Terminated
+    os._exit(143)
+
+
+def _worker_task(path: str, entry: Path, config: CorrelateConfig, device: str) -> Any:
+    """:func:`_measure_and_cache` in a worker, ended by SIGTERM without a traceback."""
+    global _in_task
+    _in_task = True
+    try:
+        return _measure_and_cache(path, entry, config, device)
+    except _Terminated:
+        os._exit(143)
+    finally:
+        _in_task = False
 
 
 def _devices(device: str, jobs: int) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Annotated
 
@@ -130,6 +131,8 @@ def audit(
 
     fmt = check_format(fmt)
     check_outputs(output, *((".manifest.json",) if fmt == "csv" else ()))
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise UsageError(f"--tolerance must be a finite number ≥ 0, got {tolerance}")
     if not 0 < alpha_low <= alpha_high:
         raise UsageError("--alpha-low and --alpha-high must satisfy 0 < low <= high")
     names = registry.select(
