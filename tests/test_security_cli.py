@@ -186,8 +186,8 @@ def test_output_to_a_character_device_is_written_in_place(
 @pytest.mark.parametrize(
     "args,message",
     [
-        (("measure", MLP, "--pacbayes-threshold", "inf"), "--pacbayes-threshold must be a finite"),
-        (("measure", MLP, "--rtol", "nan"), "--rtol must be a finite"),
+        (("measure", MLP, "--pacbayes-threshold", "inf"), "--pacbayes-threshold must be positive"),
+        (("measure", MLP, "--rtol", "nan"), "--rtol must be positive and finite"),
         (("audit", MLP, "--tolerance", "-1"), "--tolerance must be a finite number ≥ 0"),
     ],
 )

@@ -145,7 +145,7 @@ def measure_options(
             dead_units in ("unscaled", "drop"),
             f"--dead-units must be unscaled or drop, got {dead_units!r}",
         ),
-        (math.isfinite(rtol) and rtol > 0, f"--rtol must be a finite number > 0, got {rtol}"),
+        (math.isfinite(rtol) and rtol > 0, f"--rtol must be positive and finite, got {rtol}"),
         (max_probes >= 2, f"--max-probes must be at least 2, got {max_probes}"),
         (
             pacbayes_target in ("error", "loss"),
@@ -153,7 +153,7 @@ def measure_options(
         ),
         (
             math.isfinite(pacbayes_threshold) and pacbayes_threshold > 0,
-            f"--pacbayes-threshold must be a finite number > 0, got {pacbayes_threshold}",
+            f"--pacbayes-threshold must be positive and finite, got {pacbayes_threshold}",
         ),
         (mc_samples >= 2, f"--mc-samples must be at least 2, got {mc_samples}"),
         (search_depth >= 1, f"--search-depth must be at least 1, got {search_depth}"),
