@@ -4,8 +4,9 @@ Safe by default: ``.safetensors`` files and ``torch.load(weights_only=True)`` st
 dicts never execute code. Whole pickled modules, TorchScript archives and
 ``torch.export`` ``.pt2`` programs do, so they load only with ``trust_code=True``
 (``--trust-code``). An architecture named in a file's metadata is followed only when it
-is one of flatcli's own (:mod:`flatcli.archs`); anything else is the user's choice
-(``--arch``) or needs ``trust_code``.
+is exactly ``flatcli.archs:<name>`` for a name in :data:`flatcli.archs.BUILDERS`; anything
+else is the user's choice (``--arch``) or needs ``trust_code``, and a metadata spec that
+names a file is never followed. Zip archives are checked for decompression bombs first.
 
 flatcli's own checkpoints carry string metadata under ``flatcli.*`` keys:
 ``arch`` (``module:callable``), ``arch_kwargs`` (JSON), ``data``, ``loss``,
