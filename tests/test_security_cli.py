@@ -310,3 +310,22 @@ def test_ctrl_c_stops_correlate_workers_promptly(tmp_path: Path) -> None:
             time.sleep(0.1)
     for entry in kept:  # every kept entry is a complete result
         assert json.loads(entry.read_text())["n_train"] > 0
+
+
+def test_the_last_resort_handler_is_one_escaped_line(
+    runner: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import flatcli.inspection
+
+    def boom(*_: object) -> None:
+        raise RuntimeError("[/]boom\x1b[2J\nsecond line")
+
+    monkeypatch.setattr(flatcli.inspection, "describe", boom)
+    result = runner.invoke(app, ["inspect", str(MLP)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stderr.splitlines() == [
+        "internal error: RuntimeError: [/]boom\\x1b[2J (set FLATCLI_DEBUG=1 for the traceback)"
+    ]
+    monkeypatch.setenv("FLATCLI_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="boom"):
+        runner.invoke(app, ["inspect", str(MLP)], catch_exceptions=False)

@@ -54,6 +54,7 @@ def friendly(fn: F) -> F:
                 f"[bold red]internal error:[/] {type(e).__name__}: {markup_safe(first)} "
                 "(set FLATCLI_DEBUG=1 for the traceback)",
                 highlight=False,
+                soft_wrap=True,
             )
             raise typer.Exit(1) from None
 
