@@ -648,8 +648,9 @@ def _resolve_data(
     """The training and test sets, with inputs shaped for the model."""
     spec: str | None = None
     base = ck.path.parent if ck.sha256 else None
+    named = None  # the metadata's own name is what the output records
     if data is None:
-        data = ck.metadata.get("data")
+        named = data = ck.metadata.get("data")
         if data is not None and ck.sha256:
             data = metadata_data(data, ck.path)
         if data is None:
@@ -659,7 +660,7 @@ def _resolve_data(
             )
     test: Dataset | None = None
     if isinstance(data, str):
-        spec = data
+        spec = named or data
         train = load_data(data, target=target, max_samples=max_samples, base_dir=base)
         if test_data is None:
             try:
