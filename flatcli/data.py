@@ -449,13 +449,14 @@ def check_labels(data: Batches | torch.Tensor, classes: int) -> None:
     for y in chunks:
         if y.is_floating_point():
             return
-        flat = y.reshape(y.shape[0], -1)[:, 0] if y.ndim > 1 else y.reshape(-1)
+        per_sample = max(y[0].numel(), 1) if y.ndim > 1 and y.shape[0] else 1
+        flat = y.reshape(-1)
         bad = (flat < 0) | (flat >= classes)
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
             source = data.source if isinstance(data, Batches) else "data"
             raise FlatcliError(
-                f"{source}: label {int(flat[i])} of sample {offset + i} is outside "
+                f"{source}: label {int(flat[i])} of sample {offset + i // per_sample} is outside "
                 f"[0, {classes}) for a model with {classes} outputs"
             )
         offset += int(y.shape[0])

@@ -329,3 +329,31 @@ def test_the_last_resort_handler_is_one_escaped_line(
     monkeypatch.setenv("FLATCLI_DEBUG", "1")
     with pytest.raises(RuntimeError, match="boom"):
         runner.invoke(app, ["inspect", str(MLP)], catch_exceptions=False)
+
+
+EVIL_ARCH = "flatcli.archs:/x.py:fn"  # resolved as ./flatcli.archs:/x.py before the fix
+
+
+@pytest.mark.parametrize("command", ["inspect", "measure", "correlate", "finetune"])
+def test_no_command_imports_a_file_named_by_metadata(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    from flatcli import archs
+    from flatcli.checkpoints import save_checkpoint
+
+    marker = tmp_path / "pwned"
+    (tmp_path / "flatcli.archs:").mkdir()
+    (tmp_path / "flatcli.archs:" / "x.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n"
+        "import flatcli.archs\n\ndef fn(**kw):\n    return flatcli.archs.mlp(64, [8], 10)\n"
+    )
+    cks = [
+        save_checkpoint(archs.mlp(64, [8], 10), tmp_path / f"m{i}.pt", arch=EVIL_ARCH)
+        for i in range(3 if command == "correlate" else 1)
+    ]
+    monkeypatch.chdir(tmp_path)
+    extra = {"measure": FAST, "correlate": FAST, "finetune": ("--fam-lambda", "0", *FAST)}
+    args = (command, *cks, *extra.get(command, ()), "--trust-code")
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 1 and not marker.exists(), result.output
+    assert "never imports a file" in result.stderr

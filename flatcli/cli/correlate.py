@@ -173,8 +173,8 @@ def correlate(
         arch_kwargs=parse_json_object(arch_kwargs, "--arch-kwargs"),
         trust_code=trust_code,
     )
+    _make_plots_dir(plots)  # first: --output may go into it
     check_outputs(output, *((".manifest.json", ".correlations.csv") if fmt != "json" else ()))
-    _make_plots_dir(plots)
     run = _measure_with_progress(checkpoints, config, cache_dir, jobs)
     df = results_table(run, hparams_csv=hparams)
     for item in run.skipped:
