@@ -105,6 +105,7 @@ def test_audit_with_a_hostile_name(runner: CliRunner, hostile_dir: Path) -> None
     assert result.stderr.startswith("error: data file not found: [/]x[bold red]\\x1b]0;owned")
 
 
+@pytest.mark.slow
 def test_correlate_and_plot_with_hostile_names(runner: CliRunner, hostile_dir: Path) -> None:
     cks = [hostile_copy(p, f"{i}.safetensors") for i, p in enumerate(ZOO[:3])]
     common = ("--measures", "weight_norm", "--bootstrap", "20", "--max-samples", "60")
