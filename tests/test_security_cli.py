@@ -358,3 +358,17 @@ def test_no_command_imports_a_file_named_by_metadata(
     result = runner.invoke(app, [str(a) for a in args])
     assert result.exit_code == 1 and not marker.exists(), result.output
     assert "never imports a file" in result.stderr
+
+
+def test_bound_and_robustness_with_a_hostile_name(runner: CliRunner, hostile_dir: Path) -> None:
+    ck = hostile_copy(MLP, ".safetensors")
+    result = invoke(runner, "bound", ck, "--splits", "2", "--draws", "2", *FAST)
+    assert "\\nerror: forged.safetensors" in result.output
+    result = invoke(runner, "robustness", ck, "--deltas", "0.1", "--probes", "2", *FAST)
+    assert "\\nerror: forged.safetensors" in result.output
+
+
+def test_robustness_checks_its_plot_before_computing(runner: CliRunner, tmp_path: Path) -> None:
+    plot = tmp_path / "missing" / "r.png"
+    result = invoke(runner, "robustness", MLP, "--plot", plot, *FAST, code=1)
+    assert "does not exist" in result.stderr and "flatcli:" not in result.stderr

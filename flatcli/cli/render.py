@@ -179,3 +179,88 @@ def finetune_tables(result) -> None:  # noqa: ANN001 - a FinetuneResult, importe
             console.print(f"{what}: {markup_safe(path)}", highlight=False)
     console.print(f"sha256: {result.out_sha256}", highlight=False)
 
+
+
+def robustness_table(result: Any, *, title: str) -> None:
+    """Print :func:`flatcli.robustness.feature_robustness`'s result: one row per δ."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..report import format_value
+
+    console = Console()
+    table = Table(
+        title=markup_safe(
+            f"{title} · layer {result.layer} · κ = {format_value(result.kappa)}, "
+            f"m = {result.m}, n = {result.n}, {result.probes} antithetic pairs"
+        ),
+        title_justify="left",
+    )
+    cols = ["δ", "E_F(δ)", "± stderr", "δ²κ/(2m)", "ratio"]
+    changing = result.points and result.points[0].label_change is not None
+    if changing:
+        cols += ["E_F, NN labels", "± stderr", "labels changed"]
+    for col in cols:
+        table.add_column(col, justify="right")
+    for p in result.points:
+        row = [
+            f"{p.delta:g}",
+            format_value(p.feature_robustness),
+            format_value(p.stderr),
+            format_value(p.predicted),
+            format_value(p.ratio),
+        ]
+        if changing:
+            row += [
+                format_value(p.label_change),
+                format_value(p.label_change_stderr),
+                f"{100 * p.labels_changed:.1f}%",
+            ]
+        table.add_row(*row)
+    console.print(table)
+    for line in result.notes:
+        console.print(f"note: {markup_safe(line)}", highlight=False)
+
+
+def bound_table(terms: Any, *, title: str) -> None:
+    """Print :func:`flatcli.bound.bound_terms`'s terms, the approximation and the gap."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..report import format_value
+
+    console = Console()
+    table = Table(
+        title=markup_safe(f"{title} · layer {terms.layer} (Theorem 6)"), title_justify="left"
+    )
+    for col in ("term", "value", "± stderr"):
+        table.add_column(col, justify="left" if col == "term" else "right")
+    se = terms.representativeness_stderr
+    rows = [
+        ("|S|^(−2/(4+m))", terms.sample_term, None),
+        (f"κ/(2m)  (κ = {format_value(terms.kappa)}, m = {terms.m})", terms.flatness_term, None),
+        ("feature robustness term |S|^(−2/(4+m))·κ/(2m)", terms.robustness_term, None),
+        (
+            f"representativeness (KDE, {terms.splits} splits, bandwidth factor "
+            f"{terms.bandwidth:.3g} {terms.bandwidth_rule})",
+            terms.representativeness,
+            se,
+        ),
+        ("estimate (an approximation, NOT a bound)", terms.estimate, se),
+        ("train loss", terms.train_loss, None),
+    ]
+    if terms.gap is not None:
+        rows += [
+            ("test loss", terms.test_loss, None),
+            ("actual gap (test − train)", terms.gap, None),
+        ]
+    for name, value, err in rows:
+        table.add_row(name, format_value(value), format_value(err))
+    console.print(table)
+    if terms.gap is None:
+        console.print("no test split: the actual gap is not shown", highlight=False)
+    if terms.dead_units:
+        console.print(
+            f"note: {terms.dead_units} constant feature coordinate(s) left out of the KDE",
+            highlight=False,
+        )

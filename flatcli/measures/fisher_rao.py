@@ -1,4 +1,4 @@
-r"""Fisher-Rao norm (Liang et al. 2019), MATH.md §7.
+r"""Fisher-Rao norm (Liang et al. 2019); conventions in docs/measures.md.
 
 .. math::
 
@@ -19,9 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import UsageError
 from ..losses import check_loss, per_sample_loss
 from .estimate import Estimate
 from .params import FlatParams, batches_for, empty_data, evaluating, fixed_params, select_params
+
+FR_LABELS = ("true", "model")
+"""``--fr-labels``: the data's labels (empirical Fisher) or the model's softmax."""
 
 
 def fisher_rao(
@@ -32,6 +36,7 @@ def fisher_rao(
     params: str = "all",
     include_bias: bool = False,
     batch_size: int = 256,
+    labels: str = "true",
 ) -> Estimate:
     r"""Fisher-Rao norm of the weights, the general definition of Liang et al. (2019).
 
@@ -46,8 +51,8 @@ def fisher_rao(
     :math:`\theta` is every trainable parameter selected by ``params`` whose name does not
     end in ``bias`` (unless ``include_bias``). Normalization-layer scales (a BatchNorm's
     ``weight``) therefore count as weights: they multiply like weights, and the norm's
-    invariances (MATH.md §5) are only exact for bias- and normalization-free ReLU
-    networks anyway.
+    invariances (docs/measures.md, "Invariances") are only exact for bias- and
+    normalization-free ReLU networks anyway.
 
     For a bias-free ReLU network with ``K`` weight layers and cross-entropy, Euler's
     theorem gives :math:`\langle\theta, \nabla\ell_i\rangle = K(\langle
@@ -61,12 +66,25 @@ def fisher_rao(
         params: ``"all"``, a module name, or a parameter name.
         include_bias: Count biases as weights too.
         batch_size: Batch size when ``data`` is in memory.
+        labels: ``true`` (default): ``ℓ_i`` is the loss at the data's label, the
+            *empirical* Fisher-Rao norm. ``model``: the exact expectation over labels
+            drawn from the model's own softmax, :math:`\frac1n\sum_i
+            \mathbb{E}_{y\sim p_i}\langle\theta,\nabla_\theta\ell(f_i, y)\rangle^2`
+            (Liang et al.'s model Fisher). With :math:`u_i = \partial_\theta f_i[\theta]`
+            (one JVP of the outputs), :math:`\langle\theta,\nabla\ell(f_i,y)\rangle =
+            \langle p_i, u_i\rangle - u_{iy}`, so the expectation is the variance of
+            :math:`u_i` under :math:`p_i`: O(n·classes) on top of the JVP.
+            Cross-entropy only.
 
     Returns:
         An exact :class:`Estimate` (``stderr`` None); ``details["parameters"]`` is
         :math:`|\theta|`.
     """
     loss = check_loss(loss)
+    if labels not in FR_LABELS:
+        raise UsageError(f"--fr-labels must be one of {', '.join(FR_LABELS)}, got {labels!r}")
+    if labels == "model" and loss != "cross_entropy":
+        raise UsageError("--fr-labels model needs --loss cross_entropy (a softmax over labels)")
     names = select_params(model, params, include_bias=include_bias)
     batches = batches_for(model, data, batch_size=batch_size)
     with evaluating(model), torch.no_grad():
@@ -76,19 +94,32 @@ def fisher_rao(
         total, n = 0.0, 0
         for x, y in batches:
 
-            def losses(t: torch.Tensor, x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
-                out = torch.func.functional_call(model, {**fixed, **flat.unflatten(t)}, (x,))
-                return per_sample_loss(out, y, loss)
+            def outputs(t: torch.Tensor, x: torch.Tensor = x) -> torch.Tensor:
+                return torch.func.functional_call(model, {**fixed, **flat.unflatten(t)}, (x,))
 
-            _, along_theta = torch.func.jvp(losses, (theta,), (theta,))
-            total += float(along_theta.double().pow(2).sum())
+            if labels == "true":
+
+                def losses(t: torch.Tensor, y: torch.Tensor = y) -> torch.Tensor:
+                    return per_sample_loss(outputs(t), y, loss)
+
+                _, along_theta = torch.func.jvp(losses, (theta,), (theta,))
+                total += float(along_theta.double().pow(2).sum())
+            else:
+                out, u = torch.func.jvp(outputs, (theta,), (theta,))
+                p, u = torch.softmax(out.double(), dim=-1), u.double()
+                total += float(((p * u * u).sum(-1) - (p * u).sum(-1) ** 2).sum())
             n += int(x.shape[0])
     if n == 0:
         raise empty_data()
     biases = "biases included" if include_bias else "biases excluded"
+    variant = (
+        "empirical: true labels"
+        if labels == "true"
+        else "model: exact expectation over the softmax's labels"
+    )
     return Estimate(
         total / n,
         None,
-        f"exact (forward-mode JVP along θ, {biases})",
-        {"parameters": flat.size},
+        f"exact (forward-mode JVP along θ, {biases}; {variant})",
+        {"parameters": flat.size, "labels": labels},
     )

@@ -7,7 +7,7 @@ References:
     Adilova, Abourayya, Li, Dada, Petzka, Egger, Kleesiek, Kamp. *FAM: Relative
     Flatness Aware Minimization.* 2023. https://arxiv.org/abs/2307.02337
 
-All quantities are per-sample averages accumulated batch by batch (MATH.md §1–§4):
+All quantities are per-sample averages accumulated batch by batch (docs/measures.md):
 
 .. math::
 
@@ -56,7 +56,8 @@ def relative_flatness(
     probes: int = 64,
     seed: int = 0,
     batch_size: int = 256,
-    dead_units: str = "unscaled",
+    dead_units: str = "drop",
+    l2: float = 0.0,
 ) -> Estimate:
     r"""Relative flatness :math:`\kappa` of Petzka et al. (2021), Definition 3.
 
@@ -75,8 +76,11 @@ def relative_flatness(
             weights), ``hutchinson`` (Identity 1 with Rademacher probes, any layer), or
             ``auto`` (exact for an untied ``nn.Linear``, Hutchinson otherwise).
         normalize: Return :math:`\tilde\kappa` after Theorem 4's normalization instead.
-        dead_units: Theorem 4's treatment of units with σ = 0: ``unscaled`` (MATH.md §4)
-            or ``drop`` (pseudo-inverse; exactly neuron-wise invariant).
+        dead_units: Theorem 4's treatment of units with σ = 0: ``drop`` (default;
+            ``W̃[:, t] = W[:, t]·σ_t = 0``, exactly neuron-wise invariant) or ``unscaled``
+            (the unit keeps scale 1; not invariant when its outgoing weights are nonzero).
+        l2: Weight-decay coefficient α: add the Hessian ``α·I`` of the penalty
+            ``(α/2)‖W‖²_F`` to ``H`` (see :func:`layer_measures`). 0 is the data loss alone.
         probes: Hutchinson probes.
         seed: Seed of the Hutchinson probes.
         batch_size: Batch size when ``data`` is in memory.
@@ -105,6 +109,7 @@ def relative_flatness(
         seed=seed,
         batch_size=batch_size,
         dead_units=dead_units,
+        l2=l2,
     )[key]
 
 
@@ -173,13 +178,23 @@ def layer_measures(
     probes: int = 64,
     seed: int = 0,
     batch_size: int = 256,
-    dead_units: str = "unscaled",
+    dead_units: str = "drop",
+    l2: float = 0.0,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Estimate]:
-    """Every layer-wise measure of one layer, sharing the passes over the data.
+    r"""Every layer-wise measure of one layer, sharing the passes over the data.
 
-    ``dead_units`` (``unscaled`` or ``drop``) chooses how Theorem 4 treats coordinates with
+    ``dead_units`` (``drop`` or ``unscaled``) chooses how Theorem 4 treats coordinates with
     σ = 0; see :func:`feature_scaling`.
+
+    ``l2 = α > 0`` measures the regularized objective ``E + (α/2)‖W‖²_F`` of a net trained
+    with weight decay α: its Hessian is ``H + α·I``, so, exactly, Tr(H) gains ``α·d·m``
+    and κ gains ``α·m·‖W‖²_F`` (Definition 3 with ``H_{s,s'} += α·δ_{ss'}·I_m``). κ̃ is κ
+    of the normalized layer ``W̃ = WV``, and the penalty's Hessian ``α·I`` is added to the
+    Hessian in ``W̃`` (as the authors' code adds it to whichever weights it measures): κ̃
+    gains ``α·m̃·‖WV‖²_F``, ``m̃`` the coordinates the normalization keeps (dropped dead
+    units leave). That keeps κ̃ neuron-wise invariant. These closed-form terms are added
+    to the data-loss values (and change no standard error).
 
     Returns:
         ``relative_flatness``, ``relative_flatness_normalized`` (only with ``normalize``),
@@ -189,6 +204,8 @@ def layer_measures(
     loss = check_loss(loss)
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if not (math.isfinite(l2) and l2 >= 0):
+        raise UsageError(f"--l2 must be a finite number >= 0, got {l2}")
     if probes < 2 and method != "exact":
         raise UsageError(f"--probes must be at least 2 (for a standard error), got {probes}")
     split = LayerSplit(model, layer or default_layer(model))
@@ -222,6 +239,8 @@ def layer_measures(
             )
         n = fit["n"]
     wn = float(split.weight.detach().double().pow(2).sum())
+    if l2 > 0:
+        out = _with_l2(split, out, sigma, l2)
     trace = out["layer_hessian_trace"]
     result = {"relative_flatness": out["relative_flatness"]}
     if normalize:
@@ -241,6 +260,33 @@ def layer_measures(
     result["train_loss"] = Estimate(fit["loss"], None, f"exact: mean {loss} over {n} samples")
     result["train_accuracy"] = Estimate(fit["accuracy"], None, f"exact: over {n} samples")
     return result
+
+
+def _with_l2(
+    split: LayerSplit, out: dict[str, Estimate], sigma: FeatureScaling | None, l2: float
+) -> dict[str, Estimate]:
+    """Add the exact terms of the penalty ``(α/2)‖W‖²_F`` (Hessian ``α·I``), see above."""
+    w = split.weight_matrix().detach().double()
+    d, m = w.shape
+    extra = {
+        "relative_flatness": l2 * m * float(w.pow(2).sum()),
+        "layer_hessian_trace": l2 * d * m,
+    }
+    if sigma is not None:
+        wv = w * sigma.scale.to(w)
+        kept = int((sigma.inverse != 0).sum())
+        extra["relative_flatness_normalized"] = l2 * kept * float(wv.pow(2).sum())
+    return {
+        key: Estimate(
+            est.value + extra[key],
+            est.stderr,
+            f"{est.method} + L2 term (α = {l2:g})",
+            {**est.details, "l2": l2, "l2_term": extra[key]},
+        )
+        if key in extra
+        else est
+        for key, est in out.items()
+    }
 
 
 # --------------------------------------------------------------------------- passes over data
@@ -283,7 +329,7 @@ def feature_std(split: LayerSplit, batches: Batches) -> tuple[torch.Tensor, int]
 
     Streams batch by batch with Chan's parallel update in float64, so it is exact up to
     rounding without holding the features. Dead coordinates (σ = 0) come back as 1 and are
-    counted (MATH.md §4).
+    counted (Theorem 4's dead units).
     """
     sigma, dead = _population_std(split, batches)
     return torch.where(dead, torch.ones_like(sigma), sigma), int(dead.sum())
@@ -307,15 +353,16 @@ class FeatureScaling:
 
 
 def feature_scaling(
-    split: LayerSplit, batches: Batches, *, dead_units: str = "unscaled"
+    split: LayerSplit, batches: Batches, *, dead_units: str = "drop"
 ) -> FeatureScaling:
     """The normalization of Theorem 4, with a choice for dead units.
 
-    ``unscaled`` (MATH.md §4, the default) leaves a dead coordinate's scale at 1. Its column
-    of ``W`` still enters ``W V² Wᵀ``, so rescaling a dead unit's outgoing weights changes
-    κ̃. ``drop`` uses ``σ_t = 0`` and the pseudo-inverse: the dead column leaves ``W V`` and
-    ``V⁺φ`` (which is function-preserving on the data, where ``φ_t = 0``), and κ̃ is then
-    exactly invariant to every neuron-wise rescaling.
+    ``drop`` (the default) uses ``σ_t = 0`` and the pseudo-inverse: ``W̃[:, t] = W[:, t]·σ_t
+    = 0``, the limit of Theorem 4's normalization and what the authors' CIFAR code computes.
+    The dead column leaves ``W V`` and ``V⁺φ`` (function-preserving on the data when the
+    unit is a dead ReLU, ``φ_t = 0``), and κ̃ is exactly invariant to every neuron-wise rescaling.
+    ``unscaled`` leaves a dead coordinate's scale at 1. Its column of ``W`` still enters
+    ``W V² Wᵀ``, so rescaling a dead unit's outgoing weights changes κ̃.
     """
     if dead_units not in DEAD_UNITS:
         raise UsageError(f"--dead-units must be one of {', '.join(DEAD_UNITS)}, got {dead_units!r}")
