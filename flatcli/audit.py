@@ -18,6 +18,7 @@ from torch import nn
 
 from .data import Batches
 from .errors import FlatcliError, UsageError
+from .features import call_model
 from .measures.estimate import Estimate
 from .registry import Inputs, MeasureConfig, run_measures
 from .reparam import Pair, find_pairs, layerwise, log_uniform, neuronwise
@@ -218,13 +219,13 @@ def _row(name: str, a: Estimate, b: Estimate, rtol: float) -> Row:
 @torch.no_grad()
 def max_output_change(model: nn.Module, new: nn.Module, batches: Batches) -> float:
     """``max |new(x) − model(x)|`` over all batches."""
-    return max(float((new(x) - model(x)).abs().max()) for x, _ in batches)
+    return max(float((call_model(new, x) - call_model(model, x)).abs().max()) for x, _ in batches)
 
 
 @torch.no_grad()
 def max_output_scale(model: nn.Module, batches: Batches) -> float:
     """``max |model(x)|`` over all batches."""
-    return max(float(model(x).abs().max()) for x, _ in batches)
+    return max(float(call_model(model, x).abs().max()) for x, _ in batches)
 
 
 def dead_unit_note(original: dict[str, Estimate], reps: list[Reparameterization]) -> str | None:

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from .errors import FlatcliError, UsageError
-from .features import LayerSplit, default_layer
+from .features import LayerSplit, batch_len, call_model, default_layer
 from .losses import check_loss, per_sample_loss
 from .measures.estimate import Estimate, mean_and_stderr
 from .measures.params import batches_for, evaluating
@@ -221,8 +221,8 @@ def bound_terms(
             note("test loss")
             total, count = 0.0, 0
             for x, y in batches_for(model, test_data, batch_size=batch_size):
-                total += float(per_sample_loss(model(x), y, loss).double().sum())
-                count += x.shape[0]
+                total += float(per_sample_loss(call_model(model, x), y, loss).double().sum())
+                count += batch_len(x)
             if count == 0:
                 raise FlatcliError("the test dataset is empty")
             test_loss = total / count

@@ -13,6 +13,8 @@ Reliability:
 * ``jobs > 1`` measures checkpoints in worker processes (one CUDA device each, round robin,
   when several are visible). Each worker's result is cached as soon as it is done. Ctrl-C
   stops the workers at once; the results cached so far are kept.
+* A zoo of different widths: the ``--hparams`` CSV's ``arch.<kwarg>`` columns give each
+  checkpoint its own architecture arguments (:func:`arch_kwargs_table`).
 
 References:
     Jiang, Neyshabur, Mobahi, Krishnan, Bengio. *Fantastic Generalization Measures and
@@ -26,7 +28,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -121,12 +123,16 @@ def measure_checkpoints(
     cache_dir: str | Path,
     jobs: int = 1,
     on_result: Callable[[str, str], None] | None = None,
+    arch_kwargs_for: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> CorrelateRun:
     """Measure every checkpoint (train split) and evaluate it on train and test.
 
     Args:
-        paths: Checkpoint files.
+        paths: Checkpoint files (or Hugging Face folders).
         config: Measure configuration, shared by all checkpoints.
+        arch_kwargs_for: Architecture arguments by checkpoint file name (see
+            :func:`arch_kwargs_table`), merged over ``config.arch_kwargs`` for that
+            checkpoint only (and part of its cache key).
         cache_dir: Directory of the per-checkpoint cache (created if missing).
         jobs: Worker processes.
         on_result: Called with ``(checkpoint, status)`` as each finishes; status is
@@ -148,27 +154,34 @@ def measure_checkpoints(
     run = CorrelateRun()
     results: dict[int, dict[str, Any] | str] = {}
     todo: list[tuple[int, str, Path]] = []
+    configs: dict[int, CorrelateConfig] = {}
     data_shas: dict[tuple[str, str], str] = {}
     for i, p in enumerate(paths):
         path = Path(p)
-        if not path.is_file():
+        sha = _checkpoint_sha256(path)
+        if sha is None:
             results[i] = f"not found: {path}"
             note(str(path), f"skipped: {results[i]}")
             continue
-        sha = sha256_file(path)
+        own = (arch_kwargs_for or {}).get(path.name)
+        configs[i] = (
+            config
+            if own is None
+            else replace(config, arch_kwargs={**(config.arch_kwargs or {}), **own})
+        )
         spec, data_sha = _data_of(path, config, data_shas)
         if spec is not None and data_sha is not None:
             run.data_sha256[spec] = data_sha
-        entry = cache / f"{sha}-{config.key()}-{(data_sha or 'nodata')[:16]}.json"
+        entry = cache / f"{sha}-{configs[i].key()}-{(data_sha or 'nodata')[:16]}.json"
         if entry.is_file():
-            row, problem = read_cache_entry(entry, config, sha)
+            row, problem = read_cache_entry(entry, configs[i], sha)
             if row is not None:
                 results[i] = {"checkpoint": path.name, "path": str(path), **row}
                 note(str(path), "cached")
                 continue
             warn(f"cache entry {entry.name} of {path.name} is damaged ({problem}); measuring again")
         todo.append((i, str(path), entry))
-    with contextlib.closing(_run(todo, config, jobs, note)) as outcomes:
+    with contextlib.closing(_run(todo, configs, jobs, note)) as outcomes:
         for i, outcome in outcomes:
             results[i] = outcome
             if isinstance(outcome, dict):
@@ -253,16 +266,70 @@ def _row_problem(row: Any, config: CorrelateConfig, sha256: str) -> str:
     return ""
 
 
+def _checkpoint_sha256(path: Path) -> str | None:
+    """The file's sha256, or a Hugging Face folder's (see :mod:`flatcli.hf`); None if absent."""
+    if path.is_file() and path.name != "config.json":
+        return sha256_file(path)
+    from .hf import config_path, folder_sha256
+
+    config = config_path(path)
+    if config is None:
+        return None
+    try:
+        return folder_sha256(config.parent)
+    except FlatcliError:
+        return sha256_file(config)  # no usable weights: loading will report why
+
+
+def arch_kwargs_table(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Per-checkpoint architecture arguments from a hyperparameter CSV.
+
+    Columns named ``arch.<kwarg>`` give ``<kwarg>`` for that row's checkpoint (the
+    ``checkpoint``, ``file`` or ``path`` column, matched by file name). A cell is parsed as
+    JSON (``64`` → 64, ``[32, 32]`` → a list, ``true``), else kept as text; an empty cell
+    leaves the argument out.
+
+    Returns:
+        ``{file name: {kwarg: value}}`` for the rows with at least one argument.
+    """
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise FlatcliError(f"hyperparameter table not found: {path}")
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    key = next((c for c in ("checkpoint", "file", "path") if c in table.columns), None)
+    arch_cols = [c for c in table.columns if c.startswith("arch.") and len(c) > len("arch.")]
+    if not arch_cols:
+        return {}
+    if key is None:
+        raise FlatcliError(f"{path} needs a 'checkpoint' column with the checkpoint file names")
+    out: dict[str, dict[str, Any]] = {}
+    for _, row in table.iterrows():
+        kwargs = {c.removeprefix("arch."): _cell(row[c]) for c in arch_cols if row[c].strip()}
+        if kwargs:
+            out[Path(str(row[key])).name] = kwargs
+    return out
+
+
+def _cell(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
 def _run(
     todo: list[tuple[int, str, Path]],
-    config: CorrelateConfig,
+    configs: Mapping[int, CorrelateConfig],
     jobs: int,
     note: Callable[[str, str], None],
 ):  # noqa: ANN202 - generator of (index, outcome)
-    devices = _devices(config.device, jobs)
+    first = next(iter(configs.values()), None)
+    devices = _devices(first.device if first else "cpu", jobs)
     if jobs == 1 or len(todo) <= 1:
         for i, path, entry in todo:
-            outcome = _measure_and_cache(path, entry, config, devices[0])
+            outcome = _measure_and_cache(path, entry, configs[i], devices[0])
             note(path, "computed" if isinstance(outcome, dict) else f"skipped: {outcome}")
             yield i, outcome
         return
@@ -274,7 +341,7 @@ def _run(
     )
     try:
         futures = {
-            pool.submit(_worker_task, path, entry, config, devices[k % len(devices)]): (
+            pool.submit(_worker_task, path, entry, configs[i], devices[k % len(devices)]): (
                 i,
                 path,
             )

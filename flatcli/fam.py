@@ -60,7 +60,7 @@ import torch
 from torch import nn
 
 from .errors import UsageError
-from .features import Cut, LayerSplit, default_layer
+from .features import Cut, LayerSplit, ModelInput, call_model, default_layer
 from .losses import check_loss, per_sample_loss
 from .measures.relative_flatness import MAX_EXACT_DIRECTIONS
 
@@ -153,7 +153,7 @@ class FAMRegularizer:
         """The FAM layer's name."""
         return self.split.name
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Cut]:
+    def forward(self, x: ModelInput) -> tuple[torch.Tensor, Cut]:
         """One full forward pass: the model output, and the batch cut at the layer.
 
         The output is the same as ``model(x)``, with the same autograd graph. Pass the cut
@@ -177,7 +177,7 @@ class FAMRegularizer:
                 return self._identity2(cut, y)
         return self._identity2(cut, y)
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: ModelInput, y: torch.Tensor) -> torch.Tensor:
         """κ of the batch ``(x, y)``: :meth:`forward`, then :meth:`penalty`."""
         _, cut = self.forward(x)
         return self.penalty(cut, y)
@@ -253,6 +253,9 @@ class FAMRegularizer:
         def quadratic(v: torch.Tensor) -> torch.Tensor:
             return (v * torch.func.jvp(grad_fn, (p0,), (v,))[1]).sum()
 
+        def quadratic_reverse(v: torch.Tensor) -> torch.Tensor:
+            return (v * torch.func.vjp(grad_fn, p0)[1](v)[0]).sum()
+
         exact = self.method == "exact"
         if exact and size > MAX_EXACT_DIRECTIONS:
             raise UsageError(
@@ -261,7 +264,10 @@ class FAMRegularizer:
             )
         total = w.new_zeros(())
         for dirs in self._directions(size, shape, exact=exact, like=w):
-            total = total + torch.func.vmap(quadratic)(dirs).sum()
+            total = total + self.split.ad(
+                lambda d=dirs: torch.func.vmap(quadratic)(d),
+                lambda d=dirs: torch.func.vmap(quadratic_reverse)(d),
+            ).sum()
         value = total if exact else total / self.probes
         return (w * w).sum() * value if layerwise else value
 
@@ -284,7 +290,7 @@ class FAMRegularizer:
 
 
 def detached_hessian_gradient(
-    model: nn.Module, layer: str, x: torch.Tensor, y: torch.Tensor, *, loss: str = "cross_entropy"
+    model: nn.Module, layer: str, x: ModelInput, y: torch.Tensor, *, loss: str = "cross_entropy"
 ) -> dict[str, torch.Tensor]:
     r"""The gradient that the published FAM code effectively uses: term (I) of Lemma 1 only.
 
@@ -301,7 +307,7 @@ def detached_hessian_gradient(
     names = [f"{layer}.weight", *[t for t in split.tied if not t.startswith("<")]]
 
     def mean_loss(weight: torch.Tensor) -> torch.Tensor:
-        out = torch.func.functional_call(model, dict.fromkeys(names, weight), (x,))
+        out = call_model(model, x, dict.fromkeys(names, weight))
         return per_sample_loss(out, y, check_loss(loss)).mean()
 
     d, m = w.shape[0], w[0].numel()

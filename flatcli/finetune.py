@@ -51,17 +51,22 @@ from .checkpoints import Checkpoint, check_finite, load_checkpoint, save_checkpo
 from .data import (
     Dataset,
     as_batches,
+    as_inputs,
     check_fits,
     check_labels,
+    check_same_length,
     fit_inputs,
+    inputs_to,
     load_data,
     metadata_data,
+    split_labels,
+    take,
 )
 from .errors import FlatcliError, UsageError
 from .fam import METHODS as FAM_METHODS
 from .fam import VARIANTS as FAM_VARIANTS
 from .fam import FAMRegularizer
-from .features import default_layer
+from .features import ModelInput, batch_len, call_model, default_layer
 from .io import atomic_write, atomic_write_text, check_output, sha256_file
 from .losses import check_loss, per_sample_loss
 from .measures.estimate import Estimate
@@ -215,7 +220,8 @@ def finetune(
             probes. The caller's global RNG state is restored afterwards.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         dtype: ``float32`` or ``float64``.
-        out_path: Write the fine-tuned checkpoint here (``.safetensors`` or ``.pt``).
+        out_path: Write the fine-tuned checkpoint here (``.safetensors`` or ``.pt``; for a
+            Hugging Face model, a ``save_pretrained`` folder with a ``flatcli.json``).
         log_path: Write the per-epoch CSV log here.
         plot_path: Write a PNG of the curves here.
         state_path: The resumable state file. Default: next to ``out_path``, with suffix
@@ -257,7 +263,7 @@ def finetune(
     data_spec, train, test = _resolve_data(
         ck, net, data, test_data, target=target, max_samples=max_samples
     )
-    x, y = train.x.to(dev, dt), train.y.to(dev, dt if train.y.is_floating_point() else None)
+    x, y = inputs_to(train.x, dev, dt), train.y.to(dev, dt if train.y.is_floating_point() else None)
     classes = check_fits(net, as_batches((x, y), batch_size=batch_size), loss=loss_name)
     if test is not None:
         check_labels(test.y, classes)
@@ -298,7 +304,10 @@ def finetune(
     }
     test_xy = None
     if test is not None:
-        test_xy = (test.x.to(dev, dt), test.y.to(dev, dt if test.y.is_floating_point() else None))
+        test_xy = (
+            inputs_to(test.x, dev, dt),
+            test.y.to(dev, dt if test.y.is_floating_point() else None),
+        )
     steps_per_epoch = len(_batch_slices(len(train), batch_size))
     opt = _make_optimizer(
         net,
@@ -426,8 +435,7 @@ def finetune(
     after = measures()
     out_sha = None
     if out is not None:
-        _save_output(net, out, ck, hparams, data_spec, loss_name)
-        out_sha = sha256_file(out)
+        out_sha = _save_output(net, out, ck, hparams, data_spec, loss_name)
     if log_path is not None:
         write_log(log_path, history)
         _write_log_manifest(log_path, hparams, ck.sha256, out_sha, dev, dt, seed)
@@ -470,15 +478,15 @@ def _train_epoch(
 ) -> tuple[float, float]:
     """One pass over shuffled mini-batches. Returns the mean data loss and the mean κ."""
     net.train()
-    n = x.shape[0]
-    perm = torch.randperm(n, generator=shuffle).to(x.device)
-    loss_sum = x.new_zeros((), dtype=torch.float64)
-    kappa_sum = x.new_zeros((), dtype=torch.float64)
+    n = batch_len(x)
+    perm = torch.randperm(n, generator=shuffle).to(y.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=y.device)
+    kappa_sum = torch.zeros((), dtype=torch.float64, device=y.device)
     for lo, hi in _batch_slices(n, batch_size):
         idx = perm[lo:hi]
-        xb, yb = x[idx], y[idx]
+        xb, yb = take(x, idx), y[idx]
 
-        def objective(xb: torch.Tensor = xb, yb: torch.Tensor = yb) -> tuple[torch.Tensor, ...]:
+        def objective(xb: ModelInput = xb, yb: torch.Tensor = yb) -> tuple[torch.Tensor, ...]:
             out, cut = reg.forward(xb)
             data_loss = per_sample_loss(out, yb, reg.loss).mean()
             with torch.set_grad_enabled(fam_lambda > 0):
@@ -565,16 +573,16 @@ def _frozen_batchnorm_stats(net: nn.Module) -> Iterator[None]:
 
 @torch.no_grad()
 def _test_metrics(
-    net: nn.Module, xy: tuple[torch.Tensor, torch.Tensor], loss: str
+    net: nn.Module, xy: tuple[ModelInput, torch.Tensor], loss: str
 ) -> dict[str, Estimate]:
     """Mean test loss and accuracy, in eval mode. The caller's mode is restored."""
     was_training = net.training
     net.eval()
     x, y = xy
-    n = x.shape[0]
+    n = batch_len(x)
     loss_sum, correct = 0.0, 0
     for lo in range(0, n, _EVAL_BATCH):
-        out = net(x[lo : lo + _EVAL_BATCH])
+        out = call_model(net, take(x, slice(lo, lo + _EVAL_BATCH)))
         yb = y[lo : lo + _EVAL_BATCH]
         loss_sum += float(per_sample_loss(out, yb, loss).double().sum())  # type: ignore[arg-type]
         if not yb.is_floating_point():
@@ -688,10 +696,14 @@ def _resolve_data(
 def _as_dataset(data: Any, split: str) -> Dataset:
     if isinstance(data, Dataset):
         return data
-    if isinstance(data, (tuple, list)) and len(data) == 2:
-        x, y = torch.as_tensor(data[0]), torch.as_tensor(data[1])
-        if x.shape[0] != y.shape[0]:
-            raise FlatcliError(f"x has {x.shape[0]} samples but y has {y.shape[0]}")
+    if isinstance(data, Mapping):
+        x, y = split_labels(data)
+    elif isinstance(data, (tuple, list)) and len(data) == 2:
+        x, y = as_inputs(data[0]), torch.as_tensor(data[1])
+    else:
+        x = None
+    if x is not None:
+        check_same_length(x, y)
         return Dataset(x=x, y=y, source="<memory>", split=split)
     raise UsageError(f"cannot use {type(data).__name__} as data; pass a name, a file or (x, y)")
 
@@ -722,8 +734,9 @@ def _check_outputs(
 def _data_sha256(ds: Dataset) -> str:
     """sha256 of the training tensors (dtype, shape and values): what a resume must match."""
     h = hashlib.sha256()
-    for t in (ds.x, ds.y):
-        t = t.detach().cpu().contiguous()
+    xs = [ds.x[k] for k in sorted(ds.x)] if isinstance(ds.x, Mapping) else [ds.x]
+    for t in (*xs, ds.y):
+        t = torch.as_tensor(t).detach().cpu().contiguous()
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
@@ -900,11 +913,29 @@ def _save_output(
     hparams: Mapping[str, Any],
     data_spec: str | None,
     loss: str,
-) -> None:
+) -> str:
+    """Write the fine-tuned model; returns the sha256 a later load reports for it."""
     meta = ck.metadata
+    model = net if next(net.parameters()).device.type == "cpu" else copy.deepcopy(net).cpu()
+    from .hf import is_pretrained_model
+
+    if is_pretrained_model(model):
+        from .hf import folder_sha256, save_pretrained
+
+        if out.suffix in (".safetensors", ".pt", ".pth"):
+            raise UsageError(
+                f"a Hugging Face model is saved as a folder: pass --out DIR, not {out.name}"
+            )
+        flat_meta = {
+            "data": data_spec or meta.get("data"),
+            "loss": loss,
+            "hparams": json.dumps({**hparams, "finetuned_from": ck.path.name}, sort_keys=True),
+            "parent_sha256": ck.sha256 or None,
+        }
+        save_pretrained(model, out, {k: v for k, v in flat_meta.items() if v is not None})
+        return folder_sha256(out)
     arch = meta.get("arch") or f"{type(ck.model).__module__}:{type(ck.model).__qualname__}"
     arch_kwargs = json.loads(meta["arch_kwargs"]) if meta.get("arch_kwargs") else {}
-    model = net if next(net.parameters()).device.type == "cpu" else copy.deepcopy(net).cpu()
     save_checkpoint(
         model,
         out,
@@ -916,6 +947,7 @@ def _save_output(
         hparams={**hparams, "finetuned_from": ck.path.name},
         parent_sha256=ck.sha256 or None,
     )
+    return sha256_file(out)
 
 
 def _write_log_manifest(

@@ -100,8 +100,13 @@ class Inputs:
 
     @classmethod
     def of(cls, batches: Batches, init_model: nn.Module | None = None) -> Inputs:
-        """The input shape read off the data's first batch, and ``init_model``."""
-        return cls(input_shape=tuple(batches.first()[0].shape[1:]), init_model=init_model)
+        """The input shape read off the data's first batch, and ``init_model``.
+
+        Named inputs (a dict batch: token ids, masks) have no single input shape.
+        """
+        x = batches.first()[0]
+        shape = None if isinstance(x, Mapping) else tuple(x.shape[1:])
+        return cls(input_shape=shape, init_model=init_model)
 
 
 Note = Callable[[str], None]
@@ -444,7 +449,10 @@ def check(model: nn.Module, names: Sequence[str], config: MeasureConfig, inputs:
     if "distance_from_init" in names and inputs.init_model is None:
         raise UsageError("distance_from_init needs --init CHECKPOINT (the initial weights)")
     if "path_norm" in names and inputs.input_shape is None:
-        raise UsageError("path_norm needs the input shape (flatcli checkpoints record it)")
+        raise UsageError(
+            "path_norm needs one input tensor of known shape (flatcli checkpoints record "
+            "it); it is not defined for named inputs such as token ids"
+        )
 
 
 def _trace_spec(config: MeasureConfig) -> str:

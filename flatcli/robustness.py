@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from .errors import FlatcliError, UsageError
-from .features import LayerSplit, default_layer
+from .features import LayerSplit, batch_len, default_layer
 from .losses import check_loss, per_sample_loss
 from .measures.estimate import mean_and_stderr
 from .measures.params import batches_for, evaluating
@@ -218,7 +218,7 @@ def feature_robustness(
             q, _ = split.quadratic_forms(cut, y, loss, [w])
             kappa_sum += float(((phi * phi).sum(1).double() * q[:, 0].double()).sum())
             loss_sum += float(base.double().sum())
-            n += x.shape[0]
+            n += batch_len(x)
             for k in range(probes):
                 rotated = phi @ draws.get(k).T  # A φ_i for every sample
                 for j, delta in enumerate(deltas):
@@ -318,7 +318,7 @@ def _reference(split: LayerSplit, batches: Any, loss: str) -> _Reference:
     for x, y in batches:
         if y.is_floating_point():
             raise UsageError("--label-change needs integer class labels")
-        count += x.shape[0]
+        count += batch_len(x)
         if count > MAX_REFERENCE:
             raise UsageError(
                 f"--label-change holds every feature vector; use at most {MAX_REFERENCE} "

@@ -175,6 +175,8 @@ def audit(
         dtype=dtype,
         loss=loss,
     )
+    if measures in (None, "default") and inputs.input_shape is None:
+        names = [n for n in names if n != "path_norm"]  # named inputs (token ids): undefined
     with progress() as note:
         original, reps = run_audit(
             prep.model,

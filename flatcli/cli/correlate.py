@@ -90,7 +90,8 @@ def correlate(
         typer.Option(
             "--hparams",
             help="CSV of hyperparameters with a 'checkpoint' column of file names "
-            "(default: each checkpoint's flatcli.hparams metadata).",
+            "(default: each checkpoint's flatcli.hparams metadata). Columns named "
+            "arch.<kwarg> give that checkpoint's --arch-kwargs (mixed-width zoos).",
         ),
     ] = None,
     plots: PlotsOpt = None,
@@ -181,7 +182,10 @@ def correlate(
     )
     _make_plots_dir(plots)  # first: --output may go into it
     check_outputs(output, *((".manifest.json", ".correlations.csv") if fmt != "json" else ()))
-    run = _measure_with_progress(checkpoints, config, cache_dir, jobs)
+    from ..correlate import arch_kwargs_table
+
+    per_checkpoint = arch_kwargs_table(hparams) if hparams is not None else None
+    run = _measure_with_progress(checkpoints, config, cache_dir, jobs, per_checkpoint)
     df = results_table(run, hparams_csv=hparams)
     for item in run.skipped:
         stderr().print(
@@ -224,7 +228,7 @@ def _print_result(checkpoint: str, status: str) -> None:
     print(f"flatcli: {plain(Path(checkpoint).name)}: {plain(status)}", file=sys.stderr)
 
 
-def _measure_with_progress(checkpoints, config, cache_dir, jobs):  # noqa: ANN001, ANN202
+def _measure_with_progress(checkpoints, config, cache_dir, jobs, arch_kwargs_for=None):  # noqa: ANN001, ANN202
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from ..correlate import measure_checkpoints
@@ -237,6 +241,7 @@ def _measure_with_progress(checkpoints, config, cache_dir, jobs):  # noqa: ANN00
             cache_dir=cache_dir,
             jobs=jobs,
             on_result=_print_result,
+            arch_kwargs_for=arch_kwargs_for,
         )
     with Progress(
         TextColumn("{task.description}"),
@@ -252,6 +257,7 @@ def _measure_with_progress(checkpoints, config, cache_dir, jobs):  # noqa: ANN00
             cache_dir=cache_dir,
             jobs=jobs,
             on_result=lambda c, s: progress.advance(task),
+            arch_kwargs_for=arch_kwargs_for,
         )
 
 

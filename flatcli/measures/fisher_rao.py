@@ -19,7 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..autodiff import SecondOrder
 from ..errors import UsageError
+from ..features import ModelInput, batch_len, call_model
 from ..losses import check_loss, per_sample_loss
 from .estimate import Estimate
 from .params import FlatParams, batches_for, empty_data, evaluating, fixed_params, select_params
@@ -92,23 +94,24 @@ def fisher_rao(
         theta = flat.vector(model)
         fixed = fixed_params(model, flat)
         total, n = 0.0, 0
+        ad = SecondOrder()
         for x, y in batches:
 
-            def outputs(t: torch.Tensor, x: torch.Tensor = x) -> torch.Tensor:
-                return torch.func.functional_call(model, {**fixed, **flat.unflatten(t)}, (x,))
+            def outputs(t: torch.Tensor, x: ModelInput = x) -> torch.Tensor:
+                return call_model(model, x, {**fixed, **flat.unflatten(t)})
 
             if labels == "true":
 
                 def losses(t: torch.Tensor, y: torch.Tensor = y) -> torch.Tensor:
                     return per_sample_loss(outputs(t), y, loss)
 
-                _, along_theta = torch.func.jvp(losses, (theta,), (theta,))
+                _, along_theta = _jvp_along(ad, losses, theta)
                 total += float(along_theta.double().pow(2).sum())
             else:
-                out, u = torch.func.jvp(outputs, (theta,), (theta,))
+                out, u = _jvp_along(ad, outputs, theta)
                 p, u = torch.softmax(out.double(), dim=-1), u.double()
                 total += float(((p * u * u).sum(-1) - (p * u).sum(-1) ** 2).sum())
-            n += int(x.shape[0])
+            n += batch_len(x)
     if n == 0:
         raise empty_data()
     biases = "biases included" if include_bias else "biases excluded"
@@ -120,6 +123,29 @@ def fisher_rao(
     return Estimate(
         total / n,
         None,
-        f"exact (forward-mode JVP along θ, {biases}; {variant})",
+        f"exact ({_jvp_words(ad.mode)}, {biases}; {variant})",
         {"parameters": flat.size, "labels": labels},
     )
+
+
+def _jvp_along(
+    ad: SecondOrder, fn: Any, theta: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(fn(θ), J_fn(θ) θ)``: one forward-mode JVP, or double backward where an op has none."""
+
+    def forward() -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.func.jvp(fn, (theta,), (theta,))
+
+    def reverse() -> tuple[torch.Tensor, torch.Tensor]:
+        # u ↦ Jᵀu is linear in u, and its vjp with cotangent θ is J θ.
+        values, pullback = torch.func.vjp(fn, theta)
+        u0 = torch.zeros_like(values)
+        return values, torch.func.vjp(lambda u: pullback(u)[0], u0)[1](theta)[0]
+
+    return ad(forward, reverse)
+
+
+def _jvp_words(mode: str) -> str:
+    """How the JVP was taken, for the method string (:mod:`flatcli.autodiff` modes)."""
+    how = "JVP by double backward" if mode.startswith("reverse") else "forward-mode JVP"
+    return how + " along θ" + ("; SDPA math kernel" if "SDPA" in mode else "")

@@ -31,7 +31,7 @@ from torch import nn
 from ..checkpoints import eval_mode
 from ..data import Batches, as_batches
 from ..errors import FlatcliError, UsageError
-from ..features import Cut, LayerSplit, default_layer
+from ..features import Cut, LayerSplit, batch_len, call_model, default_layer
 from ..losses import check_loss, per_sample_loss
 from .estimate import Estimate, mean_and_stderr
 
@@ -74,7 +74,8 @@ def relative_flatness(
         method: ``exact`` (Identity 3 closed form for a logits layer, Identity 2 per-sample
             HVPs for a hidden Linear layer, Identity 1 basis enumeration for conv or tied
             weights), ``hutchinson`` (Identity 1 with Rademacher probes, any layer), or
-            ``auto`` (exact for an untied ``nn.Linear``, Hutchinson otherwise).
+            ``auto`` (exact for an untied ``nn.Linear`` with one output row per sample;
+            Hutchinson otherwise, e.g. for a Linear applied per token).
         normalize: Return :math:`\tilde\kappa` after Theorem 4's normalization instead.
         dead_units: Theorem 4's treatment of units with σ = 0: ``drop`` (default;
             ``W̃[:, t] = W[:, t]·σ_t = 0``, exactly neuron-wise invariant) or ``unscaled``
@@ -213,17 +214,25 @@ def layer_measures(
     note = progress or (lambda _msg: None)
     with _eval_mode(model), torch.no_grad():
         sigma: FeatureScaling | None = None
+        rows = split.kind == "linear" and split.cut(batches.first()[0]).z.ndim == 2
         if normalize:
             if split.kind != "linear":
                 raise UsageError(
                     "--normalize (Theorem 4) is defined for nn.Linear feature "
                     f"layers; {split.name!r} is {type(split.layer).__name__}"
                 )
+            if not rows:
+                raise UsageError(
+                    f"--normalize (Theorem 4) needs one feature vector per sample; "
+                    f"{split.name!r} is applied per position (a token), so its features "
+                    "have no per-sample standard deviation"
+                )
             note("feature statistics for Theorem 4 normalization")
             sigma = feature_scaling(split, batches, dead_units=dead_units)
-        resolved = _resolve_method(split, method)
+        per_sample = rows and not split.tied
+        resolved = _resolve_method(split, method, per_sample)
         note(f"relative flatness ({resolved})")
-        if resolved == "exact" and split.kind == "linear" and not split.tied:
+        if resolved == "exact" and per_sample:
             out, fit = _identity2(split, batches, loss, sigma)
         else:
             fit = evaluate(split, batches, loss)
@@ -320,7 +329,7 @@ def evaluate(split: LayerSplit, batches: Batches, loss: str) -> dict[str, Any]:
     """Mean loss and accuracy over the data (one forward pass), checking it is usable."""
     fit = _Fit(loss)
     for x, y in batches:
-        fit.add(split.model(x), y)
+        fit.add(call_model(split.model, x), y)
     return fit.result()
 
 
@@ -377,7 +386,7 @@ def feature_scaling(
 def _population_std(split: LayerSplit, batches: Batches) -> tuple[torch.Tensor, torch.Tensor]:
     count, mean, m2 = 0, None, None
     for x, _ in batches:
-        phi = split.cut(x).phi.reshape(x.shape[0], -1).double()
+        phi = split.cut(x).phi.reshape(batch_len(x), -1).double()
         b = phi.shape[0]
         b_mean = phi.mean(0)
         b_m2 = ((phi - b_mean) ** 2).sum(0)
@@ -411,7 +420,7 @@ def _identity2(
     for x, y in batches:
         cut = split.cut(x)
         fit.add(cut.z if split.produces_output else split.downstream(cut.z, cut.context), y)
-        phi = cut.phi.reshape(x.shape[0], -1)
+        phi = cut.phi.reshape(batch_len(x), -1)
         q, tr = split.quadratic_forms(cut, y, loss, mats, trace=True)
         assert tr is not None
         norms = [(phi * phi).sum(1)]
@@ -424,7 +433,7 @@ def _identity2(
     how = (
         "closed form (Identity 3, logits layer)"
         if split.produces_output
-        else f"per-sample downstream HVPs (Identity 2, {split.mechanism} split)"
+        else f"per-sample downstream HVPs (Identity 2, {split.mechanism} split{split.ad.note})"
     )
     out = {
         "relative_flatness": Estimate(float(sums[0]) / n, None, f"exact: {how}"),
@@ -524,10 +533,23 @@ def _quadratic_estimate(
             ) -> torch.Tensor:
                 return (v * torch.func.jvp(grad_fn, (w,), (v,))[1]).sum()
 
-            acc += torch.func.vmap(vhv)(dirs.to(w.device)).double().cpu()
+            def vhv_reverse(
+                v: torch.Tensor, grad_fn: Callable[..., torch.Tensor] = grad_fn
+            ) -> torch.Tensor:
+                return (v * torch.func.vjp(grad_fn, w)[1](v)[0]).sum()
+
+            v = dirs.to(w.device)
+            acc += (
+                split.ad(
+                    lambda v=v, vhv=vhv: torch.func.vmap(vhv)(v),
+                    lambda v=v, r=vhv_reverse: torch.func.vmap(r)(v),
+                )
+                .double()
+                .cpu()
+            )
         values.append(acc / n)
     per_dir = torch.cat(values)
-    tied = ", tied weight" if split.tied else ""
+    tied = (", tied weight" if split.tied else "") + split.ad.note
     if exact:
         return Estimate(
             float(per_dir.sum()), None, f"exact: {what} basis, {per_dir.numel()} HVPs{tied}"
@@ -544,10 +566,15 @@ def _quadratic_estimate(
 # --------------------------------------------------------------------------- helpers
 
 
-def _resolve_method(split: LayerSplit, method: str) -> str:
+def _resolve_method(split: LayerSplit, method: str, per_sample: bool) -> str:
+    """``auto``: exact (Identity 2) for an untied Linear with one output row per sample.
+
+    A Linear applied per token (output ``(batch, tokens, features)``), a convolution and a
+    tied weight go through Identity 1 in the weight, with Hutchinson probes.
+    """
     if method != "auto":
         return method
-    return "exact" if split.kind == "linear" and not split.tied else "hutchinson"
+    return "exact" if per_sample else "hutchinson"
 
 
 def _batches_for(model: nn.Module, data: Any, batch_size: int) -> Batches:
