@@ -253,10 +253,14 @@ def finetune(
         fam_method=fam_method,
         fam_probes=fam_probes,
     )
-    _check_outputs(out_path, log_path, plot_path, state_path)
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype)
     ck = _as_checkpoint(model)
+    from .hf import is_pretrained_model
+
+    _check_outputs(
+        out_path, log_path, plot_path, state_path, folder=is_pretrained_model(ck.model)
+    )
     net = copy.deepcopy(ck.model).to(device=dev, dtype=dt)
     check_finite(net)
     loss_name = check_loss(loss or ck.metadata.get("loss") or "cross_entropy")
@@ -716,9 +720,23 @@ def _check_outputs(
     log_path: str | Path | None,
     plot_path: str | Path | None,
     state_path: str | Path | None,
+    *,
+    folder: bool,
 ) -> None:
-    """Check every output can be written before any training (not after it)."""
-    if out_path is not None:
+    """Check every output can be written before any training (not after it). ``folder``:
+    the model is saved as a Hugging Face folder, not a file."""
+    if out_path is not None and folder:
+        out = Path(out_path)
+        if out.suffix in (".safetensors", ".pt", ".pth"):
+            raise UsageError(
+                f"a Hugging Face model is saved as a folder: pass --out DIR, not {out.name}"
+            )
+        if out.exists() and not out.is_dir():
+            raise FlatcliError(f"cannot write --out {out}: it exists and is not a folder")
+        parent = out.parent if str(out.parent) else Path(".")
+        if not parent.is_dir():
+            raise FlatcliError(f"cannot write --out {out}: directory {parent} does not exist")
+    elif out_path is not None:
         check_output(out_path, suffixes=(".safetensors", ".pt", ".pth"), option="--out")
     if log_path is not None:
         check_output(log_path, option="--log")
