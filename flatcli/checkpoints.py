@@ -239,6 +239,11 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     none, or cannot be read safely: loading it reports why)."""
     path = Path(path)
     try:
+        from .hf import _flatcli_metadata, config_path
+
+        config = config_path(path)
+        if config is not None:
+            return _flatcli_metadata(config.parent)
         if path.suffix.lower() == ".safetensors":
             from safetensors import safe_open
 

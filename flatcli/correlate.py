@@ -202,15 +202,18 @@ def _data_of(
     the measurement itself then reports why)."""
     from .checkpoints import read_metadata
     from .data import data_sha256, metadata_data
+    from .hf import config_path
 
+    hf_config = config_path(path)
+    ck_path = hf_config.parent if hf_config is not None else path  # as Checkpoint.path
     try:
         if config.data is not None:
-            spec, base = config.data, path.parent
+            spec, base = config.data, ck_path.parent
         else:
             named = read_metadata(path).get("data")
             if named is None:
                 return None, None
-            spec, base = metadata_data(named, path), None
+            spec, base = metadata_data(named, ck_path), None
         resolved = str(Path(spec).expanduser().resolve()) if Path(spec).exists() else spec
         key = (resolved, str(base))
         if key not in memo:

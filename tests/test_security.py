@@ -474,3 +474,38 @@ def test_negative_audit_tolerance_is_refused() -> None:
     config = MeasureConfig.of(MeasureOptions(), layer="fc", loss="cross_entropy")
     with pytest.raises(UsageError, match="--tolerance"):
         audit(model, batches, ["weight_norm"], config, rtol=-1.0)
+
+
+# --------------------------------------------------------------------------- Hugging Face folders
+
+
+def test_a_shard_index_cannot_name_a_file_outside_the_folder(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    from tests.test_hf import tiny_bert
+
+    folder = tmp_path / "bert"
+    tiny_bert().save_pretrained(str(folder))
+    (tmp_path / "outside.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    index = {"metadata": {}, "weight_map": {"classifier.weight": "../outside.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(FlatcliError, match="names a shard outside the folder"):
+        load_checkpoint(folder)
+
+
+def test_hf_folder_cache_key_covers_its_metadata_data(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    from flatcli.correlate import CorrelateConfig, measure_checkpoints
+    from tests.test_hf import tiny_bert, write_tokens
+
+    folder = tmp_path / "bert"
+    tiny_bert().save_pretrained(str(folder))
+    (folder / "flatcli.json").write_text(json.dumps({"data": "tokens.npz"}))
+    write_tokens(tmp_path / "tokens.npz")  # beside the folder, as Checkpoint.path resolves it
+    config = CorrelateConfig(measures=("weight_norm",))
+    first = measure_checkpoints([folder], config, cache_dir=tmp_path / "cache")
+    assert first.computed == 1 and len(first.data_sha256) == 1
+    n = first.rows[0]["n_train"]
+    tokens = dict(np.load(tmp_path / "tokens.npz"))
+    np.savez(tmp_path / "tokens.npz", **{k: v[: n // 2] for k, v in tokens.items()})
+    again = measure_checkpoints([folder], config, cache_dir=tmp_path / "cache")
+    assert again.computed == 1 and again.rows[0]["n_train"] == n // 2
