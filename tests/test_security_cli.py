@@ -372,3 +372,10 @@ def test_robustness_checks_its_plot_before_computing(runner: CliRunner, tmp_path
     plot = tmp_path / "missing" / "r.png"
     result = invoke(runner, "robustness", MLP, "--plot", plot, *FAST, code=1)
     assert "does not exist" in result.stderr and "flatcli:" not in result.stderr
+
+
+def test_an_html_report_with_a_hostile_name(runner: CliRunner, hostile_dir: Path) -> None:
+    report = HOSTILE + ".html"
+    result = invoke(runner, "measure", MLP, "--measures", "weight_norm", *FAST, "--report", report)
+    assert "wrote [/]x[bold red]\\x1b]0;owned\\x07\\nerror: forged.html" in result.stderr
+    assert Path(report).is_file()

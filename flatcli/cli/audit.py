@@ -13,11 +13,14 @@ from .app import app
 from .common import (
     check_format,
     check_outputs,
+    check_report_path,
+    command_argv,
     emit,
     friendly,
     measure_options,
     progress,
     setup,
+    write_page,
 )
 from .options import (
     ArchKwargsOpt,
@@ -43,6 +46,7 @@ from .options import (
     PacTargetOpt,
     PacThresholdOpt,
     ProbesOpt,
+    ReportOpt,
     RtolOpt,
     SeedOpt,
     SplitOpt,
@@ -55,6 +59,7 @@ from .options import (
 @app.command()
 @friendly
 def audit(
+    ctx: typer.Context,
     checkpoint: Checkpoint,
     layer: LayerOpt = None,
     measures: Annotated[
@@ -71,6 +76,7 @@ def audit(
         typer.Option(
             "--normalize",
             help="Include relative_flatness_normalized (its neuron-wise row must read invariant).",
+            metavar="",
         ),
     ] = False,
     method: MethodOpt = "auto",
@@ -114,6 +120,7 @@ def audit(
     seed: SeedOpt = 0,
     fmt: FormatOpt = "table",
     output: OutputOpt = None,
+    report_page: ReportOpt = None,
 ) -> None:
     """Which measures survive function-preserving reparameterizations?
 
@@ -137,6 +144,7 @@ def audit(
     check_outputs(output, *((".manifest.json",) if fmt == "csv" else ()))
     if not (math.isfinite(tolerance) and tolerance >= 0):
         raise UsageError(f"--tolerance must be a finite number ≥ 0, got {tolerance}")
+    check_report_path(report_page)
     if not 0 < alpha_low <= alpha_high:
         raise UsageError("--alpha-low and --alpha-high must satisfy 0 < low <= high")
     names = registry.select(
@@ -200,9 +208,13 @@ def audit(
         },
         "measures": {k: v.to_dict() for k, v in original.items()},
         "reparameterizations": [r.to_dict() for r in reps],
-        "manifest": manifest(device=prep.device, dtype=prep.dtype, seed=seed),
+        "manifest": manifest(
+            device=prep.device, dtype=prep.dtype, seed=seed, argv=command_argv(ctx)
+        ),
         "config": config.as_dict(),
+        "audit": {"tolerance": tolerance, "alpha_range": [alpha_low, alpha_high]},
     }
+    write_page(report_page, report)
     if fmt == "json":
         emit(to_json(report), output)
         return

@@ -13,7 +13,17 @@ from ..errors import FlatcliError, UsageError
 from ..io import check_regular_file
 from ..text import markup_safe, plain
 from .app import app
-from .common import check_format, check_outputs, emit, friendly, measure_options, stderr
+from .common import (
+    check_format,
+    check_outputs,
+    check_report_path,
+    command_argv,
+    emit,
+    friendly,
+    measure_options,
+    stderr,
+    write_page,
+)
 from .options import (
     ArchKwargsOpt,
     ArchOpt,
@@ -40,6 +50,7 @@ from .options import (
     PacThresholdOpt,
     PlotsOpt,
     ProbesOpt,
+    ReportOpt,
     RtolOpt,
     SeedOpt,
     TargetOpt,
@@ -51,6 +62,7 @@ from .options import (
 @app.command()
 @friendly
 def correlate(
+    ctx: typer.Context,
     checkpoints: Annotated[
         list[Path],
         typer.Argument(
@@ -123,6 +135,7 @@ def correlate(
             "STEM.correlations.csv), or the whole result as JSON with --format json.",
         ),
     ] = None,
+    report_page: ReportOpt = None,
 ) -> None:
     """Which measure predicts the generalization gap, across many checkpoints?
 
@@ -144,6 +157,7 @@ def correlate(
     from ..runtime import manifest, resolve_device, resolve_dtype
 
     fmt = check_format(fmt)
+    check_report_path(report_page)
     chosen = select(measures) if measures else list(DEFAULT_CORRELATE())
     if "distance_from_init" in chosen:
         raise UsageError("correlate cannot compute distance_from_init (no --init per checkpoint)")
@@ -212,7 +226,9 @@ def correlate(
             seed=seed,
             config_key=config.key(),
             data_sha256=run.data_sha256,
+            argv=command_argv(ctx),
         ),
+        report_page=report_page,
     )
 
 
@@ -275,6 +291,7 @@ def _report_correlations(
     seed,
     manifest,
     recomputed_from=None,
+    report_page=None,
 ):
     from ..correlate import analyse
     from ..report import to_json
@@ -295,6 +312,7 @@ def _report_correlations(
         "source": recomputed_from,
         "manifest": manifest,
     }
+    write_page(report_page, report, color_by=color_by, log_x=log_x)
     if fmt == "json":
         emit(to_json(report), output)
         return
@@ -363,6 +381,7 @@ def _make_plots_dir(plots: Path | None) -> None:
 @app.command()
 @friendly
 def plot(
+    ctx: typer.Context,
     results: Annotated[
         Path,
         typer.Argument(
@@ -377,6 +396,7 @@ def plot(
     bootstrap: BootstrapOpt = 1000,
     seed: SeedOpt = 0,
     fmt: FormatOpt = "table",
+    report_page: ReportOpt = None,
 ) -> None:
     """Re-plot (and re-tabulate) a correlate result without measuring again.
 
@@ -390,6 +410,7 @@ def plot(
     from ..runtime import manifest
 
     fmt = check_format(fmt)
+    check_report_path(report_page)
     if not results.exists():
         raise FlatcliError(f"results file not found: {results}")
     check_regular_file(results, "results file")
@@ -418,6 +439,9 @@ def plot(
         log_x=log_x,
         bootstrap=bootstrap,
         seed=seed,
-        manifest=manifest(device="cpu", dtype="float64", seed=seed),
+        manifest=manifest(
+            device="cpu", dtype="float64", seed=seed, argv=command_argv(ctx)
+        ),
         recomputed_from=str(results),
+        report_page=report_page,
     )
