@@ -28,7 +28,7 @@ def measures_table(measures: Any, *, title: str | None = None) -> None:
 
     console = Console()
     notes: dict[str, int] = {}
-    table = Table(title=title, title_justify="left")
+    table = Table(title=markup_safe(title) if title else None, title_justify="left")
     name_column(table, "measure", measures)
     table.add_column("value", justify="right", no_wrap=True)
     table.add_column("± stderr", justify="right", no_wrap=True)
@@ -36,7 +36,7 @@ def measures_table(measures: Any, *, title: str | None = None) -> None:
     for name, est in measures.items():
         number = notes.setdefault(est.method, len(notes) + 1)
         se = "exact" if est.stderr is None else format_value(est.stderr)
-        table.add_row(name, format_value(est.value), se, f"[{number}]")
+        table.add_row(markup_safe(name), format_value(est.value), se, f"\\[{number}]")
     console.print(table)
     for method, number in notes.items():
         console.print(f"[{number}] {method}", highlight=False, markup=False)
@@ -235,7 +235,7 @@ def finetune_tables(result) -> None:  # noqa: ANN001 - a FinetuneResult, importe
     console.print(compare)
     if matched is None and result.temperature_note:
         note = result.temperature_note
-        console.print(f"no temperature-matched baseline: {note}", highlight=False)
+        console.print(f"no temperature-matched baseline: {markup_safe(note)}", highlight=False)
     if h.get("fam_step_ratio") is not None:
         console.print(f"relative step at step 0: R = {h['fam_step_ratio']:.3g}", highlight=False)
     for line in result.warnings:
