@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -9,9 +10,12 @@ from typing import Annotated
 import typer
 
 from ..errors import FlatcliError, UsageError
+from ..io import check_regular_file
+from ..text import markup_safe, plain
 from .app import app
 from .common import (
     check_format,
+    check_outputs,
     check_report_path,
     command_argv,
     emit,
@@ -213,6 +217,8 @@ def correlate(
         arch_kwargs=parse_json_object(arch_kwargs, "--arch-kwargs"),
         trust_code=trust_code,
     )
+    _make_plots_dir(plots)  # first: --output may go into it
+    check_outputs(output, *((".manifest.json", ".correlations.csv") if fmt != "json" else ()))
     from ..correlate import arch_kwargs_table
 
     per_checkpoint = arch_kwargs_table(hparams) if hparams is not None else None
@@ -222,7 +228,9 @@ def correlate(
     df = results_table(run, hparams_csv=hparams)
     for item in run.skipped:
         stderr().print(
-            f"skipped {item['checkpoint']}: {item['reason']}", highlight=False, soft_wrap=True
+            f"skipped {markup_safe(item['checkpoint'])}: {markup_safe(item['reason'])}",
+            highlight=False,
+            soft_wrap=True,
         )
     if df.empty:
         raise FlatcliError("no checkpoint could be measured")
@@ -242,6 +250,7 @@ def correlate(
             dtype=dtype,
             seed=seed,
             config_key=config.key(),
+            data_sha256=run.data_sha256,
             argv=command_argv(ctx),
             **distributed.info(),
         ),
@@ -255,6 +264,10 @@ def DEFAULT_CORRELATE() -> tuple[str, ...]:  # noqa: N802 - reads as the constan
 
     names = set(available())
     return tuple(m for m in DEFAULT_MEASURES if m in names)
+
+
+def _print_result(checkpoint: str, status: str) -> None:
+    print(f"flatcli: {plain(Path(checkpoint).name)}: {plain(status)}", file=sys.stderr)
 
 
 def _measure_with_progress(  # noqa: ANN202
@@ -272,7 +285,7 @@ def _measure_with_progress(  # noqa: ANN202
             cache_dir=cache_dir,
             jobs=jobs,
             threads=threads,
-            on_result=lambda c, s: print(f"flatcli: {Path(c).name}: {s}", file=sys.stderr),
+            on_result=_print_result,
             arch_kwargs_for=arch_kwargs_for,
         )
     with Progress(
@@ -356,10 +369,7 @@ def _plot(df, table, measures, plots: Path, *, color_by, log_x) -> None:  # noqa
     from ..plots import scatter_grid, tau_bar_chart
     from ..stats import GAPS
 
-    try:
-        plots.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise FlatcliError(f"cannot create {plots}: {e.strerror}") from None
+    _make_plots_dir(plots)
     color = None
     if color_by is not None:
         color = color_by if color_by in df.columns else f"hp_{color_by}"
@@ -381,7 +391,21 @@ def _plot(df, table, measures, plots: Path, *, color_by, log_x) -> None:  # noqa
             path_stem=plots / f"scatter_{gap}",
         )
         written += tau_bar_chart(table, gap, path_stem=plots / f"tau_{gap}")
-    stderr().print(f"wrote {len(written)} figures to {plots}", highlight=False)
+    stderr().print(f"wrote {len(written)} figures to {markup_safe(plots)}", highlight=False)
+
+
+def _make_plots_dir(plots: Path | None) -> None:
+    """Create the figure directory up front, so a bad ``--plots`` fails before measuring."""
+    if plots is None:
+        return
+    if plots.exists() and not plots.is_dir():
+        raise FlatcliError(f"--plots {plots} is not a directory")
+    try:
+        plots.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FlatcliError(f"cannot create {plots}: {e.strerror}") from None
+    if not os.access(plots, os.W_OK | os.X_OK):
+        raise FlatcliError(f"cannot write figures into {plots}: not writable")
 
 
 @app.command()
@@ -417,8 +441,10 @@ def plot(
 
     fmt = check_format(fmt)
     check_report_path(report_page)
-    if not results.is_file():
+    if not results.exists():
         raise FlatcliError(f"results file not found: {results}")
+    check_regular_file(results, "results file")
+    _make_plots_dir(plots)
     try:
         df = pd.read_csv(results)
     except Exception as e:  # noqa: BLE001 - any parse failure is a bad file to the user

@@ -10,6 +10,7 @@ import typer
 from .app import app
 from .common import (
     check_format,
+    check_outputs,
     check_report_path,
     command_argv,
     emit,
@@ -134,6 +135,7 @@ def measure(
     from ..runtime import manifest, set_threads
 
     fmt = check_format(fmt)
+    check_outputs(output, *((".manifest.json",) if fmt == "csv" else ()))
     check_report_path(report_page)
     names = registry.select(measures, normalize=normalize, has_init=init is not None)
     options = measure_options(
