@@ -115,7 +115,9 @@ def measures_table(measures: Mapping[str, Estimate], *, title: str | None = None
     warnings marked :data:`FLAG`; the CLI prints :func:`flatcli.cli.render.measures_table`)."""
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left")
+    from .text import markup_safe
+
+    table = Table(title=markup_safe(title) if title else None, title_justify="left")
     table.add_column("measure", style="bold")
     table.add_column("value", justify="right")
     table.add_column("± stderr", justify="right")
@@ -123,5 +125,5 @@ def measures_table(measures: Mapping[str, Estimate], *, title: str | None = None
     for name, est in measures.items():
         se = "exact" if est.stderr is None else format_value(est.stderr)
         value = format_value(est.value) + (f" {FLAG}" if warnings_of(est) else "")
-        table.add_row(name, value, se, est.method)
+        table.add_row(markup_safe(name), value, se, markup_safe(est.method))
     return table

@@ -10,19 +10,23 @@ import typer
 from .app import app
 from .common import (
     check_format,
+    check_outputs,
     check_report_path,
     command_argv,
     emit,
     friendly,
     measure_options,
     progress,
+    quiet,
     setup,
+    start_distributed,
     stderr,
     write_page,
 )
 from .options import (
     ArchKwargsOpt,
     ArchOpt,
+    BackendOpt,
     BatchOpt,
     Checkpoint,
     DataOpt,
@@ -52,6 +56,7 @@ from .options import (
     SeedOpt,
     SplitOpt,
     TargetOpt,
+    ThreadsOpt,
     TimeBudgetOpt,
     TraceMethodOpt,
     TraceParamsOpt,
@@ -111,6 +116,8 @@ def measure(
     trust_code: TrustOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
+    threads: ThreadsOpt = None,
+    backend: BackendOpt = "auto",
     seed: SeedOpt = 0,
     fmt: FormatOpt = "table",
     output: OutputOpt = None,
@@ -129,16 +136,20 @@ def measure(
         flatcli measure model.pt --arch mypkg.nets:make_net --layer fc --data data.npz
         --format json --output result.json
 
+        torchrun --nproc-per-node 4 -m flatcli measure model.pt --data train.npz
+        (the data is sharded across the ranks; rank 0 writes; see docs/scaling.md)
+
     When a measure fails, the others are still reported (and written with --output); the
     failed one is a row with its one-line error and the exit code is 1. Interrupted
     (Ctrl-C) during the measures: what was computed is reported and written, the rest are
     rows marked interrupted, and the exit code is 130.
     """
-    from .. import registry
+    from .. import distributed, registry
     from ..report import measure_report, measures_csv, to_json
-    from ..runtime import manifest
+    from ..runtime import manifest, set_threads
 
     fmt = check_format(fmt)
+    check_outputs(output, *((".manifest.json",) if fmt == "csv" else ()))
     check_report_path(report_page)
     names = registry.select(measures, normalize=normalize, has_init=init is not None)
     options = measure_options(
@@ -161,6 +172,7 @@ def measure(
         probe_batch=probe_batch,
         time_budget=time_budget,
     )
+    device = start_distributed(device, backend)
     prep, layer_name, module, config, inputs = setup(
         checkpoint,
         options,
@@ -178,10 +190,14 @@ def measure(
         dtype=dtype,
         loss=loss,
     )
-    with progress(len(registry.groups_of(names))) as status:
+    n_params = sum(p.numel() for p in prep.model.parameters())
+    set_threads(threads, processes=distributed.local_world_size(), params=n_params)
+    batches = distributed.shard(prep.batches)
+    show = progress(len(registry.groups_of(names))) if distributed.is_main() else quiet()
+    with show as status:
         results = registry.run_measures(
             prep.model,
-            prep.batches,
+            batches,
             names,
             config,
             note=status,
@@ -189,6 +205,8 @@ def measure(
             done=status.advance,
             keep_going=True,
         )
+    if not distributed.is_main():
+        return  # rank 0 alone writes
     weight = getattr(module, "weight", None)
     report = measure_report(
         checkpoint={"path": str(prep.checkpoint.path), "sha256": prep.checkpoint.sha256},
@@ -200,7 +218,11 @@ def measure(
         data={"source": prep.batches.source, "split": split, "n_samples": prep.batches.n_samples},
         measures=results,
         manifest=manifest(
-            device=prep.device, dtype=prep.dtype, seed=seed, argv=command_argv(ctx)
+            device=prep.device,
+            dtype=prep.dtype,
+            seed=seed,
+            argv=command_argv(ctx),
+            **distributed.info(),
         ),
         config=config.as_dict(),
     )

@@ -202,10 +202,14 @@ def row_chunks(batches: Any, rows: int | None) -> Iterator[tuple[Any, torch.Tens
 
 def chunked(batches: Any, rows: int | None) -> Any:
     """``batches`` (a :class:`~flatcli.data.Batches`) re-batched to at most ``rows`` rows."""
+    from .. import distributed
     from ..data import Batches
 
     if rows is None:
         return batches
+    if isinstance(batches, distributed.ShardedBatches):  # keep the ranks' sums reduced
+        inner = chunked(batches.inner, rows)
+        return distributed.ShardedBatches(inner, batches.rank, batches.world)
     return Batches(
         lambda: row_chunks(batches, rows),
         n_samples=batches.n_samples,

@@ -34,6 +34,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .. import distributed
 from ..autodiff import FORWARD, REVERSE, SecondOrder
 from ..data import Batches
 from ..errors import UsageError
@@ -265,6 +266,7 @@ class LossHessian:
                     consume(lo, hi, hvp(f, self.theta, v, ad=self.ad))
                     self._step()
             n += batch_len(x)
+        n = int(distributed.sum_floats(self.batches, n)[0])  # over the ranks, if sharded
         if n == 0:
             raise empty_data()
         self.n = n
@@ -289,6 +291,7 @@ class LossHessian:
             total[lo:hi] += hv.to(dtype)
 
         self._products(dirs, add)
+        total = distributed.sum_over_shards(self.batches, total)
         return total.div_(self.n)  # type: ignore[arg-type]
 
     def quadratic_forms(self, vectors: torch.Tensor | Directions) -> torch.Tensor:
@@ -302,6 +305,7 @@ class LossHessian:
                 total[lo + r] += dot64(v[r], hv[r])
 
         self._products(dirs, add)
+        total = distributed.sum_over_shards(self.batches, total)
         return total / self.n  # type: ignore[operator]
 
 
