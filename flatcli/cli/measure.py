@@ -203,7 +203,8 @@ def measure(
             note=status,
             inputs=inputs,
             done=status.advance,
-            keep_going=True,
+            # under torchrun a rank's failure stops the job (the ranks must stay in step)
+            keep_going=not distributed.active(),
         )
     if not distributed.is_main():
         return  # rank 0 alone writes
