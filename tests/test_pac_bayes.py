@@ -15,8 +15,10 @@ Setting either equal to τ gives σ' in closed form.
 
 from __future__ import annotations
 
+import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -178,3 +180,50 @@ def test_bad_inputs() -> None:
         pacbayes_flatness(model, (x, t), loss="mse", target="accuracy")  # type: ignore[arg-type]
     with pytest.raises(FlatcliError, match="empty"):
         pacbayes_flatness(model, (x[:0], t[:0]), loss="mse", target="loss")
+
+
+def near_copy(model: nn.Module, shift: float) -> nn.Module:
+    """``model`` with every weight moved by ``shift``: a small ‖w − w₀‖², so both terms of
+    the bound's σ'-derivative (−‖w − w₀‖²/(2σ'³) and −1/σ') matter."""
+    init = copy.deepcopy(model)
+    with torch.no_grad():
+        init.weight.add_(shift)
+    return init
+
+
+@pytest.mark.parametrize("shift", [None, 0.01, 0.0], ids=["from-zero", "near-init", "at-init"])
+def test_bound_stderr_is_the_secant_derivative_times_sigma_stderr(shift: float | None) -> None:
+    model, x, t = exact_fit()
+    init = None if shift is None else near_copy(model, shift)
+    got = pacbayes_bound(
+        model, (x, t), init_model=init, loss="mse", target="loss", mc_samples=5, sigma_max=0.5
+    )
+    sq, n = got.details["norm_squared"], len(x)
+
+    def bound(s: float) -> float:  # the documented closed form, as a function of σ'
+        return sq / (4 * s**2) + math.log(n / s) + 10
+
+    s, h = got.details["sigma"], 1e-5 * got.details["sigma"]
+    slope = (bound(s + h) - bound(s - h)) / (2 * h)
+    assert got.value == pytest.approx(bound(s), rel=1e-12)
+    assert got.stderr == pytest.approx(abs(slope) * got.details["sigma_stderr"], rel=1e-6)
+    assert got.stderr > 0
+
+
+def test_bound_and_flatness_stderr_match_the_spread_over_seeds() -> None:
+    # The delta-method standard errors against the empirical standard deviation of the
+    # estimates over 20 seeds (relative precision of that std: about 16%).
+    model, x, t = exact_fit()
+    init = near_copy(model, 0.01)
+    bounds, flats = [], []
+    for seed in range(20):
+        kwargs = dict(loss="mse", target="loss", mc_samples=5, sigma_max=0.5, seed=seed)
+        bounds.append(pacbayes_bound(model, (x, t), init_model=init, search_depth=12, **kwargs))
+        flats.append(pacbayes_flatness(model, (x, t), search_depth=12, **kwargs))
+    for name, ests in (("bound", bounds), ("flatness", flats)):
+        spread = float(np.std([e.value for e in ests], ddof=1))
+        reported = float(np.mean([e.stderr for e in ests]))
+        assert 0.7 < reported / spread < 1.4, (name, reported, spread)
+    sigma_spread = float(np.std([e.details["sigma"] for e in bounds], ddof=1))
+    sigma_se = float(np.mean([e.details["sigma_stderr"] for e in bounds]))
+    assert 0.7 < sigma_se / sigma_spread < 1.4
