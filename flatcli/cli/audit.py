@@ -1,0 +1,207 @@
+"""``flatcli audit``."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from ..errors import UsageError
+from .app import app
+from .common import check_format, emit, friendly, measure_options, progress, setup
+from .options import (
+    ArchKwargsOpt,
+    ArchOpt,
+    BatchOpt,
+    Checkpoint,
+    DataOpt,
+    DeadUnitsOpt,
+    DepthOpt,
+    DeviceOpt,
+    FormatOpt,
+    FrBiasOpt,
+    InitOpt,
+    LayerOpt,
+    LossOpt,
+    MaxProbesOpt,
+    MaxSamplesOpt,
+    McOpt,
+    MethodOpt,
+    OutputOpt,
+    PacTargetOpt,
+    PacThresholdOpt,
+    ProbesOpt,
+    RtolOpt,
+    SeedOpt,
+    SplitOpt,
+    TargetOpt,
+    TraceParamsOpt,
+    TrustOpt,
+)
+
+
+@app.command()
+@friendly
+def audit(
+    checkpoint: Checkpoint,
+    layer: LayerOpt = None,
+    measures: Annotated[
+        str | None,
+        typer.Option(
+            "--measures",
+            help="Comma-separated measure names, or 'all' (default: the exact ones: "
+            "relative flatness, layer-wise flatness, layer Hessian trace, weight norm, top "
+            "Hessian eigenvalue, Fisher-Rao, Frobenius norms, path norm).",
+        ),
+    ] = None,
+    normalize: Annotated[
+        bool,
+        typer.Option(
+            "--normalize",
+            help="Include relative_flatness_normalized (its neuron-wise row must read invariant).",
+        ),
+    ] = False,
+    method: MethodOpt = "auto",
+    probes: ProbesOpt = 64,
+    dead_units: DeadUnitsOpt = "unscaled",
+    trace_params: TraceParamsOpt = "all",
+    rtol: RtolOpt = 0.01,
+    max_probes: MaxProbesOpt = 2000,
+    fr_include_bias: FrBiasOpt = False,
+    pacbayes_target: PacTargetOpt = "error",
+    pacbayes_threshold: PacThresholdOpt = 0.1,
+    mc_samples: McOpt = 10,
+    search_depth: DepthOpt = 15,
+    init: InitOpt = None,
+    alpha_low: Annotated[
+        float, typer.Option("--alpha-low", help="Smallest rescaling factor (log-uniform draws).")
+    ] = 1 / 25,
+    alpha_high: Annotated[float, typer.Option("--alpha-high", help="Largest factor.")] = 25.0,
+    tolerance: Annotated[
+        float,
+        typer.Option("--tolerance", help="Relative change below which a measure reads invariant."),
+    ] = 1e-6,
+    data: DataOpt = None,
+    target: TargetOpt = None,
+    split: SplitOpt = "train",
+    max_samples: MaxSamplesOpt = None,
+    batch_size: BatchOpt = 256,
+    loss: LossOpt = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_code: TrustOpt = False,
+    device: DeviceOpt = "auto",
+    dtype: Annotated[
+        str,
+        typer.Option(
+            "--dtype", help="float64 (default, so invariance is judged above rounding) or float32."
+        ),
+    ] = "float64",
+    seed: SeedOpt = 0,
+    fmt: FormatOpt = "table",
+    output: OutputOpt = None,
+) -> None:
+    """Which measures survive function-preserving reparameterizations?
+
+    Rescales each pair of consecutive layers by a random α (layer-wise) and the neurons
+    feeding the feature layer by random α_s (neuron-wise), checks the function is unchanged,
+    and recomputes every measure. Activations that are not positively homogeneous (tanh,
+    GELU, ...) make a reparameterization refused, not silently wrong.
+
+    Examples:
+
+        flatcli audit sample_models/digits_mlp.safetensors --normalize
+
+        flatcli audit sample_models/digits_mlp.safetensors --layer fc2 --format json
+    """
+    from .. import registry
+    from ..audit import audit as run_audit
+    from ..report import to_json
+    from ..runtime import manifest
+
+    fmt = check_format(fmt)
+    if not 0 < alpha_low <= alpha_high:
+        raise UsageError("--alpha-low and --alpha-high must satisfy 0 < low <= high")
+    names = registry.select(
+        measures, normalize=normalize, has_init=init is not None, default=registry.AUDIT_DEFAULT
+    )
+    options = measure_options(
+        method=method,
+        probes=probes,
+        seed=seed,
+        dead_units=dead_units,
+        trace_params=trace_params,
+        rtol=rtol,
+        max_probes=max_probes,
+        fr_include_bias=fr_include_bias,
+        pacbayes_target=pacbayes_target,
+        pacbayes_threshold=pacbayes_threshold,
+        mc_samples=mc_samples,
+        search_depth=search_depth,
+    )
+    prep, layer_name, _, config, inputs = setup(
+        checkpoint,
+        options,
+        layer=layer,
+        init=init,
+        arch=arch,
+        arch_kwargs=arch_kwargs,
+        trust_code=trust_code,
+        data=data,
+        split=split,
+        target=target,
+        max_samples=max_samples,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        loss=loss,
+    )
+    with progress() as note:
+        original, reps = run_audit(
+            prep.model,
+            prep.batches,
+            names,
+            config,
+            seed=seed,
+            alpha_range=(alpha_low, alpha_high),
+            rtol=tolerance,
+            note=note,
+            inputs=inputs,
+        )
+    report = {
+        "schema": "flatcli.audit/1",
+        "checkpoint": {"path": str(prep.checkpoint.path), "sha256": prep.checkpoint.sha256},
+        "layer": {"name": layer_name},
+        "data": {
+            "source": prep.batches.source,
+            "split": split,
+            "n_samples": prep.batches.n_samples,
+        },
+        "measures": {k: v.to_dict() for k, v in original.items()},
+        "reparameterizations": [r.to_dict() for r in reps],
+        "manifest": manifest(device=prep.device, dtype=prep.dtype, seed=seed),
+        "config": config.as_dict(),
+    }
+    if fmt == "json":
+        emit(to_json(report), output)
+        return
+    if fmt == "csv":
+        import pandas as pd
+
+        rows = [{"reparameterization": r.kind, **row.__dict__} for r in reps for row in r.rows]
+        text = pd.DataFrame(rows).to_csv(index=False)
+        if output is not None:
+            from ..report import write_csv_output
+
+            keep = ("schema", "checkpoint", "layer", "data", "manifest", "config")
+            write_csv_output(output, text, {k: report[k] for k in keep})
+        sys.stdout.write(text)
+        return
+    if output is not None:
+        from ..report import write_output
+
+        write_output(output, to_json(report))
+    from .render import audit_tables
+
+    audit_tables(original, reps)

@@ -1,0 +1,226 @@
+"""What every command needs: one-line errors, progress, option checks, loading, output."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+
+from ..errors import FlatcliError, UsageError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def stderr():  # noqa: ANN202 - rich Console, imported lazily
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def friendly(fn: F) -> F:
+    """Turn user errors into one line and an exit code, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import warnings
+
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated")
+        try:
+            return fn(*args, **kwargs)
+        except FlatcliError as e:
+            stderr().print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            stderr().print("interrupted")
+            raise typer.Exit(130) from None
+        except typer.Exit:
+            raise
+        except Exception as e:  # noqa: BLE001 - last resort: one line, traceback on request
+            if os.environ.get("FLATCLI_DEBUG"):
+                raise
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            stderr().print(
+                f"[bold red]internal error:[/] {type(e).__name__}: {first} "
+                "(set FLATCLI_DEBUG=1 for the traceback)",
+                highlight=False,
+            )
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class Status:
+    """What a long computation is doing, on stderr.
+
+    In a terminal: a rich progress bar over ``total`` steps (or a spinner without one)
+    whose description is the latest message. Otherwise (a log file, a pipe): a plain
+    ``flatcli: message`` line when the kind of work changes (the text before the first
+    colon) or every :attr:`LOG_EVERY` seconds, so logs stay short.
+    """
+
+    LOG_EVERY = 10.0
+
+    def __init__(self, progress: Any = None, task: Any = None) -> None:
+        self.progress, self.task = progress, task
+        self.last_kind: str | None = None
+        self.last_time = 0.0
+
+    def __call__(self, msg: str) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, description=msg)
+            return
+        import time
+
+        kind, now = msg.split(":", 1)[0], time.monotonic()
+        if kind != self.last_kind or now - self.last_time >= self.LOG_EVERY:
+            print(f"flatcli: {msg}", file=sys.stderr)
+            self.last_kind, self.last_time = kind, now
+
+    def advance(self, *_: Any) -> None:
+        """One step done."""
+        if self.progress is not None:
+            self.progress.advance(self.task)
+
+
+@contextmanager
+def progress(total: int | None = None) -> Iterator[Status]:
+    """A :class:`Status` for the duration of a computation of ``total`` steps."""
+    console = stderr()
+    if not console.is_terminal:
+        yield Status()
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    columns: list[Any] = [SpinnerColumn(), TextColumn("{task.description}")]
+    if total is not None:
+        columns += [BarColumn(), MofNCompleteColumn()]
+    columns.append(TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        yield Status(progress, progress.add_task("working", total=total))
+
+
+def measure_options(
+    *,
+    method: str,
+    probes: int,
+    seed: int,
+    dead_units: str,
+    trace_params: str,
+    rtol: float,
+    max_probes: int,
+    fr_include_bias: bool,
+    pacbayes_target: str,
+    pacbayes_threshold: float,
+    mc_samples: int,
+    search_depth: int,
+):  # noqa: ANN202 - a registry.MeasureOptions, imported lazily
+    """The measures' options, checked before anything is loaded."""
+    from ..registry import MeasureOptions
+
+    checks = [
+        (
+            method in ("auto", "exact", "hutchinson"),
+            f"--method must be auto, exact or hutchinson, got {method!r}",
+        ),
+        (probes >= 1, f"--probes must be at least 1, got {probes}"),
+        (
+            dead_units in ("unscaled", "drop"),
+            f"--dead-units must be unscaled or drop, got {dead_units!r}",
+        ),
+        (rtol > 0, f"--rtol must be positive, got {rtol}"),
+        (max_probes >= 2, f"--max-probes must be at least 2, got {max_probes}"),
+        (
+            pacbayes_target in ("error", "loss"),
+            f"--pacbayes-target must be error or loss, got {pacbayes_target!r}",
+        ),
+        (
+            pacbayes_threshold > 0,
+            f"--pacbayes-threshold must be positive, got {pacbayes_threshold}",
+        ),
+        (mc_samples >= 2, f"--mc-samples must be at least 2, got {mc_samples}"),
+        (search_depth >= 1, f"--search-depth must be at least 1, got {search_depth}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+    return MeasureOptions(
+        method=method,
+        probes=probes,
+        seed=seed,
+        dead_units=dead_units,
+        trace_params=trace_params,
+        rtol=rtol,
+        max_probes=max_probes,
+        fr_include_bias=fr_include_bias,
+        pacbayes_target=pacbayes_target,
+        pacbayes_threshold=pacbayes_threshold,
+        mc_samples=mc_samples,
+        search_depth=search_depth,
+    )
+
+
+def setup(
+    checkpoint: Path,
+    options: Any,
+    *,
+    layer: str | None,
+    init: Path | None,
+    arch: str | None,
+    arch_kwargs: str | None,
+    trust_code: bool,
+    **prepare_kwargs: Any,
+):  # noqa: ANN202
+    """Load the checkpoint and data, and resolve the layer, the ``--init`` model and the config.
+
+    Returns:
+        ``(prep, layer_name, layer_module, config, inputs)`` for
+        :func:`flatcli.registry.run_measures`.
+    """
+    from .. import registry
+    from ..checkpoints import load_checkpoint
+    from ..features import default_layer, find_layer
+    from ..prepare import parse_json_object, prepare
+
+    kwargs = parse_json_object(arch_kwargs, "--arch-kwargs")
+    prep = prepare(
+        checkpoint, arch=arch, trust_code=trust_code, arch_kwargs=kwargs, **prepare_kwargs
+    )
+    layer_name = layer or default_layer(prep.model)
+    module = find_layer(prep.model, layer_name)
+    init_model, init_sha = None, None
+    if init is not None:
+        ck = load_checkpoint(init, arch=arch, arch_kwargs=kwargs, trust_code=trust_code)
+        p = next(prep.model.parameters())
+        init_model, init_sha = ck.model.to(device=p.device, dtype=p.dtype), ck.sha256
+    config = registry.MeasureConfig.of(options, layer=layer_name, loss=prep.loss, init=init_sha)
+    return prep, layer_name, module, config, registry.Inputs.of(prep.batches, init_model)
+
+
+def check_format(fmt: str) -> str:
+    from ..report import FORMATS
+
+    if fmt not in FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    return fmt
+
+
+def emit(text: str, output: Path | None) -> None:
+    from ..report import write_output
+
+    if output is not None:
+        write_output(output, text)
+    sys.stdout.write(text)
+

@@ -1,0 +1,178 @@
+"""``flatcli measure``."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from .app import app
+from .common import check_format, emit, friendly, measure_options, progress, setup
+from .options import (
+    ArchKwargsOpt,
+    ArchOpt,
+    BatchOpt,
+    Checkpoint,
+    DataOpt,
+    DeadUnitsOpt,
+    DepthOpt,
+    DeviceOpt,
+    DtypeOpt,
+    FormatOpt,
+    FrBiasOpt,
+    InitOpt,
+    LayerOpt,
+    LossOpt,
+    MaxProbesOpt,
+    MaxSamplesOpt,
+    McOpt,
+    MethodOpt,
+    OutputOpt,
+    PacTargetOpt,
+    PacThresholdOpt,
+    ProbesOpt,
+    RtolOpt,
+    SeedOpt,
+    SplitOpt,
+    TargetOpt,
+    TraceParamsOpt,
+    TrustOpt,
+)
+
+
+@app.command()
+@friendly
+def measure(
+    checkpoint: Checkpoint,
+    layer: LayerOpt = None,
+    measures: Annotated[
+        str | None,
+        typer.Option(
+            "--measures",
+            help="Comma-separated measure names, or 'all' (default: relative flatness, "
+            "layer-wise flatness, layer Hessian trace, weight norm, Hessian trace, "
+            "Fisher-Rao, PAC-Bayes flatness, Frobenius norms, train loss/accuracy).",
+        ),
+    ] = None,
+    method: MethodOpt = "auto",
+    normalize: Annotated[
+        bool,
+        typer.Option(
+            "--normalize", help="Add relative_flatness_normalized (Theorem 4, std with ddof=0)."
+        ),
+    ] = False,
+    probes: ProbesOpt = 64,
+    dead_units: DeadUnitsOpt = "unscaled",
+    trace_params: TraceParamsOpt = "all",
+    rtol: RtolOpt = 0.01,
+    max_probes: MaxProbesOpt = 2000,
+    fr_include_bias: FrBiasOpt = False,
+    pacbayes_target: PacTargetOpt = "error",
+    pacbayes_threshold: PacThresholdOpt = 0.1,
+    mc_samples: McOpt = 10,
+    search_depth: DepthOpt = 15,
+    init: InitOpt = None,
+    data: DataOpt = None,
+    target: TargetOpt = None,
+    split: SplitOpt = "train",
+    max_samples: MaxSamplesOpt = None,
+    batch_size: BatchOpt = 256,
+    loss: LossOpt = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_code: TrustOpt = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    seed: SeedOpt = 0,
+    fmt: FormatOpt = "table",
+    output: OutputOpt = None,
+) -> None:
+    """Relative flatness and the other measures of one checkpoint, on its training data.
+
+    Examples:
+
+        flatcli measure sample_models/digits_mlp.safetensors
+
+        flatcli measure sample_models/digits_cnn.safetensors --layer conv2 --method hutchinson
+
+        flatcli measure sample_models/digits_mlp.safetensors --measures all
+
+        flatcli measure model.pt --arch mypkg.nets:make_net --layer fc --data data.npz
+        --format json --output result.json
+    """
+    from .. import registry
+    from ..report import measure_report, measures_csv, measures_table, to_json
+    from ..runtime import manifest
+
+    fmt = check_format(fmt)
+    names = registry.select(measures, normalize=normalize, has_init=init is not None)
+    options = measure_options(
+        method=method,
+        probes=probes,
+        seed=seed,
+        dead_units=dead_units,
+        trace_params=trace_params,
+        rtol=rtol,
+        max_probes=max_probes,
+        fr_include_bias=fr_include_bias,
+        pacbayes_target=pacbayes_target,
+        pacbayes_threshold=pacbayes_threshold,
+        mc_samples=mc_samples,
+        search_depth=search_depth,
+    )
+    prep, layer_name, module, config, inputs = setup(
+        checkpoint,
+        options,
+        layer=layer,
+        init=init,
+        arch=arch,
+        arch_kwargs=arch_kwargs,
+        trust_code=trust_code,
+        data=data,
+        split=split,
+        target=target,
+        max_samples=max_samples,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        loss=loss,
+    )
+    with progress(len(registry.groups_of(names))) as status:
+        results = registry.run_measures(
+            prep.model, prep.batches, names, config, note=status, inputs=inputs, done=status.advance
+        )
+    weight = getattr(module, "weight", None)
+    report = measure_report(
+        checkpoint={"path": str(prep.checkpoint.path), "sha256": prep.checkpoint.sha256},
+        layer={
+            "name": layer_name,
+            "type": type(module).__name__,
+            "shape": list(weight.shape) if weight is not None else None,
+        },
+        data={"source": prep.batches.source, "split": split, "n_samples": prep.batches.n_samples},
+        measures=results,
+        manifest=manifest(device=prep.device, dtype=prep.dtype, seed=seed),
+        config=config.as_dict(),
+    )
+    if fmt == "json":
+        emit(to_json(report), output)
+    elif fmt == "csv":
+        text = measures_csv(results)
+        if output is not None:
+            from ..report import write_csv_output
+
+            write_csv_output(output, text, {k: v for k, v in report.items() if k != "measures"})
+        sys.stdout.write(text)
+    else:
+        if output is not None:
+            from ..report import write_output
+
+            write_output(output, to_json(report))
+        from rich.console import Console
+
+        title = (
+            f"{prep.checkpoint.path.name} · layer {layer_name} · {prep.batches.source} "
+            f"{split} (n={prep.batches.n_samples}) · {prep.loss}"
+        )
+        Console().print(measures_table(results, title=title))

@@ -1,0 +1,158 @@
+"""The options that several commands share, as ``Annotated`` Typer types."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+Checkpoint = Annotated[
+    Path,
+    typer.Argument(
+        help="Checkpoint: .safetensors, .pt/.pth/.bin "
+        "state dict (or, with --trust-code, a pickled "
+        "module, TorchScript, .pt2).",
+        show_default=False,
+    ),
+]
+ArchOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--arch",
+        help="Builds the model: package.module:callable or path/file.py:callable "
+        "(default: the checkpoint's metadata).",
+    ),
+]
+ArchKwargsOpt = Annotated[
+    str | None, typer.Option("--arch-kwargs", help="JSON object of keyword arguments for --arch.")
+]
+TrustOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-code",
+        help="Allow formats whose loading runs code from the file (pickled modules,"
+        " TorchScript, .pt2) and architectures named by the file. Only for files you trust.",
+    ),
+]
+DataOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--data",
+        help="Data: .npz/.pt with x, y (x_test, y_test), .csv with --target, or a bundled"
+        " name (digits). Default: the checkpoint's metadata.",
+    ),
+]
+TargetOpt = Annotated[str | None, typer.Option("--target", help="Label column of a CSV file.")]
+SplitOpt = Annotated[str, typer.Option("--split", help="train or test.")]
+MaxSamplesOpt = Annotated[
+    int | None, typer.Option("--max-samples", help="Use only the first N samples.")
+]
+BatchOpt = Annotated[
+    int,
+    typer.Option(
+        "--batch-size", help="Samples per batch (memory only; results do not depend on it)."
+    ),
+]
+LayerOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--layer",
+        help="Feature layer, a name from model.named_modules() (default: the last nn.Linear).",
+    ),
+]
+LossOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--loss",
+        help="cross_entropy or mse (default: the checkpoint's metadata, else cross_entropy).",
+    ),
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32 or float64.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random estimate.")]
+DeadUnitsOpt = Annotated[
+    str,
+    typer.Option(
+        "--dead-units",
+        help="Theorem 4 normalization of units with zero std: unscaled (MATH.md §4) "
+        "or drop (pseudo-inverse: exactly invariant to rescaling dead units).",
+    ),
+]
+MethodOpt = Annotated[
+    str,
+    typer.Option(
+        "--method",
+        help="auto, exact or hutchinson: relative flatness (auto: exact for nn.Linear; "
+        "hutchinson: Identity 1, any layer incl. Conv2d) and the Hessian trace (auto: exact "
+        "up to 2,000 parameters).",
+    ),
+]
+ProbesOpt = Annotated[
+    int, typer.Option("--probes", help="Hutchinson probes of the layer-wise measures.")
+]
+TraceParamsOpt = Annotated[
+    str,
+    typer.Option(
+        "--trace-params",
+        help="Parameters of hessian_trace and hessian_top_eigenvalue: all, layer (the "
+        "feature layer) or a module/parameter name.",
+    ),
+]
+RtolOpt = Annotated[
+    float,
+    typer.Option("--rtol", help="Hutchinson Hessian trace: stop at this relative stderr."),
+]
+MaxProbesOpt = Annotated[
+    int, typer.Option("--max-probes", help="Hutchinson Hessian trace: most probes.")
+]
+FrBiasOpt = Annotated[
+    bool, typer.Option("--fr-include-bias", help="Count biases in the Fisher-Rao norm.")
+]
+PacTargetOpt = Annotated[
+    str,
+    typer.Option(
+        "--pacbayes-target",
+        help="PAC-Bayes and sharpness search on the training error or loss increase.",
+    ),
+]
+PacThresholdOpt = Annotated[
+    float,
+    typer.Option("--pacbayes-threshold", help="Allowed increase τ of PAC-Bayes and sharpness."),
+]
+McOpt = Annotated[
+    int, typer.Option("--mc-samples", help="PAC-Bayes: Monte Carlo draws per bisection step.")
+]
+DepthOpt = Annotated[
+    int, typer.Option("--search-depth", help="PAC-Bayes and sharpness: bisection steps.")
+]
+InitOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--init",
+        help="Checkpoint at initialization: enables distance_from_init and the "
+        "distance form of pacbayes_bound.",
+    ),
+]
+FormatOpt = Annotated[str, typer.Option("--format", help="table, json or csv.")]
+OutputOpt = Annotated[
+    Path | None,
+    typer.Option("--output", "-o", help="Also write the result to this file (atomically)."),
+]
+
+
+PlotsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--plots", help="Directory for the figures (PNG and SVG): scatter grids and τ bar charts."
+    ),
+]
+ColorByOpt = Annotated[
+    str | None,
+    typer.Option("--color-by", help="Hyperparameter that colors the scatter points (e.g. width)."),
+]
+LogXOpt = Annotated[bool, typer.Option("--log-x", help="Logarithmic measure axes.")]
+BootstrapOpt = Annotated[
+    int, typer.Option("--bootstrap", help="Bootstrap resamples for the 95% confidence intervals.")
+]
+
