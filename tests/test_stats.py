@@ -313,3 +313,71 @@ def test_bootstrap_95_interval_covers_the_true_correlation_about_95_percent() ->
     # The normal-theory width of a 95% interval for r, 2 · 1.96 (1 − ρ²)/√n ≈ 0.40; the mean
     # over 50 draws has a standard error of about 3%.
     assert np.mean(widths) == pytest.approx(2 * 1.96 * (1 - rho**2) / math.sqrt(n), rel=0.08)
+
+
+# --------------------------------------------------------------------------- mutation survivors
+
+
+def test_defaults_and_the_edges_of_the_options() -> None:
+    df = fixed_table()
+    assert correlation_table(df, ["good"], ["gap"]).attrs["bootstrap"] == 1000
+    for bad in (0.0, 1.0):
+        with pytest.raises(UsageError, match="strictly between 0 and 1"):
+            correlation_table(df, ["good"], ["gap"], confidence=bad)
+    # One resample is an interval of one point (not "no bootstrap").
+    row = correlation_table(df, ["good"], ["gap"], bootstrap=1).iloc[0]
+    for s in STATISTICS:
+        assert np.isfinite(row[f"{s}_lo"]) and row[f"{s}_lo"] == row[f"{s}_hi"]
+
+
+def test_three_rows_are_enough() -> None:
+    df = pd.DataFrame({"m": [1.0, 2.0, 3.0], "g": [0.1, 0.3, 0.2]})
+    row = correlation_table(df, ["m"], ["g"], bootstrap=0).iloc[0]
+    assert row["n"] == 3 and row["kendall_tau_b"] == pytest.approx(1 / 3)
+
+
+def test_non_numeric_entries_count_as_missing() -> None:
+    # A CSV written by hand may hold "n/a" or an empty string where a measure failed.
+    df = fixed_table()
+    df["good"] = df["good"].astype(object)
+    df.loc[[1, 4], "good"] = ["n/a", ""]
+    row = correlation_table(df, ["good"], ["gap"], bootstrap=0).iloc[0]
+    clean = correlation_table(df.drop(index=[1, 4]).astype({"good": float}), ["good"], ["gap"])
+    assert row["n"] == 28 and row["kendall_tau_b"] == clean.iloc[0]["kendall_tau_b"]
+    hp = pd.DataFrame({"k": [1, 2, 3, 4], "m": [1.0, "n/a", 3.0, 2.0], "g": [1, 2, 3, 4]})
+    assert granulated_kendall(hp, "m", "g", ["k"])["psi"]["k"] == pytest.approx(1 / 3)
+
+
+def test_degenerate_p_values_are_float_nan() -> None:
+    df = pd.DataFrame({"m": [2.0, 2.0, 2.0, 2.0], "g": [1.0, 3.0, 2.0, 4.0]})
+    table = correlation_table(df, ["m"], ["g"], bootstrap=0)
+    for col in P_VALUES.values():
+        assert table[col].dtype == np.float64 and math.isnan(table[col].iloc[0])
+
+
+def test_granulated_kendall_with_one_hyperparameter_and_ties_in_the_gap() -> None:
+    # One hyperparameter: a single group, the whole table. The gap ties (0.2 twice) and the
+    # measure does not: τ-a counts the tied pair as 0 (τ-b would not).
+    df = pd.DataFrame({"k": [1, 2, 3, 4], "m": [1.0, 2.0, 3.0, 4.0], "g": [0.1, 0.2, 0.2, 0.5]})
+    result = granulated_kendall(df, "m", "g", ["k"])
+    assert result == {"psi": {"k": pytest.approx(5 / 6)}, "Psi": pytest.approx(5 / 6),
+                      "groups": {"k": 1}}
+    # A group whose gap is constant contributes 0 (and warns about nothing).
+    flat = df.assign(g=0.3)
+    assert granulated_kendall(flat, "m", "g", ["k"])["psi"]["k"] == 0.0
+
+
+def test_granulated_kendall_without_any_group_is_nan_without_a_warning() -> None:
+    df = pd.DataFrame({"k": [1, 1, 1], "j": [0, 0, 0], "m": [1.0, 2.0, 3.0], "g": [3, 2, 1]})
+    result = granulated_kendall(df, "m", "g", ["k", "j"])
+    assert math.isnan(result["Psi"]) and result["groups"] == {"k": 0, "j": 0}
+
+
+def test_granulated_kendall_errors_name_the_problem() -> None:
+    df = fixed_table().assign(k=1)
+    with pytest.raises(UsageError) as info:
+        granulated_kendall(df, "good", "gap", [])
+    assert str(info.value) == "granulated Kendall needs at least one hyperparameter column"
+    with pytest.raises(UsageError) as info:
+        granulated_kendall(df, "good", "gap", ["k", "k"])
+    assert str(info.value) == "hyperparameter columns repeat: k, k"
