@@ -381,3 +381,23 @@ def test_granulated_kendall_errors_name_the_problem() -> None:
     with pytest.raises(UsageError) as info:
         granulated_kendall(df, "good", "gap", ["k", "k"])
     assert str(info.value) == "hyperparameter columns repeat: k, k"
+
+
+def test_column_order_and_an_empty_table() -> None:
+    columns = ["measure", "gap", "n"]
+    for s in STATISTICS:
+        columns += [s, f"{s}_lo", f"{s}_hi"]
+    columns += list(P_VALUES.values())
+    assert list(correlation_table(fixed_table(), ["good"], ["gap"], bootstrap=0)) == columns
+    empty = correlation_table(fixed_table(), [], ["gap"])
+    assert list(empty) == columns and len(empty) == 0
+
+
+def test_missing_column_message_lists_what_the_table_has() -> None:
+    df = pd.DataFrame({"x": [1.0], "y": [2.0]})
+    with pytest.raises(FlatcliError) as info:
+        correlation_table(df, ["a", "b"], ["y"])
+    assert str(info.value) == "missing column(s) a, b (the table has: x, y)"
+    with pytest.raises(FlatcliError) as info:
+        add_gaps(pd.DataFrame())
+    assert str(info.value).endswith("(the table has: none)")
