@@ -2,8 +2,8 @@
 
 A measure that is meant to describe the *function* (relative flatness) must not move when
 the parameters are rescaled in a way that leaves the function unchanged; Hessian trace
-and weight norms do move (MATH.md §5). The audit shows which is which on the user's own
-model, with the function change verified.
+and weight norms do move (docs/measures.md, "Invariances"). The audit shows which is
+which on the user's own model, with the function change verified.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from torch import nn
 
 from .data import Batches
 from .errors import FlatcliError
+from .features import call_model
 from .measures.estimate import Estimate
 from .registry import Inputs, MeasureConfig, run_measures
 from .reparam import Pair, find_pairs, layerwise, log_uniform, neuronwise
@@ -216,17 +217,17 @@ def _row(name: str, a: Estimate, b: Estimate, rtol: float) -> Row:
 @torch.no_grad()
 def max_output_change(model: nn.Module, new: nn.Module, batches: Batches) -> float:
     """``max |new(x) − model(x)|`` over all batches."""
-    return max(float((new(x) - model(x)).abs().max()) for x, _ in batches)
+    return max(float((call_model(new, x) - call_model(model, x)).abs().max()) for x, _ in batches)
 
 
 @torch.no_grad()
 def max_output_scale(model: nn.Module, batches: Batches) -> float:
     """``max |model(x)|`` over all batches."""
-    return max(float(model(x).abs().max()) for x, _ in batches)
+    return max(float(call_model(model, x).abs().max()) for x, _ in batches)
 
 
 def dead_unit_note(original: dict[str, Estimate], reps: list[Reparameterization]) -> str | None:
-    """Why κ̃ moved, when dead units left unscaled (MATH.md §4) are the reason."""
+    """Why κ̃ moved, when dead units left unscaled (``--dead-units unscaled``) are the reason."""
     est = original.get("relative_flatness_normalized")
     if est is None or not est.details.get("dead_units"):
         return None
@@ -243,7 +244,7 @@ def dead_unit_note(original: dict[str, Estimate], reps: list[Reparameterization]
     n = est.details["dead_units"]
     return (
         f"note: {n} feature unit(s) are dead (zero std over the data) and are left "
-        "unscaled by Theorem 4's normalization (MATH.md §4), so rescaling their outgoing "
-        f"weights moves relative_flatness_normalized ({', '.join(moved)}). "
-        "--dead-units drop removes them and makes it exactly invariant."
+        "unscaled by Theorem 4's normalization (--dead-units unscaled), so rescaling their "
+        f"outgoing weights moves relative_flatness_normalized ({', '.join(moved)}). "
+        "--dead-units drop (the default) removes them and makes it exactly invariant."
     )

@@ -45,9 +45,10 @@ class Checkpoint:
 
     Attributes:
         model: The module, in eval mode, on the CPU.
-        path: The file it was loaded from.
-        sha256: Hex sha256 of that file.
-        format: ``safetensors``, ``state_dict``, ``pickle``, ``torchscript`` or ``export``.
+        path: The file (or Hugging Face folder) it was loaded from.
+        sha256: Hex sha256 of that file (of a folder: over its config and weight files).
+        format: ``safetensors``, ``state_dict``, ``pickle``, ``torchscript``, ``export`` or
+            ``huggingface``.
         metadata: ``flatcli.*`` metadata without the prefix (strings).
     """
 
@@ -164,7 +165,8 @@ def load_checkpoint(
 
     Args:
         path: ``.safetensors``, ``.pt``/``.pth``/``.bin`` (state dict, pickled module or
-            TorchScript) or ``.pt2`` (``torch.export``).
+            TorchScript), ``.pt2`` (``torch.export``), or a Hugging Face
+            ``save_pretrained`` folder (or its ``config.json``; see :mod:`flatcli.hf`).
         arch: ``package.module:callable`` or ``path/to/file.py:callable`` that builds the
             module; default: the file's ``flatcli.arch`` metadata.
         arch_kwargs: Keyword arguments for ``arch`` (default: the metadata's).
@@ -176,6 +178,23 @@ def load_checkpoint(
             that do not fit the architecture.
     """
     path = Path(path).expanduser()
+    from .hf import config_path
+
+    config = config_path(path)
+    if config is not None:
+        if arch is not None or arch_kwargs is not None:
+            raise UsageError(
+                f"{path.name} is a Hugging Face folder: its config.json names the "
+                "architecture, so --arch and --arch-kwargs do not apply"
+            )
+        from .hf import load_pretrained
+
+        model, sha, meta = load_pretrained(config, trust_code=trust_code)
+        return Checkpoint(
+            model=model, path=config.parent, sha256=sha, format="huggingface", metadata=meta
+        )
+    if path.is_dir():
+        raise FlatcliError(f"{path} is a folder without config.json (not a Hugging Face model)")
     if not path.is_file():
         raise FlatcliError(f"checkpoint not found: {path}")
     sha = sha256_file(path)

@@ -10,6 +10,8 @@ Reliability:
 * A checkpoint that cannot be loaded or measured is reported and skipped; the others go on.
 * ``jobs > 1`` measures checkpoints in worker processes (one CUDA device each, round robin,
   when several are visible). Each worker's result is cached as soon as it is done.
+* A zoo of different widths: the ``--hparams`` CSV's ``arch.<kwarg>`` columns give each
+  checkpoint its own architecture arguments (:func:`arch_kwargs_table`).
 
 References:
     Jiang, Neyshabur, Mobahi, Krishnan, Bengio. *Fantastic Generalization Measures and
@@ -21,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -102,12 +104,16 @@ def measure_checkpoints(
     cache_dir: str | Path,
     jobs: int = 1,
     on_result: Callable[[str, str], None] | None = None,
+    arch_kwargs_for: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> CorrelateRun:
     """Measure every checkpoint (train split) and evaluate it on train and test.
 
     Args:
-        paths: Checkpoint files.
+        paths: Checkpoint files (or Hugging Face folders).
         config: Measure configuration, shared by all checkpoints.
+        arch_kwargs_for: Architecture arguments by checkpoint file name (see
+            :func:`arch_kwargs_table`), merged over ``config.arch_kwargs`` for that
+            checkpoint only (and part of its cache key).
         cache_dir: Directory of the per-checkpoint cache (created if missing).
         jobs: Worker processes.
         on_result: Called with ``(checkpoint, status)`` as each finishes; status is
@@ -129,13 +135,21 @@ def measure_checkpoints(
     run = CorrelateRun()
     results: dict[int, dict[str, Any] | str] = {}
     todo: list[tuple[int, str, Path]] = []
+    configs: dict[int, CorrelateConfig] = {}
     for i, p in enumerate(paths):
         path = Path(p)
-        if not path.is_file():
+        sha = _checkpoint_sha256(path)
+        if sha is None:
             results[i] = f"not found: {path}"
             note(str(path), f"skipped: {results[i]}")
             continue
-        entry = cache / f"{sha256_file(path)}-{config.key()}.json"
+        own = (arch_kwargs_for or {}).get(path.name)
+        configs[i] = (
+            config
+            if own is None
+            else replace(config, arch_kwargs={**(config.arch_kwargs or {}), **own})
+        )
+        entry = cache / f"{sha}-{configs[i].key()}.json"
         if entry.is_file():
             try:
                 row = json.loads(entry.read_text())
@@ -145,7 +159,7 @@ def measure_checkpoints(
             except (json.JSONDecodeError, OSError):
                 pass  # a damaged cache entry is recomputed
         todo.append((i, str(path), entry))
-    for i, outcome in _run(todo, config, jobs, note):
+    for i, outcome in _run(todo, configs, jobs, note):
         results[i] = outcome
         if isinstance(outcome, dict):
             run.computed += 1
@@ -158,16 +172,70 @@ def measure_checkpoints(
     return run
 
 
+def _checkpoint_sha256(path: Path) -> str | None:
+    """The file's sha256, or a Hugging Face folder's (see :mod:`flatcli.hf`); None if absent."""
+    if path.is_file() and path.name != "config.json":
+        return sha256_file(path)
+    from .hf import config_path, folder_sha256
+
+    config = config_path(path)
+    if config is None:
+        return None
+    try:
+        return folder_sha256(config.parent)
+    except FlatcliError:
+        return sha256_file(config)  # no usable weights: loading will report why
+
+
+def arch_kwargs_table(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Per-checkpoint architecture arguments from a hyperparameter CSV.
+
+    Columns named ``arch.<kwarg>`` give ``<kwarg>`` for that row's checkpoint (the
+    ``checkpoint``, ``file`` or ``path`` column, matched by file name). A cell is parsed as
+    JSON (``64`` → 64, ``[32, 32]`` → a list, ``true``), else kept as text; an empty cell
+    leaves the argument out.
+
+    Returns:
+        ``{file name: {kwarg: value}}`` for the rows with at least one argument.
+    """
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise FlatcliError(f"hyperparameter table not found: {path}")
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    key = next((c for c in ("checkpoint", "file", "path") if c in table.columns), None)
+    arch_cols = [c for c in table.columns if c.startswith("arch.") and len(c) > len("arch.")]
+    if not arch_cols:
+        return {}
+    if key is None:
+        raise FlatcliError(f"{path} needs a 'checkpoint' column with the checkpoint file names")
+    out: dict[str, dict[str, Any]] = {}
+    for _, row in table.iterrows():
+        kwargs = {c.removeprefix("arch."): _cell(row[c]) for c in arch_cols if row[c].strip()}
+        if kwargs:
+            out[Path(str(row[key])).name] = kwargs
+    return out
+
+
+def _cell(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
 def _run(
     todo: list[tuple[int, str, Path]],
-    config: CorrelateConfig,
+    configs: Mapping[int, CorrelateConfig],
     jobs: int,
     note: Callable[[str, str], None],
 ):  # noqa: ANN202 - generator of (index, outcome)
-    devices = _devices(config.device, jobs)
+    first = next(iter(configs.values()), None)
+    devices = _devices(first.device if first else "cpu", jobs)
     if jobs == 1 or len(todo) <= 1:
         for i, path, entry in todo:
-            outcome = _measure_and_cache(path, entry, config, devices[0])
+            outcome = _measure_and_cache(path, entry, configs[i], devices[0])
             note(path, "computed" if isinstance(outcome, dict) else f"skipped: {outcome}")
             yield i, outcome
         return
@@ -178,7 +246,7 @@ def _run(
         max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init
     ) as pool:
         futures = {
-            pool.submit(_measure_and_cache, path, entry, config, devices[k % len(devices)]): (
+            pool.submit(_measure_and_cache, path, entry, configs[i], devices[k % len(devices)]): (
                 i,
                 path,
             )

@@ -5,12 +5,19 @@ batches already on the right device and dtype. Measures accumulate per-sample
 sums over it and never hold all samples at once, so peak memory depends on the
 batch size only (and a future ``torch.distributed`` path shards the stream and
 all-reduces the sums).
+
+``x`` is a tensor, or a dict of tensors that the model takes as keyword arguments
+(``input_ids``, ``attention_mask``, ``token_type_ids``, ``pixel_values``, ...: a Hugging
+Face model). A sample is a row of the first dimension: a whole sequence, never a token,
+so padded positions are not samples; the model itself keeps them out of its output
+through ``attention_mask``, and every measure is a function of that output only.
+Labels come under ``y`` or ``labels``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -21,6 +28,12 @@ import torch
 from torch import nn
 
 from .errors import FlatcliError, UsageError
+from .features import ModelInput, batch_len, logits_of
+
+LABEL_KEYS = ("y", "labels")
+"""Names labels go by in a dict batch or a data file (flatcli's, Hugging Face's)."""
+TEST_SUFFIX = "_test"
+"""Suffix of a data file's test-split arrays (``x_test``, ``input_ids_test``, ...)."""
 
 BUNDLED = {"digits": "digits.npz"}
 """Bundled real datasets, by name (UCI handwritten digits, 8×8 images scaled to [0, 1])."""
@@ -31,19 +44,20 @@ class Dataset:
     """An in-memory labelled dataset.
 
     Attributes:
-        x: Inputs, first dimension the sample.
+        x: Inputs, first dimension the sample: a tensor, or a dict of tensors passed to
+            the model as keyword arguments.
         y: Labels: class indices (int64) or regression targets (float).
         source: Where it came from (a path or a bundled name).
         split: ``"train"`` or ``"test"``.
     """
 
-    x: torch.Tensor
+    x: ModelInput
     y: torch.Tensor
     source: str
     split: str
 
     def __len__(self) -> int:
-        return int(self.x.shape[0])
+        return batch_len(self.x)
 
 
 class Batches:
@@ -74,14 +88,12 @@ class Batches:
         self.source = source
         self.split = split
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[ModelInput, torch.Tensor]]:
         for item in self._make_iter():
             x, y = _unpack(item)
-            x = x.to(self.device, self.dtype if x.is_floating_point() else None)
-            y = y.to(self.device, self.dtype if y.is_floating_point() else None)
-            yield x, y
+            yield inputs_to(x, self.device, self.dtype), inputs_to(y, self.device, self.dtype)
 
-    def first(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def first(self) -> tuple[ModelInput, torch.Tensor]:
         """The first batch (raises a clear error on an empty stream)."""
         for xy in self:
             return xy
@@ -101,12 +113,61 @@ class Batches:
         )
 
 
-def _unpack(item: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(item, dict):
-        return torch.as_tensor(item["x"]), torch.as_tensor(item["y"])
+def _unpack(item: Any) -> tuple[ModelInput, torch.Tensor]:
+    if isinstance(item, Mapping):
+        return split_labels(item)
     if isinstance(item, (tuple, list)) and len(item) >= 2:
-        return torch.as_tensor(item[0]), torch.as_tensor(item[1])
-    raise FlatcliError("each batch must be an (x, y) pair")
+        return as_inputs(item[0]), torch.as_tensor(item[1])
+    raise FlatcliError(
+        "each batch must be an (x, y) pair or a dict with labels under 'y' or 'labels'"
+    )
+
+
+def split_labels(batch: Mapping[str, Any]) -> tuple[ModelInput, torch.Tensor]:
+    """``(inputs, labels)`` of a dict batch.
+
+    Labels are under ``y`` or ``labels``. The inputs are ``x`` when there is one, else
+    every other entry, as a dict of keyword arguments for the model.
+    """
+    found = [k for k in LABEL_KEYS if k in batch]
+    if len(found) != 1:
+        what = "both 'y' and 'labels'" if found else f"none of {', '.join(batch)}"
+        raise FlatcliError(f"a dict batch needs its labels under 'y' or 'labels'; found {what}")
+    y = torch.as_tensor(batch[found[0]])
+    if "x" in batch:
+        return as_inputs(batch["x"]), y
+    rest = {k: v for k, v in batch.items() if k != found[0]}
+    if not rest:
+        raise FlatcliError("a dict batch holds labels but no inputs")
+    return as_inputs(rest), y
+
+
+def as_inputs(x: Any) -> ModelInput:
+    """A tensor, or a dict of tensors (model keyword arguments), from arrays or tensors."""
+    if isinstance(x, Mapping):
+        return {str(k): torch.as_tensor(v) for k, v in x.items()}
+    return torch.as_tensor(x)
+
+
+def inputs_to(x: ModelInput, device: torch.device | str, dtype: torch.dtype) -> ModelInput:
+    """Move inputs to ``device``; floating tensors (not ids or masks) also to ``dtype``."""
+    if isinstance(x, Mapping):
+        return {k: inputs_to(v, device, dtype) for k, v in x.items()}  # type: ignore[misc]
+    return x.to(device, dtype if x.is_floating_point() else None)
+
+
+def take(x: ModelInput, index: slice | torch.Tensor) -> ModelInput:
+    """Rows ``index`` of a batch of inputs (every entry of a dict batch alike)."""
+    if isinstance(x, Mapping):
+        return {k: v[index] for k, v in x.items()}
+    return x[index]
+
+
+def describe_inputs(x: ModelInput) -> str:
+    """Per-sample shape(s) of a batch, for messages."""
+    if isinstance(x, Mapping):
+        return ", ".join(f"{k} {tuple(v.shape[1:])}" for k, v in x.items())
+    return str(tuple(x.shape[1:]))
 
 
 def as_batches(
@@ -120,7 +181,9 @@ def as_batches(
 
     Args:
         data: A :class:`Batches`, a :class:`Dataset`, an ``(x, y)`` pair of tensors or
-            arrays, or any re-iterable of ``(x, y)`` batches such as a ``DataLoader``.
+            arrays (``x`` may be a dict of model keyword arguments), a dict of tensors
+            with labels under ``y`` or ``labels``, or any re-iterable of such batches,
+            such as a ``DataLoader`` yielding ``(x, y)`` pairs or dicts.
         batch_size: Batch size when ``data`` holds all samples in memory.
         device: Device for the batches (default: where the tensors are, else CPU).
         dtype: Floating dtype (default: float32, or the tensors' own floating dtype).
@@ -132,7 +195,10 @@ def as_batches(
     if isinstance(data, Dataset):
         x, y, source, split = data.x, data.y, data.source, data.split
     elif isinstance(data, (tuple, list)) and len(data) == 2:
-        x, y = torch.as_tensor(data[0]), torch.as_tensor(data[1])
+        x, y = as_inputs(data[0]), torch.as_tensor(data[1])
+        source, split = "<memory>", "train"
+    elif isinstance(data, Mapping):
+        x, y = split_labels(data)
         source, split = "<memory>", "train"
     elif isinstance(data, Iterable):
         n = _len_or_none(data)
@@ -145,19 +211,40 @@ def as_batches(
         )
     else:
         raise UsageError(f"cannot use {type(data).__name__} as data; pass (x, y) or a DataLoader")
-    if x.shape[0] != y.shape[0]:
-        raise FlatcliError(f"x has {x.shape[0]} samples but y has {y.shape[0]}")
+    n = check_same_length(x, y)
+    first = next(iter(x.values())) if isinstance(x, Mapping) else x
     if dtype is None:
-        dtype = x.dtype if x.is_floating_point() else torch.float32
-    n = int(x.shape[0])
+        values = list(x.values()) if isinstance(x, Mapping) else [x]
+        floats = [t for t in values if t.is_floating_point()]
+        dtype = floats[0].dtype if floats else torch.float32
 
-    def make_iter() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def make_iter() -> Iterator[tuple[ModelInput, torch.Tensor]]:
         for i in range(0, n, batch_size):
-            yield x[i : i + batch_size], y[i : i + batch_size]
+            yield take(x, slice(i, i + batch_size)), y[i : i + batch_size]
 
     return Batches(
-        make_iter, n_samples=n, device=device or x.device, dtype=dtype, source=source, split=split
+        make_iter,
+        n_samples=n,
+        device=device or first.device,
+        dtype=dtype,
+        source=source,
+        split=split,
     )
+
+
+def check_same_length(x: ModelInput, y: torch.Tensor) -> int:
+    """The number of samples, checking that inputs (every entry) and labels agree."""
+    entries = list(x.items()) if isinstance(x, Mapping) else [("x", x)]
+    if not entries:
+        raise FlatcliError("a dict batch holds no inputs")
+    if y.ndim == 0:
+        raise FlatcliError("labels must hold one value per sample, got a scalar")
+    n = int(y.shape[0])
+    for name, t in entries:
+        n_x = int(t.shape[0]) if t.ndim else 0
+        if n_x != n:
+            raise FlatcliError(f"{name} has {n_x} samples but y has {n}")
+    return n
 
 
 def _len_or_none(data: Iterable[Any]) -> int | None:
@@ -184,6 +271,10 @@ def load_data(
     Args:
         spec: A bundled name (``digits``) or a path. ``.npz`` and ``.pt`` hold ``x``, ``y``
             and optionally ``x_test``, ``y_test``; ``.pt`` is loaded with ``weights_only=True``.
+            Instead of ``x`` they may hold named model inputs (``input_ids``,
+            ``attention_mask``, ``token_type_ids``, ``pixel_values``, ...), which become a
+            dict of keyword arguments, with labels under ``y`` or ``labels``; the test split
+            is the same names with the suffix ``_test``.
             ``.csv`` needs ``target``, the label column; the other columns are the inputs.
         split: ``train`` or ``test``.
         target: Label column of a CSV file.
@@ -198,6 +289,10 @@ def load_data(
     if max_samples is not None and max_samples < 1:
         raise UsageError(f"--max-samples must be at least 1, got {max_samples}")
     arrays, source = _read_arrays(spec, target=target, base_dir=base_dir)
+    if "x" not in arrays and "x_test" not in arrays and any(
+        k.removesuffix(TEST_SUFFIX) in LABEL_KEYS for k in arrays
+    ):
+        return _named_inputs(arrays, source, split, max_samples)
     kx, ky = ("x", "y") if split == "train" else ("x_test", "y_test")
     if kx not in arrays or ky not in arrays:
         have = ", ".join(sorted(arrays)) or "nothing"
@@ -219,6 +314,40 @@ def load_data(
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise FlatcliError(f"{source}: {name} contains NaN or Inf values")
     return Dataset(x=x, y=y, source=source, split=split)
+
+
+def _named_inputs(
+    arrays: Mapping[str, Any], source: str, split: str, max_samples: int | None
+) -> Dataset:
+    """A data file of named model inputs (``input_ids``, ...) and ``y``/``labels``."""
+    test = split == "test"
+    mine = {
+        k.removesuffix(TEST_SUFFIX): v
+        for k, v in arrays.items()
+        if k.endswith(TEST_SUFFIX) == test
+    }
+    labels = [k for k in LABEL_KEYS if k in mine]
+    inputs = {k: _to_tensor(v, f"{source}:{k}") for k, v in mine.items() if k not in LABEL_KEYS}
+    if len(labels) != 1 or not inputs:
+        suffix = TEST_SUFFIX if test else ""
+        have = ", ".join(sorted(arrays)) or "nothing"
+        raise FlatcliError(
+            f"{source} has no {split} split (needs named inputs and one of "
+            f"'y{suffix}', 'labels{suffix}'; found {have})"
+        )
+    y = _to_tensor(mine[labels[0]], f"{source}:{labels[0]}")
+    if y.ndim == 0:
+        raise FlatcliError(f"{source}: {labels[0]} must hold one label per sample")
+    n = check_same_length(inputs, y)
+    if max_samples is not None:
+        inputs, y = take(inputs, slice(0, max_samples)), y[:max_samples]  # type: ignore[assignment]
+        n = int(y.shape[0])
+    if n == 0:
+        raise FlatcliError(f"{source}: the {split} split is empty")
+    for name, t in [*inputs.items(), (labels[0], y)]:
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise FlatcliError(f"{source}: {name} contains NaN or Inf values")
+    return Dataset(x=inputs, y=y, source=source, split=split)
 
 
 def _to_tensor(a: Any, name: str) -> torch.Tensor:
@@ -296,14 +425,17 @@ def _first_line(e: BaseException) -> str:
 
 
 def fit_inputs(
-    x: torch.Tensor, model: nn.Module, input_shape: tuple[int, ...] | None
-) -> torch.Tensor:
+    x: ModelInput, model: nn.Module, input_shape: tuple[int, ...] | None
+) -> ModelInput:
     """Reshape inputs to what the model expects, only when that is unambiguous.
 
     ``input_shape`` (per sample) comes from checkpoint metadata when known. Otherwise the
     first module decides: an ``nn.Linear`` takes flattened inputs; an ``nn.Conv2d`` with
     ``c`` input channels takes ``(c, s, s)`` images when the per-sample size is ``c·s²``.
+    Named inputs (a dict) are passed as they are.
     """
+    if isinstance(x, Mapping):
+        return x
     n = x.shape[0]
     per_sample = math.prod(x.shape[1:])
     if input_shape is not None:
@@ -337,15 +469,18 @@ def check_fits(model: nn.Module, batches: Batches, *, loss: str) -> int:
     x, y = batches.first()
     try:
         with torch.no_grad():
-            out = model(x)
+            raw = model(**x) if isinstance(x, Mapping) else model(x)
     except Exception as e:  # noqa: BLE001 - a shape mismatch surfaces as any of several types
+        what = "inputs" if isinstance(x, Mapping) else "data of shape"
         raise FlatcliError(
-            f"data of shape {tuple(x.shape[1:])} per sample does not fit the "
-            f"model: {_first_line(e)}"
+            f"{what} {describe_inputs(x)} per sample does not fit the model: {_first_line(e)}"
         ) from None
-    if not isinstance(out, torch.Tensor) or out.ndim != 2:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise FlatcliError(f"the model must return (batch, outputs) logits; it returned {shape}")
+    out = logits_of(raw)
+    if out.ndim != 2:
+        raise FlatcliError(
+            f"the model must return (batch, outputs) logits; it returned {tuple(out.shape)} "
+            "(per-token outputs are not supported: a sample is a whole sequence)"
+        )
     d = int(out.shape[1])
     if loss == "cross_entropy":
         if y.is_floating_point() or y.ndim != 1:

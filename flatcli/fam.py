@@ -60,14 +60,16 @@ import torch
 from torch import nn
 
 from .errors import UsageError
-from .features import Cut, LayerSplit, default_layer
+from .features import Cut, LayerSplit, ModelInput, call_model, default_layer
 from .losses import check_loss, per_sample_loss
 from .measures.relative_flatness import MAX_EXACT_DIRECTIONS
 
 Variant = Literal["neuronwise", "layerwise"]
 Method = Literal["auto", "exact", "hutchinson"]
+Gradient = Literal["full", "detached"]
 VARIANTS = ("neuronwise", "layerwise")
 METHODS = ("auto", "exact", "hutchinson")
+GRADIENTS = ("full", "detached")
 
 
 class FAMRegularizer:
@@ -92,6 +94,11 @@ class FAMRegularizer:
             ``hutchinson`` uses Identity 1 with Rademacher probes.
         probes: Rademacher probes per call (Hutchinson only). Any count gives an unbiased
             gradient; more probes lower its variance at proportional cost.
+        gradient: ``full`` (default) backpropagates through the whole expression: the
+            exact Lemma 1 gradient, terms (I) and (II). ``detached`` is the published FAM
+            code's variant: the Hessian is held constant, so only term (I), ``2 T W``,
+            reaches the layer's weight; no third-derivative term, nothing to the bias, the
+            trunk (through φ) or the layers after it. The value is the same κ either way.
         generator: Source of the probes. Default: a CPU generator seeded with ``seed``.
         seed: Seed of the default generator.
 
@@ -120,6 +127,7 @@ class FAMRegularizer:
         variant: Variant = "neuronwise",
         method: Method = "auto",
         probes: int = 1,
+        gradient: Gradient = "full",
         generator: torch.Generator | None = None,
         seed: int = 0,
     ) -> None:
@@ -131,12 +139,17 @@ class FAMRegularizer:
             raise UsageError(f"unknown FAM method {method!r}; choose one of {', '.join(METHODS)}")
         if probes < 1:
             raise UsageError(f"--fam-probes must be at least 1, got {probes}")
+        if gradient not in GRADIENTS:
+            raise UsageError(
+                f"unknown FAM gradient {gradient!r}; choose one of {', '.join(GRADIENTS)}"
+            )
         self.model = model
         self.split = LayerSplit(model, layer or default_layer(model))
         self.loss = check_loss(loss)
         self.variant: Variant = variant
         self.method: Method = method
         self.probes = probes
+        self.gradient: Gradient = gradient
         self.generator = generator if generator is not None else torch.Generator()
         if generator is None:
             self.generator.manual_seed(seed)
@@ -153,7 +166,7 @@ class FAMRegularizer:
         """The FAM layer's name."""
         return self.split.name
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Cut]:
+    def forward(self, x: ModelInput) -> tuple[torch.Tensor, Cut]:
         """One full forward pass: the model output, and the batch cut at the layer.
 
         The output is the same as ``model(x)``, with the same autograd graph. Pass the cut
@@ -164,20 +177,52 @@ class FAMRegularizer:
     def penalty(self, cut: Cut, y: torch.Tensor) -> torch.Tensor:
         r"""κ (or :math:`\hat\kappa`) of the batch in ``cut``, averaged over its samples.
 
-        The result is differentiable with respect to every parameter that ``cut`` depends
-        on. This is the full Lemma 1 gradient (module docstring). Under
-        ``torch.no_grad()`` it is just the value.
+        With ``gradient="full"`` the result is differentiable with respect to every
+        parameter that ``cut`` depends on: the full Lemma 1 gradient (module docstring).
+        With ``gradient="detached"`` its gradient is term (I) alone, on the layer's weight.
+        Under ``torch.no_grad()`` it is just the value.
         """
+        if self.gradient == "detached":
+            return self._detached(cut, y)
+        return self._value(cut, y)
+
+    def _value(self, cut: Cut, y: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """κ by the chosen path; ``weight`` replaces the layer weight where it enters
+        quadratically, with the Hessian taken at the detached weight (see :meth:`_detached`)."""
         path = self.path(cut)
         if path == "identity1":
             with _downstream_eval(self.model):
-                return self._identity1(cut, y)
+                return self._identity1(cut, y, weight)
         if path == "identity2":
             with _downstream_eval(self.model):
-                return self._identity2(cut, y)
-        return self._identity2(cut, y)
+                return self._identity2(cut, y, weight)
+        return self._identity2(cut, y, weight)
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _detached(self, cut: Cut, y: torch.Tensor) -> torch.Tensor:
+        r"""κ whose gradient is term (I) of Lemma 1 only: :math:`2\,T W` on the weight.
+
+        κ is a quadratic form in W with the Hessian as its matrix. It is evaluated on a
+        frozen cut (φ, z and the context detached) with a fresh leaf ``V = W`` in the
+        quadratic slots and the Hessian taken at the detached W; its gradient in ``V``
+        is ``2 T W`` (or ``2 Tr(H) W`` for the layer-wise variant). That gradient is then
+        attached to the real weight with a zero-valued term.
+        """
+        weight = self.split.weight
+        if not torch.is_grad_enabled() or not weight.requires_grad:
+            with torch.no_grad():
+                return self._value(cut, y)
+        frozen = Cut(
+            x=cut.x.detach(),
+            phi=cut.phi.detach(),
+            z=cut.z.detach(),
+            context=tuple(c.detach() if isinstance(c, torch.Tensor) else c for c in cut.context),
+        )
+        leaf = weight.detach().requires_grad_()
+        value = self._value(frozen, y, leaf)
+        (grad,) = torch.autograd.grad(value, leaf)
+        return value.detach() + ((weight - weight.detach()) * grad).sum()
+
+    def __call__(self, x: ModelInput, y: torch.Tensor) -> torch.Tensor:
         """κ of the batch ``(x, y)``: :meth:`forward`, then :meth:`penalty`."""
         _, cut = self.forward(x)
         return self.penalty(cut, y)
@@ -202,22 +247,29 @@ class FAMRegularizer:
         """The path in words, for logs and reports."""
         path = self.path(cut)
         if path == "closed_form":
-            return "exact: closed form (Identity 3, logits layer)"
-        if path == "identity2":
+            text = "exact: closed form (Identity 3, logits layer)"
+        elif path == "identity2":
             how = f"Identity 2, {self.split.mechanism} split"
-            return f"exact: per-sample downstream HVPs under autograd ({how})"
-        if self.method == "exact":
-            return "exact: Identity 1, basis directions"
-        return f"hutchinson: Identity 1, {self.probes} Rademacher probe(s) per step"
+            text = f"exact: per-sample downstream HVPs under autograd ({how})"
+        elif self.method == "exact":
+            text = "exact: Identity 1, basis directions"
+        else:
+            text = f"hutchinson: Identity 1, {self.probes} Rademacher probe(s) per step"
+        if self.gradient == "detached":
+            text += "; detached-Hessian gradient (term I only)"
+        return text
 
     # ------------------------------------------------------------------ paths
 
-    def _identity2(self, cut: Cut, y: torch.Tensor) -> torch.Tensor:
+    def _identity2(
+        self, cut: Cut, y: torch.Tensor, weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Closed form or Identity 2: ``(1/n) Σ_i ‖φ_i‖² Tr(Wᵀ B_i W)``.
 
-        The layer-wise variant is ``‖W‖² (1/n) Σ_i ‖φ_i‖² Tr B_i``.
+        The layer-wise variant is ``‖W‖² (1/n) Σ_i ‖φ_i‖² Tr B_i``. ``B_i`` is taken at
+        ``cut.z``; ``weight`` (default: the layer's) is the W of the quadratic form.
         """
-        w = self.split.weight_matrix()
+        w = self.split.weight_matrix(weight)
         phi = cut.phi.reshape(cut.phi.shape[0], -1)
         sq_norms = (phi * phi).sum(1)
         layerwise = self.variant == "layerwise"
@@ -227,21 +279,26 @@ class FAMRegularizer:
             return (w * w).sum() * (sq_norms * tr).mean()
         return (sq_norms * q[:, 0]).mean()
 
-    def _identity1(self, cut: Cut, y: torch.Tensor) -> torch.Tensor:
+    def _identity1(
+        self, cut: Cut, y: torch.Tensor, weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
         r"""Identity 1 in the weight: ``Tr ∇²_A E(W + WA)`` (or ``‖W‖² Tr ∇²_W E``).
 
         Quadratic forms ``⟨Z, ∇²_P E Z⟩`` at ``P = 0``. They are summed over basis
-        directions when exact, and averaged over Rademacher probes otherwise.
+        directions when exact, and averaged over Rademacher probes otherwise. With
+        ``weight`` given, the Hessian is taken at ``weight.detach()`` and ``weight`` is the
+        W of the directions ``WA`` (and of ``‖W‖²``).
         """
-        w = self.split.weight
-        w2 = self.split.weight_matrix()
+        w = self.split.weight if weight is None else weight
+        point = w if weight is None else weight.detach()
+        w2 = self.split.weight_matrix(w)
         m = w2.shape[1]
         layerwise = self.variant == "layerwise"
         shape = tuple(w.shape) if layerwise else (m, m)
         size = w.numel() if layerwise else m * m
 
         def to_weight(p: torch.Tensor) -> torch.Tensor:
-            return w + p if layerwise else w + (w2 @ p).reshape(w.shape)
+            return point + p if layerwise else point + (w2 @ p).reshape(w.shape)
 
         def mean_loss(p: torch.Tensor) -> torch.Tensor:
             out = self.split.weight_output(cut, to_weight(p))
@@ -253,6 +310,9 @@ class FAMRegularizer:
         def quadratic(v: torch.Tensor) -> torch.Tensor:
             return (v * torch.func.jvp(grad_fn, (p0,), (v,))[1]).sum()
 
+        def quadratic_reverse(v: torch.Tensor) -> torch.Tensor:
+            return (v * torch.func.vjp(grad_fn, p0)[1](v)[0]).sum()
+
         exact = self.method == "exact"
         if exact and size > MAX_EXACT_DIRECTIONS:
             raise UsageError(
@@ -261,7 +321,10 @@ class FAMRegularizer:
             )
         total = w.new_zeros(())
         for dirs in self._directions(size, shape, exact=exact, like=w):
-            total = total + torch.func.vmap(quadratic)(dirs).sum()
+            total = total + self.split.ad(
+                lambda d=dirs: torch.func.vmap(quadratic)(d),
+                lambda d=dirs: torch.func.vmap(quadratic_reverse)(d),
+            ).sum()
         value = total if exact else total / self.probes
         return (w * w).sum() * value if layerwise else value
 
@@ -284,14 +347,15 @@ class FAMRegularizer:
 
 
 def detached_hessian_gradient(
-    model: nn.Module, layer: str, x: torch.Tensor, y: torch.Tensor, *, loss: str = "cross_entropy"
+    model: nn.Module, layer: str, x: ModelInput, y: torch.Tensor, *, loss: str = "cross_entropy"
 ) -> dict[str, torch.Tensor]:
     r"""The gradient that the published FAM code effectively uses: term (I) of Lemma 1 only.
 
     This is :math:`2\,T W` on the layer's weight, with :math:`T[s,s'] = \sum_t H[s,t,s',t]`
     computed from a *detached* Hessian. Every other parameter gets zero. This is what
-    wrapping the Hessian in ``torch.tensor(...)`` does. It is dense and slow, and is
-    here only to show how it differs from the exact gradient (MATH.md §11).
+    wrapping the Hessian in ``torch.tensor(...)`` does. It is dense and slow: a reference.
+    ``FAMRegularizer(..., gradient="detached")`` gives the same gradient at the cost of the
+    exact paths (MATH.md §11).
 
     Returns:
         Gradients by parameter name, zero everywhere except ``{layer}.weight``.
@@ -301,7 +365,7 @@ def detached_hessian_gradient(
     names = [f"{layer}.weight", *[t for t in split.tied if not t.startswith("<")]]
 
     def mean_loss(weight: torch.Tensor) -> torch.Tensor:
-        out = torch.func.functional_call(model, dict.fromkeys(names, weight), (x,))
+        out = call_model(model, x, dict.fromkeys(names, weight))
         return per_sample_loss(out, y, check_loss(loss)).mean()
 
     d, m = w.shape[0], w[0].numel()

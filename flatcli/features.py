@@ -27,7 +27,7 @@ report :attr:`LayerSplit.tied` and callers fall back to Identity 1 on the whole 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -37,10 +37,71 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from .autodiff import SecondOrder
 from .errors import FlatcliError, UsageError
 from .losses import per_sample_loss
 
 SUPPORTED = (nn.Linear, nn.Conv2d)
+HEAD_NAMES = ("classifier", "score", "head", "classification_head", "fc")
+"""Names of a classifier's head module; the default layer is the last ``nn.Linear`` in it."""
+
+ModelInput = torch.Tensor | Mapping[str, torch.Tensor]
+"""One batch of model inputs: a tensor, or a dict passed as keyword arguments."""
+
+
+# --------------------------------------------------------------------------- the output adapter
+
+
+def logits_of(out: Any) -> torch.Tensor:
+    """The logits in what a model returned.
+
+    Accepts a tensor; a tuple or list whose first element is the logits; or a mapping with
+    a ``logits`` entry (a Hugging Face ``ModelOutput`` is one).
+
+    Raises:
+        FlatcliError: Anything else, named.
+    """
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping):
+        logits = out.get("logits")
+        if isinstance(logits, torch.Tensor):
+            return logits
+        keys = ", ".join(map(str, out.keys())) or "none"
+        raise FlatcliError(
+            f"the model returned {type(out).__name__} without 'logits' (keys: {keys})"
+        )
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise FlatcliError(
+        "the model must return logits (a tensor, a tuple starting with them, or an "
+        f"output with 'logits'); it returned {type(out).__name__}"
+    )
+
+
+def call_model(
+    model: nn.Module, x: ModelInput, params: Mapping[str, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """``model(x)`` reduced to its logits by :func:`logits_of`.
+
+    A dict batch is passed as keyword arguments (``input_ids``, ``attention_mask``,
+    ``pixel_values``, ...). With ``params``, those parameters replace the model's own
+    through ``torch.func.functional_call`` (the model itself is never modified).
+    """
+    args, kwargs = ((), dict(x)) if isinstance(x, Mapping) else ((x,), {})
+    if params is None:
+        return logits_of(model(*args, **kwargs))
+    return logits_of(torch.func.functional_call(model, dict(params), args, kwargs))
+
+
+def batch_len(x: ModelInput) -> int:
+    """Number of samples in a batch of inputs (the first dimension)."""
+    if isinstance(x, Mapping):
+        first = next(iter(x.values()), None)
+        if not isinstance(first, torch.Tensor):
+            raise FlatcliError("a dict batch must hold tensors")
+        return int(first.shape[0])
+    return int(x.shape[0])
 
 
 @dataclass(frozen=True)
@@ -54,7 +115,7 @@ class Cut:
         context: Trunk values the downstream part needs besides ``z``.
     """
 
-    x: torch.Tensor
+    x: ModelInput
     phi: torch.Tensor
     z: torch.Tensor
     context: tuple[Any, ...]
@@ -73,7 +134,23 @@ def find_layer(model: nn.Module, name: str) -> nn.Module:
 
 
 def default_layer(model: nn.Module) -> str:
-    """The last ``nn.Linear`` of the model (the papers' feature layer)."""
+    """The papers' feature layer: the last ``nn.Linear`` of the model.
+
+    For a classifier with a head module (a child named ``classifier``, ``score``, ``head``,
+    ``classification_head`` or ``fc``, as Hugging Face and torchvision name them), the last
+    ``nn.Linear`` inside that head (``classifier``, ``classifier.out_proj``, ...), whatever
+    order the other modules were registered in.
+    """
+    children = dict(model.named_children())
+    for head in HEAD_NAMES:
+        if head in children:
+            inside = [
+                f"{head}.{n}" if n else head
+                for n, m in children[head].named_modules()
+                if isinstance(m, nn.Linear)
+            ]
+            if inside:
+                return inside[-1]
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not names:
         raise UsageError("the model has no nn.Linear layer; choose a layer with --layer")
@@ -96,6 +173,8 @@ class LayerSplit:
             the closed forms of Identity 3 apply.
         tied: Other names under which the layer's weight is used (empty when untied);
             ``["<applied twice>"]`` when the layer itself runs more than once.
+        ad: How second derivatives through the model are taken (falls back when an op
+            has no forward-mode AD; see :mod:`flatcli.autodiff`).
     """
 
     def __init__(self, model: nn.Module, layer: str) -> None:
@@ -114,6 +193,7 @@ class LayerSplit:
         self._down: Callable[..., Any] | None = None
         self.produces_output = False
         self.mechanism = "hook"
+        self.ad = SecondOrder()
         if not self._build_sequence():
             self._build_fx()
 
@@ -186,8 +266,10 @@ class LayerSplit:
         phi = node.args[0]
         if not isinstance(phi, torch.fx.Node):
             return
-        self._trunk = _subgraph(gm, outputs=[phi, *boundary])
-        self._down = _downstream_graph(gm, node, downstream, boundary)
+        trunk = _subgraph(gm, outputs=[phi, *boundary])
+        down = _downstream_graph(gm, node, downstream, boundary)
+        self._trunk = lambda x: trunk(**x) if isinstance(x, Mapping) else trunk(x)
+        self._down = lambda z, *context: logits_of(down(z, *context))
         out_arg = output.args[0]
         self.produces_output = out_arg is node
         self.mechanism = "fx"
@@ -205,7 +287,7 @@ class LayerSplit:
             return layer._conv_forward(phi, weight, layer.bias)
         return torch.func.functional_call(layer, {"weight": weight}, (phi,))
 
-    def cut(self, x: torch.Tensor) -> Cut:
+    def cut(self, x: ModelInput) -> Cut:
         """Run the trunk on ``x``: capture ``φ``, ``z`` and the downstream context.
 
         Runs with whatever grad mode the caller set: under ``torch.no_grad()`` for
@@ -217,8 +299,14 @@ class LayerSplit:
         _, cut = self.run(x)
         return cut
 
-    def run(self, x: torch.Tensor) -> tuple[torch.Tensor, Cut]:
-        """One full forward pass that also returns the cut (no second forward needed)."""
+    def run(self, x: ModelInput) -> tuple[torch.Tensor, Cut]:
+        """One full forward pass that also returns the cut (no second forward needed).
+
+        The output is the model's logits (:func:`logits_of`). Under the hook mechanism, a
+        model that returns the layer's output itself as its logits (a Hugging Face
+        classifier's ``classifier``) is recognised here: :attr:`produces_output` becomes
+        True and the downstream part is the identity, so nothing is re-run per HVP.
+        """
         if self._trunk is not None and self._down is not None:
             cut = self.cut(x)
             return self._down(cut.z, *cut.context), cut
@@ -231,20 +319,24 @@ class LayerSplit:
 
         handle = self.layer.register_forward_hook(hook)
         try:
-            out = self.model(x)
+            out = call_model(self.model, x)
         finally:
             handle.remove()
         if "z" not in captured:
             raise FlatcliError(f"layer {self.name!r} is not used in the model's forward pass")
+        if out is captured["z"] and not self.tied:
+            self.produces_output = True
         return out, Cut(x=x, phi=captured["phi"], z=captured["z"], context=(x,))
 
     def downstream(self, z: torch.Tensor, context: Sequence[Any]) -> torch.Tensor:
         """The model output as a function of the layer output ``z``."""
         if self._down is not None:
             return self._down(z, *context)
+        if self.produces_output:
+            return z
         (x,) = context
         with self._replace_output(z):
-            return self.model(x)
+            return call_model(self.model, x)
 
     @contextmanager
     def _replace_output(self, z: torch.Tensor):  # noqa: ANN202 - generator context manager
@@ -308,13 +400,13 @@ class LayerSplit:
         if trace or rank >= d:
             # Unit directions give the whole B_i; Tr(UᵀBU) = Σ_s ⟨(UUᵀ)[:, s], B e_s⟩.
             eye = torch.eye(d, dtype=z.dtype, device=z.device)
-            hb = per_sample_hvp(total, z, eye, chunk_size=chunk_size)  # (d, n, d): B_i e_s
+            hb = per_sample_hvp(total, z, eye, chunk_size=chunk_size, ad=self.ad)  # B_i e_s
             q = torch.stack([torch.einsum("snd,ds->n", hb, u @ u.T) for u in mats], dim=1)
             tr = torch.einsum("sns->n", hb) if trace else None
             return q, tr
         cols = []
         for u in mats:
-            hu = per_sample_hvp(total, z, u.T, chunk_size=chunk_size)  # (r, n, d): B_i u_r
+            hu = per_sample_hvp(total, z, u.T, chunk_size=chunk_size, ad=self.ad)  # B_i u_r
             cols.append(torch.einsum("rnd,dr->n", hu, u))
         return torch.stack(cols, dim=1), None
 
@@ -325,7 +417,7 @@ class LayerSplit:
         """
         if self.tied:
             names = [f"{self.name}.weight", *[t for t in self.tied if not t.startswith("<")]]
-            return torch.func.functional_call(self.model, dict.fromkeys(names, weight), (cut.x,))
+            return call_model(self.model, cut.x, dict.fromkeys(names, weight))
         return self.downstream(self.layer_forward(cut.phi, weight), cut.context)
 
 
@@ -375,6 +467,7 @@ def per_sample_hvp(
     directions: torch.Tensor,
     *,
     chunk_size: int | None = None,
+    ad: SecondOrder | None = None,
 ) -> torch.Tensor:
     """``B_i v`` for every sample ``i`` and every direction ``v``, batched.
 
@@ -388,6 +481,7 @@ def per_sample_hvp(
         z: The point, ``(n, d)``.
         directions: ``(k, d)``; each is applied to every sample.
         chunk_size: Directions per vectorized call (bounds memory to ``chunk·n·d``).
+        ad: Fallback state for ops without forward-mode AD (:mod:`flatcli.autodiff`).
 
     Returns:
         ``(k, n, d)`` with ``out[j, i] = B_i directions[j]``.
@@ -397,4 +491,13 @@ def per_sample_hvp(
     def hvp(v: torch.Tensor) -> torch.Tensor:
         return torch.func.jvp(grad_fn, (z,), (v.expand_as(z),))[1]
 
-    return torch.func.vmap(hvp, chunk_size=chunk_size)(directions)
+    def forward() -> torch.Tensor:
+        return torch.func.vmap(hvp, chunk_size=chunk_size)(directions)
+
+    def reverse() -> torch.Tensor:
+        _, pullback = torch.func.vjp(grad_fn, z)
+        return torch.func.vmap(lambda v: pullback(v.expand_as(z))[0], chunk_size=chunk_size)(
+            directions
+        )
+
+    return (ad or SecondOrder())(forward, reverse)

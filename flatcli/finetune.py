@@ -1,9 +1,20 @@
-r"""Fine-tune a model with FAM: :math:`E_{\text{batch}} + \lambda\,\kappa(W^l)`, resumably.
+r"""Fine-tune a model with FAM: :math:`E_{\text{batch}} + \lambda\,\kappa(W^l)`, resumably, with
+a guard against divergence.
 
 :func:`finetune` is the library side of ``flatcli finetune``. Each step minimizes the
 mini-batch loss plus λ times the relative flatness κ of one layer on the same mini-batch.
 κ comes from :class:`~flatcli.fam.FAMRegularizer`, which gives the exact gradient of
-FAM's Lemma 1. The step runs one forward pass, and the penalty reuses it.
+FAM's Lemma 1 (or, with ``fam_gradient="detached"``, the published code's term (I) only).
+The step runs one forward pass, and the penalty reuses it.
+
+The work is split in three:
+
+* the training loop, in :mod:`flatcli.training` (steps, clipping, SAM, epoch averages);
+* the bookkeeping, here: options, λ (absolute, relative or ``auto``), the divergence
+  guard (:class:`DivergenceGuard`), and the resumable state (``_save_state``,
+  ``_load_state``, ``_check_resumable``);
+* the reporting, in :mod:`flatcli.finetune_report` (log, plot, test metrics, the
+  temperature-matched baseline).
 
 What a run writes, each file atomically:
 
@@ -13,33 +24,28 @@ What a run writes, each file atomically:
   tensors, so it loads with ``weights_only=True``. ``resume=True`` continues from it.
   On the CPU, the resumed run ends bit-identical to an uninterrupted one.
 * ``out_path``: a flatcli safetensors checkpoint. Its metadata gives the architecture, the
-  data, the hyperparameters including λ, and the parent checkpoint's sha256.
-* ``plot_path``: a PNG of the curves, drawn at the end.
+  data, the hyperparameters including λ, and the parent checkpoint's sha256. When the run
+  diverges, it holds the last good epoch's weights.
+* ``plot_path``: a PNG of the curves from epoch 0, drawn at the end.
 
 The result holds a before/after comparison of the layer's measures
 (:func:`~flatcli.measures.relative_flatness.layer_measures`) and of the test loss and
-accuracy.
+accuracy, and the same measures for the starting model at the fine-tuned model's train
+loss (its logits rescaled: a temperature).
 
 References:
     Adilova et al. *FAM: Relative Flatness Aware Minimization.* 2023.
     https://arxiv.org/abs/2307.02337
-
-    Foret, Kleiner, Mobahi, Neyshabur. *Sharpness-Aware Minimization for Efficiently
-    Improving Generalization.* ICLR 2021. https://arxiv.org/abs/2010.01412 (the ``sam``
-    optimizer: ``pytorch_optimizer.SAM`` over SGD)
 """
 
 from __future__ import annotations
 
 import copy
-import csv
-import io
 import json
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,56 +53,70 @@ import torch
 from torch import nn
 
 from .checkpoints import Checkpoint, check_finite, load_checkpoint, save_checkpoint
-from .data import Dataset, as_batches, check_fits, fit_inputs, load_data
+from .data import (
+    Dataset,
+    as_batches,
+    as_inputs,
+    check_fits,
+    check_same_length,
+    fit_inputs,
+    inputs_to,
+    load_data,
+    split_labels,
+)
 from .errors import FlatcliError, UsageError
+from .fam import GRADIENTS as FAM_GRADIENTS
 from .fam import METHODS as FAM_METHODS
 from .fam import VARIANTS as FAM_VARIANTS
 from .fam import FAMRegularizer
 from .features import default_layer
-from .io import atomic_write, atomic_write_text, sha256_file
-from .losses import check_loss, per_sample_loss
+from .finetune_report import (
+    LOG_COLUMNS,
+    EpochRecord,
+    epoch_line,
+    heldout_metrics,
+    plot_history,
+    temperature_scale,
+    write_log,
+    write_log_manifest,
+)
+from .io import atomic_write, sha256_file
+from .losses import check_loss
 from .measures.estimate import Estimate
 from .measures.relative_flatness import layer_measures
 from .runtime import resolve_device, resolve_dtype
+from .training import (
+    EpochStats,
+    batch_slices,
+    kappa_gradient,
+    load_optimizer_state,
+    make_optimizer,
+    train_epoch,
+)
+
+__all__ = [
+    "LOG_COLUMNS",
+    "DivergenceGuard",
+    "Diverged",
+    "EpochRecord",
+    "FinetuneResult",
+    "finetune",
+    "plot_history",
+    "write_log",
+]
 
 OptimizerName = Literal["sgd", "adam", "sam"]
 Schedule = Literal["cosine", "constant"]
 OPTIMIZERS = ("sgd", "adam", "sam")
 SCHEDULES = ("cosine", "constant")
+SCALES = ("absolute", "relative")
 STATE_FORMAT = "flatcli.finetune-state/1"
-LOG_COLUMNS = ("epoch", "lr", "train_loss", "kappa", "test_loss", "test_accuracy", "seconds")
-_EVAL_BATCH = 1024
-
-
-@dataclass(frozen=True)
-class EpochRecord:
-    """One completed epoch.
-
-    Attributes:
-        epoch: 1-based epoch number.
-        lr: Learning rate at the end of the epoch.
-        train_loss: Mean data loss over the epoch's training batches (train mode, before
-            each step's update). This is the loss alone, without the penalty.
-        kappa: The FAM penalty, κ or κ̂, averaged over the epoch's batches and weighted by
-            batch size. Each batch's value is that batch's mean. It is logged for λ = 0 too.
-        test_loss: Mean loss on the test split after the epoch (eval mode). None when
-            there is no test split.
-        test_accuracy: Test accuracy after the epoch. None without a test split or for
-            regression targets.
-        seconds: Wall time of the epoch, including the test evaluation.
-    """
-
-    epoch: int
-    lr: float
-    train_loss: float
-    kappa: float
-    test_loss: float | None
-    test_accuracy: float | None
-    seconds: float
-
-    def to_row(self) -> dict[str, Any]:
-        """A plain dict in :data:`LOG_COLUMNS` order."""
-        return asdict(self)
+#: ``fam_lambda="auto"`` picks λ so that the relative step R at step 0 equals this.
+SAFE_STEP_RATIO = 0.003
+#: A step-0 R above this is reported as a warning (the stability study's mixed range).
+WARN_STEP_RATIO = 0.01
+#: Gradient clipping of FAM runs (λ > 0) when ``clip_grad_norm`` is not given.
+DEFAULT_CLIP = 1.0
 
 
 @dataclass(frozen=True)
@@ -111,12 +131,22 @@ class FinetuneResult:
         layer: The FAM layer.
         fam_method: How κ was computed, in words.
         hparams: Every hyperparameter of the run, as recorded in the checkpoint metadata.
+            ``fam_lambda_used`` is the λ the run used (``fam_lambda`` is the request:
+            a number, a fraction with ``fam_scale="relative"``, or ``"auto"``), and
+            ``fam_step_ratio`` the relative step R at step 0 (None for Adam or λ = 0).
         resumed_from: Completed epochs found in the state file (0 for a fresh run).
         out_path: The written checkpoint, or None.
         out_sha256: Its sha256, or None.
         log_path: The CSV log, or None.
         plot_path: The PNG of the curves, or None.
         state_path: The resumable state file, or None.
+        parent_sha256: The starting checkpoint's sha256 (empty for an in-memory module).
+        temperature_matched: The same measures as ``before`` and ``after`` for the starting
+            model with its logits layer scaled by ``temperature_c``, so that its train loss
+            equals the fine-tuned model's; None when there is no such model.
+        temperature_c: That scale ``c`` (a softmax temperature ``1/c``), or None.
+        temperature_note: Why there is no temperature-matched baseline, or None.
+        warnings: Warnings of the run, one line each (a large step ratio R).
     """
 
     model: nn.Module
@@ -133,6 +163,82 @@ class FinetuneResult:
     plot_path: Path | None = None
     state_path: Path | None = None
     parent_sha256: str | None = None
+    temperature_matched: Mapping[str, Estimate] | None = None
+    temperature_c: float | None = None
+    temperature_note: str | None = None
+    warnings: tuple[str, ...] = ()
+
+
+class Diverged(FlatcliError):
+    """The run diverged or saturated; the last good epoch's weights were written.
+
+    Attributes:
+        epoch: The epoch in which the guard fired.
+        good_epoch: The epoch whose weights were restored (0: the starting model).
+        reason: What the guard saw, in words.
+    """
+
+    def __init__(self, message: str, *, epoch: int, good_epoch: int, reason: str) -> None:
+        super().__init__(message)
+        self.epoch, self.good_epoch, self.reason = epoch, good_epoch, reason
+
+
+@dataclass(frozen=True)
+class DivergenceGuard:
+    """Checks each epoch against the starting model and says when the run fell apart.
+
+    The run has diverged when, after an epoch:
+
+    * the loss or κ is NaN or Inf;
+    * the epoch's train loss exceeds ``loss_factor`` × the starting train loss plus
+      ``loss_floor`` (the floor keeps a near-zero starting loss from tripping it);
+    * with λ > 0 and an exact κ, the epoch's κ exceeds ``kappa_factor`` × the starting κ
+      (a Hutchinson κ with few probes is too noisy for this test);
+    * with λ > 0, κ fell below ``saturation_kappa`` × its start while the layer's
+      ``‖W‖²`` grew above ``saturation_weight`` × its start: flatness by a saturated
+      softmax, not a flatter minimum.
+
+    The starting values are the full-data measures of the starting model; the epoch's
+    values are its batch averages (:class:`~flatcli.training.EpochStats`).
+    """
+
+    loss0: float
+    kappa0: float
+    weight0: float
+    fam: bool
+    kappa_exact: bool = True
+    loss_factor: float = 10.0
+    loss_floor: float = 0.1
+    kappa_factor: float = 2.0
+    saturation_kappa: float = 0.1
+    saturation_weight: float = 10.0
+
+    def check(self, stats: EpochStats, weight_sq: float) -> str | None:
+        """Why the epoch counts as diverged, or None when it is fine."""
+        loss, kappa = stats.train_loss, stats.kappa
+        if not (math.isfinite(loss) and math.isfinite(kappa) and math.isfinite(weight_sq)):
+            return "the loss became NaN or Inf"
+        limit = self.loss_factor * self.loss0 + self.loss_floor
+        if loss > limit:
+            return (
+                f"the train loss rose to {loss:.4g}, above {self.loss_factor:g}× its start "
+                f"{self.loss0:.3g} + {self.loss_floor:g}"
+            )
+        if not self.fam:
+            return None
+        if self.kappa_exact and kappa > self.kappa_factor * self.kappa0:
+            factor = self.kappa_factor
+            return f"κ rose to {kappa:.4g}, above {factor:g}× its start {self.kappa0:.4g}"
+        if (
+            kappa < self.saturation_kappa * self.kappa0
+            and weight_sq > self.saturation_weight * self.weight0
+        ):
+            return (
+                f"κ collapsed to {kappa:.3g} ({kappa / self.kappa0:.1%} of its start) while "
+                f"‖W‖² grew {weight_sq / self.weight0:.3g}×: flatness by a saturated softmax, "
+                "not a flatter minimum"
+            )
+        return None
 
 
 DataLike = str | Dataset | tuple[torch.Tensor, torch.Tensor]
@@ -142,7 +248,7 @@ def finetune(
     model: str | Path | Checkpoint | nn.Module,
     data: DataLike | None = None,
     *,
-    fam_lambda: float,
+    fam_lambda: float | Literal["auto"],
     test_data: DataLike | None = None,
     layer: str | None = None,
     epochs: int = 5,
@@ -156,6 +262,9 @@ def finetune(
     fam_variant: str = "neuronwise",
     fam_method: str = "auto",
     fam_probes: int = 1,
+    fam_gradient: str = "full",
+    fam_scale: str = "absolute",
+    clip_grad_norm: float | None = None,
     loss: str | None = None,
     target: str | None = None,
     max_samples: int | None = None,
@@ -178,6 +287,9 @@ def finetune(
             is used for evaluation), a :class:`~flatcli.data.Dataset`, or an ``(x, y)``
             pair. Default: the checkpoint's ``data`` metadata.
         fam_lambda: λ ≥ 0. With λ = 0 the run is plain training, and κ is still logged.
+            With ``fam_scale="relative"`` it is the fraction ``λκ₀/E₀`` instead. ``"auto"``
+            picks λ so that the relative step R (below) at step 0 is
+            :data:`SAFE_STEP_RATIO` (SGD and SAM only).
         test_data: Evaluation data, if it is not the ``test`` split of ``data``.
         layer: The FAM layer. Default: the last ``nn.Linear``.
         epochs: Total number of epochs, including those restored by ``resume``.
@@ -198,6 +310,15 @@ def finetune(
         fam_method: ``auto``, ``exact`` or ``hutchinson``, see
             :class:`~flatcli.fam.FAMRegularizer`.
         fam_probes: Hutchinson probes per step.
+        fam_gradient: ``full`` (the exact Lemma 1 gradient) or ``detached`` (the published
+            code's: Hessian held constant, term (I) only), see
+            :class:`~flatcli.fam.FAMRegularizer`.
+        fam_scale: ``absolute`` (λ as given) or ``relative``: λ = ``fam_lambda`` · E₀/κ₀,
+            with E₀ and κ₀ the starting model's full-data train loss and κ, so that λκ₀ is
+            that fraction of E₀.
+        clip_grad_norm: Clip the global gradient norm of each step to this. None: 1.0
+            (:data:`DEFAULT_CLIP`) when λ > 0, off for plain training; 0 turns it off.
+            The threshold is in the units of the gradient, so it is not scale-free.
         loss: ``cross_entropy`` or ``mse``. Default: the checkpoint's metadata, else
             cross-entropy.
         target: The label column, when ``data`` is a CSV file.
@@ -206,7 +327,8 @@ def finetune(
             probes. The caller's global RNG state is restored afterwards.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         dtype: ``float32`` or ``float64``.
-        out_path: Write the fine-tuned checkpoint here (``.safetensors`` or ``.pt``).
+        out_path: Write the fine-tuned checkpoint here (``.safetensors`` or ``.pt``; for a
+            Hugging Face model, a ``save_pretrained`` folder with a ``flatcli.json``).
         log_path: Write the per-epoch CSV log here.
         plot_path: Write a PNG of the curves here.
         state_path: The resumable state file. Default: next to ``out_path``, with suffix
@@ -215,13 +337,20 @@ def finetune(
             must match, except ``epochs`` under a ``constant`` schedule.
         progress: Called with one line of text per stage and per epoch.
 
+    The relative step at step 0 is :math:`R = \frac{lr}{1-\beta}\,\lambda\,
+    \|\nabla\kappa_0\|^2/\kappa_0` (β the momentum), on up to
+    :data:`~flatcli.training.GRADIENT_SAMPLES` training samples in eval mode. It is
+    recorded as ``hparams["fam_step_ratio"]``, and a warning is added above
+    :data:`WARN_STEP_RATIO`.
+
     Returns:
         A :class:`FinetuneResult`.
 
     Raises:
         UsageError: A bad option, or an unknown layer.
-        FlatcliError: Unreadable data or checkpoint, a state file from another run, or a
-            loss that became NaN or Inf.
+        Diverged: The guard (:class:`DivergenceGuard`) fired. The last good epoch's
+            weights are in ``out_path``, and the log and plot show the diverged epoch.
+        FlatcliError: Unreadable data or checkpoint, or a state file from another run.
     """
     note = progress or (lambda _msg: None)
     _check_options(
@@ -237,6 +366,9 @@ def finetune(
         fam_variant=fam_variant,
         fam_method=fam_method,
         fam_probes=fam_probes,
+        fam_gradient=fam_gradient,
+        fam_scale=fam_scale,
+        clip_grad_norm=clip_grad_norm,
     )
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype)
@@ -247,23 +379,26 @@ def finetune(
     data_spec, train, test = _resolve_data(
         ck, net, data, test_data, target=target, max_samples=max_samples
     )
-    x, y = train.x.to(dev, dt), train.y.to(dev, dt if train.y.is_floating_point() else None)
+    x, y = inputs_to(train.x, dev, dt), train.y.to(dev, dt if train.y.is_floating_point() else None)
     check_fits(net, as_batches((x, y), batch_size=batch_size), loss=loss_name)
     layer = layer or default_layer(net)
-    reg = FAMRegularizer(
-        net,
-        layer,
-        loss=loss_name,
-        variant=fam_variant,  # type: ignore[arg-type]
-        method=fam_method,  # type: ignore[arg-type]
-        probes=fam_probes,
-    )
+    fam_options = {
+        "loss": loss_name,
+        "variant": fam_variant,
+        "method": fam_method,
+        "probes": fam_probes,
+        "gradient": fam_gradient,
+    }
+    reg = FAMRegularizer(net, layer, **fam_options)  # type: ignore[arg-type]
     out = Path(out_path) if out_path is not None else None
     state_file = Path(state_path) if state_path is not None else _default_state(out)
     if resume and state_file is None:
         raise UsageError("--resume needs a state file: pass --out (the state sits beside it)")
+    fam_on = fam_lambda == "auto" or float(fam_lambda) > 0
+    clip = _resolve_clip(clip_grad_norm, fam_on)
     hparams: dict[str, Any] = {
-        "fam_lambda": float(fam_lambda),
+        "fam_lambda": fam_lambda if fam_lambda == "auto" else float(fam_lambda),
+        "fam_scale": fam_scale,
         "layer": layer,
         "epochs": epochs,
         "optimizer": optimizer,
@@ -276,6 +411,8 @@ def finetune(
         "fam_variant": fam_variant,
         "fam_method": fam_method,
         "fam_probes": fam_probes,
+        "fam_gradient": fam_gradient,
+        "clip_grad_norm": clip,
         "loss": loss_name,
         "seed": seed,
         "dtype": str(dt).removeprefix("torch."),
@@ -285,9 +422,12 @@ def finetune(
     }
     test_xy = None
     if test is not None:
-        test_xy = (test.x.to(dev, dt), test.y.to(dev, dt if test.y.is_floating_point() else None))
-    steps_per_epoch = len(_batch_slices(len(train), batch_size))
-    opt = _make_optimizer(
+        test_xy = (
+            inputs_to(test.x, dev, dt),
+            test.y.to(dev, dt if test.y.is_floating_point() else None),
+        )
+    steps_per_epoch = len(batch_slices(len(train), batch_size))
+    opt = make_optimizer(
         net,
         optimizer,
         lr=lr,
@@ -307,15 +447,17 @@ def finetune(
     shuffle = torch.Generator().manual_seed(shuffle_seed)
     reg.generator.manual_seed(probe_seed)
     measure_method = "exact" if fam_method == "exact" else "auto"
+    kappa_key = "relative_flatness" if fam_variant == "neuronwise" else "layerwise_flatness"
 
-    def measures() -> dict[str, Estimate]:
+    def measures(model: nn.Module = net) -> dict[str, Estimate]:
         found = layer_measures(
-            net, layer, (x, y), loss=loss_name, method=measure_method, seed=seed, batch_size=256
+            model, layer, (x, y), loss=loss_name, method=measure_method, seed=seed, batch_size=256
         )
         if test_xy is not None:
-            found.update(_test_metrics(net, test_xy, loss_name))
+            found.update(heldout_metrics(model, test_xy, loss_name))
         return found
 
+    start_net = copy.deepcopy(net)  # the starting weights, for the temperature baseline
     cuda = [dev] if dev.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.default_generator.manual_seed(torch_seed)
@@ -328,7 +470,7 @@ def finetune(
             _check_resumable(state, hparams, ck.sha256, epochs)
             start = int(state["epoch"])
             net.load_state_dict(state["model"])
-            _load_optimizer_state(opt, state["optimizer"])
+            load_optimizer_state(opt, state["optimizer"])
             if sched is not None:
                 sched.load_state_dict(state["scheduler"])
             shuffle.set_state(state["rng"]["shuffle"])
@@ -338,46 +480,75 @@ def finetune(
                 torch.cuda.set_rng_state(state["rng"]["cuda"], dev)
             history = [EpochRecord(**row) for row in state["history"]]
             before = {k: Estimate(**v) for k, v in state["before"].items()}
+            hparams["fam_lambda_used"] = state["hparams"]["fam_lambda_used"]
+            hparams["fam_step_ratio"] = state["hparams"]["fam_step_ratio"]
             note(f"resuming after epoch {start} of {epochs} from {state_file}")
         else:
             if resume:
                 note(f"no state file at {state_file}; starting from epoch 0")
             note("measuring the starting model")
             before = measures()
-
+            step0 = FAMRegularizer(net, layer, seed=seed, **fam_options)  # type: ignore[arg-type]
+            hparams.update(
+                _resolve_lambda(
+                    fam_lambda,
+                    fam_scale,
+                    before=before,
+                    kappa_key=kappa_key,
+                    reg=step0,
+                    x=x,
+                    y=y,
+                    lr=lr,
+                    beta=None if optimizer == "adam" else momentum,
+                )
+            )
+        lam = float(hparams["fam_lambda_used"])
+        warnings = _announce_lambda(hparams, note)
+        guard = DivergenceGuard(
+            loss0=before["train_loss"].value,
+            kappa0=before[kappa_key].value,
+            weight0=before["weight_norm"].value,
+            fam=lam > 0,
+            kappa_exact=not reg.describe().startswith("hutchinson"),
+        )
+        good_weights = copy.deepcopy(net.state_dict())
         for epoch in range(start + 1, epochs + 1):
-            t0 = time.perf_counter()
-            train_loss, kappa = _train_epoch(
+            record, reason = _epoch(
+                epoch,
                 net,
                 reg,
                 opt,
                 sched,
-                x,
-                y,
-                fam_lambda=fam_lambda,
+                (x, y),
+                test_xy,
+                guard,
+                fam_lambda=lam,
                 batch_size=batch_size,
                 shuffle=shuffle,
                 sam=optimizer == "sam",
-            )
-            if not (math.isfinite(train_loss) and math.isfinite(kappa)):
-                raise FlatcliError(
-                    f"the loss became NaN or Inf in epoch {epoch}; lower --lr or --fam-lambda"
-                )
-            test_loss = test_acc = None
-            if test_xy is not None:
-                tm = _test_metrics(net, test_xy, loss_name)
-                test_loss = tm["test_loss"].value
-                test_acc = tm["test_accuracy"].value if "test_accuracy" in tm else None
-            record = EpochRecord(
-                epoch=epoch,
-                lr=float(opt.param_groups[0]["lr"]),
-                train_loss=train_loss,
-                kappa=kappa,
-                test_loss=test_loss,
-                test_accuracy=test_acc,
-                seconds=time.perf_counter() - t0,
+                clip_grad_norm=clip,
             )
             history.append(record)
+            if reason is not None:
+                note(epoch_line(record, epochs))
+                net.load_state_dict(good_weights)
+                _report_divergence(
+                    net,
+                    ck,
+                    hparams,
+                    history,
+                    before,
+                    reason=reason,
+                    epoch=epoch,
+                    out=out,
+                    log_path=log_path,
+                    plot_path=plot_path,
+                    kappa_key=kappa_key,
+                    data_spec=data_spec,
+                    device=dev,
+                    dtype=dt,
+                )
+            good_weights = copy.deepcopy(net.state_dict())
             if state_file is not None:
                 _save_state(
                     state_file,
@@ -395,21 +566,21 @@ def finetune(
                 )
             if log_path is not None:
                 write_log(log_path, history)
-            note(_epoch_line(record, epochs))
+            note(epoch_line(record, epochs))
 
     net.eval()
     note("measuring the fine-tuned model")
     after = measures()
+    matched, c, why = _temperature_baseline(start_net, x, y, after, loss_name, measures)
     out_sha = None
     if out is not None:
-        _save_output(net, out, ck, hparams, data_spec, loss_name)
-        out_sha = sha256_file(out)
+        out_sha = _save_output(net, out, ck, hparams, data_spec, loss_name)
     if log_path is not None:
         write_log(log_path, history)
-        _write_log_manifest(log_path, hparams, ck.sha256, out_sha, dev, dt, seed)
+        write_log_manifest(log_path, hparams, ck.sha256, out_sha, dev, dt, seed)
     plot = Path(plot_path) if plot_path is not None else None
     if plot is not None:
-        plot_history(history, plot, title=f"FAM on {layer}, λ = {fam_lambda:g}")
+        plot_history(history, plot, title=_title(layer, lam), start=before, kappa_key=kappa_key)
     return FinetuneResult(
         model=net,
         history=tuple(history),
@@ -425,141 +596,181 @@ def finetune(
         plot_path=plot,
         state_path=state_file,
         parent_sha256=ck.sha256,
+        temperature_matched=matched,
+        temperature_c=c,
+        temperature_note=why,
+        warnings=tuple(warnings),
     )
 
 
-# --------------------------------------------------------------------------- training
+# --------------------------------------------------------------------------- bookkeeping
 
 
-def _train_epoch(
+def _epoch(
+    epoch: int,
     net: nn.Module,
     reg: FAMRegularizer,
     opt: torch.optim.Optimizer,
     sched: torch.optim.lr_scheduler.LRScheduler | None,
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor] | None,
+    guard: DivergenceGuard,
+    **step: Any,
+) -> tuple[EpochRecord, str | None]:
+    """One epoch (:func:`~flatcli.training.train_epoch` with ``step``), its test metrics
+    and its record, and the guard's verdict (None: fine)."""
+    t0 = time.perf_counter()
+    stats = train_epoch(net, reg, opt, sched, *train, **step)
+    weight_sq = float(reg.split.weight.detach().double().pow(2).sum())
+    reason = guard.check(stats, weight_sq)
+    finite = reason is None or "NaN" not in reason
+    tm = heldout_metrics(net, test, reg.loss) if test is not None and finite else {}
+    record = EpochRecord(
+        epoch=epoch,
+        lr=float(opt.param_groups[0]["lr"]),
+        train_loss=stats.train_loss,
+        kappa=stats.kappa,
+        test_loss=tm["test_loss"].value if "test_loss" in tm else None,
+        test_accuracy=tm["test_accuracy"].value if "test_accuracy" in tm else None,
+        weight_sq_norm=weight_sq,
+        phi_sq_mean=stats.phi_sq_mean,
+        max_softmax=stats.max_softmax,
+        seconds=time.perf_counter() - t0,
+    )
+    return record, reason
+
+
+def _announce_lambda(hparams: Mapping[str, Any], note: Callable[[str], None]) -> list[str]:
+    """Say which λ the run uses and its step ratio R; the warnings, if R is large."""
+    lam, ratio = hparams["fam_lambda_used"], hparams["fam_step_ratio"]
+    if hparams["fam_lambda"] != lam:
+        how = "auto" if hparams["fam_lambda"] == "auto" else hparams["fam_scale"]
+        note(f"λ = {lam:.4g} ({how})")
+    if ratio is None:
+        return []
+    note(f"relative step at step 0: R = {ratio:.3g}")
+    if ratio <= WARN_STEP_RATIO:
+        return []
+    return [
+        f"the relative step at step 0 is R = {ratio:.3g}, above {WARN_STEP_RATIO:g}: FAM "
+        "may be unstable; lower --lr or --fam-lambda, or use --fam-lambda auto "
+        f"(R = {SAFE_STEP_RATIO:g})"
+    ]
+
+
+def _title(layer: str, lam: float) -> str:
+    return f"FAM on {layer}, λ = {lam:.4g}"
+
+
+def _resolve_clip(clip_grad_norm: float | None, fam_on: bool) -> float | None:
+    """The clipping threshold of the run: None turns clipping off."""
+    if clip_grad_norm is None:
+        return DEFAULT_CLIP if fam_on else None
+    return float(clip_grad_norm) if clip_grad_norm > 0 else None
+
+
+def _resolve_lambda(
+    fam_lambda: float | str,
+    fam_scale: str,
+    *,
+    before: Mapping[str, Estimate],
+    kappa_key: str,
+    reg: FAMRegularizer,
     x: torch.Tensor,
     y: torch.Tensor,
-    *,
-    fam_lambda: float,
-    batch_size: int,
-    shuffle: torch.Generator,
-    sam: bool,
-) -> tuple[float, float]:
-    """One pass over shuffled mini-batches. Returns the mean data loss and the mean κ."""
-    net.train()
-    n = x.shape[0]
-    perm = torch.randperm(n, generator=shuffle).to(x.device)
-    loss_sum = x.new_zeros((), dtype=torch.float64)
-    kappa_sum = x.new_zeros((), dtype=torch.float64)
-    for lo, hi in _batch_slices(n, batch_size):
-        idx = perm[lo:hi]
-        xb, yb = x[idx], y[idx]
-
-        def objective(xb: torch.Tensor = xb, yb: torch.Tensor = yb) -> tuple[torch.Tensor, ...]:
-            out, cut = reg.forward(xb)
-            data_loss = per_sample_loss(out, yb, reg.loss).mean()
-            with torch.set_grad_enabled(fam_lambda > 0):
-                kappa = reg.penalty(cut, yb)
-            total = data_loss + fam_lambda * kappa if fam_lambda > 0 else data_loss
-            return total, data_loss, kappa
-
-        opt.zero_grad(set_to_none=True)
-        total, data_loss, kappa = objective()
-        total.backward()
-        if sam:
-            opt.first_step(zero_grad=True)  # type: ignore[attr-defined]
-            with _frozen_batchnorm_stats(net):
-                objective()[0].backward()
-            opt.second_step(zero_grad=True)  # type: ignore[attr-defined]
-        else:
-            opt.step()
-        if sched is not None:
-            sched.step()
-        loss_sum += data_loss.detach().double() * (hi - lo)
-        kappa_sum += kappa.detach().double() * (hi - lo)
-    return float(loss_sum) / n, float(kappa_sum) / n
-
-
-def _batch_slices(n: int, batch_size: int) -> list[tuple[int, int]]:
-    """``[lo, hi)`` ranges of the mini-batches; a trailing single sample joins the one before."""
-    slices = [(lo, min(lo + batch_size, n)) for lo in range(0, n, batch_size)]
-    if len(slices) > 1 and slices[-1][1] - slices[-1][0] == 1:
-        slices[-2:] = [(slices[-2][0], n)]
-    return slices
-
-
-def _make_optimizer(
-    net: nn.Module,
-    name: str,
-    *,
     lr: float,
-    momentum: float,
-    weight_decay: float,
-    sam_rho: float,
-) -> torch.optim.Optimizer:
-    params = list(net.parameters())
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    from pytorch_optimizer import SAM
+    beta: float | None,
+) -> dict[str, Any]:
+    """λ for the run, and the relative step R at step 0 (None for Adam or λ = 0)."""
+    if fam_lambda == "auto":
+        lam = None
+    elif fam_scale == "relative":
+        kappa0, loss0 = before[kappa_key].value, before["train_loss"].value
+        if not kappa0 > 0:
+            raise FlatcliError(
+                f"κ of the starting model is {kappa0:g}: --fam-scale relative needs κ > 0"
+            )
+        lam = float(fam_lambda) * loss0 / kappa0
+    else:
+        lam = float(fam_lambda)
+    if beta is None or lam == 0:
+        return {"fam_lambda_used": lam, "fam_step_ratio": None}
+    kappa0, grad_sq = kappa_gradient(reg, x, y)
+    if not (kappa0 > 0 and grad_sq > 0):
+        if lam is None:
+            raise FlatcliError(
+                f"--fam-lambda auto needs κ > 0 and a non-zero gradient of κ at the start "
+                f"(κ = {kappa0:g}, ‖∇κ‖² = {grad_sq:g})"
+            )
+        return {"fam_lambda_used": lam, "fam_step_ratio": None}
+    per_lambda = lr / (1 - beta) * grad_sq / kappa0
+    if lam is None:
+        lam = SAFE_STEP_RATIO / per_lambda
+    return {"fam_lambda_used": lam, "fam_step_ratio": lam * per_lambda}
 
-    return SAM(
-        params,
-        torch.optim.SGD,
-        rho=sam_rho,
-        lr=lr,
-        momentum=momentum,
-        weight_decay=weight_decay,
+
+def _temperature_baseline(
+    start_net: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    after: Mapping[str, Estimate],
+    loss: str,
+    measures: Callable[[nn.Module], dict[str, Estimate]],
+) -> tuple[dict[str, Estimate] | None, float | None, str | None]:
+    """The starting model at the fine-tuned model's train loss, by a temperature alone."""
+    found = temperature_scale(start_net, x, y, after["train_loss"].value, loss=loss)
+    if isinstance(found, str):
+        return None, None, found
+    scaled, c = found
+    scaled.eval()
+    return measures(scaled), c, None
+
+
+def _report_divergence(
+    net: nn.Module,
+    ck: Checkpoint,
+    hparams: Mapping[str, Any],
+    history: list[EpochRecord],
+    before: Mapping[str, Estimate],
+    *,
+    reason: str,
+    epoch: int,
+    out: Path | None,
+    log_path: str | Path | None,
+    plot_path: str | Path | None,
+    kappa_key: str,
+    data_spec: str | None,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> None:
+    """Write what a diverged run leaves (the last good weights, the log, the plot), then
+    raise :class:`Diverged`. ``net`` already holds the last good weights."""
+    good = epoch - 1
+    lam = float(hparams["fam_lambda_used"])
+    written = ""
+    out_sha = None
+    if out is not None:
+        meta = {**hparams, "diverged_in_epoch": epoch, "weights_of_epoch": good}
+        out_sha = _save_output(net, out, ck, meta, data_spec, hparams["loss"])
+        which = "the starting model" if good == 0 else f"epoch {good}, the last good one"
+        written = f"; wrote the weights of {which} to {out}"
+    diverged = {"diverged": {"epoch": epoch, "reason": reason, "weights_of_epoch": good}}
+    if log_path is not None:
+        write_log(log_path, history)
+        seed = int(hparams["seed"])
+        write_log_manifest(log_path, hparams, ck.sha256, out_sha, device, dtype, seed, diverged)
+    if plot_path is not None:
+        title = _title(str(hparams["layer"]), lam) + f": diverged in epoch {epoch}"
+        plot_history(history, plot_path, title=title, start=before, kappa_key=kappa_key)
+    lower = f"--lr (now {hparams['lr']:g})"
+    if lam > 0:
+        lower += f" or --fam-lambda (λ now {lam:.3g}; --fam-lambda auto picks a safe one)"
+    raise Diverged(
+        f"the run diverged in epoch {epoch}: {reason}{written}. Lower {lower}",
+        epoch=epoch,
+        good_epoch=good,
+        reason=reason,
     )
-
-
-def _load_optimizer_state(opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Load an optimizer's state. SAM's base optimizer shares its state and param groups, so
-    after loading they are linked again."""
-    base = getattr(opt, "base_optimizer", None)
-    if base is None:
-        opt.load_state_dict(state)
-        return
-    base.load_state_dict(state)
-    opt.param_groups = base.param_groups
-    opt.state = base.state
-
-
-@contextmanager
-def _frozen_batchnorm_stats(net: nn.Module) -> Iterator[None]:
-    """SAM's second pass should not update BatchNorm running statistics a second time."""
-    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in norms]
-    for m in norms:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, mom in zip(norms, saved, strict=True):
-            m.momentum = mom
-
-
-@torch.no_grad()
-def _test_metrics(
-    net: nn.Module, xy: tuple[torch.Tensor, torch.Tensor], loss: str
-) -> dict[str, Estimate]:
-    """Mean test loss and accuracy, in eval mode. The caller's mode is restored."""
-    was_training = net.training
-    net.eval()
-    x, y = xy
-    n = x.shape[0]
-    loss_sum, correct = 0.0, 0
-    for lo in range(0, n, _EVAL_BATCH):
-        out = net(x[lo : lo + _EVAL_BATCH])
-        yb = y[lo : lo + _EVAL_BATCH]
-        loss_sum += float(per_sample_loss(out, yb, loss).double().sum())  # type: ignore[arg-type]
-        if not yb.is_floating_point():
-            correct += int((out.argmax(-1) == yb).sum())
-    net.train(was_training)
-    result = {"test_loss": Estimate(loss_sum / n, None, f"exact: mean {loss} over {n} samples")}
-    if not y.is_floating_point():
-        result["test_accuracy"] = Estimate(correct / n, None, f"exact: over {n} samples")
-    return result
 
 
 # --------------------------------------------------------------------------- inputs
@@ -567,7 +778,7 @@ def _test_metrics(
 
 def _check_options(
     *,
-    fam_lambda: float,
+    fam_lambda: float | str,
     epochs: int,
     optimizer: str,
     sam_rho: float,
@@ -579,14 +790,37 @@ def _check_options(
     fam_variant: str,
     fam_method: str,
     fam_probes: int,
+    fam_gradient: str = "full",
+    fam_scale: str = "absolute",
+    clip_grad_norm: float | None = None,
 ) -> None:
     def need(ok: bool, message: str) -> None:
         if not ok:
             raise UsageError(message)
 
+    if fam_lambda == "auto":
+        need(
+            optimizer != "adam",
+            "--fam-lambda auto needs --optimizer sgd or sam (R assumes an SGD step); "
+            "with adam, pass a number",
+        )
+        need(
+            fam_scale == "absolute",
+            "--fam-lambda auto picks λ itself: drop --fam-scale relative",
+        )
+    else:
+        need(
+            isinstance(fam_lambda, (int, float)) and math.isfinite(fam_lambda) and fam_lambda >= 0,
+            f"--fam-lambda must be a finite number ≥ 0 or auto, got {fam_lambda}",
+        )
+    need(fam_scale in SCALES, f"--fam-scale must be one of {', '.join(SCALES)}")
     need(
-        math.isfinite(fam_lambda) and fam_lambda >= 0,
-        f"--fam-lambda must be a finite number ≥ 0, got {fam_lambda}",
+        fam_gradient in FAM_GRADIENTS,
+        f"--fam-gradient must be one of {', '.join(FAM_GRADIENTS)}",
+    )
+    need(
+        clip_grad_norm is None or (math.isfinite(clip_grad_norm) and clip_grad_norm >= 0),
+        f"--clip-grad-norm must be a number ≥ 0 (0: off), got {clip_grad_norm}",
     )
     need(epochs >= 1, f"--epochs must be at least 1, got {epochs}")
     need(optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
@@ -661,10 +895,14 @@ def _resolve_data(
 def _as_dataset(data: Any, split: str) -> Dataset:
     if isinstance(data, Dataset):
         return data
-    if isinstance(data, (tuple, list)) and len(data) == 2:
-        x, y = torch.as_tensor(data[0]), torch.as_tensor(data[1])
-        if x.shape[0] != y.shape[0]:
-            raise FlatcliError(f"x has {x.shape[0]} samples but y has {y.shape[0]}")
+    if isinstance(data, Mapping):
+        x, y = split_labels(data)
+    elif isinstance(data, (tuple, list)) and len(data) == 2:
+        x, y = as_inputs(data[0]), torch.as_tensor(data[1])
+    else:
+        x = None
+    if x is not None:
+        check_same_length(x, y)
         return Dataset(x=x, y=y, source="<memory>", split=split)
     raise UsageError(f"cannot use {type(data).__name__} as data; pass a name, a file or (x, y)")
 
@@ -760,11 +998,29 @@ def _save_output(
     hparams: Mapping[str, Any],
     data_spec: str | None,
     loss: str,
-) -> None:
+) -> str:
+    """Write the fine-tuned model; returns the sha256 a later load reports for it."""
     meta = ck.metadata
+    model = net if next(net.parameters()).device.type == "cpu" else copy.deepcopy(net).cpu()
+    from .hf import is_pretrained_model
+
+    if is_pretrained_model(model):
+        from .hf import folder_sha256, save_pretrained
+
+        if out.suffix in (".safetensors", ".pt", ".pth"):
+            raise UsageError(
+                f"a Hugging Face model is saved as a folder: pass --out DIR, not {out.name}"
+            )
+        flat_meta = {
+            "data": data_spec or meta.get("data"),
+            "loss": loss,
+            "hparams": json.dumps({**hparams, "finetuned_from": ck.path.name}, sort_keys=True),
+            "parent_sha256": ck.sha256 or None,
+        }
+        save_pretrained(model, out, {k: v for k, v in flat_meta.items() if v is not None})
+        return folder_sha256(out)
     arch = meta.get("arch") or f"{type(ck.model).__module__}:{type(ck.model).__qualname__}"
     arch_kwargs = json.loads(meta["arch_kwargs"]) if meta.get("arch_kwargs") else {}
-    model = net if next(net.parameters()).device.type == "cpu" else copy.deepcopy(net).cpu()
     save_checkpoint(
         model,
         out,
@@ -776,79 +1032,4 @@ def _save_output(
         hparams={**hparams, "finetuned_from": ck.path.name},
         parent_sha256=ck.sha256 or None,
     )
-
-
-def _write_log_manifest(
-    log_path: str | Path,
-    hparams: Mapping[str, Any],
-    parent_sha256: str,
-    out_sha256: str | None,
-    device: torch.device,
-    dtype: torch.dtype,
-    seed: int,
-) -> Path:
-    """The CSV log's provenance beside it, ``STEM.manifest.json``, written atomically."""
-    from .report import write_manifest_beside
-    from .runtime import manifest
-
-    provenance = {
-        "schema": "flatcli.finetune/1",
-        "checkpoint": {"parent_sha256": parent_sha256, "output_sha256": out_sha256},
-        "hparams": dict(hparams),
-        "manifest": manifest(device=device, dtype=dtype, seed=seed),
-    }
-    return write_manifest_beside(log_path, provenance)
-
-
-def write_log(path: str | Path, history: list[EpochRecord] | tuple[EpochRecord, ...]) -> Path:
-    """Atomically write the per-epoch CSV log (columns :data:`LOG_COLUMNS`)."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=LOG_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for r in history:
-        writer.writerow({k: ("" if v is None else v) for k, v in r.to_row().items()})
-    return atomic_write_text(path, buf.getvalue())
-
-
-def plot_history(
-    history: list[EpochRecord] | tuple[EpochRecord, ...], path: str | Path, *, title: str = ""
-) -> Path:
-    """Atomically write a PNG of the loss, κ and test accuracy curves (matplotlib Agg)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    epochs = [r.epoch for r in history]
-    fig = Figure(figsize=(11, 3.4), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax_loss, ax_kappa, ax_acc = fig.subplots(1, 3)
-    ax_loss.plot(epochs, [r.train_loss for r in history], "o-", label="train (batches)")
-    if any(r.test_loss is not None for r in history):
-        ax_loss.plot(epochs, [r.test_loss for r in history], "s-", label="test")
-    ax_loss.set(xlabel="epoch", ylabel="loss", yscale="log")
-    ax_loss.legend()
-    kappas = [r.kappa for r in history]
-    ax_kappa.plot(epochs, kappas, "o-", color="C2")
-    ax_kappa.set(xlabel="epoch", ylabel="κ (batch average)")
-    if all(k > 0 for k in kappas):
-        ax_kappa.set_yscale("log")
-    if any(r.test_accuracy is not None for r in history):
-        ax_acc.plot(epochs, [r.test_accuracy for r in history], "o-", color="C3")
-    ax_acc.set(xlabel="epoch", ylabel="test accuracy")
-    for ax in (ax_loss, ax_kappa, ax_acc):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
-    if title:
-        fig.suptitle(title)
-    return atomic_write(Path(path), lambda p: fig.savefig(p, format="png", dpi=110))
-
-
-def _epoch_line(r: EpochRecord, epochs: int) -> str:
-    test = ""
-    if r.test_loss is not None:
-        test = f" · test loss {r.test_loss:.4g}"
-    if r.test_accuracy is not None:
-        test += f" · test acc {r.test_accuracy:.4f}"
-    return (
-        f"epoch {r.epoch}/{epochs} · loss {r.train_loss:.4g} · κ {r.kappa:.4g}{test}"
-        f" · lr {r.lr:.3g} · {r.seconds:.1f} s"
-    )
+    return sha256_file(out)

@@ -28,12 +28,14 @@ class MeasureOptions:
             the Hessian trace.
         probes: Hutchinson probes for the layer-wise measures.
         seed: Seed of every random estimate.
-        dead_units: Theorem 4's treatment of dead units, ``unscaled`` or ``drop``.
+        dead_units: Theorem 4's treatment of dead units, ``drop`` (default) or ``unscaled``.
         trace_params: Parameters of ``hessian_trace`` and ``hessian_top_eigenvalue``:
             ``all``, ``layer`` (the feature layer) or a module/parameter name.
         rtol: Relative standard error target of the Hutchinson Hessian trace.
         max_probes: Most probes of the Hutchinson Hessian trace.
         fr_include_bias: Count biases in the Fisher-Rao norm.
+        fr_labels: Fisher-Rao labels: ``true`` (empirical) or ``model`` (softmax expectation).
+        l2: Weight decay α whose penalty Hessian ``α·I`` the layer-wise measures add to H.
         pacbayes_target: ``error`` or ``loss``, for PAC-Bayes and sharpness.
         pacbayes_threshold: The allowed increase τ of PAC-Bayes and sharpness.
         mc_samples: Monte Carlo draws per PAC-Bayes bisection step.
@@ -43,11 +45,13 @@ class MeasureOptions:
     method: str = "auto"
     probes: int = 64
     seed: int = 0
-    dead_units: str = "unscaled"
+    dead_units: str = "drop"
     trace_params: str = "all"
     rtol: float = 0.01
     max_probes: int = 2000
     fr_include_bias: bool = False
+    fr_labels: str = "true"
+    l2: float = 0.0
     pacbayes_target: str = "error"
     pacbayes_threshold: float = 0.1
     mc_samples: int = 10
@@ -96,8 +100,13 @@ class Inputs:
 
     @classmethod
     def of(cls, batches: Batches, init_model: nn.Module | None = None) -> Inputs:
-        """The input shape read off the data's first batch, and ``init_model``."""
-        return cls(input_shape=tuple(batches.first()[0].shape[1:]), init_model=init_model)
+        """The input shape read off the data's first batch, and ``init_model``.
+
+        Named inputs (a dict batch: token ids, masks) have no single input shape.
+        """
+        x = batches.first()[0]
+        shape = None if isinstance(x, Mapping) else tuple(x.shape[1:])
+        return cls(input_shape=shape, init_model=init_model)
 
 
 Note = Callable[[str], None]
@@ -126,6 +135,7 @@ def _layer_group(
         probes=config.probes,
         seed=config.seed,
         dead_units=config.dead_units,
+        l2=config.l2,
         progress=note,
     )
 
@@ -176,7 +186,11 @@ def _fisher_rao_group(
     note("Fisher-Rao norm (forward-mode JVP)")
     return {
         "fisher_rao": fisher_rao(
-            model, batches, loss=config.loss, include_bias=config.fr_include_bias
+            model,
+            batches,
+            loss=config.loss,
+            include_bias=config.fr_include_bias,
+            labels=config.fr_labels,
         )
     }
 
@@ -267,6 +281,23 @@ def _norms_group(
     return out
 
 
+def _bound_group(
+    model: nn.Module,
+    batches: Batches,
+    config: MeasureConfig,
+    names: Sequence[str],
+    note: Note,
+    inputs: Inputs,
+) -> Mapping[str, Estimate]:
+    from .bound import bound_terms
+
+    note("Theorem 6 terms (KDE representativeness + κ)")
+    terms = bound_terms(
+        model, config.layer, batches, loss=config.loss, seed=config.seed, progress=note
+    )
+    return {"bound_estimate": terms.as_estimate()}
+
+
 _LAYER = (
     "relative_flatness",
     "relative_flatness_normalized",
@@ -290,6 +321,7 @@ GROUPS: dict[str, tuple[Group, tuple[str, ...]]] = {
         _norms_group,
         ("frobenius_norms", "spectral_norms", "path_norm", "distance_from_init"),
     ),
+    "bound": (_bound_group, ("bound_estimate",)),
 }
 """Group name -> (function, the measure names it produces)."""
 
@@ -317,11 +349,15 @@ AUDIT_DEFAULT = (
     "frobenius_norms",
     "path_norm",
 )
-"""What ``flatcli audit`` compares without ``--measures``: MATH.md §5's rows, all exact,
+"""What ``flatcli audit`` compares without ``--measures``: the invariance table's rows, exact,
 so that "invariant" is decided by the arithmetic and not by an estimate's noise."""
 
 NEEDS_INIT = ("distance_from_init",)
 """Measures that exist only with an initial checkpoint; ``all`` leaves them out without one."""
+
+OPTIONAL = ("bound_estimate",)
+"""Measures only computed when named: ``all`` leaves them out (an approximation, not a
+measure of the model alone, and defined for ``nn.Linear`` feature layers only)."""
 
 
 def available() -> list[str]:
@@ -338,14 +374,17 @@ def select(
 ) -> list[str]:
     """Measure names from ``--measures`` (comma list, ``all`` or None for the default).
 
-    ``all`` includes ``distance_from_init`` only when ``has_init`` (an ``--init``
+    ``all`` leaves out the :data:`OPTIONAL` measures, and includes ``distance_from_init``
+    only when ``has_init`` (an ``--init``
     checkpoint was given); naming it without one is an error when it is computed.
     """
     names = available()
     if spec is None or spec == "default":
         chosen = list(default)
     elif spec == "all":
-        chosen = [n for n in names if has_init or n not in NEEDS_INIT]
+        chosen = [
+            n for n in names if (has_init or n not in NEEDS_INIT) and n not in OPTIONAL
+        ]
     else:
         chosen = [s.strip() for s in spec.split(",") if s.strip()]
         unknown = [c for c in chosen if c not in names]
@@ -410,7 +449,10 @@ def check(model: nn.Module, names: Sequence[str], config: MeasureConfig, inputs:
     if "distance_from_init" in names and inputs.init_model is None:
         raise UsageError("distance_from_init needs --init CHECKPOINT (the initial weights)")
     if "path_norm" in names and inputs.input_shape is None:
-        raise UsageError("path_norm needs the input shape (flatcli checkpoints record it)")
+        raise UsageError(
+            "path_norm needs one input tensor of known shape (flatcli checkpoints record "
+            "it); it is not defined for named inputs such as token ids"
+        )
 
 
 def _trace_spec(config: MeasureConfig) -> str:

@@ -133,11 +133,22 @@ def test_audit_explains_dead_units() -> None:
         with_dead_unit(),
         as_batches((x, y)),
         select(None, normalize=True),
-        MeasureConfig(layer="fc"),
+        MeasureConfig(layer="fc", dead_units="unscaled"),
         seed=1,
     )
     note = dead_unit_note(original, reps)
     assert note is not None and "--dead-units drop" in note
+    original, reps = audit(  # the default, drop, is invariant: nothing to explain
+        with_dead_unit(),
+        as_batches((x, y)),
+        select(None, normalize=True),
+        MeasureConfig(layer="fc"),
+        seed=1,
+    )
+    assert dead_unit_note(original, reps) is None
+    neuron = next(r for r in reps if r.kind == "neuronwise")
+    row = next(r for r in neuron.rows if r.measure == "relative_flatness_normalized")
+    assert row.invariant
 
 
 def test_audit_cli_json_and_refusal(tmp_path: Path) -> None:

@@ -255,3 +255,56 @@ def test_unknown_layer_suggests_a_name() -> None:
 def test_docstring_examples_run() -> None:
     result = doctest.testmod(flatcli.fam, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+# detached (published) gradient: term (I) of Lemma 1 only, against dense float64 Hessians
+DETACHED = {
+    "logits-ce-closed-form": (models.TanhHead, "fc", CE, "auto", "neuronwise", None),
+    "logits-mse-closed-form": (models.mlp, "fc", MSE, "auto", "neuronwise", None),
+    "hidden-tanh-identity2": (models.TanhHead, "fc1", CE, "auto", "neuronwise", None),
+    "hidden-relu-identity2": (models.mlp, "fc2", CE, "auto", "neuronwise", None),
+    "conv-identity1-exact": (models.SmallCNN, "conv2", CE, "exact", "neuronwise", image_data),
+    "tied-identity1-exact": (models.Tied, "b", CE, "exact", "neuronwise", tied_data),
+    "layerwise-closed-form": (models.TanhHead, "fc", CE, "auto", "layerwise", None),
+    "layerwise-identity2": (models.TanhHead, "fc1", CE, "auto", "layerwise", None),
+}
+
+
+@pytest.mark.parametrize("case", list(DETACHED))
+def test_detached_gradient_is_term_one_of_a_fixed_dense_hessian(case: str) -> None:
+    factory, layer, loss, method, variant, data = DETACHED[case]
+    model = build(factory)
+    x, y = data() if data else models.classification_data()
+    reg = FAMRegularizer(model, layer, loss=loss, method=method, variant=variant)
+    full = reg(x, y)
+    reg.gradient = "detached"
+    value = reg(x, y)
+    assert num(value) == num(full)  # the same κ, only the gradient differs
+    got = dict(zip([n for n, _ in model.named_parameters()], flat_grads(value, model), strict=True))
+    # Oracle: the Hessian as a float64 constant; κ(V) = Σ ⟨v_s, v_s'⟩ T[s,s'] (or ‖V‖² Tr H).
+    h = dense_layer_hessian(model, layer, x, y, loss)
+    d, m = h.shape[:2]
+    w = dict(model.named_modules())[layer].weight
+    v = w.detach().clone().requires_grad_()
+    v2 = v.reshape(d, m)
+    if variant == "layerwise":
+        fixed = (v * v).sum() * torch.diagonal(h.reshape(d * m, d * m)).sum()
+    else:
+        fixed = (v2 @ v2.T * torch.einsum("atbt->ab", h)).sum()
+    assert num(fixed) == pytest.approx(num(value), rel=RTOL)
+    (want,) = torch.autograd.grad(fixed, v)
+    key = next(n for n, p in model.named_parameters() if p is w)
+    torch.testing.assert_close(got[key], want, rtol=RTOL, atol=RTOL * float(want.abs().max()))
+    assert float(want.abs().max()) > 1e-6
+    for name, g in got.items():
+        if name != key:
+            assert float(g.abs().max()) == 0.0, name  # nothing to the bias, trunk or head
+    if variant == "neuronwise" and method == "auto":
+        shortcut = detached_hessian_gradient(model, layer, x, y, loss=loss)
+        torch.testing.assert_close(got[key], shortcut[key], rtol=RTOL, atol=1e-12)
+
+
+def test_detached_gradient_option_is_checked_and_described() -> None:
+    with pytest.raises(UsageError, match="unknown FAM gradient"):
+        FAMRegularizer(models.mlp(), "fc", gradient="frozen")  # type: ignore[arg-type]
+    assert "term I only" in FAMRegularizer(models.mlp(), "fc", gradient="detached").describe()

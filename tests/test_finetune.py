@@ -11,9 +11,20 @@ import pytest
 import torch
 
 from flatcli.checkpoints import load_checkpoint
+from flatcli.data import load_data
 from flatcli.errors import FlatcliError, UsageError
-from flatcli.finetune import FinetuneResult, finetune
+from flatcli.fam import FAMRegularizer
+from flatcli.finetune import (
+    LOG_COLUMNS,
+    SAFE_STEP_RATIO,
+    Diverged,
+    DivergenceGuard,
+    FinetuneResult,
+    finetune,
+)
+from flatcli.finetune_report import history_figure
 from flatcli.io import sha256_file
+from flatcli.training import EpochStats
 
 from . import models
 
@@ -57,9 +68,20 @@ def test_fam_ends_flatter_than_plain_training() -> None:
     assert "closed form" in fam.fam_method
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam", "sam"])
-def test_resume_after_interruption_is_bit_identical(optimizer: str, tmp_path: Path) -> None:
-    kwargs = {**QUICK, "epochs": 4, "fam_lambda": 0.1, "optimizer": optimizer, "seed": 3}
+@pytest.mark.parametrize(
+    ("optimizer", "lam", "gradient"),
+    [
+        ("sgd", 0.1, "full"),
+        ("adam", 0.1, "full"),
+        ("sam", 0.1, "full"),
+        ("sgd", "auto", "detached"),
+    ],
+)
+def test_resume_after_interruption_is_bit_identical(
+    optimizer: str, lam: float | str, gradient: str, tmp_path: Path
+) -> None:
+    kwargs = {**QUICK, "epochs": 4, "fam_lambda": lam, "optimizer": optimizer, "seed": 3}
+    kwargs["fam_gradient"] = gradient
     straight = finetune(MLP, **kwargs)
     out = tmp_path / "tuned.safetensors"
     log = tmp_path / "log.csv"
@@ -109,15 +131,12 @@ def test_output_files(tmp_path: Path) -> None:
         assert torch.equal(v, result.model.state_dict()[k])
     table = list(csv.DictReader(log.read_text().splitlines()))
     assert [r["epoch"] for r in table] == ["1", "2"]
-    assert set(table[0]) == {
-        "epoch",
-        "lr",
-        "train_loss",
-        "kappa",
-        "test_loss",
-        "test_accuracy",
-        "seconds",
-    }
+    assert tuple(table[0]) == LOG_COLUMNS
+    assert {"weight_sq_norm", "phi_sq_mean", "max_softmax"} <= set(table[0])
+    assert float(table[1]["weight_sq_norm"]) == pytest.approx(
+        float(ck.model.fc.weight.detach().double().pow(2).sum()), rel=1e-6
+    )
+    assert 0.1 <= float(table[1]["max_softmax"]) <= 1.0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     side = json.loads((tmp_path / "t.manifest.json").read_text())
     assert side["checkpoint"] == {"parent_sha256": sha256_file(MLP), "output_sha256": ck.sha256}
@@ -171,6 +190,11 @@ def test_layerwise_variant_runs_and_is_logged() -> None:
         ({"fam_method": "dense"}, "--fam-method"),
         ({"layer": "fc_2"}, "did you mean fc2"),
         ({"resume": True}, "--resume needs a state file"),
+        ({"fam_lambda": "big"}, "--fam-lambda must be"),
+        ({"fam_lambda": "auto", "optimizer": "adam"}, "auto needs --optimizer sgd or sam"),
+        ({"fam_scale": "log"}, "--fam-scale"),
+        ({"fam_gradient": "half"}, "--fam-gradient"),
+        ({"clip_grad_norm": -1.0}, "--clip-grad-norm"),
     ],
 )
 def test_bad_options_are_usage_errors(kwargs: dict, message: str) -> None:
@@ -179,9 +203,148 @@ def test_bad_options_are_usage_errors(kwargs: dict, message: str) -> None:
         finetune(MLP, **options)
 
 
-def test_divergence_is_a_clear_error() -> None:
-    with pytest.raises(FlatcliError, match="NaN or Inf"):
-        finetune(MLP, fam_lambda=1e4, lr=1.0, epochs=1, **QUICK)
+# --------------------------------------------------------------------------- divergence
+
+UNSTABLE = {**QUICK, "schedule": "constant", "clip_grad_norm": 0, "seed": 0}
+
+
+def test_divergence_writes_the_last_good_epoch(tmp_path: Path) -> None:
+    """λ = 1 unclipped: epoch 1 is fine, epoch 2 more than doubles κ. The run stops and the
+    written weights are epoch 1's, bit for bit (a 1-epoch run of the same settings)."""
+    one_epoch = finetune(MLP, fam_lambda=1.0, epochs=1, **UNSTABLE)
+    out, log = tmp_path / "t.safetensors", tmp_path / "t.csv"
+    with pytest.raises(Diverged) as caught:
+        finetune(MLP, fam_lambda=1.0, epochs=6, out_path=out, log_path=log, **UNSTABLE)
+    e = caught.value
+    assert (e.epoch, e.good_epoch, e.exit_code) == (2, 1, 1)
+    assert "κ rose" in e.reason and "--lr" in str(e) and "--fam-lambda" in str(e)
+    written = load_checkpoint(out)
+    assert written.hparams["diverged_in_epoch"] == 2
+    want = one_epoch.model.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in written.model.state_dict().items())
+    assert len(list(csv.DictReader(log.read_text().splitlines()))) == 2  # the wreck is logged
+    side = json.loads((tmp_path / "t.manifest.json").read_text())
+    assert side["diverged"]["weights_of_epoch"] == 1
+    state = torch.load(tmp_path / "t.state.pt", weights_only=True)
+    assert state["epoch"] == 1  # resuming never starts from the wreck
+
+
+def test_cli_divergence_in_epoch_one_exits_1_and_writes_the_start(tmp_path: Path) -> None:
+    out = tmp_path / "t.safetensors"
+    result = invoke(
+        str(MLP), "--fam-lambda", "3", "--schedule", "constant", "--clip-grad-norm", "0",
+        "--max-samples", "300", "--epochs", "3", "--out", str(out), "--device", "cpu",
+    )  # fmt: skip
+    line = one_line_error(result, 1)
+    assert "diverged in epoch 1" in line and "train loss rose" in line and "--lr" in line
+    start = load_checkpoint(MLP).model.state_dict()
+    assert all(torch.equal(v, start[k]) for k, v in load_checkpoint(out).model.state_dict().items())
+
+
+def stats(loss: float, kappa: float) -> EpochStats:
+    return EpochStats(train_loss=loss, kappa=kappa, phi_sq_mean=1.0, max_softmax=0.9)
+
+
+def test_divergence_guard_criteria() -> None:
+    guard = DivergenceGuard(loss0=1e-3, kappa0=2.0, weight0=50.0, fam=True)
+    assert guard.check(stats(0.05, 3.9), 60.0) is None
+    assert "NaN" in (guard.check(stats(float("nan"), 1.0), 50.0) or "")
+    assert "NaN" in (guard.check(stats(0.01, 1.0), float("inf")) or "")
+    assert "train loss" in (guard.check(stats(0.1101, 1.0), 50.0) or "")  # 10 × 1e-3 + 0.1
+    assert guard.check(stats(0.1099, 1.0), 50.0) is None
+    assert "κ rose" in (guard.check(stats(0.01, 4.01), 50.0) or "")
+    assert "saturated" in (guard.check(stats(0.01, 0.19), 501.0) or "")
+    assert guard.check(stats(0.01, 0.19), 499.0) is None  # small κ alone is not a collapse
+    assert guard.check(stats(0.01, 0.21), 5000.0) is None
+    plain = DivergenceGuard(loss0=1e-3, kappa0=2.0, weight0=50.0, fam=False)
+    assert plain.check(stats(0.01, 100.0), 5000.0) is None  # κ is FAM's business
+    noisy = DivergenceGuard(loss0=1e-3, kappa0=2.0, weight0=50.0, fam=True, kappa_exact=False)
+    assert noisy.check(stats(0.01, 4.01), 50.0) is None
+
+
+# --------------------------------------------------------------------------- λ, clipping
+
+
+def train_300() -> tuple[torch.Tensor, torch.Tensor]:
+    data = load_data("digits", max_samples=300)
+    return data.x.float(), data.y
+
+
+def test_relative_scale_gives_the_requested_ratio_at_step_0() -> None:
+    result = finetune(MLP, fam_lambda=0.05, fam_scale="relative", epochs=1, **QUICK)
+    lam = result.hparams["fam_lambda_used"]
+    model = load_checkpoint(MLP).model.eval()
+    x, y = train_300()
+    with torch.no_grad():
+        kappa0 = float(FAMRegularizer(model.double(), "fc")(x.double(), y))
+        loss0 = float(torch.nn.functional.cross_entropy(model(x.double()), y))
+    assert lam * kappa0 / loss0 == pytest.approx(0.05, rel=1e-4)
+    assert result.hparams["fam_lambda"] == 0.05 and result.hparams["fam_scale"] == "relative"
+
+
+def test_auto_lambda_gives_the_safe_step_ratio() -> None:
+    result = finetune(MLP, fam_lambda="auto", epochs=1, lr=2e-3, momentum=0.8, **QUICK)
+    lam = result.hparams["fam_lambda_used"]
+    model = load_checkpoint(MLP).model.double().eval()
+    x, y = train_300()
+    kappa = FAMRegularizer(model, "fc")(x.double(), y)
+    grads = torch.autograd.grad(kappa, list(model.parameters()))
+    grad_sq = sum(float(g.pow(2).sum()) for g in grads)
+    ratio = 2e-3 / (1 - 0.8) * lam * grad_sq / float(kappa.detach())
+    assert ratio == pytest.approx(SAFE_STEP_RATIO, rel=1e-4)
+    assert result.hparams["fam_step_ratio"] == pytest.approx(SAFE_STEP_RATIO, rel=1e-9)
+    assert not result.warnings
+    loud = finetune(MLP, fam_lambda=1.0, epochs=1, **QUICK)  # R ≈ 0.6 here
+    assert loud.warnings and "relative step" in loud.warnings[0]
+
+
+def test_gradient_clipping_is_on_for_fam_and_bounds_the_step() -> None:
+    assert finetune(MLP, fam_lambda=0.1, epochs=1, **QUICK).hparams["clip_grad_norm"] == 1.0
+    assert finetune(MLP, fam_lambda=0.0, epochs=1, **QUICK).hparams["clip_grad_norm"] is None
+    start = torch.cat([p.detach().flatten() for p in load_checkpoint(MLP).model.parameters()])
+
+    def moved(clip: float) -> float:
+        r = finetune(MLP, fam_lambda=0.1, epochs=1, clip_grad_norm=clip, **QUICK)
+        end = torch.cat([p.detach().flatten() for p in r.model.parameters()])
+        return float((end - start).norm())
+
+    # 10 SGD steps, momentum 0.9: ‖Δθ‖ ≤ steps · lr · clip / (1 − β) = 10 · 1e-3 · c / 0.1.
+    assert moved(1e-6) <= 1e-7 * (1 + 1e-4)
+    assert moved(0) > 1e-4
+
+
+def test_detached_gradient_runs_and_differs_from_full() -> None:
+    full = finetune(MLP, fam_lambda=0.1, epochs=1, **QUICK)
+    detached = finetune(MLP, fam_lambda=0.1, epochs=1, fam_gradient="detached", **QUICK)
+    assert detached.hparams["fam_gradient"] == "detached" and "term I only" in detached.fam_method
+    assert not same_weights(full, detached)
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def test_temperature_matched_baseline() -> None:
+    result = finetune(MLP, fam_lambda=0.1, epochs=2, **QUICK)
+    matched, c = result.temperature_matched, result.temperature_c
+    assert matched is not None and c is not None and c > 0
+    assert matched["train_loss"].value == pytest.approx(result.after["train_loss"].value, rel=1e-4)
+    assert matched["test_accuracy"].value == result.before["test_accuracy"].value  # argmax kept
+    start = load_checkpoint(MLP).model
+    assert matched["weight_norm"].value == pytest.approx(
+        c**2 * float(start.fc.weight.detach().double().pow(2).sum()), rel=1e-5
+    )
+
+
+def test_plot_starts_at_epoch_0_and_drops_the_test_panel_without_a_test_split() -> None:
+    with_test = finetune(MLP, fam_lambda=0.1, epochs=1, **QUICK)
+    fig = history_figure(with_test.history, start=with_test.before)
+    assert len(fig.axes) == 3
+    assert list(fig.axes[0].lines[0].get_xdata()) == [0, 1]
+    assert fig.axes[1].lines[0].get_ydata()[0] == with_test.before["relative_flatness"].value
+    x, y = train_300()
+    no_test = finetune(load_checkpoint(MLP), (x, y), fam_lambda=0.1, epochs=1, device="cpu")
+    fig = history_figure(no_test.history, start=no_test.before)
+    assert len(fig.axes) == 2 and len(fig.axes[0].lines) == 1
 
 
 # --------------------------------------------------------------------------- CLI
@@ -210,6 +373,8 @@ def test_cli_bundled_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     result = invoke(str(MLP), "--fam-lambda", "0.1", "--epochs", "2", "--max-samples", "300")
     assert result.exit_code == 0, result.output
     assert "before → after" in result.stdout and "relative_flatness" in result.stdout
+    assert "T-matched" in result.stdout and "R = " in result.stdout
+    assert "clip 1" in result.stdout
     for suffix in (".safetensors", ".csv", ".png", ".state.pt"):
         assert (tmp_path / f"digits_mlp-fam{suffix}").is_file(), suffix
     assert load_checkpoint(tmp_path / "digits_mlp-fam.safetensors").hparams["fam_lambda"] == 0.1
@@ -236,9 +401,10 @@ def test_cli_explicit_data_out_and_resume(tmp_path: Path) -> None:
         "--seed",
         "5",
     ]
-    first = invoke(*args)
+    first = invoke(*args, "--fam-gradient", "detached", "--clip-grad-norm", "none")
     assert first.exit_code == 0, first.output
-    again = invoke(*args, "--resume")
+    assert "detached gradient" in first.stdout and "clip off" in first.stdout
+    again = invoke(*args, "--fam-gradient", "detached", "--clip-grad-norm", "0", "--resume")
     assert again.exit_code == 0 and "resumed after epoch 2" in again.stdout
     assert load_checkpoint(out).metadata["data"] == "digits"
     assert (tmp_path / "tuned.csv").is_file() and (tmp_path / "tuned.png").is_file()
@@ -250,6 +416,10 @@ def test_cli_explicit_data_out_and_resume(tmp_path: Path) -> None:
         (["--fam-lambda", "-0.1"], 2, "--fam-lambda must be"),
         (["--layer", "fc_2"], 2, "did you mean fc2"),
         (["--optimizer", "lbfgs"], 2, "--optimizer"),
+        (["--fam-lambda", "lots"], 2, "--fam-lambda must be"),
+        (["--clip-grad-norm", "tight"], 2, "--clip-grad-norm must be"),
+        (["--fam-gradient", "half"], 2, "--fam-gradient"),
+        (["--fam-scale", "log"], 2, "--fam-scale"),
         (["--data", "nope.npz"], 1, "data file not found"),
     ],
 )

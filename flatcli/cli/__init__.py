@@ -14,7 +14,7 @@ from importlib import import_module
 from .app import app, main
 
 #: The command modules; importing one registers its commands, and --help lists them in order.
-COMMANDS = ("inspect", "measure", "audit", "correlate", "finetune")
+COMMANDS = ("inspect", "measure", "audit", "correlate", "robustness", "bound", "finetune")
 for _name in COMMANDS:
     import_module(f"{__name__}.{_name}")
 

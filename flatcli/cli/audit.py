@@ -21,7 +21,9 @@ from .options import (
     DeviceOpt,
     FormatOpt,
     FrBiasOpt,
+    FrLabelsOpt,
     InitOpt,
+    L2Opt,
     LayerOpt,
     LossOpt,
     MaxProbesOpt,
@@ -64,11 +66,13 @@ def audit(
     ] = False,
     method: MethodOpt = "auto",
     probes: ProbesOpt = 64,
-    dead_units: DeadUnitsOpt = "unscaled",
+    dead_units: DeadUnitsOpt = "drop",
     trace_params: TraceParamsOpt = "all",
     rtol: RtolOpt = 0.01,
     max_probes: MaxProbesOpt = 2000,
     fr_include_bias: FrBiasOpt = False,
+    fr_labels: FrLabelsOpt = "true",
+    l2: L2Opt = 0.0,
     pacbayes_target: PacTargetOpt = "error",
     pacbayes_threshold: PacThresholdOpt = 0.1,
     mc_samples: McOpt = 10,
@@ -135,6 +139,8 @@ def audit(
         rtol=rtol,
         max_probes=max_probes,
         fr_include_bias=fr_include_bias,
+        fr_labels=fr_labels,
+        l2=l2,
         pacbayes_target=pacbayes_target,
         pacbayes_threshold=pacbayes_threshold,
         mc_samples=mc_samples,
@@ -157,6 +163,8 @@ def audit(
         dtype=dtype,
         loss=loss,
     )
+    if measures in (None, "default") and inputs.input_shape is None:
+        names = [n for n in names if n != "path_norm"]  # named inputs (token ids): undefined
     with progress() as note:
         original, reps = run_audit(
             prep.model,

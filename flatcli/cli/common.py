@@ -126,6 +126,8 @@ def measure_options(
     pacbayes_threshold: float,
     mc_samples: int,
     search_depth: int,
+    fr_labels: str = "true",
+    l2: float = 0.0,
 ):  # noqa: ANN202 - a registry.MeasureOptions, imported lazily
     """The measures' options, checked before anything is loaded."""
     from ..registry import MeasureOptions
@@ -140,6 +142,11 @@ def measure_options(
             dead_units in ("unscaled", "drop"),
             f"--dead-units must be unscaled or drop, got {dead_units!r}",
         ),
+        (
+            fr_labels in ("true", "model"),
+            f"--fr-labels must be true or model, got {fr_labels!r}",
+        ),
+        (l2 >= 0 and l2 < float("inf"), f"--l2 must be a finite number >= 0, got {l2}"),
         (rtol > 0, f"--rtol must be positive, got {rtol}"),
         (max_probes >= 2, f"--max-probes must be at least 2, got {max_probes}"),
         (
@@ -165,6 +172,8 @@ def measure_options(
         rtol=rtol,
         max_probes=max_probes,
         fr_include_bias=fr_include_bias,
+        fr_labels=fr_labels,
+        l2=l2,
         pacbayes_target=pacbayes_target,
         pacbayes_threshold=pacbayes_threshold,
         mc_samples=mc_samples,

@@ -24,6 +24,8 @@ from .options import (
     DtypeOpt,
     FormatOpt,
     FrBiasOpt,
+    FrLabelsOpt,
+    L2Opt,
     LayerOpt,
     LogXOpt,
     LossOpt,
@@ -69,11 +71,13 @@ def correlate(
     loss: LossOpt = None,
     method: MethodOpt = "auto",
     probes: ProbesOpt = 64,
-    dead_units: DeadUnitsOpt = "unscaled",
+    dead_units: DeadUnitsOpt = "drop",
     trace_params: TraceParamsOpt = "all",
     rtol: RtolOpt = 0.01,
     max_probes: MaxProbesOpt = 2000,
     fr_include_bias: FrBiasOpt = False,
+    fr_labels: FrLabelsOpt = "true",
+    l2: L2Opt = 0.0,
     pacbayes_target: PacTargetOpt = "error",
     pacbayes_threshold: PacThresholdOpt = 0.1,
     mc_samples: McOpt = 10,
@@ -83,7 +87,8 @@ def correlate(
         typer.Option(
             "--hparams",
             help="CSV of hyperparameters with a 'checkpoint' column of file names "
-            "(default: each checkpoint's flatcli.hparams metadata).",
+            "(default: each checkpoint's flatcli.hparams metadata). Columns named "
+            "arch.<kwarg> give that checkpoint's --arch-kwargs (mixed-width zoos).",
         ),
     ] = None,
     plots: PlotsOpt = None,
@@ -148,6 +153,8 @@ def correlate(
         rtol=rtol,
         max_probes=max_probes,
         fr_include_bias=fr_include_bias,
+        fr_labels=fr_labels,
+        l2=l2,
         pacbayes_target=pacbayes_target,
         pacbayes_threshold=pacbayes_threshold,
         mc_samples=mc_samples,
@@ -170,7 +177,10 @@ def correlate(
         arch_kwargs=parse_json_object(arch_kwargs, "--arch-kwargs"),
         trust_code=trust_code,
     )
-    run = _measure_with_progress(checkpoints, config, cache_dir, jobs)
+    from ..correlate import arch_kwargs_table
+
+    per_checkpoint = arch_kwargs_table(hparams) if hparams is not None else None
+    run = _measure_with_progress(checkpoints, config, cache_dir, jobs, per_checkpoint)
     df = results_table(run, hparams_csv=hparams)
     for item in run.skipped:
         stderr().print(
@@ -201,7 +211,7 @@ def DEFAULT_CORRELATE() -> tuple[str, ...]:  # noqa: N802 - reads as the constan
     return tuple(m for m in DEFAULT_MEASURES if m in names)
 
 
-def _measure_with_progress(checkpoints, config, cache_dir, jobs):  # noqa: ANN001, ANN202
+def _measure_with_progress(checkpoints, config, cache_dir, jobs, arch_kwargs_for=None):  # noqa: ANN001, ANN202
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from ..correlate import measure_checkpoints
@@ -214,6 +224,7 @@ def _measure_with_progress(checkpoints, config, cache_dir, jobs):  # noqa: ANN00
             cache_dir=cache_dir,
             jobs=jobs,
             on_result=lambda c, s: print(f"flatcli: {Path(c).name}: {s}", file=sys.stderr),
+            arch_kwargs_for=arch_kwargs_for,
         )
     with Progress(
         TextColumn("{task.description}"),
@@ -229,6 +240,7 @@ def _measure_with_progress(checkpoints, config, cache_dir, jobs):  # noqa: ANN00
             cache_dir=cache_dir,
             jobs=jobs,
             on_result=lambda c, s: progress.advance(task),
+            arch_kwargs_for=arch_kwargs_for,
         )
 
 

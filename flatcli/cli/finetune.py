@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from ..errors import UsageError
 from .app import app
 from .common import friendly, progress
 from .options import (
@@ -28,11 +29,37 @@ from .options import (
 def finetune(
     checkpoint: Checkpoint,
     fam_lambda: Annotated[
-        float,
+        str,
         typer.Option(
-            "--fam-lambda", help="λ ≥ 0, the weight of κ in the objective E + λκ (0: plain)."
+            "--fam-lambda",
+            help="λ ≥ 0, the weight of κ in the objective E + λκ (0: plain), or auto (the "
+            "default): the λ whose relative step R at step 0 is 0.003 (sgd, sam; pass a "
+            "number with adam). With --fam-scale relative: the fraction λκ₀/E₀.",
         ),
-    ] = 0.1,
+    ] = "auto",
+    fam_scale: Annotated[
+        str,
+        typer.Option(
+            "--fam-scale",
+            help="absolute (λ as given) or relative (λ = FAM_LAMBDA · E₀/κ₀ at the start).",
+        ),
+    ] = "absolute",
+    fam_gradient: Annotated[
+        str,
+        typer.Option(
+            "--fam-gradient",
+            help="full (exact Lemma 1 gradient) or detached (the published code's: Hessian "
+            "held constant, term (I) only, nothing into the trunk).",
+        ),
+    ] = "full",
+    clip_grad_norm: Annotated[
+        str | None,
+        typer.Option(
+            "--clip-grad-norm",
+            help="Clip each step's global gradient norm (default: 1.0 when λ > 0, else off; "
+            "0 or none: off). A guard in the gradient's units, not scale-free.",
+        ),
+    ] = None,
     layer: Annotated[
         str | None,
         typer.Option(
@@ -106,9 +133,14 @@ def finetune(
     """Fine-tune with FAM: minimize E + λ κ(W) with the exact gradient (Adilova et al. 2023).
 
     Writes the checkpoint, a CSV log, a PNG of the curves and a resumable state file, and
-    prints the layer's measures and the test accuracy before and after.
+    prints the layer's measures and the test accuracy before and after, beside the starting
+    model at the same train loss by a temperature alone. A run that diverges (NaN, train
+    loss above 10× its start, κ above 2× its start, or a saturated softmax) stops, writes
+    the last good epoch's weights and exits 1.
 
     Examples:
+
+        flatcli finetune sample_models/digits_mlp.safetensors
 
         flatcli finetune sample_models/digits_mlp.safetensors --fam-lambda 0.1
 
@@ -130,7 +162,7 @@ def finetune(
         result = run_finetune(
             ck,
             data,
-            fam_lambda=fam_lambda,
+            fam_lambda=_lambda(fam_lambda),
             layer=layer,
             epochs=epochs,
             optimizer=optimizer,  # type: ignore[arg-type]
@@ -143,6 +175,9 @@ def finetune(
             fam_variant=fam_variant,
             fam_method=fam_method,
             fam_probes=fam_probes,
+            fam_gradient=fam_gradient,
+            fam_scale=fam_scale,
+            clip_grad_norm=_clip(clip_grad_norm),
             loss=loss,
             target=target,
             max_samples=max_samples,
@@ -158,3 +193,23 @@ def finetune(
     from .render import finetune_tables
 
     finetune_tables(result)
+
+
+def _lambda(text: str) -> float | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise UsageError(f"--fam-lambda must be a number ≥ 0 or auto, got {text!r}") from None
+
+
+def _clip(text: str | None) -> float | None:
+    if text is None:
+        return None
+    if text.strip().lower() in ("none", "off"):
+        return 0.0
+    try:
+        return float(text)
+    except ValueError:
+        raise UsageError(f"--clip-grad-norm must be a number ≥ 0 or none, got {text!r}") from None

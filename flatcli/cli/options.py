@@ -75,8 +75,9 @@ DeadUnitsOpt = Annotated[
     str,
     typer.Option(
         "--dead-units",
-        help="Theorem 4 normalization of units with zero std: unscaled (MATH.md §4) "
-        "or drop (pseudo-inverse: exactly invariant to rescaling dead units).",
+        help="Theorem 4 normalization of units with zero std: drop (default; their "
+        "normalized weight column is W[:, t]·σ_t = 0, exactly neuron-wise invariant) or "
+        "unscaled (scale 1; not invariant when a dead unit has nonzero outgoing weights).",
     ),
 ]
 MethodOpt = Annotated[
@@ -108,6 +109,22 @@ MaxProbesOpt = Annotated[
 ]
 FrBiasOpt = Annotated[
     bool, typer.Option("--fr-include-bias", help="Count biases in the Fisher-Rao norm.")
+]
+FrLabelsOpt = Annotated[
+    str,
+    typer.Option(
+        "--fr-labels",
+        help="Fisher-Rao labels: true (the data's labels, the empirical Fisher-Rao norm) or "
+        "model (exact expectation over labels drawn from the softmax; cross-entropy only).",
+    ),
+]
+L2Opt = Annotated[
+    float,
+    typer.Option(
+        "--l2",
+        help="Weight decay α the net was trained with: add the Hessian α·I of the penalty "
+        "(α/2)‖W‖² to the layer's H (κ, κ̃, Tr H). 0 (default): the data loss alone.",
+    ),
 ]
 PacTargetOpt = Annotated[
     str,

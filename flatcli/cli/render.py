@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -130,15 +131,22 @@ def finetune_tables(result) -> None:  # noqa: ANN001 - a FinetuneResult, importe
     from rich.table import Table
 
     from ..report import format_value
+    from .common import stderr
 
     console = Console()
     h = result.hparams
+    lam = h["fam_lambda_used"]
+    how = "" if h["fam_lambda"] == lam else f" ({h['fam_lambda']} {h['fam_scale']})"
+    if h["fam_lambda"] == "auto":
+        how = " (auto)"
+    clip = "off" if h["clip_grad_norm"] is None else f"{h['clip_grad_norm']:g}"
     epochs = Table(
-        title=f"FAM on {result.layer} · λ = {h['fam_lambda']:g} · {h['optimizer']} "
-        f"lr {h['lr']:g} ({h['schedule']}) · {result.fam_method}",
+        title=f"FAM on {result.layer} · λ = {lam:.4g}{how} · {h['fam_gradient']} gradient · "
+        f"{h['optimizer']} lr {h['lr']:g} ({h['schedule']}) · clip {clip} · {result.fam_method}",
         title_justify="left",
     )
-    for col in ("epoch", "lr", "train loss", "κ (batches)", "test loss", "test acc", "s"):
+    columns = ("epoch", "lr", "train loss", "κ (batches)", "‖W‖²", "test loss", "test acc", "s")
+    for col in columns:
         epochs.add_column(col, justify="right")
     for r in result.history:
         epochs.add_row(
@@ -146,20 +154,44 @@ def finetune_tables(result) -> None:  # noqa: ANN001 - a FinetuneResult, importe
             f"{r.lr:.3g}",
             format_value(r.train_loss),
             format_value(r.kappa),
+            format_value(r.weight_sq_norm),
             format_value(r.test_loss),
             format_value(r.test_accuracy),
             f"{r.seconds:.1f}",
         )
     console.print(epochs)
-    compare = Table(title="before → after (κ etc. on the training data)", title_justify="left")
-    for col in ("measure", "before", "after", "change"):
-        compare.add_column(col, justify="left" if col == "measure" else "right")
+    matched = result.temperature_matched
+    title = "before → after (κ etc. on the training data)"
+    if matched is not None:
+        title += (
+            f"; T-matched: the start with logits × {result.temperature_c:.4g}, "
+            "at the fine-tuned train loss"
+        )
+    compare = Table(title=title, title_justify="left")
+    cols = ["measure", "before", "after", "change"]
+    if matched is not None:
+        cols += ["T-matched", "change"]
+    widest = max(len(name) for name in result.after)
+    compare.add_column("measure", justify="left", no_wrap=True, min_width=widest)
+    for col in cols[1:]:
+        compare.add_column(col, justify="right")
     for name, after in result.after.items():
         before = result.before.get(name)
         b = before.value if before is not None else None
-        change = f"{after.value / b - 1:+.1%}" if b not in (None, 0) else ""
-        compare.add_row(name, format_value(b), format_value(after.value), change)
+        row = [name, format_value(b), format_value(after.value), _change(after.value, b)]
+        if matched is not None:
+            t = matched.get(name)
+            t_value = t.value if t is not None else None
+            row += [format_value(t_value), _change(t_value, b)]
+        compare.add_row(*row)
     console.print(compare)
+    if matched is None and result.temperature_note:
+        note = result.temperature_note
+        console.print(f"no temperature-matched baseline: {note}", highlight=False)
+    if h.get("fam_step_ratio") is not None:
+        console.print(f"relative step at step 0: R = {h['fam_step_ratio']:.3g}", highlight=False)
+    for line in result.warnings:
+        stderr().print(f"[bold yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
     if result.resumed_from:
         console.print(f"resumed after epoch {result.resumed_from}", highlight=False)
     for what, path in (
@@ -172,3 +204,89 @@ def finetune_tables(result) -> None:  # noqa: ANN001 - a FinetuneResult, importe
             console.print(f"{what}: {path}", highlight=False)
     console.print(f"sha256: {result.out_sha256}", highlight=False)
 
+
+def robustness_table(result: Any, *, title: str) -> None:
+    """Print :func:`flatcli.robustness.feature_robustness`'s result: one row per δ."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..report import format_value
+
+    console = Console()
+    table = Table(
+        title=f"{title} · layer {result.layer} · κ = {format_value(result.kappa)}, "
+        f"m = {result.m}, n = {result.n}, {result.probes} antithetic pairs",
+        title_justify="left",
+    )
+    cols = ["δ", "E_F(δ)", "± stderr", "δ²κ/(2m)", "ratio"]
+    changing = result.points and result.points[0].label_change is not None
+    if changing:
+        cols += ["E_F, NN labels", "± stderr", "labels changed"]
+    for col in cols:
+        table.add_column(col, justify="right")
+    for p in result.points:
+        row = [
+            f"{p.delta:g}",
+            format_value(p.feature_robustness),
+            format_value(p.stderr),
+            format_value(p.predicted),
+            format_value(p.ratio),
+        ]
+        if changing:
+            row += [
+                format_value(p.label_change),
+                format_value(p.label_change_stderr),
+                f"{100 * p.labels_changed:.1f}%",
+            ]
+        table.add_row(*row)
+    console.print(table)
+    for line in result.notes:
+        console.print(f"note: {line}", highlight=False)
+
+
+def bound_table(terms: Any, *, title: str) -> None:
+    """Print :func:`flatcli.bound.bound_terms`'s terms, the approximation and the gap."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..report import format_value
+
+    console = Console()
+    table = Table(title=f"{title} · layer {terms.layer} (Theorem 6)", title_justify="left")
+    for col in ("term", "value", "± stderr"):
+        table.add_column(col, justify="left" if col == "term" else "right")
+    se = terms.representativeness_stderr
+    rows = [
+        ("|S|^(−2/(4+m))", terms.sample_term, None),
+        (f"κ/(2m)  (κ = {format_value(terms.kappa)}, m = {terms.m})", terms.flatness_term, None),
+        ("feature robustness term |S|^(−2/(4+m))·κ/(2m)", terms.robustness_term, None),
+        (
+            f"representativeness (KDE, {terms.splits} splits, bandwidth factor "
+            f"{terms.bandwidth:.3g} {terms.bandwidth_rule})",
+            terms.representativeness,
+            se,
+        ),
+        ("estimate (an approximation, NOT a bound)", terms.estimate, se),
+        ("train loss", terms.train_loss, None),
+    ]
+    if terms.gap is not None:
+        rows += [
+            ("test loss", terms.test_loss, None),
+            ("actual gap (test − train)", terms.gap, None),
+        ]
+    for name, value, err in rows:
+        table.add_row(name, format_value(value), format_value(err))
+    console.print(table)
+    if terms.gap is None:
+        console.print("no test split: the actual gap is not shown", highlight=False)
+    if terms.dead_units:
+        console.print(
+            f"note: {terms.dead_units} constant feature coordinate(s) left out of the KDE",
+            highlight=False,
+        )
+
+
+def _change(value: float | None, base: float | None) -> str:
+    if value is None or base in (None, 0) or not math.isfinite(value):
+        return ""
+    return f"{value / base - 1:+.1%}"  # type: ignore[operator]

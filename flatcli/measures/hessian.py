@@ -29,8 +29,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..autodiff import SecondOrder
 from ..data import Batches
 from ..errors import UsageError
+from ..features import batch_len
 from ..losses import check_loss
 from .estimate import Estimate, mean_and_stderr
 from .params import (
@@ -73,6 +75,7 @@ class LossHessian:
         self.theta = self.flat.vector(model)
         self.fixed = fixed_params(model, self.flat)
         self.n: int | None = None
+        self.ad = SecondOrder()
 
     @property
     def size(self) -> int:
@@ -86,8 +89,8 @@ class LossHessian:
         n = 0
         for x, y in self.batches:
             f = functional_loss(self.model, self.flat, x, y, self.loss, fixed=self.fixed)
-            total += hvp(f, self.theta, v, chunk_size=chunk_size).double()
-            n += int(x.shape[0])
+            total += hvp(f, self.theta, v, chunk_size=chunk_size, ad=self.ad).double()
+            n += batch_len(x)
         if n == 0:
             raise empty_data()
         self.n = n
@@ -172,10 +175,20 @@ def hessian_trace(
             note = f"; auto: {p} parameters {relation} {AUTO_EXACT_MAX_PARAMS}"
         tell = progress or (lambda _msg: None)
         if resolved == "exact":
-            return _exact_trace(op, note, tell)
-        return _hutchinson_trace(
-            op, note, tell, rtol=rtol, max_probes=max_probes, probe_batch=probe_batch, seed=seed
+            return _with_ad_note(_exact_trace(op, note, tell), op)
+        return _with_ad_note(
+            _hutchinson_trace(
+                op, note, tell, rtol=rtol, max_probes=max_probes, probe_batch=probe_batch, seed=seed
+            ),
+            op,
         )
+
+
+def _with_ad_note(est: Estimate, op: LossHessian) -> Estimate:
+    """``est`` with the HVP fallback (if any) named in its method string."""
+    if not op.ad.note:
+        return est
+    return Estimate(est.value, est.stderr, f"{est.method} [HVPs {op.ad.mode}]", est.details)
 
 
 def _check_trace_options(method: str, rtol: float, max_probes: int, probe_batch: int) -> None:
@@ -305,7 +318,7 @@ def hessian_top_eigenvalue(
     return Estimate(
         value,
         None,
-        f"lanczos (full reorthogonalization, {iterations} HVPs)",
+        f"lanczos (full reorthogonalization, {iterations} HVPs{op.ad.note})",
         {
             "iterations": iterations,
             "residual": residual,

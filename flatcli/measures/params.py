@@ -28,9 +28,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..autodiff import SecondOrder
 from ..checkpoints import eval_mode
 from ..data import Batches, as_batches
 from ..errors import FlatcliError, UsageError
+from ..features import ModelInput, batch_len, call_model
 from ..losses import per_sample_loss
 
 Target = Literal["error", "loss"]
@@ -132,7 +134,7 @@ def fixed_params(model: nn.Module, flat: FlatParams) -> dict[str, torch.Tensor]:
 def functional_loss(
     model: nn.Module,
     flat: FlatParams,
-    x: torch.Tensor,
+    x: ModelInput,
     y: torch.Tensor,
     loss: str,
     *,
@@ -152,7 +154,7 @@ def functional_loss(
     others = fixed_params(model, flat) if fixed is None else fixed
 
     def f(theta: torch.Tensor) -> torch.Tensor:
-        out = torch.func.functional_call(model, {**others, **flat.unflatten(theta)}, (x,))
+        out = call_model(model, x, {**others, **flat.unflatten(theta)})
         return per_sample_loss(out, y, loss).sum()  # type: ignore[arg-type]
 
     return f
@@ -164,12 +166,16 @@ def hvp(
     vectors: torch.Tensor,
     *,
     chunk_size: int | None = None,
+    ad: SecondOrder | None = None,
 ) -> torch.Tensor:
     r"""Hessian-vector products :math:`\nabla^2 f(\theta)\, v_k` for every row of ``vectors``.
 
     Forward-over-reverse (``jvp`` of ``grad``), vmapped over the ``k`` directions: the
     primal forward and backward pass is shared by all directions, only the tangents are
     batched. ``torch.func.grad`` differentiates even under an outer ``torch.no_grad()``.
+    When an op has no forward-mode derivative, ``ad`` (a :class:`~flatcli.autodiff.SecondOrder`)
+    falls back to reverse-over-reverse (``vjp`` of ``grad``; ``H`` is symmetric) or to the
+    math attention kernel, and records which.
 
     Args:
         f: Scalar function of a flat vector.
@@ -185,7 +191,14 @@ def hvp(
     def one(v: torch.Tensor) -> torch.Tensor:
         return torch.func.jvp(grad_f, (theta,), (v,))[1]
 
-    return torch.func.vmap(one, chunk_size=chunk_size)(vectors)
+    def forward() -> torch.Tensor:
+        return torch.func.vmap(one, chunk_size=chunk_size)(vectors)
+
+    def reverse() -> torch.Tensor:
+        _, pullback = torch.func.vjp(grad_f, theta)
+        return torch.func.vmap(lambda v: pullback(v)[0], chunk_size=chunk_size)(vectors)
+
+    return (ad or SecondOrder())(forward, reverse)
 
 
 # --------------------------------------------------------------------------- data and mode
@@ -247,15 +260,12 @@ def mean_objective(
     total, n = 0.0, 0
     for x, y in batches:
         check_target(target, y)
-        if params is None:
-            out = model(x)
-        else:
-            out = torch.func.functional_call(model, dict(params), (x,))
+        out = call_model(model, x, params)
         if target == "error":
             total += float((out.argmax(-1) != y).sum())
         else:
             total += float(per_sample_loss(out, y, loss).double().sum())  # type: ignore[arg-type]
-        n += int(x.shape[0])
+        n += batch_len(x)
     if n == 0:
         raise empty_data()
     value = total / n

@@ -7,7 +7,7 @@ References:
     Adilova, Abourayya, Li, Dada, Petzka, Egger, Kleesiek, Kamp. *FAM: Relative
     Flatness Aware Minimization.* 2023. https://arxiv.org/abs/2307.02337
 
-All quantities are per-sample averages accumulated batch by batch (MATH.md §1–§4):
+All quantities are per-sample averages accumulated batch by batch (docs/measures.md):
 
 .. math::
 
@@ -31,7 +31,7 @@ from torch import nn
 from ..checkpoints import eval_mode
 from ..data import Batches, as_batches
 from ..errors import FlatcliError, UsageError
-from ..features import Cut, LayerSplit, default_layer
+from ..features import Cut, LayerSplit, batch_len, call_model, default_layer
 from ..losses import check_loss, per_sample_loss
 from .estimate import Estimate, mean_and_stderr
 
@@ -56,7 +56,8 @@ def relative_flatness(
     probes: int = 64,
     seed: int = 0,
     batch_size: int = 256,
-    dead_units: str = "unscaled",
+    dead_units: str = "drop",
+    l2: float = 0.0,
 ) -> Estimate:
     r"""Relative flatness :math:`\kappa` of Petzka et al. (2021), Definition 3.
 
@@ -73,10 +74,14 @@ def relative_flatness(
         method: ``exact`` (Identity 3 closed form for a logits layer, Identity 2 per-sample
             HVPs for a hidden Linear layer, Identity 1 basis enumeration for conv or tied
             weights), ``hutchinson`` (Identity 1 with Rademacher probes, any layer), or
-            ``auto`` (exact for an untied ``nn.Linear``, Hutchinson otherwise).
+            ``auto`` (exact for an untied ``nn.Linear`` with one output row per sample;
+            Hutchinson otherwise, e.g. for a Linear applied per token).
         normalize: Return :math:`\tilde\kappa` after Theorem 4's normalization instead.
-        dead_units: Theorem 4's treatment of units with σ = 0: ``unscaled`` (MATH.md §4)
-            or ``drop`` (pseudo-inverse; exactly neuron-wise invariant).
+        dead_units: Theorem 4's treatment of units with σ = 0: ``drop`` (default;
+            ``W̃[:, t] = W[:, t]·σ_t = 0``, exactly neuron-wise invariant) or ``unscaled``
+            (the unit keeps scale 1; not invariant when its outgoing weights are nonzero).
+        l2: Weight-decay coefficient α: add the Hessian ``α·I`` of the penalty
+            ``(α/2)‖W‖²_F`` to ``H`` (see :func:`layer_measures`). 0 is the data loss alone.
         probes: Hutchinson probes.
         seed: Seed of the Hutchinson probes.
         batch_size: Batch size when ``data`` is in memory.
@@ -105,6 +110,7 @@ def relative_flatness(
         seed=seed,
         batch_size=batch_size,
         dead_units=dead_units,
+        l2=l2,
     )[key]
 
 
@@ -173,13 +179,23 @@ def layer_measures(
     probes: int = 64,
     seed: int = 0,
     batch_size: int = 256,
-    dead_units: str = "unscaled",
+    dead_units: str = "drop",
+    l2: float = 0.0,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Estimate]:
-    """Every layer-wise measure of one layer, sharing the passes over the data.
+    r"""Every layer-wise measure of one layer, sharing the passes over the data.
 
-    ``dead_units`` (``unscaled`` or ``drop``) chooses how Theorem 4 treats coordinates with
+    ``dead_units`` (``drop`` or ``unscaled``) chooses how Theorem 4 treats coordinates with
     σ = 0; see :func:`feature_scaling`.
+
+    ``l2 = α > 0`` measures the regularized objective ``E + (α/2)‖W‖²_F`` of a net trained
+    with weight decay α: its Hessian is ``H + α·I``, so, exactly, Tr(H) gains ``α·d·m``
+    and κ gains ``α·m·‖W‖²_F`` (Definition 3 with ``H_{s,s'} += α·δ_{ss'}·I_m``). κ̃ is κ
+    of the normalized layer ``W̃ = WV``, and the penalty's Hessian ``α·I`` is added to the
+    Hessian in ``W̃`` (as the authors' code adds it to whichever weights it measures): κ̃
+    gains ``α·m̃·‖WV‖²_F``, ``m̃`` the coordinates the normalization keeps (dropped dead
+    units leave). That keeps κ̃ neuron-wise invariant. These closed-form terms are added
+    to the data-loss values (and change no standard error).
 
     Returns:
         ``relative_flatness``, ``relative_flatness_normalized`` (only with ``normalize``),
@@ -189,6 +205,8 @@ def layer_measures(
     loss = check_loss(loss)
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if not (math.isfinite(l2) and l2 >= 0):
+        raise UsageError(f"--l2 must be a finite number >= 0, got {l2}")
     if probes < 2 and method != "exact":
         raise UsageError(f"--probes must be at least 2 (for a standard error), got {probes}")
     split = LayerSplit(model, layer or default_layer(model))
@@ -196,17 +214,25 @@ def layer_measures(
     note = progress or (lambda _msg: None)
     with _eval_mode(model), torch.no_grad():
         sigma: FeatureScaling | None = None
+        rows = split.kind == "linear" and split.cut(batches.first()[0]).z.ndim == 2
         if normalize:
             if split.kind != "linear":
                 raise UsageError(
                     "--normalize (Theorem 4) is defined for nn.Linear feature "
                     f"layers; {split.name!r} is {type(split.layer).__name__}"
                 )
+            if not rows:
+                raise UsageError(
+                    f"--normalize (Theorem 4) needs one feature vector per sample; "
+                    f"{split.name!r} is applied per position (a token), so its features "
+                    "have no per-sample standard deviation"
+                )
             note("feature statistics for Theorem 4 normalization")
             sigma = feature_scaling(split, batches, dead_units=dead_units)
-        resolved = _resolve_method(split, method)
+        per_sample = rows and not split.tied
+        resolved = _resolve_method(split, method, per_sample)
         note(f"relative flatness ({resolved})")
-        if resolved == "exact" and split.kind == "linear" and not split.tied:
+        if resolved == "exact" and per_sample:
             out, fit = _identity2(split, batches, loss, sigma)
         else:
             fit = evaluate(split, batches, loss)
@@ -222,6 +248,8 @@ def layer_measures(
             )
         n = fit["n"]
     wn = float(split.weight.detach().double().pow(2).sum())
+    if l2 > 0:
+        out = _with_l2(split, out, sigma, l2)
     trace = out["layer_hessian_trace"]
     result = {"relative_flatness": out["relative_flatness"]}
     if normalize:
@@ -241,6 +269,33 @@ def layer_measures(
     result["train_loss"] = Estimate(fit["loss"], None, f"exact: mean {loss} over {n} samples")
     result["train_accuracy"] = Estimate(fit["accuracy"], None, f"exact: over {n} samples")
     return result
+
+
+def _with_l2(
+    split: LayerSplit, out: dict[str, Estimate], sigma: FeatureScaling | None, l2: float
+) -> dict[str, Estimate]:
+    """Add the exact terms of the penalty ``(α/2)‖W‖²_F`` (Hessian ``α·I``), see above."""
+    w = split.weight_matrix().detach().double()
+    d, m = w.shape
+    extra = {
+        "relative_flatness": l2 * m * float(w.pow(2).sum()),
+        "layer_hessian_trace": l2 * d * m,
+    }
+    if sigma is not None:
+        wv = w * sigma.scale.to(w)
+        kept = int((sigma.inverse != 0).sum())
+        extra["relative_flatness_normalized"] = l2 * kept * float(wv.pow(2).sum())
+    return {
+        key: Estimate(
+            est.value + extra[key],
+            est.stderr,
+            f"{est.method} + L2 term (α = {l2:g})",
+            {**est.details, "l2": l2, "l2_term": extra[key]},
+        )
+        if key in extra
+        else est
+        for key, est in out.items()
+    }
 
 
 # --------------------------------------------------------------------------- passes over data
@@ -274,7 +329,7 @@ def evaluate(split: LayerSplit, batches: Batches, loss: str) -> dict[str, Any]:
     """Mean loss and accuracy over the data (one forward pass), checking it is usable."""
     fit = _Fit(loss)
     for x, y in batches:
-        fit.add(split.model(x), y)
+        fit.add(call_model(split.model, x), y)
     return fit.result()
 
 
@@ -283,7 +338,7 @@ def feature_std(split: LayerSplit, batches: Batches) -> tuple[torch.Tensor, int]
 
     Streams batch by batch with Chan's parallel update in float64, so it is exact up to
     rounding without holding the features. Dead coordinates (σ = 0) come back as 1 and are
-    counted (MATH.md §4).
+    counted (Theorem 4's dead units).
     """
     sigma, dead = _population_std(split, batches)
     return torch.where(dead, torch.ones_like(sigma), sigma), int(dead.sum())
@@ -307,15 +362,16 @@ class FeatureScaling:
 
 
 def feature_scaling(
-    split: LayerSplit, batches: Batches, *, dead_units: str = "unscaled"
+    split: LayerSplit, batches: Batches, *, dead_units: str = "drop"
 ) -> FeatureScaling:
     """The normalization of Theorem 4, with a choice for dead units.
 
-    ``unscaled`` (MATH.md §4, the default) leaves a dead coordinate's scale at 1. Its column
-    of ``W`` still enters ``W V² Wᵀ``, so rescaling a dead unit's outgoing weights changes
-    κ̃. ``drop`` uses ``σ_t = 0`` and the pseudo-inverse: the dead column leaves ``W V`` and
-    ``V⁺φ`` (which is function-preserving on the data, where ``φ_t = 0``), and κ̃ is then
-    exactly invariant to every neuron-wise rescaling.
+    ``drop`` (the default) uses ``σ_t = 0`` and the pseudo-inverse: ``W̃[:, t] = W[:, t]·σ_t
+    = 0``, the limit of Theorem 4's normalization and what the authors' CIFAR code computes.
+    The dead column leaves ``W V`` and ``V⁺φ`` (function-preserving on the data when the
+    unit is a dead ReLU, ``φ_t = 0``), and κ̃ is exactly invariant to every neuron-wise rescaling.
+    ``unscaled`` leaves a dead coordinate's scale at 1. Its column of ``W`` still enters
+    ``W V² Wᵀ``, so rescaling a dead unit's outgoing weights changes κ̃.
     """
     if dead_units not in DEAD_UNITS:
         raise UsageError(f"--dead-units must be one of {', '.join(DEAD_UNITS)}, got {dead_units!r}")
@@ -330,7 +386,7 @@ def feature_scaling(
 def _population_std(split: LayerSplit, batches: Batches) -> tuple[torch.Tensor, torch.Tensor]:
     count, mean, m2 = 0, None, None
     for x, _ in batches:
-        phi = split.cut(x).phi.reshape(x.shape[0], -1).double()
+        phi = split.cut(x).phi.reshape(batch_len(x), -1).double()
         b = phi.shape[0]
         b_mean = phi.mean(0)
         b_m2 = ((phi - b_mean) ** 2).sum(0)
@@ -364,7 +420,7 @@ def _identity2(
     for x, y in batches:
         cut = split.cut(x)
         fit.add(cut.z if split.produces_output else split.downstream(cut.z, cut.context), y)
-        phi = cut.phi.reshape(x.shape[0], -1)
+        phi = cut.phi.reshape(batch_len(x), -1)
         q, tr = split.quadratic_forms(cut, y, loss, mats, trace=True)
         assert tr is not None
         norms = [(phi * phi).sum(1)]
@@ -377,7 +433,7 @@ def _identity2(
     how = (
         "closed form (Identity 3, logits layer)"
         if split.produces_output
-        else f"per-sample downstream HVPs (Identity 2, {split.mechanism} split)"
+        else f"per-sample downstream HVPs (Identity 2, {split.mechanism} split{split.ad.note})"
     )
     out = {
         "relative_flatness": Estimate(float(sums[0]) / n, None, f"exact: {how}"),
@@ -477,10 +533,23 @@ def _quadratic_estimate(
             ) -> torch.Tensor:
                 return (v * torch.func.jvp(grad_fn, (w,), (v,))[1]).sum()
 
-            acc += torch.func.vmap(vhv)(dirs.to(w.device)).double().cpu()
+            def vhv_reverse(
+                v: torch.Tensor, grad_fn: Callable[..., torch.Tensor] = grad_fn
+            ) -> torch.Tensor:
+                return (v * torch.func.vjp(grad_fn, w)[1](v)[0]).sum()
+
+            v = dirs.to(w.device)
+            acc += (
+                split.ad(
+                    lambda v=v, vhv=vhv: torch.func.vmap(vhv)(v),
+                    lambda v=v, r=vhv_reverse: torch.func.vmap(r)(v),
+                )
+                .double()
+                .cpu()
+            )
         values.append(acc / n)
     per_dir = torch.cat(values)
-    tied = ", tied weight" if split.tied else ""
+    tied = (", tied weight" if split.tied else "") + split.ad.note
     if exact:
         return Estimate(
             float(per_dir.sum()), None, f"exact: {what} basis, {per_dir.numel()} HVPs{tied}"
@@ -497,10 +566,15 @@ def _quadratic_estimate(
 # --------------------------------------------------------------------------- helpers
 
 
-def _resolve_method(split: LayerSplit, method: str) -> str:
+def _resolve_method(split: LayerSplit, method: str, per_sample: bool) -> str:
+    """``auto``: exact (Identity 2) for an untied Linear with one output row per sample.
+
+    A Linear applied per token (output ``(batch, tokens, features)``), a convolution and a
+    tied weight go through Identity 1 in the weight, with Hutchinson probes.
+    """
     if method != "auto":
         return method
-    return "exact" if split.kind == "linear" and not split.tied else "hutchinson"
+    return "exact" if per_sample else "hutchinson"
 
 
 def _batches_for(model: nn.Module, data: Any, batch_size: int) -> Batches:

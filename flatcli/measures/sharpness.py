@@ -34,6 +34,7 @@ from torch import nn
 
 from ..data import Batches
 from ..errors import UsageError
+from ..features import ModelInput, call_model
 from ..losses import check_loss, per_sample_loss
 from .estimate import Estimate
 from .pac_bayes import check_search, largest_below
@@ -113,11 +114,9 @@ class WorstIncrease:
             total += float(objective)
         return grad, total / self.n
 
-    def _batch_loss(self, x: torch.Tensor, y: torch.Tensor) -> Any:
+    def _batch_loss(self, x: ModelInput, y: torch.Tensor) -> Any:
         def f(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            out = torch.func.functional_call(
-                self.model, {**self.fixed, **self.flat.unflatten(theta)}, (x,)
-            )
+            out = call_model(self.model, x, {**self.fixed, **self.flat.unflatten(theta)})
             losses = per_sample_loss(out, y, self.loss)  # type: ignore[arg-type]
             if self.target == "error":
                 objective = (out.argmax(-1) != y).sum()

@@ -1,0 +1,287 @@
+"""What a FAM fine-tuning run reports: the epoch records, the CSV log and its manifest, the
+plot of the curves, the test metrics, and the temperature-matched baseline.
+
+The library side of the reporting of :func:`flatcli.finetune.finetune`; every file is
+written atomically.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .data import take
+from .features import LayerSplit, ModelInput, batch_len, call_model, default_layer
+from .io import atomic_write, atomic_write_text
+from .losses import per_sample_loss
+from .measures.estimate import Estimate
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+LOG_COLUMNS = (
+    "epoch",
+    "lr",
+    "train_loss",
+    "kappa",
+    "test_loss",
+    "test_accuracy",
+    "weight_sq_norm",
+    "phi_sq_mean",
+    "max_softmax",
+    "seconds",
+)
+_EVAL_BATCH = 1024
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """One completed epoch.
+
+    Attributes:
+        epoch: 1-based epoch number.
+        lr: Learning rate at the end of the epoch.
+        train_loss: Mean data loss over the epoch's training batches (train mode, before
+            each step's update). This is the loss alone, without the penalty.
+        kappa: The FAM penalty, κ or κ̂, averaged over the epoch's batches and weighted by
+            batch size. Each batch's value is that batch's mean. It is logged for λ = 0 too.
+        test_loss: Mean loss on the test split after the epoch (eval mode). None when
+            there is no test split.
+        test_accuracy: Test accuracy after the epoch. None without a test split or for
+            regression targets.
+        weight_sq_norm: ``‖W‖²_F`` of the FAM layer at the end of the epoch.
+        phi_sq_mean: Mean ``‖φ_i‖²`` of the layer's input over the epoch's batches.
+        max_softmax: Mean largest softmax probability over the epoch's batches (how
+            confident the model is); None for regression targets.
+        seconds: Wall time of the epoch, including the test evaluation.
+    """
+
+    epoch: int
+    lr: float
+    train_loss: float
+    kappa: float
+    test_loss: float | None
+    test_accuracy: float | None
+    weight_sq_norm: float
+    phi_sq_mean: float
+    max_softmax: float | None
+    seconds: float
+
+    def to_row(self) -> dict[str, Any]:
+        """A plain dict in :data:`LOG_COLUMNS` order."""
+        return asdict(self)
+
+
+def write_log(path: str | Path, history: Sequence[EpochRecord]) -> Path:
+    """Atomically write the per-epoch CSV log (columns :data:`LOG_COLUMNS`)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=LOG_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for r in history:
+        writer.writerow({k: ("" if v is None else v) for k, v in r.to_row().items()})
+    return atomic_write_text(path, buf.getvalue())
+
+
+def write_log_manifest(
+    log_path: str | Path,
+    hparams: Mapping[str, Any],
+    parent_sha256: str,
+    out_sha256: str | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """The CSV log's provenance beside it, ``STEM.manifest.json``, written atomically."""
+    from .report import write_manifest_beside
+    from .runtime import manifest
+
+    provenance = {
+        "schema": "flatcli.finetune/1",
+        "checkpoint": {"parent_sha256": parent_sha256, "output_sha256": out_sha256},
+        "hparams": dict(hparams),
+        **dict(extra or {}),
+        "manifest": manifest(device=device, dtype=dtype, seed=seed),
+    }
+    return write_manifest_beside(log_path, provenance)
+
+
+def history_figure(
+    history: Sequence[EpochRecord],
+    *,
+    start: Mapping[str, Estimate] | None = None,
+    kappa_key: str = "relative_flatness",
+    title: str = "",
+) -> Figure:
+    """The loss, κ and test accuracy curves as a matplotlib figure (Agg canvas).
+
+    With ``start`` (the measures of the starting model), every curve begins at epoch 0:
+    the full-data train loss and κ and the test metrics before the first step. The test
+    accuracy panel is left out when there is no test accuracy to show.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    def at_start(key: str) -> list[float | None]:
+        if start is None:
+            return []
+        found = start.get(key)
+        return [None if found is None else found.value]
+
+    lead = [0] if start is not None else []
+    epochs = lead + [r.epoch for r in history]
+    test_loss = at_start("test_loss") + [r.test_loss for r in history]
+    test_acc = at_start("test_accuracy") + [r.test_accuracy for r in history]
+    has_acc = any(a is not None for a in test_acc)
+    fig = Figure(figsize=(11 if has_acc else 7.5, 3.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3 if has_acc else 2)
+    ax_loss, ax_kappa = axes[0], axes[1]
+    train = at_start("train_loss") + [r.train_loss for r in history]
+    ax_loss.plot(epochs, _nan(train), "o-", label="train")
+    if any(t is not None for t in test_loss):
+        ax_loss.plot(epochs, _nan(test_loss), "s-", label="test")
+    ax_loss.set(xlabel="epoch", ylabel="loss", yscale="log")
+    ax_loss.legend()
+    kappas = _nan(at_start(kappa_key) + [r.kappa for r in history])
+    ax_kappa.plot(epochs, kappas, "o-", color="C2")
+    ax_kappa.set(xlabel="epoch", ylabel="κ")
+    if all(k > 0 for k in kappas):
+        ax_kappa.set_yscale("log")
+    if has_acc:
+        axes[2].plot(epochs, _nan(test_acc), "o-", color="C3")
+        axes[2].set(xlabel="epoch", ylabel="test accuracy")
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+    if start is not None:
+        for ax in axes:
+            ax.set_xlabel("epoch (0: the starting model)")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def _nan(values: Sequence[float | None]) -> list[float]:
+    return [math.nan if v is None else float(v) for v in values]
+
+
+def plot_history(
+    history: Sequence[EpochRecord],
+    path: str | Path,
+    *,
+    title: str = "",
+    start: Mapping[str, Estimate] | None = None,
+    kappa_key: str = "relative_flatness",
+) -> Path:
+    """Atomically write a PNG of :func:`history_figure`."""
+    fig = history_figure(history, start=start, kappa_key=kappa_key, title=title)
+    return atomic_write(Path(path), lambda p: fig.savefig(p, format="png", dpi=110))
+
+
+def epoch_line(r: EpochRecord, epochs: int) -> str:
+    """One line of progress for an epoch."""
+    test = ""
+    if r.test_loss is not None:
+        test = f" · test loss {r.test_loss:.4g}"
+    if r.test_accuracy is not None:
+        test += f" · test acc {r.test_accuracy:.4f}"
+    return (
+        f"epoch {r.epoch}/{epochs} · loss {r.train_loss:.4g} · κ {r.kappa:.4g}{test}"
+        f" · ‖W‖² {r.weight_sq_norm:.4g} · lr {r.lr:.3g} · {r.seconds:.1f} s"
+    )
+
+
+@torch.no_grad()
+def heldout_metrics(
+    net: nn.Module, xy: tuple[ModelInput, torch.Tensor], loss: str
+) -> dict[str, Estimate]:
+    """Mean test loss and accuracy, in eval mode. The caller's mode is restored."""
+    was_training = net.training
+    net.eval()
+    x, y = xy
+    n = batch_len(x)
+    loss_sum, correct = 0.0, 0
+    for lo in range(0, n, _EVAL_BATCH):
+        out = call_model(net, take(x, slice(lo, lo + _EVAL_BATCH)))
+        yb = y[lo : lo + _EVAL_BATCH]
+        loss_sum += float(per_sample_loss(out, yb, loss).double().sum())  # type: ignore[arg-type]
+        if not yb.is_floating_point():
+            correct += int((out.argmax(-1) == yb).sum())
+    net.train(was_training)
+    result = {"test_loss": Estimate(loss_sum / n, None, f"exact: mean {loss} over {n} samples")}
+    if not y.is_floating_point():
+        result["test_accuracy"] = Estimate(correct / n, None, f"exact: over {n} samples")
+    return result
+
+
+# --------------------------------------------------------------------------- temperature
+
+
+def temperature_scale(
+    net: nn.Module, x: ModelInput, y: torch.Tensor, target_loss: float, *, loss: str
+) -> tuple[nn.Module, float] | str:
+    """The model with its logits layer's ``W`` and ``b`` multiplied by ``c``, at the ``c``
+    where its mean training loss equals ``target_loss``.
+
+    Scaling the logits layer by ``c`` is a softmax temperature ``1/c``: predictions stay,
+    confidence changes. ``c`` is found by bracketing over ``c ∈ [1e-4, 1e4]`` (log grid,
+    outward from 1) and Brent's method (:func:`scipy.optimize.brentq`, relative tolerance
+    1e-10 in ``log c``).
+
+    Returns:
+        ``(scaled copy, c)``, or a one-line reason when there is no such ``c``: the loss is
+        not cross-entropy, the last ``nn.Linear`` does not produce the output, or no ``c``
+        in the range reaches ``target_loss``.
+    """
+    from scipy.optimize import brentq
+
+    if loss != "cross_entropy":
+        return "defined for cross-entropy only"
+    head = default_layer(net)
+    split = LayerSplit(net, head)
+    if split.kind != "linear" or not split.produces_output or split.tied:
+        return f"the last nn.Linear ({head}) does not produce the logits"
+    was_training = net.training
+    net.eval()
+    with torch.no_grad():
+        n = batch_len(x)
+        chunks = [slice(lo, lo + _EVAL_BATCH) for lo in range(0, n, _EVAL_BATCH)]
+        logits = torch.cat([call_model(net, take(x, s)) for s in chunks])
+    net.train(was_training)
+    logits = logits.double()
+
+    def gap(log_c: float) -> float:
+        mean = per_sample_loss(logits * math.exp(log_c), y, "cross_entropy").mean()
+        return float(mean) - target_loss
+
+    at_one = gap(0.0)
+    if at_one == 0.0:
+        root = 0.0
+    else:
+        step = 1 if at_one > 0 else -1  # a sharper softmax lowers a fitted model's loss
+        pairs = []
+        for sign in (step, -step):  # outward from c = 1, the likely side first
+            grid = [sign * math.log(10) * k / 4 for k in range(17)]
+            pairs += list(zip(grid, grid[1:], strict=False))
+        bracket = next(((a, b) for a, b in pairs if gap(a) * gap(b) <= 0), None)
+        if bracket is None:
+            return f"no temperature in [1e-4, 1e4] reaches train loss {target_loss:.4g}"
+        root = brentq(gap, *bracket, xtol=1e-12, rtol=1e-10)
+    c = math.exp(root)
+    scaled = copy.deepcopy(net)
+    layer = dict(scaled.named_modules())[head]
+    with torch.no_grad():
+        layer.weight.mul_(c)
+        if getattr(layer, "bias", None) is not None:
+            layer.bias.mul_(c)
+    return scaled, c

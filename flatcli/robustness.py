@@ -1,0 +1,388 @@
+r"""Feature robustness and Theorem 5 of Petzka et al. (2021) on the user's model.
+
+Feature robustness (Petzka et al., Definition 2 with the orthogonal perturbations of
+Theorem 5) measures how much the loss rises when every feature vector is perturbed by
+``δ`` times a random rotation of itself:
+
+.. math::
+
+    \mathcal E_F(\delta) = \frac1n \sum_i \mathbb E_{A}\big[
+        \ell(\psi(W, (I + \delta A)\phi_i), y_i) - \ell(\psi(W, \phi_i), y_i)\big],
+
+with :math:`A` Haar-distributed on the orthogonal group :math:`O(m)`. Theorem 5: at a
+local minimum, and when labels are locally constant, :math:`\mathcal E_F(\delta) =
+\frac{\delta^2}{2m}\kappa + O(\delta^3)`, with :math:`\kappa` the relative flatness
+(Definition 3). The reason: :math:`\mathbb E_A[A\phi\phi^\top A^\top] =
+\frac{\|\phi\|^2}{m} I`, so the second-order term of the loss averages to
+:math:`\frac{\delta^2}{2m}\|\phi_i\|^2\mathrm{Tr}(W^\top B_i W)`.
+
+The Monte Carlo estimate uses antithetic pairs ``(A, −A)``: the first-order term
+:math:`\delta\langle\nabla_z\ell_i, WA\phi_i\rangle` cancels exactly within each pair
+(without that it swamps the :math:`\delta^2` signal at small δ, since the model is
+rarely at an exact minimum). The same draws serve every δ (common random numbers), so the
+curve over δ is smooth. Each probe ``A_k`` is applied to every sample; the standard error
+is over the probes (the data are fixed).
+
+The *label-change* variant lets the label of a perturbed feature vector change: it is the
+label of the nearest feature vector of the data (a nearest-neighbour labelling of feature
+space; a tie with the sample's own class keeps its label, so duplicated features of
+different classes do not count as a change). Theorem 5 assumes locally constant labels;
+when perturbations of size δ reach other classes' features, the two variants part, and the
+theorem says nothing about the second.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import FlatcliError, UsageError
+from .features import LayerSplit, batch_len, default_layer
+from .losses import check_loss, per_sample_loss
+from .measures.estimate import mean_and_stderr
+from .measures.params import batches_for, evaluating
+
+CACHE_BYTES = 256 * 2**20
+"""Keep the K orthogonal matrices in memory up to this size; regenerate them per batch above."""
+MAX_REFERENCE = 20_000
+"""Most samples the nearest-neighbour (label-change) variant holds as its reference set."""
+
+
+def haar_orthogonal(
+    k: int, m: int, generator: torch.Generator, *, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """``k`` independent Haar-distributed orthogonal ``m × m`` matrices, shape ``(k, m, m)``.
+
+    QR of a standard Gaussian matrix, with the signs of ``R``'s diagonal moved into ``Q``
+    (Mezzadri 2007, "How to generate random matrices from the classical compact groups"):
+    without the sign fix the distribution of ``Q`` is not Haar.
+    """
+    g = torch.randn(k, m, m, generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(g)
+    signs = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    return (q * signs.unsqueeze(-2)).to(dtype)
+
+
+@dataclass(frozen=True)
+class RobustnessPoint:
+    """Feature robustness at one δ.
+
+    Attributes:
+        delta: The perturbation size δ.
+        feature_robustness: Monte Carlo mean of ``E_F(δ)`` (labels held constant).
+        stderr: Its standard error over the probes.
+        predicted: Theorem 5's ``δ²κ/(2m)``.
+        ratio: ``feature_robustness / predicted``.
+        label_change: ``E_F(δ)`` with nearest-neighbour labels, or None.
+        label_change_stderr: Its standard error, or None.
+        labels_changed: Fraction of perturbed samples whose nearest-neighbour label
+            differs from their own, or None.
+    """
+
+    delta: float
+    feature_robustness: float
+    stderr: float | None
+    predicted: float
+    ratio: float
+    label_change: float | None = None
+    label_change_stderr: float | None = None
+    labels_changed: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (non-finite numbers become None)."""
+        out = {k: _finite(v) for k, v in self.__dict__.items()}
+        if self.label_change is None:
+            for k in ("label_change", "label_change_stderr", "labels_changed"):
+                out.pop(k)
+        return out
+
+
+@dataclass(frozen=True)
+class Robustness:
+    """The result of :func:`feature_robustness`.
+
+    Attributes:
+        points: One :class:`RobustnessPoint` per δ, in the order given.
+        kappa: Relative flatness κ of the layer (exact, same pass over the data).
+        m: Feature dimension (the layer's ``in_features``).
+        n: Number of samples.
+        probes: Antithetic pairs ``(A, −A)`` per δ.
+        seed: Seed of the Haar draws.
+        train_loss: Mean loss of the unperturbed model.
+        layer: Layer name.
+        method: How it was computed, in words.
+        notes: Caveats worth printing (local minimum, locally constant labels).
+    """
+
+    points: list[RobustnessPoint]
+    kappa: float
+    m: int
+    n: int
+    probes: int
+    seed: int
+    train_loss: float
+    layer: str
+    method: str
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return {
+            "layer": self.layer,
+            "kappa": _finite(self.kappa),
+            "m": self.m,
+            "n": self.n,
+            "probes": self.probes,
+            "seed": self.seed,
+            "train_loss": _finite(self.train_loss),
+            "method": self.method,
+            "notes": list(self.notes),
+            "deltas": [p.to_dict() for p in self.points],
+        }
+
+
+def feature_robustness(
+    model: nn.Module,
+    layer: str | None,
+    data: Any,
+    deltas: Sequence[float],
+    *,
+    loss: str = "cross_entropy",
+    probes: int = 64,
+    seed: int = 0,
+    label_change: bool = False,
+    batch_size: int = 256,
+    progress: Callable[[str], None] | None = None,
+) -> Robustness:
+    r"""Monte Carlo :math:`\mathcal E_F(\delta)` beside Theorem 5's :math:`\delta^2\kappa/(2m)`.
+
+    One pass over the data: the trunk runs once per batch, κ comes from the same cut
+    (Identity 2/3 of the relative-flatness module), and every probe and δ only re-runs the
+    layer and what is downstream of it.
+
+    Args:
+        model: The network (put in eval mode while measuring).
+        layer: An ``nn.Linear`` feature layer (default: the last one).
+        data: ``(x, y)`` tensors, a DataLoader, or :class:`~flatcli.data.Batches`.
+        deltas: Perturbation sizes δ > 0.
+        loss: ``cross_entropy`` or ``mse``.
+        probes: Antithetic pairs ``(A, −A)`` (at least 2, for a standard error).
+        seed: Seed of the Haar draws.
+        label_change: Also compute the nearest-neighbour-label variant (integer labels
+            only; holds the data's features, at most :data:`MAX_REFERENCE` samples).
+        batch_size: Batch size when ``data`` is in memory.
+        progress: Called with a line of text saying what is being computed.
+
+    Raises:
+        UsageError: A non-Linear or tied layer, δ ≤ 0, fewer than 2 probes, or a
+            label-change request on float targets or too many samples.
+    """
+    loss = check_loss(loss)
+    deltas = [float(d) for d in deltas]
+    if not deltas or any(not (math.isfinite(d) and d > 0) for d in deltas):
+        raise UsageError(f"--deltas must be positive numbers, got {deltas}")
+    if probes < 2:
+        raise UsageError(f"--probes must be at least 2 (for a standard error), got {probes}")
+    split = LayerSplit(model, layer or default_layer(model))
+    if split.kind != "linear" or split.tied:
+        raise UsageError(
+            f"feature robustness needs an untied nn.Linear feature layer; {split.name!r} is "
+            f"{type(split.layer).__name__}{' (tied)' if split.tied else ''}"
+        )
+    note = progress or (lambda _msg: None)
+    batches = batches_for(model, data, batch_size=batch_size)
+    w = split.weight_matrix().detach()
+    m = w.shape[1]
+    draws = _Probes(probes, m, seed, w.dtype, w.device)
+    k_d = (probes, len(deltas))
+    sums = torch.zeros(k_d, dtype=torch.float64)
+    nn_sums = torch.zeros(k_d, dtype=torch.float64)
+    changed = torch.zeros(len(deltas), dtype=torch.float64)
+    kappa_sum, loss_sum, n = 0.0, 0.0, 0
+    with evaluating(model), torch.no_grad():
+        reference = _reference(split, batches, loss) if label_change else None
+        note(f"feature robustness: {probes} antithetic Haar pairs × {len(deltas)} deltas")
+        for x, y in batches:
+            cut = split.cut(x)
+            phi = cut.phi
+            base = per_sample_loss(split.downstream(cut.z, cut.context), y, loss)
+            if not torch.isfinite(base).all():
+                raise FlatcliError("the loss is NaN or Inf on this data")
+            q, _ = split.quadratic_forms(cut, y, loss, [w])
+            kappa_sum += float(((phi * phi).sum(1).double() * q[:, 0].double()).sum())
+            loss_sum += float(base.double().sum())
+            n += batch_len(x)
+            for k in range(probes):
+                rotated = phi @ draws.get(k).T  # A φ_i for every sample
+                for j, delta in enumerate(deltas):
+                    pair = []
+                    for sign in (1.0, -1.0):
+                        moved = phi + (sign * delta) * rotated
+                        out = split.downstream(split.layer_forward(moved), cut.context)
+                        pair.append((moved, out))
+                    rise = sum(per_sample_loss(o, y, loss) for _, o in pair) / 2 - base
+                    sums[k, j] += float(rise.double().sum())
+                    if reference is not None:
+                        nn_rise = torch.zeros_like(base)
+                        for moved, out in pair:
+                            labels = reference.label(moved, y)
+                            nn_rise = nn_rise + per_sample_loss(out, labels, loss) / 2
+                            changed[j] += float((labels != y).sum()) / (2 * probes)
+                        nn_sums[k, j] += float((nn_rise - base).double().sum())
+    if n == 0:
+        raise FlatcliError("the dataset is empty")
+    kappa = kappa_sum / n
+    points = []
+    for j, delta in enumerate(deltas):
+        mean, se = mean_and_stderr((sums[:, j] / n).tolist())
+        predicted = delta**2 * kappa / (2 * m)
+        extra: dict[str, Any] = {}
+        if reference is not None:
+            nn_mean, nn_se = mean_and_stderr((nn_sums[:, j] / n).tolist())
+            extra = {
+                "label_change": nn_mean,
+                "label_change_stderr": nn_se,
+                "labels_changed": float(changed[j]) / n,
+            }
+        ratio = mean / predicted if predicted > 0 else math.nan
+        points.append(RobustnessPoint(delta, mean, se, predicted, ratio, **extra))
+    notes = [
+        "Theorem 5 (E_F(δ) = δ²κ/(2m) + O(δ³)) assumes a local minimum and locally constant "
+        "labels; a ratio far from 1 at small δ means the second-order picture does not hold."
+    ]
+    if reference is not None:
+        notes.append(
+            "label_change: the label of a perturbed feature is the label of its nearest "
+            "feature vector in the data; Theorem 5 does not cover this variant."
+        )
+    return Robustness(
+        points=points,
+        kappa=kappa,
+        m=m,
+        n=n,
+        probes=probes,
+        seed=seed,
+        train_loss=loss_sum / n,
+        layer=split.name,
+        method=(
+            f"Monte Carlo over {probes} antithetic Haar pairs (A, −A) per δ, common random "
+            f"numbers across δ; κ exact ({split.mechanism} split)"
+        ),
+        notes=notes,
+    )
+
+
+class _Probes:
+    """The K Haar matrices, kept in memory when small, else regenerated per request."""
+
+    def __init__(self, k: int, m: int, seed: int, dtype: torch.dtype, device: torch.device):
+        self.k, self.m, self.seed, self.dtype, self.device = k, m, seed, dtype, device
+        self.cache: torch.Tensor | None = None
+        if k * m * m * 8 <= CACHE_BYTES:
+            gen = torch.Generator().manual_seed(seed)
+            self.cache = haar_orthogonal(k, m, gen, dtype=dtype).to(device)
+
+    def get(self, i: int) -> torch.Tensor:
+        if self.cache is not None:
+            return self.cache[i]
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        return haar_orthogonal(1, self.m, gen, dtype=self.dtype)[0].to(self.device)
+
+
+@dataclass
+class _Reference:
+    """The data's feature vectors and labels, for nearest-neighbour labels."""
+
+    phi: torch.Tensor
+    y: torch.Tensor
+
+    def label(self, points: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+        """The nearest reference label; a tie with the point's own class keeps ``own``."""
+        dist = torch.cdist(points, self.phi)
+        same = self.y.unsqueeze(0) == own.unsqueeze(1)
+        d_same = dist.masked_fill(~same, torch.inf).min(dim=1).values
+        d_other, nearest = dist.masked_fill(same, torch.inf).min(dim=1)
+        return torch.where(d_other < d_same, self.y[nearest], own)
+
+
+def _reference(split: LayerSplit, batches: Any, loss: str) -> _Reference:
+    phis, ys = [], []
+    count = 0
+    for x, y in batches:
+        if y.is_floating_point():
+            raise UsageError("--label-change needs integer class labels")
+        count += batch_len(x)
+        if count > MAX_REFERENCE:
+            raise UsageError(
+                f"--label-change holds every feature vector; use at most {MAX_REFERENCE} "
+                "samples (--max-samples)"
+            )
+        phis.append(split.cut(x).phi)
+        ys.append(y)
+    if not phis:
+        raise FlatcliError("the dataset is empty")
+    return _Reference(torch.cat(phis), torch.cat(ys))
+
+
+def _finite(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def plot_robustness(result: Robustness, path: str | Path) -> Path:
+    """Log-log plot of E_F(δ) (± 2 stderr) and δ²κ/(2m) against δ, written atomically.
+
+    The format follows the suffix (``.png``, ``.svg``, ``.pdf``). Points whose estimate is
+    not positive cannot be drawn on a log axis and are left out (the table has them).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from .io import atomic_write
+
+    path = Path(path)
+    fmt = path.suffix.lstrip(".").lower()
+    if fmt not in ("png", "svg", "pdf"):
+        raise UsageError(f"--plot must end in .png, .svg or .pdf, got {path.name!r}")
+    fig = Figure(figsize=(5, 3.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    pts = list(result.points)
+    deltas = [p.delta for p in pts]
+    ax.plot(deltas, [p.predicted for p in pts], "-", color="0.3", label="δ²κ/(2m) (Theorem 5)")
+    shown = [p for p in pts if p.feature_robustness > 0]
+    ax.errorbar(
+        [p.delta for p in shown],
+        [p.feature_robustness for p in shown],
+        yerr=[2 * (p.stderr or 0.0) for p in shown],
+        fmt="o",
+        color="tab:blue",
+        capsize=3,
+        label="E_F(δ), labels held constant (± 2 se)",
+    )
+    changed = [p for p in pts if p.label_change is not None and p.label_change > 0]
+    if changed:
+        ax.plot(
+            [p.delta for p in changed],
+            [p.label_change for p in changed],
+            "s",
+            color="tab:orange",
+            label="E_F(δ), nearest-neighbour labels",
+        )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("δ")
+    ax.set_ylabel("loss increase")
+    ax.set_title(f"layer {result.layer}: κ = {result.kappa:.4g}, m = {result.m}", fontsize=9)
+    ax.legend(fontsize=7)
+    meta = {"Software": None} if fmt == "png" else {"Date": None} if fmt == "svg" else {}
+    atomic_write(path, lambda p: fig.savefig(p, format=fmt, dpi=150, metadata=meta))
+    return path
