@@ -227,3 +227,33 @@ def test_bound_and_flatness_stderr_match_the_spread_over_seeds() -> None:
     sigma_spread = float(np.std([e.details["sigma"] for e in bounds], ddof=1))
     sigma_se = float(np.mean([e.details["sigma_stderr"] for e in bounds]))
     assert 0.7 < sigma_se / sigma_spread < 1.4
+
+
+def test_bound_passes_every_search_option_and_names_its_reference() -> None:
+    model, x, t = exact_fit()
+    kwargs = dict(
+        loss="mse", target="loss", mc_samples=6, sigma_max=0.4, threshold=0.05, search_depth=11
+    )
+    flat = pacbayes_flatness(model, (x, t), **kwargs)
+    bound = pacbayes_bound(model, (x, t), **kwargs)
+    for key in ("sigma", "sigma_stderr", "increase", "bracket", "mc_samples", "search_depth"):
+        assert bound.details[key] == flat.details[key], key
+    assert bound.details["mc_samples"] == 6 and bound.details["search_depth"] == 11
+    assert bound.details["increase"] == pytest.approx(0.05, abs=4 * bound.details["mc_stderr"])
+    assert bound.method.startswith("‖w‖²/(4σ'²) + log(n/σ') + 10, bisection on σ ∈ [0, 0.4]")
+    assert "11 steps × 6 draws" in bound.method and "loss increase ≤ 0.05" in bound.method
+    init = pacbayes_bound(model, (x, t), init_model=near_copy(model, 0.1), **kwargs)
+    assert init.method.startswith("‖w − w₀‖²/(4σ'²)")
+
+
+def test_bound_defaults_are_jiangs_and_the_flatness_defaults() -> None:
+    import inspect
+
+    bound = inspect.signature(pacbayes_bound).parameters
+    flat = inspect.signature(pacbayes_flatness).parameters
+    jiang = {"threshold": 0.1, "mc_samples": 10, "search_depth": 15, "sigma_max": 2.0}
+    for name, value in jiang.items():
+        assert bound[name].default == flat[name].default == value, name
+    for name in ("loss", "target", "seed", "batch_size"):
+        assert bound[name].default == flat[name].default, name
+    assert bound["target"].default == "error" and bound["loss"].default == "cross_entropy"
