@@ -85,15 +85,15 @@ def test_isotropic_sigma_matches_closed_form() -> None:
     assert not got.details["hit_sigma_max"]
 
 
-def test_magnitude_aware_sigma_matches_closed_form() -> None:
+@pytest.mark.parametrize("eps", [1e-3, 0.02])
+def test_magnitude_aware_sigma_matches_closed_form(eps: float) -> None:
     model, x, t = exact_fit()
-    eps = 1e-3
     d = model.out_features
     w_tilde = torch.cat([model.weight, model.bias[:, None]], 1).detach()
     c = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1).pow(2).mean(0)
     want = math.sqrt((TAU * d - eps**2 * d * float(c.sum())) / float((w_tilde**2 * c).sum()))
     got = pacbayes_flatness(
-        model, (x, t), loss="mse", target="loss", magnitude_aware=True, mc_samples=40
+        model, (x, t), loss="mse", target="loss", magnitude_aware=True, mc_samples=40, epsilon=eps
     )
     sigma, se = got.details["sigma"], got.details["sigma_stderr"]
     assert 0 < se < 0.05 * want
@@ -244,6 +244,7 @@ def test_bound_passes_every_search_option_and_names_its_reference() -> None:
     assert "11 steps × 6 draws" in bound.method and "loss increase ≤ 0.05" in bound.method
     init = pacbayes_bound(model, (x, t), init_model=near_copy(model, 0.1), **kwargs)
     assert init.method.startswith("‖w − w₀‖²/(4σ'²)")
+    assert flat.method.startswith("1/σ'², bisection on σ ∈ [0, 0.4], 11 steps × 6 draws")
 
 
 def test_bound_defaults_are_jiangs_and_the_flatness_defaults() -> None:
