@@ -85,7 +85,7 @@ def test_isotropic_sigma_matches_closed_form() -> None:
     assert not got.details["hit_sigma_max"]
 
 
-@pytest.mark.parametrize("eps", [1e-3, 0.02])
+@pytest.mark.parametrize("eps", [1e-3, 0.04])
 def test_magnitude_aware_sigma_matches_closed_form(eps: float) -> None:
     model, x, t = exact_fit()
     d = model.out_features
