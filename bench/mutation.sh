@@ -6,6 +6,9 @@
 #   bench/mutation.sh                    # every target below
 #   bench/mutation.sh stats plots        # only these targets
 #   JOBS=2 bench/mutation.sh stats       # mutants in parallel (default 1)
+#   MUTANTS="flatcli.stats.x_add_gaps__mutmut_3 ..." bench/mutation.sh stats
+#                                        # only these mutants (names or globs), e.g. to
+#                                        # recheck the survivors of a run after new tests
 #
 # Targets (source file, its test file, and optionally which functions to mutate):
 #   stats       flatcli/stats.py                      tests/test_stats.py
@@ -66,7 +69,7 @@ open(path, "w").write(text)
 PY
     start=$(date +%s)
     # shellcheck disable=SC2086
-    (cd "$dir" && mutmut run --max-children "${JOBS:-1}" ${NAMES[$t]:-} >mutmut.log 2>&1) \
+    (cd "$dir" && mutmut run --max-children "${JOBS:-1}" ${MUTANTS:-${NAMES[$t]:-}} >mutmut.log 2>&1) \
         || { echo "$t: mutmut failed, see $dir/mutmut.log"; tail -5 "$dir/mutmut.log"; continue; }
     (cd "$dir" && mutmut results --all true >results.txt 2>&1) || true
     echo "== $t: ${SRC[$t]} against ${TESTS[$t]} ($(( $(date +%s) - start )) s)"
