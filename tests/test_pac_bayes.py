@@ -258,3 +258,36 @@ def test_bound_defaults_are_jiangs_and_the_flatness_defaults() -> None:
     for name in ("loss", "target", "seed", "batch_size"):
         assert bound[name].default == flat[name].default, name
     assert bound["target"].default == "error" and bound["loss"].default == "cross_entropy"
+
+
+def test_bisection_bracket_ties_and_progress_lines() -> None:
+    from flatcli.measures.pac_bayes import largest_below
+
+    lines: list[str] = []
+    # increase(σ) = σ, threshold 0.5: the first midpoint is exactly at the threshold, which
+    # is allowed (≤), so it becomes the lower end.
+    lo, hi = largest_below(lambda s: s, upper=1.0, depth=3, threshold=0.5, progress=lines.append)
+    assert (lo, hi) == (0.5, 0.625)
+    assert lines == [
+        "scale: bisection step 1/3, trying 0.5",
+        "scale: bisection step 2/3, trying 0.75",
+        "scale: bisection step 3/3, trying 0.625",
+    ]
+
+
+def test_two_draws_are_enough_and_bad_search_options_name_themselves() -> None:
+    import inspect
+
+    from flatcli.measures.pac_bayes import pacbayes_sigma
+
+    model, x, t = exact_fit(n=10, m=3, d=2)
+    kwargs = dict(loss="mse", target="loss", search_depth=4)
+    assert pacbayes_flatness(model, (x, t), mc_samples=2, **kwargs).stderr > 0
+    with pytest.raises(UsageError, match="^sigma_max must be positive, got 0$"):
+        pacbayes_flatness(model, (x, t), sigma_max=0, **kwargs)
+    sigma = inspect.signature(pacbayes_sigma).parameters
+    flat = inspect.signature(pacbayes_flatness).parameters
+    for name in ("loss", "target", "threshold", "mc_samples", "search_depth", "sigma_max"):
+        assert sigma[name].default == flat[name].default, name
+    for name in ("epsilon", "seed", "batch_size", "magnitude_aware"):
+        assert sigma[name].default == flat[name].default, name
