@@ -291,3 +291,27 @@ def test_two_draws_are_enough_and_bad_search_options_name_themselves() -> None:
         assert sigma[name].default == flat[name].default, name
     for name in ("epsilon", "seed", "batch_size", "magnitude_aware"):
         assert sigma[name].default == flat[name].default, name
+
+
+@pytest.mark.parametrize("magnitude_aware", [False, True])
+def test_search_reports_its_noise_and_progress(magnitude_aware: bool) -> None:
+    from flatcli.measures.pac_bayes import pacbayes_sigma
+
+    model, x, t = exact_fit(n=10, m=3, d=2)
+    lines: list[str] = []
+    search = pacbayes_sigma(
+        model,
+        (x, t),
+        loss="mse",
+        target="loss",
+        search_depth=3,
+        mc_samples=2,
+        magnitude_aware=magnitude_aware,
+        progress=lines.append,
+    )
+    what = "PAC-Bayes σ' (magnitude-aware)" if magnitude_aware else "PAC-Bayes σ'"
+    assert len(lines) == 3 and lines[0] == f"{what}: bisection step 1/3, trying 1"
+    for k, line in enumerate(lines, 1):
+        assert line.startswith(f"{what}: bisection step {k}/3, trying "), line
+    noise = "u ~ N(0, σ²w² + ε²)" if magnitude_aware else "u ~ N(0, σ²)"
+    assert noise in search.method
