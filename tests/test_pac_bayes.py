@@ -315,3 +315,37 @@ def test_search_reports_its_noise_and_progress(magnitude_aware: bool) -> None:
         assert line.startswith(f"{what}: bisection step {k}/3, trying "), line
     noise = "u ~ N(0, σ²w² + ε²)" if magnitude_aware else "u ~ N(0, σ²)"
     assert noise in search.method
+
+
+def test_noise_is_float64_normals_scaled_whatever_the_weights_dtype() -> None:
+    import inspect
+
+    weights = {"a": torch.zeros(7, 3), "b": torch.zeros(5, dtype=torch.float64)}
+    u = gaussian_perturbation(weights, 0.25, generator=models.seeded(4))
+    gen = models.seeded(4)
+    za = torch.randn(7, 3, generator=gen, dtype=torch.float64)
+    zb = torch.randn(5, generator=gen, dtype=torch.float64)
+    assert u["a"].dtype == torch.float32 and torch.equal(u["a"], (0.25 * za).float())
+    assert torch.equal(u["b"], 0.25 * zb)
+    eps = inspect.signature(gaussian_perturbation).parameters["epsilon"].default
+    assert eps == inspect.signature(pacbayes_flatness).parameters["epsilon"].default == 1e-3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"threshold": 0.0}, "threshold must be positive, got 0.0"),
+        ({"search_depth": 0}, "search_depth must be at least 1, got 0"),
+        ({"epsilon": -1.0}, "epsilon must be at least 0, got -1.0"),
+    ],
+)
+def test_search_option_edges(kwargs: dict, message: str) -> None:
+    model, x, t = exact_fit(n=10, m=3, d=2)
+    base = dict(loss="mse", target="loss", mc_samples=2)
+    with pytest.raises(UsageError) as info:
+        pacbayes_flatness(model, (x, t), **base, **kwargs)
+    assert str(info.value) == message
+    # The edges themselves are allowed: one bisection step, no ε floor.
+    one = pacbayes_flatness(model, (x, t), **base, search_depth=1, sigma_max=0.5)
+    assert one.details["bracket"] in ([0.0, 0.25], [0.25, 0.5])
+    pacbayes_flatness(model, (x, t), **base, magnitude_aware=True, epsilon=0.0, search_depth=2)
