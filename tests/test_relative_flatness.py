@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import pytest
 import scipy.linalg
@@ -437,3 +438,18 @@ def test_drop_is_invariant_to_rescaling_a_constant_or_dead_unit_and_unscaled_is_
 
     assert kappa(new, "drop") == pytest.approx(kappa(model, "drop"), rel=RTOL)
     assert kappa(new, "unscaled") != pytest.approx(kappa(model, "unscaled"), rel=0.01)
+
+
+def test_dead_units_option_default_and_message() -> None:
+    import inspect
+
+    from flatcli.measures.relative_flatness import feature_scaling
+
+    default = inspect.signature(layer_measures).parameters["dead_units"].default
+    assert inspect.signature(feature_scaling).parameters["dead_units"].default == default
+    x, y = models.classification_data()
+    with pytest.raises(UsageError) as info:
+        layer_measures(models.mlp(), "fc", (x, y), normalize=True, dead_units="zero")
+    assert re.fullmatch(
+        r"--dead-units must be one of (unscaled, drop|drop, unscaled), got 'zero'", str(info.value)
+    )
