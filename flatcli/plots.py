@@ -62,6 +62,30 @@ def scatter_grid(
 ) -> list[Path]:
     """One scatter panel per measure against the gap, annotated with τ-b and r.
 
+    The figure of :func:`scatter_grid_figure`, written as PNG and SVG; see there for
+    the arguments and errors.
+
+    Args:
+        path_stem: Output path without suffix; ``.png`` and ``.svg`` are written.
+
+    Returns:
+        The PNG and SVG paths.
+    """
+    fig = scatter_grid_figure(df, measures, gap, color_by=color_by, log_x=log_x, stats=stats)
+    return _save(fig, path_stem)
+
+
+def scatter_grid_figure(
+    df: pd.DataFrame,
+    measures: Sequence[str],
+    gap: str,
+    *,
+    color_by: str | None = None,
+    log_x: bool = False,
+    stats: pd.DataFrame | None = None,
+) -> Figure:
+    """One scatter panel per measure against the gap, annotated with τ-b and r.
+
     Args:
         df: One row per checkpoint, holding the measure and gap columns.
         measures: Columns to plot, one panel each, in this order.
@@ -73,10 +97,9 @@ def scatter_grid(
         stats: A :func:`flatcli.stats.correlation_table`; each panel shows its τ-b and
             Pearson r with their intervals. Without it, point estimates are computed
             here (no intervals).
-        path_stem: Output path without suffix; ``.png`` and ``.svg`` are written.
 
     Returns:
-        The PNG and SVG paths.
+        The figure (drawn by the Agg canvas, not registered with ``pyplot``).
 
     Raises:
         FlatcliError: A named column is missing, or ``stats`` has no row for a measure.
@@ -124,7 +147,7 @@ def scatter_grid(
     fig.suptitle(f"Each measure against the {GAP_LABELS.get(gap, gap)} ({n} checkpoints)")
     if color_by is not None:
         _color_key(fig, axes[: len(measures)], colors, color_by)
-    return _save(fig, path_stem)
+    return fig
 
 
 def tau_bar_chart(
@@ -134,6 +157,21 @@ def tau_bar_chart(
     path_stem: Path,
     statistic: str = "kendall_tau_b",
 ) -> list[Path]:
+    """Horizontal bars of each measure's correlation with the gap, with its CI.
+
+    The figure of :func:`tau_bar_figure`, written as PNG and SVG; see there for the
+    arguments and errors.
+
+    Args:
+        path_stem: Output path without suffix; ``.png`` and ``.svg`` are written.
+
+    Returns:
+        The PNG and SVG paths.
+    """
+    return _save(tau_bar_figure(stats, gap, statistic=statistic), path_stem)
+
+
+def tau_bar_figure(stats: pd.DataFrame, gap: str, *, statistic: str = "kendall_tau_b") -> Figure:
     """Horizontal bars of each measure's correlation with the gap, with its CI.
 
     Bars are sorted from the most positive (top) to the most negative, with measures
@@ -146,11 +184,10 @@ def tau_bar_chart(
     Args:
         stats: A :func:`flatcli.stats.correlation_table`.
         gap: Which gap's rows to plot.
-        path_stem: Output path without suffix; ``.png`` and ``.svg`` are written.
         statistic: Column to plot, with its ``_lo``/``_hi`` interval columns.
 
     Returns:
-        The PNG and SVG paths.
+        The figure (drawn by the Agg canvas, not registered with ``pyplot``).
 
     Raises:
         FlatcliError: ``stats`` lacks a needed column or has no row for ``gap``.
@@ -212,7 +249,7 @@ def tau_bar_chart(
         fontsize=8,
         frameon=False,
     )
-    return _save(fig, path_stem)
+    return fig
 
 
 # --------------------------------------------------------------------------- helpers
@@ -309,13 +346,29 @@ def _fmt(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def figure_bytes(fig: Figure, fmt: str = "svg") -> bytes:
+    """The figure as SVG or PNG bytes, with the same fixed metadata as the written files."""
+    import io
+
+    from matplotlib import rc_context
+
+    buf = io.BytesIO()
+    with rc_context(_SAVE_RC):
+        fig.savefig(buf, format=fmt, dpi=150, metadata=_SAVE_META[fmt])
+    return buf.getvalue()
+
+
+_SAVE_RC = {"svg.hashsalt": "flatcli", "svg.fonttype": "path"}
+_SAVE_META: dict[str, dict[str, None]] = {"png": {"Software": None}, "svg": {"Date": None}}
+
+
 def _save(fig: Figure, path_stem: Path) -> list[Path]:
     from matplotlib import rc_context
 
     stem = Path(path_stem)
     paths = []
-    with rc_context({"svg.hashsalt": "flatcli", "svg.fonttype": "path"}):
-        for fmt, meta in (("png", {"Software": None}), ("svg", {"Date": None})):
+    with rc_context(_SAVE_RC):
+        for fmt, meta in _SAVE_META.items():
             target = stem.with_name(f"{stem.name}.{fmt}")
             atomic_write(
                 target,

@@ -14,7 +14,9 @@ from importlib import import_module
 from .app import app, main
 
 #: The command modules; importing one registers its commands, and --help lists them in order.
-COMMANDS = ("inspect", "measure", "audit", "correlate", "robustness", "bound", "finetune")
+COMMANDS = (
+    "inspect", "measure", "audit", "correlate", "robustness", "bound", "finetune", "report"
+)
 for _name in COMMANDS:
     import_module(f"{__name__}.{_name}")
 

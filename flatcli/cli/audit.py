@@ -9,7 +9,17 @@ import typer
 
 from ..errors import UsageError
 from .app import app
-from .common import check_format, emit, friendly, measure_options, progress, setup
+from .common import (
+    check_format,
+    check_report_path,
+    command_argv,
+    emit,
+    friendly,
+    measure_options,
+    progress,
+    setup,
+    write_page,
+)
 from .options import (
     ArchKwargsOpt,
     ArchOpt,
@@ -34,6 +44,7 @@ from .options import (
     PacTargetOpt,
     PacThresholdOpt,
     ProbesOpt,
+    ReportOpt,
     RtolOpt,
     SeedOpt,
     SplitOpt,
@@ -46,6 +57,7 @@ from .options import (
 @app.command()
 @friendly
 def audit(
+    ctx: typer.Context,
     checkpoint: Checkpoint,
     layer: LayerOpt = None,
     measures: Annotated[
@@ -62,6 +74,7 @@ def audit(
         typer.Option(
             "--normalize",
             help="Include relative_flatness_normalized (its neuron-wise row must read invariant).",
+            metavar="",
         ),
     ] = False,
     method: MethodOpt = "auto",
@@ -105,6 +118,7 @@ def audit(
     seed: SeedOpt = 0,
     fmt: FormatOpt = "table",
     output: OutputOpt = None,
+    report_page: ReportOpt = None,
 ) -> None:
     """Which measures survive function-preserving reparameterizations?
 
@@ -125,6 +139,7 @@ def audit(
     from ..runtime import manifest
 
     fmt = check_format(fmt)
+    check_report_path(report_page)
     if not 0 < alpha_low <= alpha_high:
         raise UsageError("--alpha-low and --alpha-high must satisfy 0 < low <= high")
     names = registry.select(
@@ -188,9 +203,13 @@ def audit(
         },
         "measures": {k: v.to_dict() for k, v in original.items()},
         "reparameterizations": [r.to_dict() for r in reps],
-        "manifest": manifest(device=prep.device, dtype=prep.dtype, seed=seed),
+        "manifest": manifest(
+            device=prep.device, dtype=prep.dtype, seed=seed, argv=command_argv(ctx)
+        ),
         "config": config.as_dict(),
+        "audit": {"tolerance": tolerance, "alpha_range": [alpha_low, alpha_high]},
     }
+    write_page(report_page, report)
     if fmt == "json":
         emit(to_json(report), output)
         return

@@ -233,3 +233,47 @@ def emit(text: str, output: Path | None) -> None:
         write_output(output, text)
     sys.stdout.write(text)
 
+
+
+def command_argv(ctx: typer.Context) -> list[str]:
+    """The command line of this run: ``flatcli COMMAND`` and what the user gave.
+
+    Rebuilt from the parsed parameters (so it works however flatcli was started): the
+    arguments, then each option whose value came from the command line or the
+    environment, by its first name. Defaults are left out; the manifest holds them.
+    """
+    given = ("COMMANDLINE", "ENVIRONMENT")
+    arguments: list[str] = []
+    options: list[str] = []
+    for param in ctx.command.params:
+        source = ctx.get_parameter_source(param.name) if param.name else None
+        if source is None or source.name not in given:
+            continue
+        value = ctx.params.get(param.name)
+        if param.param_type_name == "argument":
+            values = value if isinstance(value, (list, tuple)) else [value]
+            arguments += [str(v) for v in values]
+        elif getattr(param, "is_flag", False):
+            if value:
+                options.append(param.opts[0])
+            elif param.secondary_opts:
+                options.append(param.secondary_opts[0])
+        elif value is not None:
+            options += [param.opts[0], str(value)]
+    return ["flatcli", str(ctx.info_name), *arguments, *options]
+
+
+def check_report_path(report: Path | None) -> None:
+    """Fail before any work when ``--report``'s directory does not exist."""
+    if report is not None and not (report.parent if str(report.parent) else Path(".")).is_dir():
+        raise FlatcliError(f"cannot write {report}: directory {report.parent} does not exist")
+
+
+def write_page(report: Path | None, result: dict, **options: Any) -> None:
+    """Write ``result`` as an HTML page to ``report`` (when given) and say so on stderr."""
+    if report is None:
+        return
+    from ..html import write_html
+
+    write_html(report, result, **options)
+    stderr().print(f"wrote {report}", highlight=False)

@@ -10,7 +10,16 @@ import typer
 
 from ..errors import FlatcliError, UsageError
 from .app import app
-from .common import check_format, emit, friendly, measure_options, stderr
+from .common import (
+    check_format,
+    check_report_path,
+    command_argv,
+    emit,
+    friendly,
+    measure_options,
+    stderr,
+    write_page,
+)
 from .options import (
     ArchKwargsOpt,
     ArchOpt,
@@ -37,6 +46,7 @@ from .options import (
     PacThresholdOpt,
     PlotsOpt,
     ProbesOpt,
+    ReportOpt,
     RtolOpt,
     SeedOpt,
     TargetOpt,
@@ -48,6 +58,7 @@ from .options import (
 @app.command()
 @friendly
 def correlate(
+    ctx: typer.Context,
     checkpoints: Annotated[
         list[Path],
         typer.Argument(
@@ -120,6 +131,7 @@ def correlate(
             "STEM.correlations.csv), or the whole result as JSON with --format json.",
         ),
     ] = None,
+    report_page: ReportOpt = None,
 ) -> None:
     """Which measure predicts the generalization gap, across many checkpoints?
 
@@ -141,6 +153,7 @@ def correlate(
     from ..runtime import manifest, resolve_device, resolve_dtype
 
     fmt = check_format(fmt)
+    check_report_path(report_page)
     chosen = select(measures) if measures else list(DEFAULT_CORRELATE())
     if "distance_from_init" in chosen:
         raise UsageError("correlate cannot compute distance_from_init (no --init per checkpoint)")
@@ -199,7 +212,14 @@ def correlate(
         log_x=log_x,
         bootstrap=bootstrap,
         seed=seed,
-        manifest=manifest(device=device, dtype=dtype, seed=seed, config_key=config.key()),
+        manifest=manifest(
+            device=device,
+            dtype=dtype,
+            seed=seed,
+            config_key=config.key(),
+            argv=command_argv(ctx),
+        ),
+        report_page=report_page,
     )
 
 
@@ -258,6 +278,7 @@ def _report_correlations(
     seed,
     manifest,
     recomputed_from=None,
+    report_page=None,
 ):
     from ..correlate import analyse
     from ..report import to_json
@@ -278,6 +299,7 @@ def _report_correlations(
         "source": recomputed_from,
         "manifest": manifest,
     }
+    write_page(report_page, report, color_by=color_by, log_x=log_x)
     if fmt == "json":
         emit(to_json(report), output)
         return
@@ -335,6 +357,7 @@ def _plot(df, table, measures, plots: Path, *, color_by, log_x) -> None:  # noqa
 @app.command()
 @friendly
 def plot(
+    ctx: typer.Context,
     results: Annotated[
         Path,
         typer.Argument(
@@ -349,6 +372,7 @@ def plot(
     bootstrap: BootstrapOpt = 1000,
     seed: SeedOpt = 0,
     fmt: FormatOpt = "table",
+    report_page: ReportOpt = None,
 ) -> None:
     """Re-plot (and re-tabulate) a correlate result without measuring again.
 
@@ -362,6 +386,7 @@ def plot(
     from ..runtime import manifest
 
     fmt = check_format(fmt)
+    check_report_path(report_page)
     if not results.is_file():
         raise FlatcliError(f"results file not found: {results}")
     try:
@@ -388,6 +413,9 @@ def plot(
         log_x=log_x,
         bootstrap=bootstrap,
         seed=seed,
-        manifest=manifest(device="cpu", dtype="float64", seed=seed),
+        manifest=manifest(
+            device="cpu", dtype="float64", seed=seed, argv=command_argv(ctx)
+        ),
         recomputed_from=str(results),
+        report_page=report_page,
     )

@@ -9,7 +9,7 @@ import typer
 
 from ..errors import UsageError
 from .app import app
-from .common import friendly, progress
+from .common import check_report_path, command_argv, friendly, progress, write_page
 from .options import (
     ArchKwargsOpt,
     ArchOpt,
@@ -19,6 +19,7 @@ from .options import (
     DtypeOpt,
     LossOpt,
     MaxSamplesOpt,
+    ReportOpt,
     TargetOpt,
     TrustOpt,
 )
@@ -27,6 +28,7 @@ from .options import (
 @app.command()
 @friendly
 def finetune(
+    ctx: typer.Context,
     checkpoint: Checkpoint,
     fam_lambda: Annotated[
         str,
@@ -115,7 +117,11 @@ def finetune(
     ] = None,
     resume: Annotated[
         bool,
-        typer.Option("--resume", help="Continue from OUT's state file after an interruption."),
+        typer.Option(
+            "--resume",
+            help="Continue from OUT's state file after an interruption.",
+            metavar="",
+        ),
     ] = False,
     data: DataOpt = None,
     target: TargetOpt = None,
@@ -129,6 +135,7 @@ def finetune(
     seed: Annotated[
         int, typer.Option("--seed", help="Seed of shuffling, Hutchinson probes and dropout.")
     ] = 0,
+    report_page: ReportOpt = None,
 ) -> None:
     """Fine-tune with FAM: minimize E + λ κ(W) with the exact gradient (Adilova et al. 2023).
 
@@ -151,6 +158,7 @@ def finetune(
     from ..finetune import finetune as run_finetune
     from ..prepare import parse_json_object
 
+    check_report_path(report_page)
     ck = load_checkpoint(
         checkpoint,
         arch=arch,
@@ -190,6 +198,13 @@ def finetune(
             resume=resume,
             progress=note,
         )
+    if report_page is not None:
+        from ..html import finetune_result
+        from ..runtime import manifest, resolve_device
+
+        argv = command_argv(ctx)
+        run = manifest(device=resolve_device(device), dtype=dtype, seed=seed, argv=argv)
+        write_page(report_page, finetune_result(result, manifest=run))
     from .render import finetune_tables
 
     finetune_tables(result)

@@ -8,7 +8,17 @@ from typing import Annotated
 import typer
 
 from .app import app
-from .common import check_format, emit, friendly, measure_options, progress, setup
+from .common import (
+    check_format,
+    check_report_path,
+    command_argv,
+    emit,
+    friendly,
+    measure_options,
+    progress,
+    setup,
+    write_page,
+)
 from .options import (
     ArchKwargsOpt,
     ArchOpt,
@@ -34,6 +44,7 @@ from .options import (
     PacTargetOpt,
     PacThresholdOpt,
     ProbesOpt,
+    ReportOpt,
     RtolOpt,
     SeedOpt,
     SplitOpt,
@@ -46,6 +57,7 @@ from .options import (
 @app.command()
 @friendly
 def measure(
+    ctx: typer.Context,
     checkpoint: Checkpoint,
     layer: LayerOpt = None,
     measures: Annotated[
@@ -61,7 +73,9 @@ def measure(
     normalize: Annotated[
         bool,
         typer.Option(
-            "--normalize", help="Add relative_flatness_normalized (Theorem 4, std with ddof=0)."
+            "--normalize",
+            help="Add relative_flatness_normalized (Theorem 4, std with ddof=0).",
+            metavar="",
         ),
     ] = False,
     probes: ProbesOpt = 64,
@@ -91,6 +105,7 @@ def measure(
     seed: SeedOpt = 0,
     fmt: FormatOpt = "table",
     output: OutputOpt = None,
+    report_page: ReportOpt = None,
 ) -> None:
     """Relative flatness and the other measures of one checkpoint, on its training data.
 
@@ -106,10 +121,11 @@ def measure(
         --format json --output result.json
     """
     from .. import registry
-    from ..report import measure_report, measures_csv, measures_table, to_json
+    from ..report import measure_report, measures_csv, to_json
     from ..runtime import manifest
 
     fmt = check_format(fmt)
+    check_report_path(report_page)
     names = registry.select(measures, normalize=normalize, has_init=init is not None)
     options = measure_options(
         method=method,
@@ -158,9 +174,12 @@ def measure(
         },
         data={"source": prep.batches.source, "split": split, "n_samples": prep.batches.n_samples},
         measures=results,
-        manifest=manifest(device=prep.device, dtype=prep.dtype, seed=seed),
+        manifest=manifest(
+            device=prep.device, dtype=prep.dtype, seed=seed, argv=command_argv(ctx)
+        ),
         config=config.as_dict(),
     )
+    write_page(report_page, report)
     if fmt == "json":
         emit(to_json(report), output)
     elif fmt == "csv":
@@ -175,10 +194,10 @@ def measure(
             from ..report import write_output
 
             write_output(output, to_json(report))
-        from rich.console import Console
+        from .render import measures_table
 
         title = (
             f"{prep.checkpoint.path.name} · layer {layer_name} · {prep.batches.source} "
             f"{split} (n={prep.batches.n_samples}) · {prep.loss}"
         )
-        Console().print(measures_table(results, title=title))
+        measures_table(results, title=title)

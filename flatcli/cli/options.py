@@ -1,4 +1,8 @@
-"""The options that several commands share, as ``Annotated`` Typer types."""
+"""The options that several commands share, as ``Annotated`` Typer types.
+
+Boolean flags take ``metavar=""``: they take no value, and without it Typer's help shows
+an odd ``<bool>`` type next to them.
+"""
 
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ TrustOpt = Annotated[
         "--trust-code",
         help="Allow formats whose loading runs code from the file (pickled modules,"
         " TorchScript, .pt2) and architectures named by the file. Only for files you trust.",
+        metavar="",
     ),
 ]
 DataOpt = Annotated[
@@ -108,7 +113,8 @@ MaxProbesOpt = Annotated[
     int, typer.Option("--max-probes", help="Hutchinson Hessian trace: most probes.")
 ]
 FrBiasOpt = Annotated[
-    bool, typer.Option("--fr-include-bias", help="Count biases in the Fisher-Rao norm.")
+    bool,
+    typer.Option("--fr-include-bias", help="Count biases in the Fisher-Rao norm.", metavar=""),
 ]
 FrLabelsOpt = Annotated[
     str,
@@ -168,8 +174,18 @@ ColorByOpt = Annotated[
     str | None,
     typer.Option("--color-by", help="Hyperparameter that colors the scatter points (e.g. width)."),
 ]
-LogXOpt = Annotated[bool, typer.Option("--log-x", help="Logarithmic measure axes.")]
+LogXOpt = Annotated[
+    bool, typer.Option("--log-x", help="Logarithmic measure axes.", metavar="")
+]
 BootstrapOpt = Annotated[
     int, typer.Option("--bootstrap", help="Bootstrap resamples for the 95% confidence intervals.")
 ]
 
+ReportOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--report",
+        help="Also write the result as one self-contained HTML page (figures inline, "
+        "nothing loaded from the network).",
+    ),
+]

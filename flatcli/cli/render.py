@@ -6,6 +6,40 @@ import math
 from typing import Any
 
 
+def name_column(table: Any, header: str, names: Any) -> None:
+    """A first column that shows every name in full, never cut: the table shrinks others."""
+    longest = max((len(str(n)) for n in names), default=len(header))
+    table.add_column(header, style="bold", no_wrap=True, min_width=max(longest, len(header)))
+
+
+def measures_table(measures: Any, *, title: str | None = None) -> None:
+    """Print measures with value and standard error; their methods as numbered notes.
+
+    Full measure names at any width (piped output and 80 columns included). A method
+    string is long and often shared by several measures, so the table names it by a
+    note number and the notes follow the table (``--format json`` has them per measure).
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..report import format_value
+
+    console = Console()
+    notes: dict[str, int] = {}
+    table = Table(title=title, title_justify="left")
+    name_column(table, "measure", measures)
+    table.add_column("value", justify="right", no_wrap=True)
+    table.add_column("± stderr", justify="right", no_wrap=True)
+    table.add_column("method", justify="right", no_wrap=True)
+    for name, est in measures.items():
+        number = notes.setdefault(est.method, len(notes) + 1)
+        se = "exact" if est.stderr is None else format_value(est.stderr)
+        table.add_row(name, format_value(est.value), se, f"[{number}]")
+    console.print(table)
+    for method, number in notes.items():
+        console.print(f"[{number}] {method}", highlight=False, markup=False)
+
+
 def inspect_table(ck: Any, info: dict) -> None:
     """Print :func:`flatcli.inspection.describe`'s result as a table."""
     from rich.console import Console
@@ -55,10 +89,9 @@ def audit_tables(original: Any, reps: Any) -> None:
             f"{rep.max_output_change:.2e})",
             title_justify="left",
         )
-        for col in ("measure", "original", "reparameterized", "relative change", "invariant"):
-            table.add_column(
-                col, justify="left" if col == "measure" else "right", no_wrap=col == "measure"
-            )
+        name_column(table, "measure", [row.measure for row in rep.rows])
+        for col in ("original", "reparameterized", "relative change", "invariant"):
+            table.add_column(col, justify="right")
         for row in rep.rows:
             mark = "[green]yes[/]" if row.invariant else "[red]no[/]"
             table.add_row(
@@ -83,23 +116,29 @@ def correlations(table, result, n, run) -> None:  # noqa: ANN001
     console = Console()
     if not console.is_terminal:  # a file or pipe: do not squeeze the table into 80 columns
         console = Console(width=max(console.width, 120))
+    # A CI beside its value when there is room, else below it (wrapped at its space).
+    sep = " " if console.width >= 120 else "\n"
     for gap, label in (("gap_loss", "test_loss − train_loss"), ("gap_acc", "train_acc − test_acc")):
         t = Table(
             title=f"correlation with the generalization gap {label} ({n} checkpoints, "
             "95% bootstrap CIs)",
             title_justify="left",
+            pad_edge=False,  # with the CIs wrapped below the values, 80 columns suffice
+            collapse_padding=True,
         )
-        for col in ("measure", "Kendall τ-b", "τ-a", "Spearman ρ", "Pearson r", "Ψ"):
-            t.add_column(col, justify="left" if col == "measure" else "right", no_wrap=True)
         rows = table[table["gap"] == gap].sort_values("kendall_tau_b", ascending=False)
+        name_column(t, "measure", rows["measure"])
+        for col in ("Kendall τ-b", "τ-a", "Spearman ρ", "Pearson r", "Ψ"):
+            # Narrow enough for 80 columns, wide enough for each word of the header.
+            t.add_column(col, justify="right", min_width=max(map(len, col.split())))
         for _, r in rows.iterrows():
             psi = result["granulated"].get(gap, {}).get(r["measure"], {}).get("Psi")
             t.add_row(
                 r["measure"],
-                _ci(r, "kendall_tau_b"),
+                _ci(r, "kendall_tau_b", sep),
                 _num(r["kendall_tau_a"]),
-                _ci(r, "spearman_rho"),
-                _ci(r, "pearson_r"),
+                _ci(r, "spearman_rho", sep),
+                _ci(r, "pearson_r", sep),
                 _num(psi),
             )
         console.print(t)
@@ -118,9 +157,9 @@ def _num(x) -> str:  # noqa: ANN001
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.3f}"
 
 
-def _ci(r, stat: str) -> str:  # noqa: ANN001
+def _ci(r, stat: str, sep: str = " ") -> str:  # noqa: ANN001
     lo, hi = r[f"{stat}_lo"], r[f"{stat}_hi"]
-    bounds = "" if lo != lo or hi != hi else f" [{lo:+.2f},{hi:+.2f}]"  # NaN-safe
+    bounds = "" if lo != lo or hi != hi else f"{sep}[{lo:+.2f}, {hi:+.2f}]"  # NaN-safe
     return f"{_num(r[stat])}{bounds}"
 
 

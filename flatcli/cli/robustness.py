@@ -62,6 +62,7 @@ def robustness(
             "--label-change",
             help="Also the variant where a perturbed feature takes the label of its nearest "
             "feature vector in the data (integer labels; Theorem 5 does not cover it).",
+            metavar="",
         ),
     ] = False,
     plot: Annotated[
