@@ -453,3 +453,21 @@ def test_dead_units_option_default_and_message() -> None:
     assert re.fullmatch(
         r"--dead-units must be one of (unscaled, drop|drop, unscaled), got 'zero'", str(info.value)
     )
+
+
+@pytest.mark.parametrize("dead_units", ["drop", "unscaled"])
+def test_feature_scaling_entries(dead_units: str) -> None:
+    from flatcli.data import as_batches
+    from flatcli.measures.relative_flatness import feature_scaling
+
+    model = with_constant_and_dead_units("fc2", "fc")
+    x, y = models.classification_data()
+    split = LayerSplit(model, "fc")
+    with torch.no_grad():
+        got = feature_scaling(split, as_batches((x, y), batch_size=5), dead_units=dead_units)
+        sigma = split.cut(x).phi.std(0, unbiased=False)
+    fill = 0.0 if dead_units == "drop" else 1.0
+    assert got.dead == 2 and got.dead_units == dead_units
+    assert got.scale[:2].tolist() == [fill, fill] and got.inverse[:2].tolist() == [fill, fill]
+    torch.testing.assert_close(got.scale[2:], sigma[2:], rtol=1e-12, atol=0)
+    torch.testing.assert_close(got.inverse[2:], 1 / sigma[2:], rtol=1e-12, atol=0)
