@@ -471,3 +471,33 @@ def test_feature_scaling_entries(dead_units: str) -> None:
     assert got.scale[:2].tolist() == [fill, fill] and got.inverse[:2].tolist() == [fill, fill]
     torch.testing.assert_close(got.scale[2:], sigma[2:], rtol=1e-12, atol=0)
     torch.testing.assert_close(got.inverse[2:], 1 / sigma[2:], rtol=1e-12, atol=0)
+
+
+def test_dead_means_sigma_below_1e_12_of_the_largest_sigma() -> None:
+    # A unit whose std is ~1e-11 (rounding-level next to units with std ~1e2) counts as
+    # dead; the same absolute std next to units with std below 1 would not.
+    x, _ = models.classification_data(n=40)
+    model = with_constant_and_dead_units("fc2", "fc")
+    mods = dict(model.named_modules())
+    with torch.no_grad():
+        mods["fc2"].weight[0] = 1e-11 * torch.arange(1.0, 7.0, dtype=torch.float64)
+        mods["fc2"].weight[2:] *= 300.0
+        mods["fc2"].bias[2:] = 1e3  # stay active
+    from flatcli.data import as_batches
+
+    batches = as_batches((x, torch.zeros(40, dtype=torch.long)), batch_size=8)
+    with torch.no_grad():
+        sigma, dead = feature_std(LayerSplit(model, "fc"), batches)
+        phi = LayerSplit(model, "fc").cut(x).phi
+    raw = phi.std(0, unbiased=False)
+    assert 1e-12 < float(raw[0]) < 1e-10 and float(raw.max()) > 100
+    assert dead == 2 and float(sigma[0]) == 1.0  # unit 0 (tiny std) and unit 1 (dead)
+
+
+def test_normalize_on_empty_data_is_a_clear_error() -> None:
+    from flatcli.errors import FlatcliError
+
+    x, y = models.classification_data()
+    with pytest.raises(FlatcliError) as info:
+        layer_measures(models.mlp(), "fc", (x[:0], y[:0]), normalize=True)
+    assert str(info.value) == "the dataset is empty"
