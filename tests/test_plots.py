@@ -198,3 +198,17 @@ def test_scatter_panels_plot_the_tables_points_and_statistics(
                 assert text in title, (measure, title)
         assert f"n = {row['n']}" in title
     assert axes[0].get_ylabel() == "generalization gap (test loss − train loss)"
+
+
+def test_legend_labels_and_gap_error_message(tmp_path: Path, figures: list) -> None:
+    df = zoo_like_table().assign(lr=np.tile([1 / 3, 0.1], 12), opt=np.tile(["sgd", "adam"], 12))
+    for column, labels in (("lr", ["0.1", "0.333333"]), ("opt", ["adam", "sgd"])):
+        scatter_grid(df, ["sharp"], "gap_loss", color_by=column, path_stem=tmp_path / column)
+        (legend,) = figures[-1].legends
+        assert legend.get_title().get_text() == column
+        assert [t.get_text() for t in legend.get_texts()] == labels
+    stats = correlation_table(df, ["sharp"], ["gap_loss"], bootstrap=0)
+    with pytest.raises(FlatcliError) as info:
+        tau_bar_chart(stats, "gap_acc", path_stem=tmp_path / "t")
+    message = "the statistics table has no rows for gap 'gap_acc' (it has: gap_loss)"
+    assert str(info.value) == message
