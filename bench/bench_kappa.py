@@ -70,23 +70,16 @@ def warm_up() -> None:
     relative_flatness(model, "0", (torch.randn(5, 4, dtype=torch.float64), torch.zeros(5).long()))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="smaller sizes (smoke run)")
-    parser.add_argument(
-        "--full",
-        action="store_true",
-        help="build every naive Hessian in full (slow: tens of minutes)",
-    )
-    args = parser.parse_args()
-    max_rows = None if args.full else 1000
+def collect(quick: bool = False, full: bool = False) -> tuple[int, list[tuple]]:
+    """``(n, rows)``; each row ``(case, naive s, flatcli s, flatcli κ, naive κ or None)``."""
+    max_rows = None if full else 1000
     warm_up()
     torch.manual_seed(0)
-    n = 400 if args.quick else 2000
+    n = 400 if quick else 2000
     x = torch.randn(n, 64, dtype=torch.float64)
     y = torch.randint(0, 10, (n,))
     rows = []
-    widths = (84,) if args.quick else (84, 256, 512)
+    widths = (84,) if quick else (84, 256, 512)
     for m in widths:
         model = nn.Sequential(nn.Linear(64, m), nn.ReLU(), nn.Linear(m, 10)).double().eval()
         fast, t_fast = timed(
@@ -94,7 +87,7 @@ def main() -> None:
         )
         slow, t_slow, note = naive_kappa(model, model[2], x, y, max_rows)
         rows.append((f"logits layer d=10, m={m} {note}", t_slow, t_fast, fast.value, slow))
-    hidden = 32 if args.quick else 64
+    hidden = 32 if quick else 64
     model = (
         nn.Sequential(
             nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, 32), nn.ReLU(), nn.Linear(32, 10)
@@ -105,6 +98,19 @@ def main() -> None:
     fast, t_fast = timed(lambda: relative_flatness(model, "0", (x, y), batch_size=500))
     slow, t_slow, note = naive_kappa(model, model[0], x, y, max_rows)
     rows.append((f"hidden layer d={hidden}, m=64 {note}", t_slow, t_fast, fast.value, slow))
+    return n, rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes (smoke run)")
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="build every naive Hessian in full (slow: tens of minutes)",
+    )
+    args = parser.parse_args()
+    n, rows = collect(args.quick, args.full)
     print(f"n = {n} samples, float64, {torch.get_num_threads()} threads")
     print(f"{'case':<64} {'naive s':>9} {'flatcli s':>10} {'speed-up':>9} {'rel diff':>9}")
     for name, t_slow, t_fast, v_fast, v_slow in rows:

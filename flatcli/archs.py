@@ -12,6 +12,9 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+BUILDERS: tuple[str, ...] = ("mlp", "cnn", "resnet18")
+"""The builders a checkpoint's metadata may name (``flatcli.archs:<name>``), and no others."""
+
 
 def mlp(
     in_features: int = 64,

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .data import Batches
-from .errors import FlatcliError
+from .errors import FlatcliError, UsageError
 from .features import call_model
 from .measures.estimate import Estimate
 from .registry import Inputs, MeasureConfig, run_measures
@@ -96,6 +96,8 @@ def audit(
     Returns:
         The original measures and one :class:`Reparameterization` per kind.
     """
+    if not (math.isfinite(rtol) and rtol >= 0):
+        raise UsageError(f"--tolerance must be a finite number ≥ 0, got {rtol}")
     note = note or (lambda _msg: None)
     pairs, reasons = find_pairs(model)
     note("measures of the original model")

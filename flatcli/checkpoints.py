@@ -4,8 +4,9 @@ Safe by default: ``.safetensors`` files and ``torch.load(weights_only=True)`` st
 dicts never execute code. Whole pickled modules, TorchScript archives and
 ``torch.export`` ``.pt2`` programs do, so they load only with ``trust_code=True``
 (``--trust-code``). An architecture named in a file's metadata is followed only when it
-is one of flatcli's own (:mod:`flatcli.archs`); anything else is the user's choice
-(``--arch``) or needs ``trust_code``.
+is exactly ``flatcli.archs:<name>`` for a name in :data:`flatcli.archs.BUILDERS`; anything
+else is the user's choice (``--arch``) or needs ``trust_code``, and a metadata spec that
+names a file is never followed. Zip archives are checked for decompression bombs first.
 
 flatcli's own checkpoints carry string metadata under ``flatcli.*`` keys:
 ``arch`` (``module:callable``), ``arch_kwargs`` (JSON), ``data``, ``loss``,
@@ -30,8 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import FlatcliError, UsageError
-from .io import atomic_write, sha256_file
+from .errors import FlatcliError, UsageError, warn
+from .io import atomic_write, check_archive_size, check_regular_file, sha256_file
 
 SAFE_ARCH_PREFIX = "flatcli.archs:"
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
@@ -61,13 +62,30 @@ class Checkpoint:
     @property
     def hparams(self) -> dict[str, Any]:
         """Hyperparameters recorded in the metadata (empty when none)."""
-        return _json_or(self.metadata.get("hparams"), {}, "hparams")
+        value = _json_or(self.metadata.get("hparams"), {}, "hparams")
+        if not isinstance(value, dict):
+            raise FlatcliError("checkpoint metadata flatcli.hparams is not a JSON object")
+        return value
 
     @property
     def input_shape(self) -> tuple[int, ...] | None:
         """Per-sample input shape recorded in the metadata, if any."""
         shape = _json_or(self.metadata.get("input_shape"), None, "input_shape")
-        return tuple(int(s) for s in shape) if shape else None
+        if shape is None or shape == []:
+            return None
+        if not (
+            isinstance(shape, list)
+            and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)
+        ):
+            raise FlatcliError(
+                "checkpoint metadata flatcli.input_shape must be a JSON list of positive "
+                f"integers, got {_short(self.metadata['input_shape'])}"
+            )
+        return tuple(shape)
+
+
+def _short(text: str, k: int = 40) -> str:
+    return repr(text if len(text) <= k else text[:k] + "…")
 
 
 def _json_or(text: str | None, default: Any, what: str) -> Any:
@@ -195,8 +213,7 @@ def load_checkpoint(
         )
     if path.is_dir():
         raise FlatcliError(f"{path} is a folder without config.json (not a Hugging Face model)")
-    if not path.is_file():
-        raise FlatcliError(f"checkpoint not found: {path}")
+    path = check_regular_file(path, "checkpoint")
     sha = sha256_file(path)
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
@@ -215,6 +232,33 @@ def load_checkpoint(
     model = build_model(arch, arch_kwargs, meta, trust_code=trust_code, path=path)
     load_state(model, state, path)
     return Checkpoint(model=model.eval(), path=path, sha256=sha, format=fmt, metadata=meta)
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """A checkpoint's ``flatcli.*`` metadata without building the model (empty when it has
+    none, or cannot be read safely: loading it reports why)."""
+    path = Path(path)
+    try:
+        from .hf import _flatcli_metadata, config_path
+
+        config = config_path(path)
+        if config is not None:
+            return _flatcli_metadata(config.parent)
+        if path.suffix.lower() == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                raw = f.metadata() or {}
+            return {k.removeprefix("flatcli."): v for k, v in raw.items() if k[:8] == "flatcli."}
+        if path.suffix.lower() == ".pt2" or _is_torchscript(path):
+            return {}
+        check_archive_size(path)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception:  # noqa: BLE001 - unreadable here means: no metadata to follow
+        return {}
+    if isinstance(obj, dict) and isinstance(obj.get("flatcli"), dict):
+        return {str(k): str(v) for k, v in obj["flatcli"].items()}
+    return {}
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -244,6 +288,7 @@ def _is_torchscript(path: Path) -> bool:
 
 
 def _torch_load_weights_only(path: Path, trust_code: bool) -> Any:
+    check_archive_size(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -349,6 +394,49 @@ def resolve_arch(spec: str) -> Any:
     return fn
 
 
+def is_safe_arch(spec: str) -> bool:
+    """Whether ``spec`` is exactly ``flatcli.archs:<name>`` for a builder in
+    :data:`flatcli.archs.BUILDERS`: the only architectures followed from metadata unasked."""
+    from .archs import BUILDERS
+
+    return spec.startswith(SAFE_ARCH_PREFIX) and spec[len(SAFE_ARCH_PREFIX) :] in BUILDERS
+
+
+def _safe_builder(spec: str) -> Any:
+    if not is_safe_arch(spec):
+        return None
+    from . import archs
+
+    return getattr(archs, spec[len(SAFE_ARCH_PREFIX) :])
+
+
+def check_metadata_arch(spec: str, path: Path, *, trust_code: bool) -> None:
+    """Refuse an architecture named by a file unless it is one of flatcli's own builders.
+
+    A spec that names a file (``x.py:fn``, anything with a path separator) is refused even
+    with ``trust_code``: a file name in metadata would resolve against the working
+    directory, which the checkpoint's author does not control. Other modules need
+    ``trust_code``.
+
+    Raises:
+        FlatcliError: The spec is not allowed.
+    """
+    if is_safe_arch(spec):
+        return
+    module = spec.rpartition(":")[0]
+    if any(c in spec for c in "/\\") or module.endswith(".py") or spec.startswith(("~", ".")):
+        raise FlatcliError(
+            f"{path.name} names a file as its architecture ({_short(spec)}); flatcli never "
+            "imports a file named by a checkpoint: pass --arch yourself"
+        )
+    if not trust_code:
+        raise FlatcliError(
+            f"{path.name} names architecture {_short(spec)}, which is not one of "
+            "flatcli's; importing it runs code: pass --arch yourself, or "
+            "--trust-code if you trust the file"
+        )
+
+
 def build_model(
     arch: str | None,
     arch_kwargs: Mapping[str, Any] | None,
@@ -365,17 +453,14 @@ def build_model(
                 f"{path.name} holds only weights: say which architecture to build "
                 "with --arch package.module:callable (and --arch-kwargs JSON)"
             )
-        if not arch.startswith(SAFE_ARCH_PREFIX) and not trust_code:
-            raise FlatcliError(
-                f"{path.name} names architecture {arch!r}, which is not one of "
-                "flatcli's; importing it runs code: pass --arch yourself, or "
-                "--trust-code if you trust the file"
-            )
+        check_metadata_arch(arch, path, trust_code=trust_code)
     if arch_kwargs is None:
         arch_kwargs = _json_or(meta.get("arch_kwargs"), {}, "arch_kwargs")
+        if not isinstance(arch_kwargs, Mapping):
+            raise FlatcliError("checkpoint metadata flatcli.arch_kwargs is not a JSON object")
     if not isinstance(arch_kwargs, Mapping):
         raise UsageError("--arch-kwargs must be a JSON object")
-    fn = resolve_arch(arch)
+    fn = _safe_builder(arch) or resolve_arch(arch)
     try:
         model = fn(**arch_kwargs)
     except Exception as e:  # noqa: BLE001 - user code may raise anything
@@ -405,11 +490,43 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path) 
         problems.append(f"shape mismatch {_few(wrong)}")
     if problems:
         raise FlatcliError(f"{path.name} does not fit the architecture: " + "; ".join(problems))
+    _check_dtypes(expected, state, path)
     full = dict(state)
     for k in expected:
         if k not in full:
             full[k] = state[next(iter(aliases[k] & set(state)))]
     model.load_state_dict(full, strict=True)
+
+
+def _check_dtypes(
+    expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], path: Path
+) -> None:
+    """Refuse integer or boolean weights where the model has floats; say when half-precision
+    weights are cast up (loading copies them into the model's own dtype)."""
+    wrong = [
+        f"{k} ({str(state[k].dtype).removeprefix('torch.')})"
+        for k, v in expected.items()
+        if k in state and v.is_floating_point() and not state[k].is_floating_point()
+    ]
+    if wrong:
+        raise FlatcliError(
+            f"{path.name} stores non-float values for floating-point weights: {_few(wrong)}"
+        )
+    cast = sorted(
+        {
+            str(state[k].dtype).removeprefix("torch.")
+            for k, v in expected.items()
+            if k in state
+            and state[k].dtype in (torch.float16, torch.bfloat16)
+            and state[k].dtype != v.dtype
+        }
+    )
+    if cast:
+        to = next(v.dtype for v in expected.values() if v.is_floating_point())
+        warn(
+            f"{path.name} stores {', '.join(cast)} weights; they are cast to "
+            f"{str(to).removeprefix('torch.')}"
+        )
 
 
 def _tied_aliases(model: nn.Module) -> dict[str, set[str]]:

@@ -4,12 +4,17 @@ The experiment of Petzka et al. (2021), Fig. 5, and Jiang et al. (2020), as one 
 
 Reliability:
 
-* Every checkpoint's result is cached as one JSON file, keyed by the checkpoint's sha256
-  and the measure configuration, and written atomically. An interrupted run, rerun with the
+* Every checkpoint's result is cached as one JSON file, keyed by the checkpoint's sha256,
+  the sha256 of its data file (for a bundled set, of the bundled file) and the measure
+  configuration, and written atomically. An entry is checked against the result schema
+  when read; a damaged one is measured again, with a warning. An interrupted run, rerun with the
   same arguments, recomputes only what is missing and yields the same table.
 * A checkpoint that cannot be loaded or measured is reported and skipped; the others go on.
 * ``jobs > 1`` measures checkpoints in worker processes (one CUDA device each, round robin,
-  when several are visible). Each worker's result is cached as soon as it is done.
+  when several are visible). Each worker's result is cached as soon as it is done. Ctrl-C
+  stops the workers at once; the results cached so far are kept.
+* Under ``torchrun`` (:mod:`flatcli.distributed`) each rank measures every ``world``-th
+  uncached checkpoint and every rank receives all rows (rank 0 writes the outputs).
 * A zoo of different widths: the ``--hparams`` CSV's ``arch.<kwarg>`` columns give each
   checkpoint its own architecture arguments (:func:`arch_kwargs_table`).
 
@@ -20,14 +25,16 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import FlatcliError, UsageError
+from .errors import FlatcliError, UsageError, warn
 from .io import atomic_write_text, sha256_file
 from .registry import MeasureOptions
 
@@ -41,7 +48,18 @@ DEFAULT_MEASURES = (
 )
 """Petzka et al.'s Fig. 5 comparison."""
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+_ROW_KEYS = (
+    "sha256",
+    "layer",
+    "n_train",
+    "n_test",
+    "train_loss",
+    "test_loss",
+    "train_acc",
+    "test_acc",
+    "hparams",
+)
 
 
 @dataclass(frozen=True)
@@ -90,11 +108,14 @@ class CorrelateRun:
         rows: One dict per measured checkpoint (measures, losses, accuracies, hparams).
         skipped: ``{"checkpoint", "reason"}`` for each checkpoint that failed.
         computed: How many checkpoints were measured now (the rest came from the cache).
+        data_sha256: The sha256 of each data file used (bundled sets: of the bundled file),
+            by data spec; part of every cache key, and of the run's manifest.
     """
 
     rows: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
     computed: int = 0
+    data_sha256: dict[str, str] = field(default_factory=dict)
 
 
 def measure_checkpoints(
@@ -104,6 +125,7 @@ def measure_checkpoints(
     cache_dir: str | Path,
     jobs: int = 1,
     on_result: Callable[[str, str], None] | None = None,
+    threads: int | None = None,
     arch_kwargs_for: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> CorrelateRun:
     """Measure every checkpoint (train split) and evaluate it on train and test.
@@ -115,7 +137,10 @@ def measure_checkpoints(
             :func:`arch_kwargs_table`), merged over ``config.arch_kwargs`` for that
             checkpoint only (and part of its cache key).
         cache_dir: Directory of the per-checkpoint cache (created if missing).
-        jobs: Worker processes.
+        jobs: Worker processes (each reused for many checkpoints, so torch is imported
+            once per worker).
+        threads: Intra-op threads of each worker (default 1: ``jobs`` workers on
+            ``jobs`` cores; more oversubscribes them).
         on_result: Called with ``(checkpoint, status)`` as each finishes; status is
             ``cached``, ``computed`` or ``skipped: reason``.
 
@@ -136,6 +161,7 @@ def measure_checkpoints(
     results: dict[int, dict[str, Any] | str] = {}
     todo: list[tuple[int, str, Path]] = []
     configs: dict[int, CorrelateConfig] = {}
+    data_shas: dict[tuple[str, str], str] = {}
     for i, p in enumerate(paths):
         path = Path(p)
         sha = _checkpoint_sha256(path)
@@ -149,20 +175,33 @@ def measure_checkpoints(
             if own is None
             else replace(config, arch_kwargs={**(config.arch_kwargs or {}), **own})
         )
-        entry = cache / f"{sha}-{configs[i].key()}.json"
+        spec, data_sha = _data_of(path, config, data_shas)
+        if spec is not None and data_sha is not None:
+            run.data_sha256[spec] = data_sha
+        entry = cache / f"{sha}-{configs[i].key()}-{(data_sha or 'nodata')[:16]}.json"
         if entry.is_file():
-            try:
-                row = json.loads(entry.read_text())
+            row, problem = read_cache_entry(entry, configs[i], sha)
+            if row is not None:
                 results[i] = {"checkpoint": path.name, "path": str(path), **row}
                 note(str(path), "cached")
                 continue
-            except (json.JSONDecodeError, OSError):
-                pass  # a damaged cache entry is recomputed
+            warn(f"cache entry {entry.name} of {path.name} is damaged ({problem}); measuring again")
         todo.append((i, str(path), entry))
-    for i, outcome in _run(todo, configs, jobs, note):
-        results[i] = outcome
-        if isinstance(outcome, dict):
-            run.computed += 1
+    from . import distributed
+
+    # Under torchrun, rank r measures every world-th checkpoint; every rank gets all rows.
+    # Rank 0's list decides (the gather is also a barrier: no rank writes a cache entry
+    # before every rank has read the cache).
+    shared = distributed.gather([[i, path, str(entry)] for i, path, entry in todo])[0]
+    todo = [(int(i), str(path), Path(entry)) for i, path, entry in shared]
+    mine = todo[distributed.rank() :: distributed.world_size()]
+    with contextlib.closing(_run(mine, configs, jobs, note, threads)) as outcomes:
+        local = [[i, outcome] for i, outcome in outcomes]
+    for part in distributed.gather(local):
+        for i, outcome in part:
+            results[i] = outcome
+            if isinstance(outcome, dict):
+                run.computed += 1
     for i, p in enumerate(paths):
         outcome = results[i]
         if isinstance(outcome, dict):
@@ -170,6 +209,80 @@ def measure_checkpoints(
         else:
             run.skipped.append({"checkpoint": str(p), "reason": outcome})
     return run
+
+
+def _data_of(
+    path: Path, config: CorrelateConfig, memo: dict[tuple[str, str], str]
+) -> tuple[str | None, str | None]:
+    """The data spec a checkpoint is measured on and its content sha256 (None: unknown,
+    the measurement itself then reports why)."""
+    from .checkpoints import read_metadata
+    from .data import data_sha256, metadata_data
+    from .hf import config_path
+
+    hf_config = config_path(path)
+    ck_path = hf_config.parent if hf_config is not None else path  # as Checkpoint.path
+    try:
+        if config.data is not None:
+            spec, base = config.data, ck_path.parent
+        else:
+            named = read_metadata(path).get("data")
+            if named is None:
+                return None, None
+            spec, base = metadata_data(named, ck_path), None
+        resolved = str(Path(spec).expanduser().resolve()) if Path(spec).exists() else spec
+        key = (resolved, str(base))
+        if key not in memo:
+            memo[key] = data_sha256(spec, base_dir=base)
+        return spec, memo[key]
+    except (FlatcliError, OSError):
+        return None, None
+
+
+def read_cache_entry(
+    entry: Path, config: CorrelateConfig, sha256: str
+) -> tuple[dict[str, Any] | None, str]:
+    """A cached result, checked against the result schema.
+
+    Returns:
+        ``(row, "")`` for a valid entry, else ``(None, reason)``.
+    """
+    try:
+        row = json.loads(entry.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        return None, "not UTF-8"
+    except json.JSONDecodeError:
+        return None, "not JSON"
+    except OSError as e:
+        return None, e.strerror or "unreadable"
+    problem = _row_problem(row, config, sha256)
+    return (None, problem) if problem else (row, "")
+
+
+def _row_problem(row: Any, config: CorrelateConfig, sha256: str) -> str:
+    def number(v: Any) -> bool:
+        return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+    if not isinstance(row, dict):
+        return f"a JSON {type(row).__name__}, not a result"
+    missing = [k for k in _ROW_KEYS if k not in row]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    allowed = set(_ROW_KEYS) | {m + s for m in config.measures for s in ("", "_stderr")}
+    extra = [k for k in row if k not in allowed]
+    if extra:
+        return f"unexpected {', '.join(map(str, extra[:3]))}"
+    if row["sha256"] != sha256:
+        return "another checkpoint's result"
+    if not isinstance(row["layer"], str) or not isinstance(row["hparams"], dict):
+        return "wrong types"
+    counts = (row["n_train"], row["n_test"])
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in counts):
+        return "sample counts are not positive integers"
+    bad = [k for k in row if k not in ("sha256", "layer", "hparams") and not number(row[k])]
+    if bad:
+        return f"non-numeric {', '.join(bad[:3])}"
+    return ""
 
 
 def _checkpoint_sha256(path: Path) -> str | None:
@@ -230,6 +343,7 @@ def _run(
     configs: Mapping[int, CorrelateConfig],
     jobs: int,
     note: Callable[[str, str], None],
+    threads: int | None = None,
 ):  # noqa: ANN202 - generator of (index, outcome)
     first = next(iter(configs.values()), None)
     devices = _devices(first.device if first else "cpu", jobs)
@@ -242,11 +356,15 @@ def _run(
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    with ProcessPoolExecutor(
-        max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init
-    ) as pool:
+    pool = ProcessPoolExecutor(
+        max_workers=jobs,
+        mp_context=mp.get_context("spawn"),
+        initializer=_worker_init,
+        initargs=(threads or 1,),
+    )
+    try:
         futures = {
-            pool.submit(_measure_and_cache, path, entry, configs[i], devices[k % len(devices)]): (
+            pool.submit(_worker_task, path, entry, configs[i], devices[k % len(devices)]): (
                 i,
                 path,
             )
@@ -257,15 +375,69 @@ def _run(
             outcome = future.result()
             note(path, "computed" if isinstance(outcome, dict) else f"skipped: {outcome}")
             yield i, outcome
+    except BaseException:  # Ctrl-C (or a failure): stop now, not after the queue drains
+        _stop(pool)
+        raise
+    pool.shutdown(wait=True)
 
 
-def _worker_init() -> None:
+def _stop(pool: Any) -> None:
+    """Cancel what has not started and end the workers; what they cached stays cached.
+
+    The workers ignore SIGINT (the terminal sends it to the whole process group) and turn
+    SIGTERM into an exit that removes a half-written cache file.
+    """
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in processes:
+        if p.is_alive():
+            p.terminate()
+    for p in processes:
+        p.join(timeout=5)
+        if p.is_alive():
+            p.kill()
+
+
+def _worker_init(threads: int = 1) -> None:
+    import signal
     import warnings
 
     import torch
 
-    torch.set_num_threads(1)
+    from .errors import FlatcliWarning
+    from .text import show_warning
+
+    warnings.showwarning = show_warning
+    warnings.simplefilter("always", FlatcliWarning)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    torch.set_num_threads(threads)
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated")
+
+
+class _Terminated(BaseException):
+    """SIGTERM in a worker: unwinds the running task (removing a half-written cache file)."""
+
+
+_in_task = False
+
+
+def _on_sigterm(*_: Any) -> None:
+    if _in_task:
+        raise _Terminated
+    os._exit(143)
+
+
+def _worker_task(path: str, entry: Path, config: CorrelateConfig, device: str) -> Any:
+    """:func:`_measure_and_cache` in a worker, ended by SIGTERM without a traceback."""
+    global _in_task
+    _in_task = True
+    try:
+        return _measure_and_cache(path, entry, config, device)
+    except _Terminated:
+        os._exit(143)
+    finally:
+        _in_task = False
 
 
 def _devices(device: str, jobs: int) -> list[str]:

@@ -27,8 +27,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import FlatcliError, UsageError
+from .errors import FlatcliError, UsageError, warn
 from .features import ModelInput, batch_len, logits_of
+from .io import check_archive_size, check_regular_file, sha256_file
 
 LABEL_KEYS = ("y", "labels")
 """Names labels go by in a dict batch or a data file (flatcli's, Hugging Face's)."""
@@ -377,12 +378,14 @@ def _read_arrays(
     if not path.exists():
         names = ", ".join(BUNDLED)
         raise FlatcliError(f"data file not found: {spec} (bundled datasets: {names})")
+    check_regular_file(path, "data file")
     suffix = path.suffix.lower()
     try:
         if suffix == ".npz":
             with np.load(path, allow_pickle=False) as z:
                 return {k: z[k] for k in z.files}, str(path)
         if suffix in (".pt", ".pth"):
+            check_archive_size(path)
             obj = torch.load(path, map_location="cpu", weights_only=True)
             if not isinstance(obj, dict):
                 raise FlatcliError(f"{path}: expected a dict of tensors with keys x, y")
@@ -407,13 +410,63 @@ def _read_csv(path: Path, target: str | None) -> dict[str, Any]:
     if target not in df.columns:
         raise FlatcliError(f"{path} has no column {target!r}; columns: {', '.join(df.columns)}")
     features = df.drop(columns=[target])
-    non_numeric = [c for c in features.columns if not np.issubdtype(features[c].dtype, np.number)]
+    non_numeric = [
+        str(c)
+        for c in features.columns
+        if not pd.api.types.is_numeric_dtype(features[c]) or pd.api.types.is_bool_dtype(features[c])
+    ]
     if non_numeric:
-        raise FlatcliError(f"{path}: non-numeric input columns {', '.join(non_numeric)}")
+        raise FlatcliError(
+            f"{path}: non-numeric input column(s) {', '.join(non_numeric)}; "
+            "encode them as numbers or drop them"
+        )
     y = df[target].to_numpy()
     if np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
         y = y.astype(np.int64)
     return {"x": features.to_numpy(dtype=np.float32), "y": y}
+
+
+def metadata_data(spec: str, checkpoint: Path) -> str:
+    """The data a checkpoint's ``flatcli.data`` metadata may name: a bundled set, or a plain
+    file name resolved in the checkpoint's own folder (never a path: anything else must be
+    the user's ``--data``).
+
+    Returns:
+        The bundled name, or the path of the file next to ``checkpoint``.
+
+    Raises:
+        FlatcliError: The metadata names a path or an unusable name.
+    """
+    if spec in BUNDLED:
+        return spec
+    plain = (
+        spec not in ("", ".", "..")
+        and not any(c in spec for c in "/\\:")
+        and not spec.startswith("~")
+        and spec.isprintable()
+    )
+    if not plain:
+        shown = repr(spec if len(spec) <= 40 else spec[:40] + "…")
+        raise FlatcliError(
+            f"{checkpoint.name} names its data as {shown}; a checkpoint may only name a "
+            f"bundled dataset ({', '.join(BUNDLED)}) or a file in its own folder: pass --data"
+        )
+    return str(checkpoint.parent / spec)
+
+
+def data_sha256(spec: str, *, base_dir: Path | None = None) -> str:
+    """Hex sha256 of the file a data spec names (a bundled set: of its bundled file).
+
+    It identifies the data's content in cache keys, manifests and resume state files.
+    """
+    if spec in BUNDLED:
+        ref = resources.files("flatcli") / "_bundled" / BUNDLED[spec]
+        with resources.as_file(ref) as p:
+            return sha256_file(p)
+    path = Path(spec).expanduser()
+    if not path.is_absolute() and base_dir is not None and not path.exists():
+        path = base_dir / path
+    return sha256_file(check_regular_file(path, "data file"))
 
 
 def _first_line(e: BaseException) -> str:
@@ -438,6 +491,14 @@ def fit_inputs(
         return x
     n = x.shape[0]
     per_sample = math.prod(x.shape[1:])
+    first = next((m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))), None)
+    embeds = any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in model.modules())
+    if first is not None and not embeds and not x.is_floating_point():
+        warn(
+            f"the inputs x are {str(x.dtype).removeprefix('torch.')} numbers; they are cast "
+            "to the model's floating-point dtype (values unchanged, not rescaled)"
+        )
+        x = x.float()
     if input_shape is not None:
         if math.prod(input_shape) != per_sample:
             raise FlatcliError(
@@ -445,7 +506,6 @@ def fit_inputs(
                 f"expects inputs of shape {tuple(input_shape)}"
             )
         return x.reshape(n, *input_shape)
-    first = next((m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))), None)
     if isinstance(first, nn.Linear) and x.ndim > 2 and per_sample == first.in_features:
         return x.reshape(n, per_sample)
     if isinstance(first, nn.Conv2d) and x.ndim == 2:
@@ -502,4 +562,37 @@ def check_fits(model: nn.Module, batches: Batches, *, loss: str) -> int:
         )
     if not torch.isfinite(out).all():
         raise FlatcliError("the model's output contains NaN or Inf on this data")
+    check_labels(batches, d)
     return d
+
+
+def check_labels(data: Batches | torch.Tensor, classes: int) -> None:
+    """Check every integer label lies in ``[0, classes)``, over the whole data.
+
+    Cross-entropy would silently ignore a label of -100 (and fail on other out-of-range
+    labels at an arbitrary batch), so all labels are checked once, up front. Floating-point
+    (regression) targets are not labels and pass.
+
+    Args:
+        data: All labels as one tensor, or the batches (whose labels are read in order).
+        classes: The model's number of outputs.
+
+    Raises:
+        FlatcliError: The first label out of range, with its sample index.
+    """
+    chunks = (data,) if isinstance(data, torch.Tensor) else (y for _, y in data)
+    offset = 0
+    for y in chunks:
+        if y.is_floating_point():
+            return
+        per_sample = max(y[0].numel(), 1) if y.ndim > 1 and y.shape[0] else 1
+        flat = y.reshape(-1)
+        bad = (flat < 0) | (flat >= classes)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            source = data.source if isinstance(data, Batches) else "data"
+            raise FlatcliError(
+                f"{source}: label {int(flat[i])} of sample {offset + i // per_sample} is outside "
+                f"[0, {classes}) for a model with {classes} outputs"
+            )
+        offset += int(y.shape[0])

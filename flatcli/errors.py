@@ -22,3 +22,15 @@ class UsageError(FlatcliError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, exit_code=2)
+
+
+class FlatcliWarning(UserWarning):
+    """Something flatcli changed or skipped on the user's behalf (a cast, a recomputed cache
+    entry): the CLI shows each as one ``warning:`` line on stderr."""
+
+
+def warn(message: str) -> None:
+    """Issue a :class:`FlatcliWarning` (one line)."""
+    import warnings
+
+    warnings.warn(message, FlatcliWarning, stacklevel=3)

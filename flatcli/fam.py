@@ -21,9 +21,24 @@ expression, and ordinary autograd does the rest:
   logits. :math:`\kappa = \frac1n\sum_i \|\phi_i\|^2 \big(\sum_s p_{is}\|w_s\|^2 -
   \|W^\top p_i\|^2\big)` costs about one extra head matmul.
 * **Identity 2**, for any other untied ``nn.Linear`` layer:
-  :math:`\kappa = \frac1n\sum_i \|\phi_i\|^2\,\mathrm{Tr}(W^\top B_i W)`. It uses
-  :math:`\min(d, m)` batched Hessian-vector products of the downstream part, run under
-  autograd (double backward).
+  :math:`\kappa = \frac1n\sum_i \|\phi_i\|^2\,\mathrm{Tr}(W^\top B_i W)`, in one of
+  two ways:
+
+  - **through the downstream Jacobian** (path ``jacobian``), when every operation after
+    the layer is piecewise linear (``Linear``, ``ReLU``, ``LeakyReLU``, ``Hardtanh``,
+    eval-mode ``BatchNorm1d`` and ``Dropout``, ``Flatten``, sums; see
+    :data:`PIECEWISE_LINEAR_MODULES`) up to the logits. Their second derivative is zero
+    almost everywhere, so :math:`B_i = J_i^\top H_i J_i` with :math:`J_i` the
+    :math:`C\times d` Jacobian of the logits in :math:`z_i` and :math:`H_i` the loss
+    Hessian in the logits (``diag(p_i) − p_i p_iᵀ`` for cross-entropy, ``(2/C) I`` for
+    MSE). Then :math:`\mathrm{Tr}(W^\top B_i W) = \mathrm{Tr}(M_i^\top H_i M_i)` with
+    :math:`M_i = J_i W`: :math:`C` (classes) vector-Jacobian products of the downstream
+    part, batched over the samples, and one backward through them (no double backward
+    through a Hessian). This is the same function as the HVP route wherever the ReLU
+    pattern is fixed, so its value and full Lemma 1 gradient are exact, as autograd's own
+    dense Hessian is (it also takes ``ReLU'' = 0``).
+  - otherwise :math:`\min(d, m)` batched Hessian-vector products of the downstream part,
+    run under autograd (double backward), path ``identity2``.
 * **Identity 1** (``method="hutchinson"``, or ``auto`` for a Conv2d or tied layer):
   :math:`\kappa = \mathrm{Tr}\,\nabla^2_A E(W + WA)|_{A=0}`. This is estimated as
   :math:`\langle Z, \nabla^2_A E\, Z\rangle` with Rademacher :math:`Z`, or summed over
@@ -52,11 +67,13 @@ References:
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import UsageError
@@ -70,6 +87,34 @@ Gradient = Literal["full", "detached"]
 VARIANTS = ("neuronwise", "layerwise")
 METHODS = ("auto", "exact", "hutchinson")
 GRADIENTS = ("full", "detached")
+FAMPath = Literal["closed_form", "jacobian", "identity2", "identity1"]
+
+#: Modules whose output is piecewise linear in their input (zero second derivative almost
+#: everywhere) when the downstream part runs in eval mode, as FAM evaluates it.
+PIECEWISE_LINEAR_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.Hardtanh,
+    nn.Identity,
+    nn.Dropout,
+    nn.Flatten,
+    nn.BatchNorm1d,
+)
+_PIECEWISE_LINEAR_FUNCTIONS = (
+    torch.relu,
+    F.relu,
+    F.leaky_relu,
+    F.linear,
+    torch.flatten,
+    torch.add,
+    torch.sub,
+    operator.add,
+    operator.sub,
+    operator.neg,
+)
+_PIECEWISE_LINEAR_METHODS = ("relu", "flatten", "view", "reshape", "add", "sub", "contiguous")
 
 
 class FAMRegularizer:
@@ -153,6 +198,7 @@ class FAMRegularizer:
         self.generator = generator if generator is not None else torch.Generator()
         if generator is None:
             self.generator.manual_seed(seed)
+        self.piecewise_linear = _piecewise_linear_downstream(self.split)
         if self.split.kind == "other" and method != "hutchinson":
             raise UsageError(
                 f"layer {self.split.name!r} ({type(self.split.layer).__name__}) is neither "
@@ -193,9 +239,9 @@ class FAMRegularizer:
         if path == "identity1":
             with _downstream_eval(self.model):
                 return self._identity1(cut, y, weight)
-        if path == "identity2":
+        if path in ("identity2", "jacobian"):
             with _downstream_eval(self.model):
-                return self._identity2(cut, y, weight)
+                return self._identity2(cut, y, weight, jacobian=path == "jacobian")
         return self._identity2(cut, y, weight)
 
     def _detached(self, cut: Cut, y: torch.Tensor) -> torch.Tensor:
@@ -227,11 +273,13 @@ class FAMRegularizer:
         _, cut = self.forward(x)
         return self.penalty(cut, y)
 
-    def path(self, cut: Cut | None = None) -> Literal["closed_form", "identity2", "identity1"]:
+    def path(self, cut: Cut | None = None) -> FAMPath:
         """Which computation :meth:`penalty` uses (the module docstring lists them).
 
         An ``nn.Linear`` whose output has more than two dimensions (a sequence, for
-        example) uses Identity 1. Pass a cut to take its shape into account.
+        example) uses Identity 1. A hidden ``nn.Linear`` uses ``jacobian`` when the part
+        after it is piecewise linear (:attr:`piecewise_linear`), else ``identity2``. Pass
+        a cut to take its shape into account.
         """
         split = self.split
         exact_linear = split.kind == "linear" and not split.tied and self.method != "hutchinson"
@@ -241,13 +289,18 @@ class FAMRegularizer:
             return "identity1"
         if split.produces_output and self.loss in ("cross_entropy", "mse"):
             return "closed_form"
-        return "identity2"
+        return "jacobian" if self.piecewise_linear else "identity2"
 
     def describe(self, cut: Cut | None = None) -> str:
         """The path in words, for logs and reports."""
         path = self.path(cut)
         if path == "closed_form":
             text = "exact: closed form (Identity 3, logits layer)"
+        elif path == "jacobian":
+            text = (
+                "exact: Identity 2 through the downstream Jacobian, one VJP per class "
+                f"(piecewise-linear downstream, B_i = J_iᵀ H_i J_i; {self.split.mechanism} split)"
+            )
         elif path == "identity2":
             how = f"Identity 2, {self.split.mechanism} split"
             text = f"exact: per-sample downstream HVPs under autograd ({how})"
@@ -262,22 +315,76 @@ class FAMRegularizer:
     # ------------------------------------------------------------------ paths
 
     def _identity2(
-        self, cut: Cut, y: torch.Tensor, weight: torch.Tensor | None = None
+        self,
+        cut: Cut,
+        y: torch.Tensor,
+        weight: torch.Tensor | None = None,
+        *,
+        jacobian: bool = False,
     ) -> torch.Tensor:
         """Closed form or Identity 2: ``(1/n) Σ_i ‖φ_i‖² Tr(Wᵀ B_i W)``.
 
         The layer-wise variant is ``‖W‖² (1/n) Σ_i ‖φ_i‖² Tr B_i``. ``B_i`` is taken at
-        ``cut.z``; ``weight`` (default: the layer's) is the W of the quadratic form.
+        ``cut.z``; ``weight`` (default: the layer's) is the W of the quadratic form. With
+        ``jacobian``, ``B_i = J_iᵀ H_i J_i`` (:meth:`_jacobian_forms`).
         """
         w = self.split.weight_matrix(weight)
         phi = cut.phi.reshape(cut.phi.shape[0], -1)
         sq_norms = (phi * phi).sum(1)
         layerwise = self.variant == "layerwise"
-        q, tr = self.split.quadratic_forms(cut, y, self.loss, [w], trace=layerwise)
+        if jacobian:
+            q, tr = self._jacobian_forms(cut, y, w, trace=layerwise)
+        else:
+            q, tr = self.split.quadratic_forms(cut, y, self.loss, [w], trace=layerwise)
         if layerwise:
             assert tr is not None
             return (w * w).sum() * (sq_norms * tr).mean()
         return (sq_norms * q[:, 0]).mean()
+
+    def _jacobian_forms(
+        self, cut: Cut, y: torch.Tensor, w: torch.Tensor, *, trace: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        r"""Per-sample ``Tr(Wᵀ B_i W)`` (and ``Tr B_i``) as ``Tr(Mᵀ H_i M)``, ``M = J_i W``.
+
+        Valid when the downstream part is piecewise linear, so that
+        :math:`B_i = J_i^\top H_i J_i` exactly (no curvature term). ``J_i`` comes from
+        ``C`` vector-Jacobian products (one per logit) in one batched backward, each over
+        the whole batch at once: the downstream part maps row ``i`` of ``z`` to row ``i``
+        of the logits only (eval mode). Differentiable in ``z``, ``w`` and the downstream
+        parameters when grad mode is on (the backward keeps its graph).
+        """
+        graph = torch.is_grad_enabled()
+        with torch.enable_grad():  # J_i needs autograd even when only the value is wanted
+            z = cut.z if cut.z.requires_grad else cut.z.detach().requires_grad_()
+            out = self.split.downstream(z, cut.context)
+            n, c = out.shape
+            eye = torch.eye(c, dtype=out.dtype, device=out.device)
+            # jac[k, i] = e_kᵀ J_i, the k-th row of sample i's Jacobian: one batched backward
+            (jac,) = torch.autograd.grad(
+                out,
+                z,
+                grad_outputs=eye[:, None, :].expand(c, n, c),
+                is_grads_batched=True,
+                create_graph=graph,
+            )
+        if not graph:
+            out = out.detach()
+        m = torch.einsum("kid,dr->ikr", jac, w)  # M_i = J_i W, (n, C, r)
+        if self.loss == "cross_entropy":
+            p = torch.softmax(out, dim=-1)
+
+            def form(a: torch.Tensor) -> torch.Tensor:  # Tr(Aᵀ (diag p − p pᵀ) A) per sample
+                return (p.unsqueeze(-1) * a * a).sum((1, 2)) - (
+                    (p.unsqueeze(-1) * a).sum(1) ** 2
+                ).sum(1)
+
+        else:
+
+            def form(a: torch.Tensor) -> torch.Tensor:  # H_i = (2/C) I
+                return (2 / c) * (a * a).sum((1, 2))
+
+        tr = form(jac.transpose(0, 1)) if trace else None
+        return form(m).unsqueeze(1), tr
 
     def _identity1(
         self, cut: Cut, y: torch.Tensor, weight: torch.Tensor | None = None
@@ -376,6 +483,43 @@ def detached_hessian_gradient(
     grads = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
     grads[f"{layer}.weight"] = grad_w
     return grads
+
+
+def _piecewise_linear_downstream(split: LayerSplit) -> bool:
+    """True when every operation after the layer is piecewise linear (module docstring).
+
+    Decided from the structure the split exposes: the children after the layer of an
+    ``nn.Sequential``, or the nodes of a ``torch.fx`` downstream graph. A model split with
+    hooks (no structure to read) is not claimed to be piecewise linear.
+    """
+    down = getattr(split, "_down", None)
+    if split.mechanism == "sequence" and isinstance(down, nn.Sequential):
+        allowed = (*PIECEWISE_LINEAR_MODULES, nn.Sequential)
+        return all(isinstance(m, allowed) for m in down.modules())
+    if split.mechanism != "fx" or down is None:
+        return False
+    graphs = [
+        cell.cell_contents
+        for cell in getattr(down, "__closure__", None) or ()
+        if isinstance(cell.cell_contents, torch.fx.GraphModule)
+    ]
+    if len(graphs) != 1:
+        return False
+    gm = graphs[0]
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        if node.op == "call_module":
+            module = gm.get_submodule(str(node.target))
+            allowed = (*PIECEWISE_LINEAR_MODULES, nn.Sequential)
+            if not all(isinstance(m, allowed) for m in module.modules()):
+                return False
+        elif node.op == "call_function":
+            if node.target not in _PIECEWISE_LINEAR_FUNCTIONS:
+                return False
+        elif node.op != "call_method" or node.target not in _PIECEWISE_LINEAR_METHODS:
+            return False
+    return True
 
 
 @contextmanager

@@ -27,6 +27,7 @@ report :attr:`LayerSplit.tied` and callers fall back to Identity 1 on the whole 
 from __future__ import annotations
 
 import difflib
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -236,6 +237,22 @@ class LayerSplit:
         return True
 
     def _build_fx(self) -> None:
+        """Trace and cut, or reuse the cut of an identical earlier call (see :data:`_FX_CACHE`)."""
+        key = (self.name, _structure(self.model))
+        per_model = _FX_CACHE.setdefault(self.model, {})
+        built = per_model.pop(key, None)
+        if built is None:
+            before = (self._trunk, self._down, self.produces_output, self.mechanism, self.tied)
+            self._trace_and_cut()
+            built = (self._trunk, self._down, self.produces_output, self.mechanism, self.tied)
+            self._trunk, self._down, self.produces_output, self.mechanism, self.tied = before
+        per_model[key] = built  # most recently used last
+        while len(per_model) > _FX_CACHE_PER_MODEL:
+            del per_model[next(iter(per_model))]
+        self._trunk, self._down, self.produces_output, self.mechanism, tied = built
+        self.tied = list(tied)
+
+    def _trace_and_cut(self) -> None:
         try:
             gm = torch.fx.symbolic_trace(self.model)
         except Exception:  # noqa: BLE001 - any tracing failure means: use hooks
@@ -419,6 +436,36 @@ class LayerSplit:
             names = [f"{self.name}.weight", *[t for t in self.tied if not t.startswith("<")]]
             return call_model(self.model, cut.x, dict.fromkeys(names, weight))
         return self.downstream(self.layer_forward(cut.phi, weight), cut.context)
+
+
+_FX_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, Any], Any]] = (
+    weakref.WeakKeyDictionary()
+)
+"""The fx split of each (model, layer), so that a measure does not re-trace the model on
+every call (the trace costs about as much as the measure). Keyed weakly by the model, then
+by the layer and :func:`_structure` of the model, so a structural change misses the cache.
+Weights changed in place need no invalidation: the cut graphs call the model's own
+submodules and tensors. At most :data:`_FX_CACHE_PER_MODEL` entries per model (least
+recently used dropped), e.g. one per layer and per train/eval mode."""
+_FX_CACHE_PER_MODEL = 8
+
+
+def _structure(model: nn.Module) -> tuple[Any, ...]:
+    """What a traced graph depends on: every submodule, parameter and buffer object (by
+    identity, so replacing one invalidates), module classes, instance-level ``forward``
+    overrides and training flags (``if self.training`` is traced as a constant)."""
+    modules = tuple(
+        (name, id(m), type(m), id(m.__dict__.get("forward")), m.training)
+        for name, m in model.named_modules(remove_duplicate=False)
+    )
+    tensors = tuple(
+        (name, id(t))
+        for name, t in (
+            *model.named_parameters(remove_duplicate=False),
+            *model.named_buffers(remove_duplicate=False),
+        )
+    )
+    return modules, tensors
 
 
 def _subgraph(gm: torch.fx.GraphModule, outputs: list[torch.fx.Node]) -> torch.fx.GraphModule:

@@ -41,6 +41,7 @@ References:
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import time
@@ -58,10 +59,12 @@ from .data import (
     as_batches,
     as_inputs,
     check_fits,
+    check_labels,
     check_same_length,
     fit_inputs,
     inputs_to,
     load_data,
+    metadata_data,
     split_labels,
 )
 from .errors import FlatcliError, UsageError
@@ -80,7 +83,7 @@ from .finetune_report import (
     write_log,
     write_log_manifest,
 )
-from .io import atomic_write, sha256_file
+from .io import atomic_write, check_output, sha256_file
 from .losses import check_loss
 from .measures.estimate import Estimate
 from .measures.relative_flatness import layer_measures
@@ -193,7 +196,10 @@ class DivergenceGuard:
     * the epoch's train loss exceeds ``loss_factor`` × the starting train loss plus
       ``loss_floor`` (the floor keeps a near-zero starting loss from tripping it);
     * with λ > 0 and an exact κ, the epoch's κ exceeds ``kappa_factor`` × the starting κ
-      (a Hutchinson κ with few probes is too noisy for this test);
+      (a Hutchinson κ with few probes is too noisy for this test), unless the train loss
+      fell by more than ``loss_floor`` below its start: a model still being fitted (a
+      fresh classification head at chance, say) gains κ as it leaves the uniform softmax,
+      and that is learning, not instability;
     * with λ > 0, κ fell below ``saturation_kappa`` × its start while the layer's
       ``‖W‖²`` grew above ``saturation_weight`` × its start: flatness by a saturated
       softmax, not a flatter minimum.
@@ -226,7 +232,8 @@ class DivergenceGuard:
             )
         if not self.fam:
             return None
-        if self.kappa_exact and kappa > self.kappa_factor * self.kappa0:
+        fitting = loss < self.loss0 - self.loss_floor
+        if self.kappa_exact and kappa > self.kappa_factor * self.kappa0 and not fitting:
             factor = self.kappa_factor
             return f"κ rose to {kappa:.4g}, above {factor:g}× its start {self.kappa0:.4g}"
         if (
@@ -373,6 +380,11 @@ def finetune(
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype)
     ck = _as_checkpoint(model)
+    from .hf import is_pretrained_model
+
+    _check_outputs(
+        out_path, log_path, plot_path, state_path, folder=is_pretrained_model(ck.model)
+    )
     net = copy.deepcopy(ck.model).to(device=dev, dtype=dt)
     check_finite(net)
     loss_name = check_loss(loss or ck.metadata.get("loss") or "cross_entropy")
@@ -380,7 +392,10 @@ def finetune(
         ck, net, data, test_data, target=target, max_samples=max_samples
     )
     x, y = inputs_to(train.x, dev, dt), train.y.to(dev, dt if train.y.is_floating_point() else None)
-    check_fits(net, as_batches((x, y), batch_size=batch_size), loss=loss_name)
+    classes = check_fits(net, as_batches((x, y), batch_size=batch_size), loss=loss_name)
+    if test is not None:
+        check_labels(test.y, classes)
+    data_sha = _data_sha256(train)
     layer = layer or default_layer(net)
     fam_options = {
         "loss": loss_name,
@@ -467,21 +482,31 @@ def finetune(
         start = 0
         state = _load_state(state_file, dev) if resume and state_file is not None else None
         if state is not None:
+            _check_state(state, state_file, schedule)  # type: ignore[arg-type]
             _check_resumable(state, hparams, ck.sha256, epochs)
-            start = int(state["epoch"])
-            net.load_state_dict(state["model"])
-            load_optimizer_state(opt, state["optimizer"])
-            if sched is not None:
-                sched.load_state_dict(state["scheduler"])
-            shuffle.set_state(state["rng"]["shuffle"])
-            reg.generator.set_state(state["rng"]["probes"])
-            torch.set_rng_state(state["rng"]["torch"])
-            if dev.type == "cuda" and state["rng"].get("cuda") is not None:
-                torch.cuda.set_rng_state(state["rng"]["cuda"], dev)
-            history = [EpochRecord(**row) for row in state["history"]]
-            before = {k: Estimate(**v) for k, v in state["before"].items()}
-            hparams["fam_lambda_used"] = state["hparams"]["fam_lambda_used"]
-            hparams["fam_step_ratio"] = state["hparams"]["fam_step_ratio"]
+            if state["data_sha256"] != data_sha:
+                raise FlatcliError(
+                    "cannot resume: the training data differs from the data the state file "
+                    "was trained on (a changed file?); start again without --resume"
+                )
+            start = state["epoch"]
+            try:
+                net.load_state_dict(state["model"])
+                load_optimizer_state(opt, state["optimizer"])
+                if sched is not None:
+                    sched.load_state_dict(state["scheduler"])
+                shuffle.set_state(state["rng"]["shuffle"])
+                reg.generator.set_state(state["rng"]["probes"])
+                torch.set_rng_state(state["rng"]["torch"])
+                if dev.type == "cuda" and state["rng"].get("cuda") is not None:
+                    torch.cuda.set_rng_state(state["rng"]["cuda"], dev)
+                history = [EpochRecord(**row) for row in state["history"]]
+                before = {k: Estimate(**v) for k, v in state["before"].items()}
+                hparams["fam_lambda_used"] = state["hparams"]["fam_lambda_used"]
+                hparams["fam_step_ratio"] = state["hparams"]["fam_step_ratio"]
+            except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise FlatcliError(f"the state file {state_file} is damaged: {first}") from None
             note(f"resuming after epoch {start} of {epochs} from {state_file}")
         else:
             if resume:
@@ -553,6 +578,7 @@ def finetune(
                 _save_state(
                     state_file,
                     epoch=epoch,
+                    data_sha256=data_sha,
                     hparams=hparams,
                     parent_sha256=ck.sha256,
                     model=net,
@@ -577,7 +603,10 @@ def finetune(
         out_sha = _save_output(net, out, ck, hparams, data_spec, loss_name)
     if log_path is not None:
         write_log(log_path, history)
-        write_log_manifest(log_path, hparams, ck.sha256, out_sha, dev, dt, seed)
+        measured = {"before": _estimates(before), "after": _estimates(after)}
+        if matched is not None:
+            measured["temperature_matched"] = {"c": c, **_estimates(matched)}
+        write_log_manifest(log_path, hparams, ck.sha256, out_sha, dev, dt, seed, measured)
     plot = Path(plot_path) if plot_path is not None else None
     if plot is not None:
         plot_history(history, plot, title=_title(layer, lam), start=before, kappa_key=kappa_key)
@@ -858,8 +887,11 @@ def _resolve_data(
     """The training and test sets, with inputs shaped for the model."""
     spec: str | None = None
     base = ck.path.parent if ck.sha256 else None
+    named = None  # the metadata's own name is what the output records
     if data is None:
-        data = ck.metadata.get("data")
+        named = data = ck.metadata.get("data")
+        if data is not None and ck.sha256:
+            data = metadata_data(data, ck.path)
         if data is None:
             raise UsageError(
                 "the model does not name its training data: pass --data FILE (.npz, .pt, "
@@ -867,7 +899,7 @@ def _resolve_data(
             )
     test: Dataset | None = None
     if isinstance(data, str):
-        spec = data
+        spec = named or data
         train = load_data(data, target=target, max_samples=max_samples, base_dir=base)
         if test_data is None:
             try:
@@ -910,14 +942,68 @@ def _as_dataset(data: Any, split: str) -> Dataset:
 # --------------------------------------------------------------------------- files
 
 
+def _check_outputs(
+    out_path: str | Path | None,
+    log_path: str | Path | None,
+    plot_path: str | Path | None,
+    state_path: str | Path | None,
+    *,
+    folder: bool,
+) -> None:
+    """Check every output can be written before any training (not after it). ``folder``:
+    the model is saved as a Hugging Face folder, not a file."""
+    if out_path is not None and folder:
+        out = Path(out_path)
+        if out.suffix in (".safetensors", ".pt", ".pth"):
+            raise UsageError(
+                f"a Hugging Face model is saved as a folder: pass --out DIR, not {out.name}"
+            )
+        if out.exists() and not out.is_dir():
+            raise FlatcliError(f"cannot write --out {out}: it exists and is not a folder")
+        parent = out.parent if str(out.parent) else Path(".")
+        if not parent.is_dir():
+            raise FlatcliError(f"cannot write --out {out}: directory {parent} does not exist")
+    elif out_path is not None:
+        check_output(out_path, suffixes=(".safetensors", ".pt", ".pth"), option="--out")
+    if log_path is not None:
+        check_output(log_path, option="--log")
+    if plot_path is not None:
+        check_output(plot_path, suffixes=(".png",), option="--plot")
+    state = state_path if state_path is not None else _default_state(
+        Path(out_path) if out_path is not None else None
+    )
+    if state is not None:
+        check_output(state, option="the state file")
+
+
+def _data_sha256(ds: Dataset) -> str:
+    """sha256 of the training tensors (dtype, shape and values): what a resume must match."""
+    h = hashlib.sha256()
+    xs = [ds.x[k] for k in sorted(ds.x)] if isinstance(ds.x, Mapping) else [ds.x]
+    for t in (*xs, ds.y):
+        t = torch.as_tensor(t).detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def _default_state(out: Path | None) -> Path | None:
     return None if out is None else out.with_name(out.stem + ".state.pt")
+
+
+def _estimates(found: Mapping[str, Estimate]) -> dict[str, dict[str, Any]]:
+    """Estimates as plain JSON-able dicts (the state file and the manifest)."""
+    return {
+        k: {"value": e.value, "stderr": e.stderr, "method": e.method, "details": dict(e.details)}
+        for k, e in found.items()
+    }
 
 
 def _save_state(
     path: Path,
     *,
     epoch: int,
+    data_sha256: str,
     hparams: Mapping[str, Any],
     parent_sha256: str,
     model: nn.Module,
@@ -932,6 +1018,7 @@ def _save_state(
     state = {
         "format": STATE_FORMAT,
         "epoch": epoch,
+        "data_sha256": data_sha256,
         "hparams": dict(hparams),
         "parent_sha256": parent_sha256,
         "model": model.state_dict(),
@@ -944,15 +1031,7 @@ def _save_state(
             "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         },
         "history": [r.to_row() for r in history],
-        "before": {
-            k: {
-                "value": e.value,
-                "stderr": e.stderr,
-                "method": e.method,
-                "details": dict(e.details),
-            }
-            for k, e in before.items()
-        },
+        "before": _estimates(before),
     }
     atomic_write(path, lambda p: torch.save(state, p))
 
@@ -967,8 +1046,89 @@ def _load_state(path: Path, device: torch.device) -> dict[str, Any] | None:
         raise FlatcliError(f"cannot read the state file {path}: {first}") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise FlatcliError(f"{path} is not a flatcli finetune state file")
-    state["rng"] = {k: v.cpu() if v is not None else None for k, v in state["rng"].items()}
+    if isinstance(state.get("rng"), dict):
+        state["rng"] = {
+            k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in state["rng"].items()
+        }
     return state
+
+
+def _check_state(state: Mapping[str, Any], path: Path, schedule: str) -> None:
+    """Check a state file's schema, types and ranges before anything of it is used.
+
+    Raises:
+        FlatcliError: A missing key, a wrong type, or a value out of range.
+    """
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise FlatcliError(f"the state file {path} is damaged: {what}")
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_num(v: Any, optional: bool = False) -> bool:
+        return (v is None and optional) or (
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        )
+
+    keys = ("epoch", "data_sha256", "hparams", "parent_sha256", "model", "optimizer")
+    missing = [k for k in (*keys, "scheduler", "rng", "history", "before") if k not in state]
+    need(not missing, f"missing {', '.join(missing)}")
+    epoch = state["epoch"]
+    need(is_int(epoch) and epoch >= 1, f"epoch must be a positive integer, got {epoch!r}")
+    need(isinstance(state["data_sha256"], str), "data_sha256 is not a string")
+    need(isinstance(state["parent_sha256"], str), "parent_sha256 is not a string")
+    need(isinstance(state["hparams"], dict), "hparams is not a dict")
+    model = state["model"]
+    need(
+        isinstance(model, dict) and all(isinstance(v, torch.Tensor) for v in model.values()),
+        "model is not a state dict",
+    )
+    opt = state["optimizer"]
+    need(
+        isinstance(opt, dict)
+        and isinstance(opt.get("state"), dict)
+        and isinstance(opt.get("param_groups"), list)
+        and all(isinstance(g, dict) for g in opt["param_groups"]),
+        "optimizer is not an optimizer state",
+    )
+    need(
+        isinstance(state["scheduler"], dict) if schedule == "cosine" else True,
+        "scheduler is not a scheduler state",
+    )
+    rng = state["rng"]
+    need(isinstance(rng, dict), "rng is not a dict")
+    for k in ("shuffle", "probes", "torch"):
+        t = rng.get(k)
+        need(
+            isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.ndim == 1,
+            f"rng {k} is not a generator state",
+        )
+    history = state["history"]
+    need(
+        isinstance(history, list) and len(history) == epoch,
+        f"history must list {epoch} epochs",
+    )
+    for i, row in enumerate(history, start=1):
+        need(isinstance(row, dict) and set(row) == set(LOG_COLUMNS), f"history row {i} malformed")
+        need(is_int(row["epoch"]) and row["epoch"] == i, f"history row {i}: epoch {row['epoch']!r}")
+        for k in ("lr", "train_loss", "kappa", "seconds"):
+            need(is_num(row[k]), f"history row {i}: {k} is not a finite number")
+        for k in set(LOG_COLUMNS) - {"epoch", "lr", "train_loss", "kappa", "seconds"}:
+            need(is_num(row[k], optional=True), f"history row {i}: {k} is not a number")
+    before = state["before"]
+    need(isinstance(before, dict), "before is not a dict")
+    for k, v in before.items():
+        need(
+            isinstance(v, dict)
+            and set(v) == {"value", "stderr", "method", "details"}
+            and is_num(v["value"], optional=True)
+            and is_num(v["stderr"], optional=True)
+            and isinstance(v["method"], str)
+            and isinstance(v["details"], dict),
+            f"before {k!r} is not a measure result",
+        )
 
 
 def _check_resumable(
@@ -984,7 +1144,7 @@ def _check_resumable(
         raise UsageError(
             f"cannot resume: the state file was written with other settings ({listed})"
         )
-    if int(state["epoch"]) > epochs:
+    if state["epoch"] > epochs:
         raise UsageError(
             f"cannot resume: the state file has {state['epoch']} completed epochs, "
             f"more than --epochs {epochs}"

@@ -249,10 +249,14 @@ def temperature_scale(
         return "defined for cross-entropy only"
     head = default_layer(net)
     split = LayerSplit(net, head)
-    if split.kind != "linear" or not split.produces_output or split.tied:
-        return f"the last nn.Linear ({head}) does not produce the logits"
     was_training = net.training
     net.eval()
+    if split.mechanism == "hook" and batch_len(x) > 0:  # a Hugging Face head shows itself
+        with torch.no_grad():  # only when run (LayerSplit.run)
+            split.run(take(x, slice(0, 2)))
+    if split.kind != "linear" or not split.produces_output or split.tied:
+        net.train(was_training)
+        return f"the last nn.Linear ({head}) does not produce the logits"
     with torch.no_grad():
         n = batch_len(x)
         chunks = [slice(lo, lo + _EVAL_BATCH) for lo in range(0, n, _EVAL_BATCH)]

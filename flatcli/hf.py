@@ -32,7 +32,7 @@ from typing import Any
 from torch import nn
 
 from .errors import FlatcliError
-from .io import sha256_file
+from .io import check_regular_file, sha256_file
 
 INSTALL_HINT = 'pip install "flatcli[hf]"'
 FLATCLI_META = "flatcli.json"
@@ -176,7 +176,15 @@ def _weight_files(folder: Path) -> list[Path]:
         index = folder / "model.safetensors.index.json"
         if index.is_file():
             shards = read_config(index).get("weight_map", {})
-            return sorted({folder / str(s) for s in shards.values()} | {index})
+            names = {str(s) for s in shards.values()} if isinstance(shards, dict) else {""}
+            for name in names:  # a shard is a file in this folder, never a path elsewhere
+                if Path(name).name != name or name in ("", ".", ".."):
+                    raise FlatcliError(
+                        f"{folder.name}/model.safetensors.index.json names a shard outside "
+                        f"the folder ({name[:40]!r})"
+                    )
+                check_regular_file(folder / name, "weight shard")
+            return sorted({folder / n for n in names} | {index})
         return found
     pickled = [n for n in _PICKLED if (folder / n).is_file()]
     if pickled:

@@ -12,7 +12,15 @@ import torch
 from torch import nn
 
 from .checkpoints import Checkpoint, check_finite, eval_mode, load_checkpoint
-from .data import Batches, Dataset, as_batches, check_fits, fit_inputs, load_data
+from .data import (
+    Batches,
+    Dataset,
+    as_batches,
+    check_fits,
+    fit_inputs,
+    load_data,
+    metadata_data,
+)
 from .errors import FlatcliError, UsageError
 from .losses import check_loss
 from .runtime import resolve_device, resolve_dtype
@@ -44,7 +52,13 @@ class Prepared:
     batch_size: int = 256
 
     def split(self, split: str) -> Batches:
-        """Another split (``train``/``test``) of the same data, prepared the same way."""
+        """Another split (``train``/``test``) of the same data, prepared the same way, with
+        its labels checked against the model's outputs."""
+        batches = self._split(split)
+        check_fits(self.model, batches, loss=self.loss)
+        return batches
+
+    def _split(self, split: str) -> Batches:
         return _batches(
             self.checkpoint,
             self.model,
@@ -60,7 +74,7 @@ class Prepared:
     def has_split(self, split: str) -> bool:
         """Whether the data has ``split``."""
         try:
-            self.split(split)
+            self._split(split)
         except FlatcliError:
             return False
         return True
@@ -108,7 +122,9 @@ def prepare(
     ck = load_checkpoint(checkpoint, arch=arch, arch_kwargs=arch_kwargs, trust_code=trust_code)
     check_finite(ck.model)
     model = eval_mode(ck.model.to(device=dev, dtype=dt))
-    spec = data or ck.metadata.get("data")
+    spec = data
+    if spec is None and ck.metadata.get("data") is not None:
+        spec = metadata_data(ck.metadata["data"], ck.path)
     if spec is None:
         raise UsageError(
             f"{ck.path.name} does not name its data: pass --data FILE (.npz, .pt, "

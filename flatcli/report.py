@@ -105,12 +105,14 @@ def measures_table(measures: Mapping[str, Estimate], *, title: str | None = None
     """A rich Table of measures with value, standard error and method."""
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left")
+    from .text import markup_safe
+
+    table = Table(title=markup_safe(title) if title else None, title_justify="left")
     table.add_column("measure", style="bold")
     table.add_column("value", justify="right")
     table.add_column("± stderr", justify="right")
     table.add_column("method")
     for name, est in measures.items():
         se = "exact" if est.stderr is None else format_value(est.stderr)
-        table.add_row(name, format_value(est.value), se, est.method)
+        table.add_row(markup_safe(name), format_value(est.value), se, markup_safe(est.method))
     return table

@@ -40,10 +40,13 @@ CE, MSE = "cross_entropy", "mse"
 CASES = {
     "logits-ce-closed-form": (models.mlp, "fc", CE, "auto", None, "closed_form"),
     "logits-mse-closed-form": (models.mlp, "fc", MSE, "auto", None, "closed_form"),
-    "hidden-relu-identity2": (models.mlp, "fc2", CE, "auto", None, "identity2"),
+    "hidden-relu-jacobian": (models.mlp, "fc2", CE, "auto", None, "jacobian"),
+    "hidden-relu-two-layers-jacobian": (models.mlp, "fc1", CE, "auto", None, "jacobian"),
+    "hidden-relu-mse-jacobian": (models.mlp, "fc1", MSE, "auto", None, "jacobian"),
+    "hidden-gelu-identity2": (lambda: models.mlp("gelu"), "fc1", CE, "auto", None, "identity2"),
     "hidden-tanh-head-identity2": (models.TanhHead, "fc1", CE, "auto", None, "identity2"),
     "hidden-tanh-mse-identity2": (models.TanhHead, "fc2", MSE, "auto", None, "identity2"),
-    "batchnorm-eval": (models.with_batchnorm, "fc1", CE, "auto", None, "identity2"),
+    "batchnorm-eval-fx-jacobian": (models.with_batchnorm, "fc1", CE, "auto", None, "jacobian"),
     "residual-fx-context": (models.Residual, "b", CE, "auto", None, "identity2"),
     "control-flow-hook": (models.ControlFlow, "b", CE, "auto", None, "identity2"),
     "tied-identity1-exact": (models.Tied, "b", CE, "exact", tied_data, "identity1"),
@@ -91,6 +94,10 @@ def test_value_and_full_gradient_match_dense_hessian(case: str) -> None:
     fam_weight = dict(model.named_modules())[layer].weight
     own = {n for n, p in model.named_parameters() if n.startswith(f"{layer}.") or p is fam_weight}
     outside = [n for n in named if n not in own]
+    if path == "jacobian" and loss == MSE:
+        # B_i = (2/C) J_iᵀ J_i does not depend on the biases after the layer (nor does the
+        # dense oracle's gradient, compared above): only their weights get term (II).
+        outside = [n for n in outside if not n.endswith(".bias")]
     assert outside
     for name in outside:
         assert float(named[name].abs().max()) > 1e-8, name
@@ -100,6 +107,7 @@ def test_value_and_full_gradient_match_dense_hessian(case: str) -> None:
 
 LAYERWISE = {
     "logits-closed-form": (models.mlp, "fc", "auto", None),
+    "hidden-relu-jacobian": (models.mlp, "fc1", "auto", None),
     "hidden-tanh-identity2": (models.TanhHead, "fc1", "auto", None),
     "conv-identity1-exact": (models.SmallCNN, "conv2", "exact", image_data),
 }
@@ -118,6 +126,30 @@ def test_layerwise_variant_matches_dense(case: str) -> None:
     dense = (w * w).sum() * torch.diagonal(h.reshape(d * m, d * m)).sum()
     assert num(value) == pytest.approx(num(dense), rel=RTOL)
     assert_grads_close(flat_grads(value, model), flat_grads(dense, model), RTOL)
+
+
+@pytest.mark.parametrize(("layer", "loss"), [("fc1", CE), ("fc2", CE), ("fc1", MSE)])
+def test_jacobian_path_equals_the_hvp_path(layer: str, loss: str) -> None:
+    """On a ReLU MLP both Identity 2 routes are the same function: value and full gradient."""
+    model = build(models.mlp)
+    x, y = models.classification_data()
+    fast = FAMRegularizer(model, layer, loss=loss)
+    slow = FAMRegularizer(model, layer, loss=loss)
+    slow.piecewise_linear = False
+    cut = fast.forward(x)[1]
+    assert (fast.path(cut), slow.path(cut)) == ("jacobian", "identity2")
+    assert "Jacobian" in fast.describe() and "HVPs" in slow.describe()
+    a, b = fast(x, y), slow(x, y)
+    assert num(a) == pytest.approx(num(b), rel=1e-12)
+    assert_grads_close(flat_grads(a, model), flat_grads(b, model), 1e-11)
+
+
+def test_piecewise_linear_is_read_from_the_structure() -> None:
+    assert FAMRegularizer(models.mlp(), "fc1").piecewise_linear  # Sequential of Linear/ReLU
+    assert not FAMRegularizer(models.mlp("tanh"), "fc1").piecewise_linear
+    assert FAMRegularizer(build(models.with_batchnorm), "fc1").piecewise_linear  # fx graph
+    assert not FAMRegularizer(build(models.Residual), "b").piecewise_linear  # tanh in fx
+    assert not FAMRegularizer(build(models.ControlFlow), "b").piecewise_linear  # hooks
 
 
 def test_hutchinson_on_conv_is_unbiased_in_value_and_gradient() -> None:
@@ -215,13 +247,15 @@ def test_train_mode_batchnorm_uses_eval_downstream_and_leaves_running_stats() ->
     assert_grads_close(flat_grads(value, model), flat_grads(dense, model), RTOL)
 
 
-def test_no_grad_gives_the_value_only() -> None:
-    model = build(models.TanhHead)
+@pytest.mark.parametrize("factory", [models.TanhHead, models.mlp])  # HVPs; Jacobian
+def test_no_grad_gives_the_value_only(factory) -> None:  # noqa: ANN001
+    model = build(factory)
     x, y = models.classification_data()
     reg = FAMRegularizer(model, "fc1")
     with torch.no_grad():
         value = reg(x, y)
     assert not value.requires_grad
+    assert all(p.grad is None for p in model.parameters())
     assert num(value) == pytest.approx(num(dense_kappa(model, "fc1", x, y)), rel=RTOL)
 
 
@@ -262,7 +296,8 @@ DETACHED = {
     "logits-ce-closed-form": (models.TanhHead, "fc", CE, "auto", "neuronwise", None),
     "logits-mse-closed-form": (models.mlp, "fc", MSE, "auto", "neuronwise", None),
     "hidden-tanh-identity2": (models.TanhHead, "fc1", CE, "auto", "neuronwise", None),
-    "hidden-relu-identity2": (models.mlp, "fc2", CE, "auto", "neuronwise", None),
+    "hidden-relu-jacobian": (models.mlp, "fc2", CE, "auto", "neuronwise", None),
+    "layerwise-jacobian": (models.mlp, "fc1", CE, "auto", "layerwise", None),
     "conv-identity1-exact": (models.SmallCNN, "conv2", CE, "exact", "neuronwise", image_data),
     "tied-identity1-exact": (models.Tied, "b", CE, "exact", "neuronwise", tied_data),
     "layerwise-closed-form": (models.TanhHead, "fc", CE, "auto", "layerwise", None),

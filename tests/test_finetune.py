@@ -260,6 +260,10 @@ def test_divergence_guard_criteria() -> None:
     assert plain.check(stats(0.01, 100.0), 5000.0) is None  # κ is FAM's business
     noisy = DivergenceGuard(loss0=1e-3, kappa0=2.0, weight0=50.0, fam=True, kappa_exact=False)
     assert noisy.check(stats(0.01, 4.01), 50.0) is None
+    # A model still being fitted (the loss fell by more than the floor) may gain κ.
+    fresh = DivergenceGuard(loss0=0.69, kappa0=0.13, weight0=0.3, fam=True)
+    assert fresh.check(stats(0.5, 0.53), 0.8) is None
+    assert "κ rose" in (fresh.check(stats(0.6, 0.53), 0.8) or "")  # fell by less than 0.1
 
 
 # --------------------------------------------------------------------------- λ, clipping

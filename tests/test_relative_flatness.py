@@ -501,3 +501,52 @@ def test_normalize_on_empty_data_is_a_clear_error() -> None:
     with pytest.raises(FlatcliError) as info:
         layer_measures(models.mlp(), "fc", (x[:0], y[:0]), normalize=True)
     assert str(info.value) == "the dataset is empty"
+
+
+# ------------------------------------------------------------ feature-space Hutchinson
+
+
+@pytest.mark.parametrize(
+    ("factory", "layer", "loss"),
+    [
+        (models.mlp, "fc", "cross_entropy"),
+        (models.mlp, "fc", "mse"),
+        (models.mlp, "fc2", "cross_entropy"),
+        (models.TanhHead, "fc1", "cross_entropy"),
+        (models.Residual, "b", "cross_entropy"),
+    ],
+    ids=["logits-ce", "logits-mse", "hidden-sequence", "hidden-tanh", "hidden-fx-context"],
+)
+def test_feature_space_hutchinson_converges_to_exact(factory, layer, loss) -> None:
+    """Enough probes that 4 stderr is a small fraction of the value: a tight check."""
+    model = build(factory)
+    x, y = models.classification_data(n=30)
+    exact = layer_measures(model, layer, (x, y), loss=loss, method="exact", normalize=True)
+    got = layer_measures(
+        model, layer, (x, y), loss=loss, method="hutchinson", normalize=True, probes=4000, seed=1
+    )
+    for key in ("relative_flatness", "relative_flatness_normalized", "layer_hessian_trace"):
+        want, est = exact[key].value, got[key]
+        assert "feature space" in est.method, key
+        assert est.stderr is not None and 4 * est.stderr < 0.1 * abs(want), key
+        if loss == "mse" and key == "layer_hessian_trace":  # B = (2/d)I: vᵀBv = 2 always
+            assert est.stderr == 0 and est.value == pytest.approx(want, rel=1e-12)
+            continue
+        assert est.stderr > 0 and abs(est.value - want) < 4 * est.stderr, key
+    assert got["train_loss"].value == pytest.approx(exact["train_loss"].value, rel=1e-12)
+
+
+def test_feature_space_hutchinson_stderr_falls_as_one_over_sqrt_probes() -> None:
+    model = models.mlp()
+    x, y = models.classification_data()
+    few = relative_flatness(model, "fc2", (x, y), method="hutchinson", probes=100, seed=0)
+    many = relative_flatness(model, "fc2", (x, y), method="hutchinson", probes=1600, seed=0)
+    assert few.stderr is not None and many.stderr is not None
+    assert many.stderr / few.stderr == pytest.approx(0.25, rel=0.3)
+
+
+def test_conv_and_tied_hutchinson_stay_in_a_space() -> None:
+    model = build(models.SmallCNN)
+    x, y = models.classification_data(n=6, shape=(2, 3, 3))
+    est = relative_flatness(model, "conv1", (x, y), method="hutchinson", probes=4)
+    assert "A-space" in est.method

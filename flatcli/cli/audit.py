@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Annotated
 
@@ -11,6 +12,7 @@ from ..errors import UsageError
 from .app import app
 from .common import (
     check_format,
+    check_outputs,
     check_report_path,
     command_argv,
     emit,
@@ -139,6 +141,9 @@ def audit(
     from ..runtime import manifest
 
     fmt = check_format(fmt)
+    check_outputs(output, *((".manifest.json",) if fmt == "csv" else ()))
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise UsageError(f"--tolerance must be a finite number ≥ 0, got {tolerance}")
     check_report_path(report_page)
     if not 0 < alpha_low <= alpha_high:
         raise UsageError("--alpha-low and --alpha-high must satisfy 0 < low <= high")

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from .app import app
-from .common import check_format, emit, friendly, progress
+from .common import check_format, check_outputs, emit, friendly, progress
 from .options import (
     ArchKwargsOpt,
     ArchOpt,
@@ -81,6 +81,7 @@ def bound(
     from ..runtime import manifest
 
     fmt = check_format(fmt)
+    check_outputs(output, *((".manifest.json",) if fmt == "csv" else ()))
     prep = prepare(
         checkpoint,
         arch=arch,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -12,7 +13,8 @@ from typing import Any, TypeVar
 
 import typer
 
-from ..errors import FlatcliError, UsageError
+from ..errors import FlatcliError, FlatcliWarning, UsageError
+from ..text import markup_safe, plain, show_warning
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -32,12 +34,18 @@ def friendly(fn: F) -> F:
 
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated")
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("default", FlatcliWarning)  # each message once
+                warnings.showwarning = show_warning
+                return fn(*args, **kwargs)
         except FlatcliError as e:
-            stderr().print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            where = _rank_prefix()
+            stderr().print(
+                f"[bold red]{where}error:[/] {markup_safe(e)}", highlight=False, soft_wrap=True
+            )
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
-            stderr().print("interrupted")
+            stderr().print("interrupted", highlight=False)
             raise typer.Exit(130) from None
         except typer.Exit:
             raise
@@ -46,13 +54,44 @@ def friendly(fn: F) -> F:
                 raise
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             stderr().print(
-                f"[bold red]internal error:[/] {type(e).__name__}: {first} "
+                f"[bold red]{_rank_prefix()}internal error:[/] {type(e).__name__}: "
+                f"{markup_safe(first)} "
                 "(set FLATCLI_DEBUG=1 for the traceback)",
                 highlight=False,
+                soft_wrap=True,
             )
             raise typer.Exit(1) from None
+        finally:
+            if "flatcli.distributed" in sys.modules:
+                sys.modules["flatcli.distributed"].shutdown()
 
     return wrapper  # type: ignore[return-value]
+
+
+def _rank_prefix() -> str:
+    """``rank R: `` under torchrun (which rank failed), else nothing."""
+    if "flatcli.distributed" not in sys.modules:
+        return ""
+    dist = sys.modules["flatcli.distributed"]
+    return f"rank {dist.rank()}: " if dist.active() else ""
+
+
+def start_distributed(device: str, backend: str) -> str:
+    """Join the torchrun process group when launched by torchrun; return the device to use."""
+    from .. import distributed
+
+    return distributed.init(device, backend)
+
+
+@contextmanager
+def quiet() -> Iterator[Status]:
+    """A :class:`Status` that shows nothing (ranks other than 0 under torchrun)."""
+
+    class Silent(Status):
+        def __call__(self, msg: str) -> None:
+            pass
+
+    yield Silent()
 
 
 class Status:
@@ -73,13 +112,13 @@ class Status:
 
     def __call__(self, msg: str) -> None:
         if self.progress is not None:
-            self.progress.update(self.task, description=msg)
+            self.progress.update(self.task, description=markup_safe(msg))
             return
         import time
 
         kind, now = msg.split(":", 1)[0], time.monotonic()
         if kind != self.last_kind or now - self.last_time >= self.LOG_EVERY:
-            print(f"flatcli: {msg}", file=sys.stderr)
+            print(f"flatcli: {plain(msg)}", file=sys.stderr)
             self.last_kind, self.last_time = kind, now
 
     def advance(self, *_: Any) -> None:
@@ -147,15 +186,15 @@ def measure_options(
             f"--fr-labels must be true or model, got {fr_labels!r}",
         ),
         (l2 >= 0 and l2 < float("inf"), f"--l2 must be a finite number >= 0, got {l2}"),
-        (rtol > 0, f"--rtol must be positive, got {rtol}"),
+        (math.isfinite(rtol) and rtol > 0, f"--rtol must be positive and finite, got {rtol}"),
         (max_probes >= 2, f"--max-probes must be at least 2, got {max_probes}"),
         (
             pacbayes_target in ("error", "loss"),
             f"--pacbayes-target must be error or loss, got {pacbayes_target!r}",
         ),
         (
-            pacbayes_threshold > 0,
-            f"--pacbayes-threshold must be positive, got {pacbayes_threshold}",
+            math.isfinite(pacbayes_threshold) and pacbayes_threshold > 0,
+            f"--pacbayes-threshold must be positive and finite, got {pacbayes_threshold}",
         ),
         (mc_samples >= 2, f"--mc-samples must be at least 2, got {mc_samples}"),
         (search_depth >= 1, f"--search-depth must be at least 1, got {search_depth}"),
@@ -226,6 +265,17 @@ def check_format(fmt: str) -> str:
     return fmt
 
 
+def check_outputs(output: Path | None, *sidecars: str) -> None:
+    """Check ``output`` and the files written beside it (``STEM<sidecar>``) before computing."""
+    from ..io import check_output
+
+    if output is None:
+        return
+    check_output(output)
+    for suffix in sidecars:
+        check_output(output.with_name(f"{output.stem}{suffix}"))
+
+
 def emit(text: str, output: Path | None) -> None:
     from ..report import write_output
 
@@ -264,9 +314,11 @@ def command_argv(ctx: typer.Context) -> list[str]:
 
 
 def check_report_path(report: Path | None) -> None:
-    """Fail before any work when ``--report``'s directory does not exist."""
-    if report is not None and not (report.parent if str(report.parent) else Path(".")).is_dir():
-        raise FlatcliError(f"cannot write {report}: directory {report.parent} does not exist")
+    """Fail before any work when ``--report`` cannot be written (see :func:`check_output`)."""
+    from ..io import check_output
+
+    if report is not None:
+        check_output(report, option="--report")
 
 
 def write_page(report: Path | None, result: dict, **options: Any) -> None:
@@ -276,4 +328,4 @@ def write_page(report: Path | None, result: dict, **options: Any) -> None:
     from ..html import write_html
 
     write_html(report, result, **options)
-    stderr().print(f"wrote {report}", highlight=False)
+    stderr().print(f"wrote {markup_safe(report)}", highlight=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -9,20 +10,25 @@ from typing import Annotated
 import typer
 
 from ..errors import FlatcliError, UsageError
+from ..io import check_regular_file
+from ..text import markup_safe, plain
 from .app import app
 from .common import (
     check_format,
+    check_outputs,
     check_report_path,
     command_argv,
     emit,
     friendly,
     measure_options,
+    start_distributed,
     stderr,
     write_page,
 )
 from .options import (
     ArchKwargsOpt,
     ArchOpt,
+    BackendOpt,
     BatchOpt,
     BootstrapOpt,
     ColorByOpt,
@@ -50,6 +56,7 @@ from .options import (
     RtolOpt,
     SeedOpt,
     TargetOpt,
+    ThreadsOpt,
     TraceParamsOpt,
     TrustOpt,
 )
@@ -106,7 +113,14 @@ def correlate(
     color_by: ColorByOpt = None,
     log_x: LogXOpt = False,
     bootstrap: BootstrapOpt = 1000,
-    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Worker processes.")] = 1,
+    jobs: Annotated[
+        int,
+        typer.Option(
+            "--jobs",
+            "-j",
+            help="Worker processes (per torchrun rank), each reused for many checkpoints.",
+        ),
+    ] = 1,
     cache_dir: Annotated[
         Path,
         typer.Option(
@@ -120,6 +134,8 @@ def correlate(
     trust_code: TrustOpt = False,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
+    threads: ThreadsOpt = None,
+    backend: BackendOpt = "auto",
     seed: SeedOpt = 0,
     fmt: FormatOpt = "table",
     output: Annotated[
@@ -146,11 +162,15 @@ def correlate(
 
         flatcli correlate runs/*.safetensors --data data.npz --layer fc --plots figs/
         --output results.csv
+
+        torchrun --nproc-per-node 2 -m flatcli correlate runs/*.safetensors
+        (checkpoints are sharded across the ranks; rank 0 writes; see docs/scaling.md)
     """
+    from .. import distributed
     from ..correlate import CorrelateConfig, results_table
     from ..prepare import parse_json_object
     from ..registry import select
-    from ..runtime import manifest, resolve_device, resolve_dtype
+    from ..runtime import manifest, resolve_device, resolve_dtype, set_threads
 
     fmt = check_format(fmt)
     check_report_path(report_page)
@@ -175,6 +195,13 @@ def correlate(
     )
     resolve_device(device)
     resolve_dtype(dtype)
+    if jobs < 1:
+        raise UsageError(f"--jobs must be at least 1, got {jobs}")
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {threads}")
+    device = start_distributed(device, backend)
+    if jobs == 1:
+        set_threads(threads, processes=distributed.local_world_size())
     config = CorrelateConfig(
         measures=tuple(chosen),
         layer=layer,
@@ -190,14 +217,20 @@ def correlate(
         arch_kwargs=parse_json_object(arch_kwargs, "--arch-kwargs"),
         trust_code=trust_code,
     )
+    _make_plots_dir(plots)  # first: --output may go into it
+    check_outputs(output, *((".manifest.json", ".correlations.csv") if fmt != "json" else ()))
     from ..correlate import arch_kwargs_table
 
     per_checkpoint = arch_kwargs_table(hparams) if hparams is not None else None
-    run = _measure_with_progress(checkpoints, config, cache_dir, jobs, per_checkpoint)
+    run = _measure_with_progress(checkpoints, config, cache_dir, jobs, per_checkpoint, threads)
+    if not distributed.is_main():
+        return  # rank 0 gathered every row and writes the outputs
     df = results_table(run, hparams_csv=hparams)
     for item in run.skipped:
         stderr().print(
-            f"skipped {item['checkpoint']}: {item['reason']}", highlight=False, soft_wrap=True
+            f"skipped {markup_safe(item['checkpoint'])}: {markup_safe(item['reason'])}",
+            highlight=False,
+            soft_wrap=True,
         )
     if df.empty:
         raise FlatcliError("no checkpoint could be measured")
@@ -217,7 +250,9 @@ def correlate(
             dtype=dtype,
             seed=seed,
             config_key=config.key(),
+            data_sha256=run.data_sha256,
             argv=command_argv(ctx),
+            **distributed.info(),
         ),
         report_page=report_page,
     )
@@ -231,7 +266,13 @@ def DEFAULT_CORRELATE() -> tuple[str, ...]:  # noqa: N802 - reads as the constan
     return tuple(m for m in DEFAULT_MEASURES if m in names)
 
 
-def _measure_with_progress(checkpoints, config, cache_dir, jobs, arch_kwargs_for=None):  # noqa: ANN001, ANN202
+def _print_result(checkpoint: str, status: str) -> None:
+    print(f"flatcli: {plain(Path(checkpoint).name)}: {plain(status)}", file=sys.stderr)
+
+
+def _measure_with_progress(  # noqa: ANN202
+    checkpoints, config, cache_dir, jobs, arch_kwargs_for=None, threads=None  # noqa: ANN001
+):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from ..correlate import measure_checkpoints
@@ -243,7 +284,8 @@ def _measure_with_progress(checkpoints, config, cache_dir, jobs, arch_kwargs_for
             config,
             cache_dir=cache_dir,
             jobs=jobs,
-            on_result=lambda c, s: print(f"flatcli: {Path(c).name}: {s}", file=sys.stderr),
+            threads=threads,
+            on_result=_print_result,
             arch_kwargs_for=arch_kwargs_for,
         )
     with Progress(
@@ -259,6 +301,7 @@ def _measure_with_progress(checkpoints, config, cache_dir, jobs, arch_kwargs_for
             config,
             cache_dir=cache_dir,
             jobs=jobs,
+            threads=threads,
             on_result=lambda c, s: progress.advance(task),
             arch_kwargs_for=arch_kwargs_for,
         )
@@ -326,10 +369,7 @@ def _plot(df, table, measures, plots: Path, *, color_by, log_x) -> None:  # noqa
     from ..plots import scatter_grid, tau_bar_chart
     from ..stats import GAPS
 
-    try:
-        plots.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise FlatcliError(f"cannot create {plots}: {e.strerror}") from None
+    _make_plots_dir(plots)
     color = None
     if color_by is not None:
         color = color_by if color_by in df.columns else f"hp_{color_by}"
@@ -351,7 +391,21 @@ def _plot(df, table, measures, plots: Path, *, color_by, log_x) -> None:  # noqa
             path_stem=plots / f"scatter_{gap}",
         )
         written += tau_bar_chart(table, gap, path_stem=plots / f"tau_{gap}")
-    stderr().print(f"wrote {len(written)} figures to {plots}", highlight=False)
+    stderr().print(f"wrote {len(written)} figures to {markup_safe(plots)}", highlight=False)
+
+
+def _make_plots_dir(plots: Path | None) -> None:
+    """Create the figure directory up front, so a bad ``--plots`` fails before measuring."""
+    if plots is None:
+        return
+    if plots.exists() and not plots.is_dir():
+        raise FlatcliError(f"--plots {plots} is not a directory")
+    try:
+        plots.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FlatcliError(f"cannot create {plots}: {e.strerror}") from None
+    if not os.access(plots, os.W_OK | os.X_OK):
+        raise FlatcliError(f"cannot write figures into {plots}: not writable")
 
 
 @app.command()
@@ -387,8 +441,10 @@ def plot(
 
     fmt = check_format(fmt)
     check_report_path(report_page)
-    if not results.is_file():
+    if not results.exists():
         raise FlatcliError(f"results file not found: {results}")
+    check_regular_file(results, "results file")
+    _make_plots_dir(plots)
     try:
         df = pd.read_csv(results)
     except Exception as e:  # noqa: BLE001 - any parse failure is a bad file to the user

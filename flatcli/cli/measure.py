@@ -10,18 +10,22 @@ import typer
 from .app import app
 from .common import (
     check_format,
+    check_outputs,
     check_report_path,
     command_argv,
     emit,
     friendly,
     measure_options,
     progress,
+    quiet,
     setup,
+    start_distributed,
     write_page,
 )
 from .options import (
     ArchKwargsOpt,
     ArchOpt,
+    BackendOpt,
     BatchOpt,
     Checkpoint,
     DataOpt,
@@ -49,6 +53,7 @@ from .options import (
     SeedOpt,
     SplitOpt,
     TargetOpt,
+    ThreadsOpt,
     TraceParamsOpt,
     TrustOpt,
 )
@@ -102,6 +107,8 @@ def measure(
     trust_code: TrustOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
+    threads: ThreadsOpt = None,
+    backend: BackendOpt = "auto",
     seed: SeedOpt = 0,
     fmt: FormatOpt = "table",
     output: OutputOpt = None,
@@ -119,12 +126,16 @@ def measure(
 
         flatcli measure model.pt --arch mypkg.nets:make_net --layer fc --data data.npz
         --format json --output result.json
+
+        torchrun --nproc-per-node 4 -m flatcli measure model.pt --data train.npz
+        (the data is sharded across the ranks; rank 0 writes; see docs/scaling.md)
     """
-    from .. import registry
+    from .. import distributed, registry
     from ..report import measure_report, measures_csv, to_json
-    from ..runtime import manifest
+    from ..runtime import manifest, set_threads
 
     fmt = check_format(fmt)
+    check_outputs(output, *((".manifest.json",) if fmt == "csv" else ()))
     check_report_path(report_page)
     names = registry.select(measures, normalize=normalize, has_init=init is not None)
     options = measure_options(
@@ -143,6 +154,7 @@ def measure(
         mc_samples=mc_samples,
         search_depth=search_depth,
     )
+    device = start_distributed(device, backend)
     prep, layer_name, module, config, inputs = setup(
         checkpoint,
         options,
@@ -160,10 +172,16 @@ def measure(
         dtype=dtype,
         loss=loss,
     )
-    with progress(len(registry.groups_of(names))) as status:
+    n_params = sum(p.numel() for p in prep.model.parameters())
+    set_threads(threads, processes=distributed.local_world_size(), params=n_params)
+    batches = distributed.shard(prep.batches)
+    show = progress(len(registry.groups_of(names))) if distributed.is_main() else quiet()
+    with show as status:
         results = registry.run_measures(
-            prep.model, prep.batches, names, config, note=status, inputs=inputs, done=status.advance
+            prep.model, batches, names, config, note=status, inputs=inputs, done=status.advance
         )
+    if not distributed.is_main():
+        return  # rank 0 alone writes
     weight = getattr(module, "weight", None)
     report = measure_report(
         checkpoint={"path": str(prep.checkpoint.path), "sha256": prep.checkpoint.sha256},
@@ -175,7 +193,11 @@ def measure(
         data={"source": prep.batches.source, "split": split, "n_samples": prep.batches.n_samples},
         measures=results,
         manifest=manifest(
-            device=prep.device, dtype=prep.dtype, seed=seed, argv=command_argv(ctx)
+            device=prep.device,
+            dtype=prep.dtype,
+            seed=seed,
+            argv=command_argv(ctx),
+            **distributed.info(),
         ),
         config=config.as_dict(),
     )

@@ -75,6 +75,23 @@ LossOpt = Annotated[
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32 or float64.")]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        help="CPU threads per process. Default: the cores shared evenly by the processes"
+        " on this machine (torchrun ranks; each --jobs worker gets 1), 1 for a model under"
+        " 100,000 parameters, OMP_NUM_THREADS when set. See docs/scaling.md.",
+    ),
+]
+BackendOpt = Annotated[
+    str,
+    typer.Option(
+        "--backend",
+        help="torch.distributed backend under torchrun: auto (nccl on CUDA, gloo on CPU),"
+        " gloo or nccl.",
+    ),
+]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random estimate.")]
 DeadUnitsOpt = Annotated[
     str,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ..text import markup_safe
+
 
 def name_column(table: Any, header: str, names: Any) -> None:
     """A first column that shows every name in full, never cut: the table shrinks others."""
@@ -26,7 +28,7 @@ def measures_table(measures: Any, *, title: str | None = None) -> None:
 
     console = Console()
     notes: dict[str, int] = {}
-    table = Table(title=title, title_justify="left")
+    table = Table(title=markup_safe(title) if title else None, title_justify="left")
     name_column(table, "measure", measures)
     table.add_column("value", justify="right", no_wrap=True)
     table.add_column("± stderr", justify="right", no_wrap=True)
@@ -34,7 +36,7 @@ def measures_table(measures: Any, *, title: str | None = None) -> None:
     for name, est in measures.items():
         number = notes.setdefault(est.method, len(notes) + 1)
         se = "exact" if est.stderr is None else format_value(est.stderr)
-        table.add_row(name, format_value(est.value), se, f"[{number}]")
+        table.add_row(markup_safe(name), format_value(est.value), se, f"\\[{number}]")
     console.print(table)
     for method, number in notes.items():
         console.print(f"[{number}] {method}", highlight=False, markup=False)
@@ -47,7 +49,8 @@ def inspect_table(ck: Any, info: dict) -> None:
 
     console = Console()
     table = Table(
-        title=f"{ck.path.name} ({info['checkpoint']['format']}, {info['parameters']:,} parameters)",
+        title=f"{markup_safe(ck.path.name)} ({info['checkpoint']['format']}, "
+        f"{info['parameters']:,} parameters)",
         title_justify="left",
     )
     for col in ("layer", "type", "weight shape", "parameters", "measures"):
@@ -55,18 +58,18 @@ def inspect_table(ck: Any, info: dict) -> None:
     for row in info["layers"]:
         name = row["name"] + (" *" if row["name"] == info["default_layer"] else "")
         table.add_row(
-            name,
-            row["type"],
+            markup_safe(name),
+            markup_safe(row["type"]),
             str(row["weight_shape"] or ""),
             f"{row['parameters']:,}",
-            row["measures"],
+            markup_safe(row["measures"]),
         )
     console.print(table)
-    console.print(f"* default feature layer: {info['default_layer']}")
-    console.print(f"model-wide measures: {info['model_measures']}")
+    console.print(f"* default feature layer: {markup_safe(info['default_layer'])}")
+    console.print(f"model-wide measures: {markup_safe(info['model_measures'])}")
     console.print(f"sha256: {info['checkpoint']['sha256']}")
     for key, value in info["metadata"].items():
-        console.print(f"metadata {key}: {value}", highlight=False)
+        console.print(f"metadata {markup_safe(key)}: {markup_safe(value)}", highlight=False)
 
 
 def audit_tables(original: Any, reps: Any) -> None:
@@ -81,9 +84,11 @@ def audit_tables(original: Any, reps: Any) -> None:
     console = Console()
     for rep in reps:
         if rep.refused:
-            console.print(f"[bold]{rep.kind}[/]: refused: {rep.refused}", highlight=False)
+            console.print(
+                f"[bold]{rep.kind}[/]: refused: {markup_safe(rep.refused)}", highlight=False
+            )
             continue
-        pairs = ", ".join(f"{a}→{b}" for a, b in rep.pairs)
+        pairs = markup_safe(", ".join(f"{a}→{b}" for a, b in rep.pairs))
         table = Table(
             title=f"{rep.kind} reparameterization ({pairs}; max |Δ output| = "
             f"{rep.max_output_change:.2e})",
@@ -95,7 +100,7 @@ def audit_tables(original: Any, reps: Any) -> None:
         for row in rep.rows:
             mark = "[green]yes[/]" if row.invariant else "[red]no[/]"
             table.add_row(
-                row.measure,
+                markup_safe(row.measure),
                 format_value(row.original),
                 format_value(row.reparameterized),
                 f"{row.relative_change:.1e}",
@@ -104,7 +109,7 @@ def audit_tables(original: Any, reps: Any) -> None:
         console.print(table)
     explain = dead_unit_note(original, reps)
     if explain:
-        console.print(explain, highlight=False)
+        console.print(markup_safe(explain), highlight=False)
 
 
 
@@ -134,7 +139,7 @@ def correlations(table, result, n, run) -> None:  # noqa: ANN001
         for _, r in rows.iterrows():
             psi = result["granulated"].get(gap, {}).get(r["measure"], {}).get("Psi")
             t.add_row(
-                r["measure"],
+                markup_safe(r["measure"]),
                 _ci(r, "kendall_tau_b", sep),
                 _num(r["kendall_tau_a"]),
                 _ci(r, "spearman_rho", sep),
@@ -143,7 +148,7 @@ def correlations(table, result, n, run) -> None:  # noqa: ANN001
             )
         console.print(t)
     if result["hparams"]:
-        console.print(f"Ψ: granulated Kendall over {', '.join(result['hparams'])}")
+        console.print(f"Ψ: granulated Kendall over {markup_safe(', '.join(result['hparams']))}")
     if run is not None:
         console.print(
             f"{run.computed} checkpoint(s) measured now, "
@@ -180,8 +185,11 @@ def finetune_tables(result) -> None:  # noqa: ANN001 - a FinetuneResult, importe
         how = " (auto)"
     clip = "off" if h["clip_grad_norm"] is None else f"{h['clip_grad_norm']:g}"
     epochs = Table(
-        title=f"FAM on {result.layer} · λ = {lam:.4g}{how} · {h['fam_gradient']} gradient · "
-        f"{h['optimizer']} lr {h['lr']:g} ({h['schedule']}) · clip {clip} · {result.fam_method}",
+        title=markup_safe(
+            f"FAM on {result.layer} · λ = {lam:.4g}{how} · {h['fam_gradient']} gradient · "
+            f"{h['optimizer']} lr {h['lr']:g} ({h['schedule']}) · clip {clip} · "
+            f"{result.fam_method}"
+        ),
         title_justify="left",
     )
     columns = ("epoch", "lr", "train loss", "κ (batches)", "‖W‖²", "test loss", "test acc", "s")
@@ -217,7 +225,8 @@ def finetune_tables(result) -> None:  # noqa: ANN001 - a FinetuneResult, importe
     for name, after in result.after.items():
         before = result.before.get(name)
         b = before.value if before is not None else None
-        row = [name, format_value(b), format_value(after.value), _change(after.value, b)]
+        row = [markup_safe(name), format_value(b), format_value(after.value)]
+        row.append(_change(after.value, b))
         if matched is not None:
             t = matched.get(name)
             t_value = t.value if t is not None else None
@@ -226,11 +235,13 @@ def finetune_tables(result) -> None:  # noqa: ANN001 - a FinetuneResult, importe
     console.print(compare)
     if matched is None and result.temperature_note:
         note = result.temperature_note
-        console.print(f"no temperature-matched baseline: {note}", highlight=False)
+        console.print(f"no temperature-matched baseline: {markup_safe(note)}", highlight=False)
     if h.get("fam_step_ratio") is not None:
         console.print(f"relative step at step 0: R = {h['fam_step_ratio']:.3g}", highlight=False)
     for line in result.warnings:
-        stderr().print(f"[bold yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
+        stderr().print(
+            f"[bold yellow]warning:[/] {markup_safe(line)}", highlight=False, soft_wrap=True
+        )
     if result.resumed_from:
         console.print(f"resumed after epoch {result.resumed_from}", highlight=False)
     for what, path in (
@@ -240,7 +251,7 @@ def finetune_tables(result) -> None:  # noqa: ANN001 - a FinetuneResult, importe
         ("state", result.state_path),
     ):
         if path is not None:
-            console.print(f"{what}: {path}", highlight=False)
+            console.print(f"{what}: {markup_safe(path)}", highlight=False)
     console.print(f"sha256: {result.out_sha256}", highlight=False)
 
 
@@ -253,8 +264,10 @@ def robustness_table(result: Any, *, title: str) -> None:
 
     console = Console()
     table = Table(
-        title=f"{title} · layer {result.layer} · κ = {format_value(result.kappa)}, "
-        f"m = {result.m}, n = {result.n}, {result.probes} antithetic pairs",
+        title=markup_safe(
+            f"{title} · layer {result.layer} · κ = {format_value(result.kappa)}, "
+            f"m = {result.m}, n = {result.n}, {result.probes} antithetic pairs"
+        ),
         title_justify="left",
     )
     cols = ["δ", "E_F(δ)", "± stderr", "δ²κ/(2m)", "ratio"]
@@ -280,7 +293,7 @@ def robustness_table(result: Any, *, title: str) -> None:
         table.add_row(*row)
     console.print(table)
     for line in result.notes:
-        console.print(f"note: {line}", highlight=False)
+        console.print(f"note: {markup_safe(line)}", highlight=False)
 
 
 def bound_table(terms: Any, *, title: str) -> None:
@@ -291,7 +304,9 @@ def bound_table(terms: Any, *, title: str) -> None:
     from ..report import format_value
 
     console = Console()
-    table = Table(title=f"{title} · layer {terms.layer} (Theorem 6)", title_justify="left")
+    table = Table(
+        title=markup_safe(f"{title} · layer {terms.layer} (Theorem 6)"), title_justify="left"
+    )
     for col in ("term", "value", "± stderr"):
         table.add_column(col, justify="left" if col == "term" else "right")
     se = terms.representativeness_stderr

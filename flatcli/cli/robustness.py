@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from .app import app
-from .common import check_format, emit, friendly, progress
+from .common import check_format, check_outputs, emit, friendly, progress
 from .options import (
     ArchKwargsOpt,
     ArchOpt,
@@ -104,6 +104,11 @@ def robustness(
     from ..runtime import manifest
 
     fmt = check_format(fmt)
+    check_outputs(output, *((".manifest.json",) if fmt == "csv" else ()))
+    if plot is not None:
+        from ..io import check_output
+
+        check_output(plot, suffixes=(".png", ".svg", ".pdf"), option="--plot")
     values = parse_deltas(deltas)
     prep = prepare(
         checkpoint,

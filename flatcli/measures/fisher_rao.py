@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import distributed
 from ..autodiff import SecondOrder
 from ..errors import UsageError
 from ..features import ModelInput, batch_len, call_model
@@ -112,6 +113,7 @@ def fisher_rao(
                 p, u = torch.softmax(out.double(), dim=-1), u.double()
                 total += float(((p * u * u).sum(-1) - (p * u).sum(-1) ** 2).sum())
             n += batch_len(x)
+    total, n = distributed.sum_floats(batches, total, n)
     if n == 0:
         raise empty_data()
     biases = "biases included" if include_bias else "biases excluded"

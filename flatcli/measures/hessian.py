@@ -29,6 +29,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .. import distributed
 from ..autodiff import SecondOrder
 from ..data import Batches
 from ..errors import UsageError
@@ -91,6 +92,8 @@ class LossHessian:
             f = functional_loss(self.model, self.flat, x, y, self.loss, fixed=self.fixed)
             total += hvp(f, self.theta, v, chunk_size=chunk_size, ad=self.ad).double()
             n += batch_len(x)
+        total = distributed.sum_over_shards(self.batches, total)
+        n = int(distributed.sum_floats(self.batches, n)[0])
         if n == 0:
             raise empty_data()
         self.n = n

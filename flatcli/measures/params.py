@@ -28,6 +28,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .. import distributed
 from ..autodiff import SecondOrder
 from ..checkpoints import eval_mode
 from ..data import Batches, as_batches
@@ -266,6 +267,8 @@ def mean_objective(
         else:
             total += float(per_sample_loss(out, y, loss).double().sum())  # type: ignore[arg-type]
         n += batch_len(x)
+    total, n_sum = distributed.sum_floats(batches, total, n)
+    n = int(n_sum)
     if n == 0:
         raise empty_data()
     value = total / n

@@ -28,10 +28,18 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .. import distributed
 from ..checkpoints import eval_mode
 from ..data import Batches, as_batches
 from ..errors import FlatcliError, UsageError
-from ..features import Cut, LayerSplit, batch_len, call_model, default_layer
+from ..features import (
+    Cut,
+    LayerSplit,
+    batch_len,
+    call_model,
+    default_layer,
+    per_sample_hvp,
+)
 from ..losses import check_loss, per_sample_loss
 from .estimate import Estimate, mean_and_stderr
 
@@ -73,7 +81,9 @@ def relative_flatness(
         loss: ``cross_entropy`` or ``mse`` (mean over all elements, one-hot for int labels).
         method: ``exact`` (Identity 3 closed form for a logits layer, Identity 2 per-sample
             HVPs for a hidden Linear layer, Identity 1 basis enumeration for conv or tied
-            weights), ``hutchinson`` (Identity 1 with Rademacher probes, any layer), or
+            weights), ``hutchinson`` (Rademacher probes: in feature space through
+            Identity 2 for an untied Linear layer with one output row per sample, one
+            length-``d`` vector per probe; Identity 1 in A-space otherwise), or
             ``auto`` (exact for an untied ``nn.Linear`` with one output row per sample;
             Hutchinson otherwise, e.g. for a Linear applied per token).
         normalize: Return :math:`\tilde\kappa` after Theorem 4's normalization instead.
@@ -165,7 +175,7 @@ def layerwise_flatness(
 def weight_norm(model: nn.Module, layer: str | None = None) -> Estimate:
     r"""Squared Frobenius norm :math:`\|W\|_F^2` of the layer weight."""
     split = LayerSplit(model, layer or default_layer(model))
-    return Estimate(float(split.weight.detach().double().pow(2).sum()), None, "exact")
+    return Estimate(squared_norm(split.weight), None, "exact")
 
 
 def layer_measures(
@@ -234,6 +244,8 @@ def layer_measures(
         note(f"relative flatness ({resolved})")
         if resolved == "exact" and per_sample:
             out, fit = _identity2(split, batches, loss, sigma)
+        elif per_sample:
+            out, fit = _feature_hutchinson(split, batches, loss, sigma, probes=probes, seed=seed)
         else:
             fit = evaluate(split, batches, loss)
             out = _identity1(
@@ -247,7 +259,7 @@ def layer_measures(
                 seed=seed,
             )
         n = fit["n"]
-    wn = float(split.weight.detach().double().pow(2).sum())
+    wn = squared_norm(split.weight)
     if l2 > 0:
         out = _with_l2(split, out, sigma, l2)
     trace = out["layer_hessian_trace"]
@@ -306,17 +318,36 @@ class _Fit:
 
     def __init__(self, loss: str) -> None:
         self.loss, self.n, self.loss_sum, self.correct, self.classify = loss, 0, 0.0, 0, True
+        self._sums: torch.Tensor | None = None  # (loss sum, correct), kept on the device
 
     def add(self, out: torch.Tensor, y: torch.Tensor) -> None:
         losses = per_sample_loss(out, y, self.loss)  # type: ignore[arg-type]
-        if not torch.isfinite(losses).all():
-            raise FlatcliError("the loss is NaN or Inf on this data")
         self.n += out.shape[0]
-        self.loss_sum += float(losses.double().sum())
         if y.is_floating_point():
             self.classify = False
+            sums = losses.sum(dtype=torch.float64).expand(2)
         else:
-            self.correct += int((out.argmax(-1) == y).sum())
+            right = (out.argmax(-1) == y).sum(dtype=torch.float64)
+            sums = torch.stack([losses.sum(dtype=torch.float64), right])
+        self._sums = sums if self._sums is None else self._sums + sums
+
+    def merge(self, batches: Batches) -> _Fit:
+        """Check the loss and sum the counts over the ranks when ``batches`` is a shard.
+
+        A NaN or Inf loss makes the (non-negative) loss sum non-finite, so one check of the
+        sum finds it (see distributed.py for the ranks).
+        """
+        if self._sums is not None:
+            loss_sum, correct = self._sums.tolist()
+            if not math.isfinite(loss_sum):
+                raise FlatcliError("the loss is NaN or Inf on this data")
+            self.loss_sum, self.correct, self._sums = loss_sum, int(correct), None
+        n, loss_sum, correct, regression = distributed.sum_floats(
+            batches, self.n, self.loss_sum, self.correct, float(not self.classify)
+        )
+        self.n, self.loss_sum, self.correct = int(n), loss_sum, int(correct)
+        self.classify = regression == 0
+        return self
 
     def result(self) -> dict[str, Any]:
         if self.n == 0:
@@ -330,7 +361,7 @@ def evaluate(split: LayerSplit, batches: Batches, loss: str) -> dict[str, Any]:
     fit = _Fit(loss)
     for x, y in batches:
         fit.add(call_model(split.model, x), y)
-    return fit.result()
+    return fit.merge(batches).result()
 
 
 def feature_std(split: LayerSplit, batches: Batches) -> tuple[torch.Tensor, int]:
@@ -400,6 +431,11 @@ def _population_std(split: LayerSplit, batches: Batches) -> tuple[torch.Tensor, 
         count = total
     if mean is None or m2 is None:
         raise FlatcliError("the dataset is empty")
+    if isinstance(batches, distributed.ShardedBatches):  # Chan's merge over the ranks
+        total = distributed.sum_floats(batches, count)[0]
+        merged = distributed.sum_over_shards(batches, mean * count) / total
+        m2 = distributed.sum_over_shards(batches, m2 + count * (mean - merged) ** 2)
+        count = total
     sigma = (m2 / count).sqrt()
     return sigma, sigma <= 1e-12 * max(1.0, float(sigma.max()))
 
@@ -426,10 +462,11 @@ def _identity2(
         norms = [(phi * phi).sum(1)]
         if sigma is not None:
             norms.append(((phi * sigma.inverse.to(phi)) ** 2).sum(1))
-        for j, nrm in enumerate(norms):
-            sums[j] += float((nrm.double() * q[:, j].double()).sum())
-        sums[-1] += float((norms[0].double() * tr.double()).sum())
-    n = fit.result()["n"]
+        values = torch.cat([q, tr[:, None]], 1).double()  # Tr(UᵀBU) for each U, then Tr(B)
+        weights = torch.stack([*norms, norms[0]], 1).double()
+        sums += (weights * values).sum(0).to(sums.device)
+    sums = distributed.sum_over_shards(batches, sums)
+    n = fit.merge(batches).result()["n"]
     how = (
         "closed form (Identity 3, logits layer)"
         if split.produces_output
@@ -442,6 +479,105 @@ def _identity2(
     if sigma is not None:
         out["relative_flatness_normalized"] = Estimate(float(sums[1]) / n, None, f"exact: {how}")
     return out, fit.result()
+
+
+FEATURE_PROBE_CHUNK = 32
+"""Directions per batched downstream HVP of the feature-space Hutchinson estimate."""
+
+
+def _feature_hutchinson(
+    split: LayerSplit,
+    batches: Batches,
+    loss: str,
+    sigma: FeatureScaling | None,
+    *,
+    probes: int,
+    seed: int,
+) -> tuple[dict[str, Estimate], dict[str, Any]]:
+    r"""Hutchinson κ, κ̃ and Tr(H) of an untied Linear layer in feature space (Identity 2).
+
+    .. math::
+
+        \mathrm{Tr}(W^\top B_i W) = \mathbb{E}_u[(Wu)^\top B_i (Wu)], \quad
+        u \in \{\pm1\}^m, \qquad
+        \mathrm{Tr}(B_i) = \mathbb{E}_v[v^\top B_i v], \quad v \in \{\pm1\}^d.
+
+    Each probe ``u`` is shared by every sample, so probe ``j``'s value
+    :math:`\frac1n\sum_i \|\phi_i\|^2 (Wu_j)^\top B_i (Wu_j)` is an unbiased estimate of κ
+    and the probes are independent: mean and standard error over probes. A probe is one
+    vector of length ``d`` (one batched downstream HVP, or the closed form of a logits
+    layer), not an ``m × m`` matrix as in A-space, so memory is ``O(d·probes)`` beyond the
+    weight itself. Also returns the mean loss and accuracy, from the same trunk pass.
+    """
+    w = split.weight_matrix().detach()
+    d, m = w.shape
+    gen = torch.Generator().manual_seed(seed)
+    u = _rademacher(gen, (m, probes)).to(w)
+    groups = {"relative_flatness": w @ u}
+    if sigma is not None:
+        groups["relative_flatness_normalized"] = (w * sigma.scale.to(w)) @ u
+    groups["layer_hessian_trace"] = _rademacher(gen, (d, probes)).to(w)
+    dirs = torch.cat(list(groups.values()), dim=1)  # (d, K)
+    sums = torch.zeros(dirs.shape[1], dtype=torch.float64, device=w.device)
+    fit = _Fit(loss)
+    for x, y in batches:
+        cut = split.cut(x)
+        fit.add(cut.z if split.produces_output else split.downstream(cut.z, cut.context), y)
+        phi = cut.phi.reshape(batch_len(x), -1)
+        norm = (phi * phi).sum(1).double()
+        weights = [norm] * len(groups)
+        if sigma is not None:
+            weights[1] = ((phi * sigma.inverse.to(phi)) ** 2).sum(1).double()
+        forms = _probe_forms(split, cut, y, loss, dirs).double()  # (n, K)
+        for j, wt in enumerate(weights):
+            sums[j * probes : (j + 1) * probes] += wt @ forms[:, j * probes : (j + 1) * probes]
+    sums = distributed.sum_over_shards(batches, sums)
+    n = fit.merge(batches).result()["n"]
+    per_probe = (sums / n).cpu()
+    how = (
+        "closed form (Identity 3, logits layer)"
+        if split.produces_output
+        else f"downstream HVPs (Identity 2, {split.mechanism} split{split.ad.note})"
+    )
+    out = {}
+    for j, key in enumerate(groups):
+        mean, se = mean_and_stderr(per_probe[j * probes : (j + 1) * probes].tolist())
+        space = "v ∈ {±1}^d" if key == "layer_hessian_trace" else "u ∈ {±1}^m"
+        out[key] = Estimate(
+            mean,
+            se,
+            f"hutchinson: feature space, {probes} Rademacher probes {space}, {how}",
+            {"probes": probes},
+        )
+    return out, fit.result()
+
+
+def _probe_forms(
+    split: LayerSplit, cut: Cut, y: torch.Tensor, loss: str, dirs: torch.Tensor
+) -> torch.Tensor:
+    """``vᵀ B_i v`` for every sample ``i`` and every column ``v`` of ``dirs`` (``(n, K)``)."""
+    z = cut.z
+    if z.ndim != 2:
+        raise UsageError(
+            f"layer {split.name!r} output has shape {tuple(z.shape)}; feature-space "
+            "probes need (batch, features)"
+        )
+    d = z.shape[-1]
+    if split.produces_output and loss == "cross_entropy":
+        p = torch.softmax(z, dim=-1)
+        return p @ (dirs * dirs) - (p @ dirs) ** 2
+    if split.produces_output and loss == "mse":
+        return (2 / d) * (dirs * dirs).sum(0).expand(z.shape[0], -1)
+
+    def total(zz: torch.Tensor) -> torch.Tensor:
+        return per_sample_loss(split.downstream(zz, cut.context), y, loss).sum()  # type: ignore[arg-type]
+
+    cols = []
+    for lo, hi in _ranges(dirs.shape[1], FEATURE_PROBE_CHUNK):
+        chunk = dirs[:, lo:hi]
+        hv = per_sample_hvp(total, z, chunk.T, ad=split.ad)  # (k, n, d): B_i v
+        cols.append(torch.einsum("knd,dk->nk", hv, chunk))
+    return torch.cat(cols, dim=1)
 
 
 def _identity1(
@@ -547,7 +683,7 @@ def _quadratic_estimate(
                 .double()
                 .cpu()
             )
-        values.append(acc / n)
+        values.append(distributed.sum_over_shards(batches, acc) / n)
     per_dir = torch.cat(values)
     tied = (", tied weight" if split.tied else "") + split.ad.note
     if exact:
@@ -564,6 +700,13 @@ def _quadratic_estimate(
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def squared_norm(t: torch.Tensor, chunk: int = 1 << 22) -> float:
+    """``‖t‖²`` accumulated in float64, ``chunk`` elements at a time (no float64 copy of a
+    huge weight)."""
+    flat = t.detach().reshape(-1)
+    return math.fsum(float(c.double().square().sum()) for c in flat.split(chunk))
 
 
 def _resolve_method(split: LayerSplit, method: str, per_sample: bool) -> str:

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import distributed
 from ..data import Batches
 from ..errors import UsageError
 from ..features import ModelInput, call_model
@@ -112,6 +113,8 @@ class WorstIncrease:
             g, objective = torch.func.grad(self._batch_loss(x, y), has_aux=True)(theta)
             grad += g
             total += float(objective)
+        grad = distributed.sum_over_shards(self.batches, grad).to(theta.dtype)
+        (total,) = distributed.sum_floats(self.batches, total)
         return grad, total / self.n
 
     def _batch_loss(self, x: ModelInput, y: torch.Tensor) -> Any:

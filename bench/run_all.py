@@ -1,0 +1,314 @@
+"""Every flatcli benchmark in one run: a table of ratios, also written to bench/results.md.
+
+    python bench/run_all.py [--quick] [--only SECTION[,SECTION...]] [--output bench/results.md]
+
+Each figure is a ratio of two times (or a fitted exponent) measured in the same run, on
+the same model and data; absolute times depend on the machine and its load. Sections:
+
+``kappa``     exact κ vs the reference code's naive dense-Hessian method (bench_kappa.py);
+``scaling``   time and peak memory vs n (1k–8k samples), with the fitted exponent of
+              t ∝ n^a per measure (each n in its own process, for its own peak memory);
+``trace``     one Hutchinson probe (HVP) vs one gradient (bench_trace.py);
+``fam``       a FAM step vs a plain SGD step on the digits MLP (bench_fam.py);
+``correlate`` checkpoints per second: one process, ``--jobs 2`` (a reused worker pool)
+              and ``torchrun --nproc-per-node 2`` (gloo), all through the CLI;
+``huge``      nn.Linear(4096, 32000), n = 512: closed form and feature-space Hutchinson κ,
+              time and peak memory over a forward pass (bench_huge.py);
+``overhead``  exact κ over one forward pass, nn.Sequential and a custom (fx) module
+              (bench_overhead.py).
+
+``--quick`` shrinks every section to a smoke run (about three minutes on two cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(BENCH))
+SECTIONS = ("kappa", "scaling", "trace", "fam", "correlate", "huge", "overhead")
+
+Row = tuple[str, str, str, str, str, str]
+"""(section, case, baseline, flatcli, ratio, note)."""
+
+
+def _env() -> dict[str, str]:
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+        "PYTHONWARNINGS": "ignore",
+    }
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def kappa(quick: bool) -> list[Row]:
+    import bench_kappa
+
+    _, rows = bench_kappa.collect(quick=quick)
+    out = []
+    for name, t_slow, t_fast, v_fast, v_slow in rows:
+        rel = "" if v_slow is None else f"rel diff {abs(v_fast - v_slow) / abs(v_slow):.0e}"
+        note = "naive time extrapolated" if "extrapolated" in name else rel
+        case = name.split(" (")[0].strip()
+        out.append(
+            ("exact κ vs naive dense Hessian", case, f"{t_slow:.3f} s", f"{t_fast:.4f} s",
+             f"{t_slow / t_fast:.0f}× faster", note)
+        )  # fmt: skip
+    return out
+
+
+SCALING_MEASURES = ("κ logits (Identity 3)", "κ hidden (Identity 2)", "Tr H (32 probes)",
+                    "Fisher-Rao")  # fmt: skip
+
+
+def _scaling_calls(n_max: int) -> dict[str, object]:
+    """The four measures as functions of ``n`` on one MLP and one dataset of ``n_max``."""
+    import torch
+    from torch import nn
+
+    from flatcli.measures.fisher_rao import fisher_rao
+    from flatcli.measures.hessian import hessian_trace
+    from flatcli.measures.relative_flatness import relative_flatness
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)
+    ).eval()
+    x, y = torch.randn(n_max, 64, generator=g), torch.randint(0, 10, (n_max,), generator=g)
+    relative_flatness(model, "4", (x[:64], y[:64]))  # warm-up (first-use compilation)
+    relative_flatness(model, "2", (x[:64], y[:64]))
+    return {
+        SCALING_MEASURES[0]: lambda n: relative_flatness(model, "4", (x[:n], y[:n])),
+        SCALING_MEASURES[1]: lambda n: relative_flatness(model, "2", (x[:n], y[:n])),
+        SCALING_MEASURES[2]: lambda n: hessian_trace(
+            model, (x[:n], y[:n]), method="hutchinson", rtol=1e-12, max_probes=32
+        ),
+        SCALING_MEASURES[3]: lambda n: fisher_rao(model, (x[:n], y[:n])),
+    }
+
+
+def _scaling_case(n: int) -> dict[str, float]:
+    """Peak resident memory of a process that computes all four measures at ``n``."""
+    for fn in _scaling_calls(n).values():
+        fn(n)  # type: ignore[operator]
+    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def scaling(quick: bool) -> list[Row]:
+    sizes = (1000, 2000, 4000) if quick else (1000, 2000, 4000, 8000)
+    mem = []
+    for n in sizes:  # each n in its own process, for its own peak memory
+        cmd = [sys.executable, __file__, "--scaling-case", str(n)]
+        res = subprocess.run(cmd, capture_output=True, text=True, env=_env(), check=True)
+        mem.append(json.loads(res.stdout.strip().splitlines()[-1])["peak_rss_mb"])
+    calls = _scaling_calls(sizes[-1])
+    lo, hi = sizes[0], sizes[-1]
+    rows: list[Row] = []
+    for name, fn in calls.items():
+        times: dict[int, list[float]] = {n: [] for n in sizes}
+        rounds = 0
+        while rounds < 3 or (rounds < 9 and sum(times[hi]) < 1.0):  # sizes interleaved
+            for n in sizes:
+                start = time.perf_counter()
+                fn(n)  # type: ignore[operator]
+                times[n].append(time.perf_counter() - start)
+            rounds += 1
+        med = [sorted(times[n])[len(times[n]) // 2] for n in sizes]
+        a = _slope([math.log(n) for n in sizes], [math.log(t) for t in med])
+        rows.append(
+            (f"time vs n ({lo}–{hi})", name, f"{med[0]:.3f} s at n={lo}",
+             f"{med[-1]:.3f} s at n={hi}", f"t ∝ n^{a:.2f}", "1.00 = linear")
+        )  # fmt: skip
+    data_mb = (hi - lo) * 64 * 4 / 2**20
+    rows.append(
+        (f"time vs n ({lo}–{hi})", "peak resident memory of the process (all four)",
+         f"{mem[0]:.0f} MB at n={lo}", f"{mem[-1]:.0f} MB at n={hi}",
+         f"{mem[-1] / mem[0]:.3f}×",
+         f"streamed in batches of 256; the data grows by {data_mb:.1f} MB")
+    )  # fmt: skip
+    return rows
+
+
+def _slope(xs: list[float], ys: list[float]) -> float:
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum(
+        (x - mx) ** 2 for x in xs
+    )
+
+
+def trace(quick: bool) -> list[Row]:
+    import bench_trace
+    import torch
+
+    torch.set_num_threads(1)
+    rows: list[Row] = []
+    for name in ("mlp",) if quick else ("mlp", "cnn"):
+        model, batches = bench_trace.load(name, 256)
+        cost = bench_trace.probe_cost(model, batches)
+        g = cost["gradient"]
+        for k in (1, 16):
+            t = cost[f"probe@{k}"]
+            rows.append(
+                ("Hutchinson probe vs gradient", f"digits {name}, probes in rounds of {k}",
+                 f"{g * 1e3:.2f} ms", f"{t * 1e3:.2f} ms", f"{t / g:.2f}×", "one batch of 256")
+            )  # fmt: skip
+    return rows
+
+
+def fam(quick: bool) -> list[Row]:
+    import bench_fam
+    import torch
+
+    from flatcli.checkpoints import load_checkpoint
+    from flatcli.data import load_data
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    digits = load_data("digits")
+    x, y = digits.x[:32], digits.y[:32]
+    steps = 20 if quick else 100
+    rows: list[Row] = []
+    for layer, label in (("fc", "logits"), ("fc2", "hidden")):
+        model = load_checkpoint(ROOT / "sample_models" / "digits_mlp.safetensors").model
+        r = bench_fam.compare(f"digits MLP, {layer}", model, layer, x, y, steps=steps, warmup=5)
+        rows.append(
+            ("FAM step vs plain step", f"digits MLP, {layer} ({label}), batch 32",
+             f"{r['plain'] * 1e3:.2f} ms", f"{r['fam'] * 1e3:.2f} ms", f"{r['ratio']:.2f}×",
+             str(r["path"]))
+        )  # fmt: skip
+    return rows
+
+
+def correlate(quick: bool) -> list[Row]:
+    zoo = sorted((ROOT / "sample_models" / "zoo").glob("*.safetensors"))[: 4 if quick else 8]
+    args = ["correlate", *map(str, zoo), "--measures", "relative_flatness,layer_hessian_trace"]
+    args += ["--max-samples", "300", "--bootstrap", "20", "--format", "csv"]
+    runs = {
+        "1 process": [sys.executable, "-m", "flatcli", *args],
+        "--jobs 2 (worker pool)": [sys.executable, "-m", "flatcli", *args, "--jobs", "2"],
+        "torchrun, 2 ranks (gloo)": [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+            "2", "-m", "flatcli", *args,
+        ],
+    }  # fmt: skip
+    times = {}
+    for name, cmd in runs.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            subprocess.run(
+                [*cmd, "--cache-dir", tmp], capture_output=True, env=_env(), check=True, cwd=tmp
+            )
+            times[name] = time.perf_counter() - start
+    base = times["1 process"]
+    cpus = os.cpu_count()
+    return [
+        ("correlate throughput", f"{len(zoo)} checkpoints, {name}", f"{base:.1f} s",
+         f"{t:.1f} s", f"{base / t:.2f}× the throughput",
+         f"wall time incl. start-up, {cpus} cores, 1 thread per process")
+        for name, t in times.items()
+    ]  # fmt: skip
+
+
+def huge(quick: bool) -> list[Row]:
+    import bench_huge
+
+    d, m, n = (8000, 1024, 256) if quick else (32000, 4096, 512)
+    rows = bench_huge.run(d, m, n, probes=8, batch=256)
+    fwd = rows[0]
+    closed = rows[1]
+    out: list[Row] = []
+    for r in rows[1:]:
+        z = ""
+        if r["case"] == "hutchinson":
+            z = f"within {abs(r['value'] - closed['value']) / r['stderr']:.2f} stderr"
+        out.append(
+            (f"huge layer Linear({m}, {d}), n={n}", f"{r['case']} κ",
+             f"forward {fwd['seconds']:.2f} s", f"{r['seconds']:.2f} s, peak {r['peak_gb']:.2f} GB",
+             f"{r['seconds'] / fwd['seconds']:.2f}× forward, "
+             f"{r['seconds'] / closed['seconds']:.2f}× closed form", z)
+        )  # fmt: skip
+    return out
+
+
+def overhead(quick: bool) -> list[Row]:
+    import bench_overhead
+    import torch
+
+    torch.set_num_threads(1)
+    out: list[Row] = []
+    for n in (2000,) if quick else (2000, 32000):
+        for name, fwd, first, kap in bench_overhead.run(n):
+            out.append(
+                ("exact κ over a forward pass", f"{name}, n={n}", f"{fwd * 1e3:.1f} ms",
+                 f"{kap * 1e3:.1f} ms", f"{kap / fwd:.2f}×",
+                 f"first call {first / fwd:.2f}×"
+                 + (" (traces the module once)" if "fx" in name else ""))
+            )  # fmt: skip
+    return out
+
+
+# --------------------------------------------------------------------------- output
+
+
+def table(rows: list[Row]) -> str:
+    head = ("section", "case", "baseline", "flatcli", "ratio", "note")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke-sized runs of every section")
+    parser.add_argument("--only", default=None, help=f"comma list of: {', '.join(SECTIONS)}")
+    parser.add_argument("--output", type=Path, default=BENCH / "results.md")
+    parser.add_argument("--scaling-case", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.scaling_case is not None:
+        print(json.dumps(_scaling_case(args.scaling_case)))
+        return
+    import torch
+
+    chosen = SECTIONS if args.only is None else tuple(args.only.split(","))
+    unknown = [s for s in chosen if s not in SECTIONS]
+    if unknown:
+        parser.error(f"unknown section {unknown[0]!r}; choose from {', '.join(SECTIONS)}")
+    rows: list[Row] = []
+    started = time.perf_counter()
+    for name in chosen:
+        t = time.perf_counter()
+        rows += globals()[name](args.quick)
+        print(f"  {name}: {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+    text = table(rows)
+    print(text)
+    device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    header = (
+        f"# flatcli benchmarks\n\n`python bench/run_all.py{' --quick' if args.quick else ''}`"
+        f" on {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC: torch {torch.__version__},"
+        f" {device}, {os.cpu_count()} cores ({platform.machine()}), one thread per process,"
+        f" {time.perf_counter() - started:.0f} s in all. Every ratio compares two timings of"
+        " the same run; absolute times depend on the machine and its load.\n\n"
+    )
+    args.output.write_text(header + text + "\n")
+    print(f"wrote {args.output}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
