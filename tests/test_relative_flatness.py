@@ -121,7 +121,12 @@ class HadamardProbes:
     """Stands in for the Rademacher draws: rows of a ``P × P`` Hadamard matrix, cut to the
     probe dimension ``d ≤ P``. Over all ``P`` rows ``Σ a aᵀ = P I``, so the Hutchinson mean
     ``(1/P) Σ ⟨a, M a⟩`` is exactly ``Tr M``: the whole Hutchinson path (directions, HVPs,
-    averaging) becomes exact and can be held to a dense Hessian at rounding level."""
+    averaging) becomes exact and can be held to a dense Hessian at rounding level.
+
+    A-space draws come as ``(k, m, m)`` chunks of probes; feature-space draws as one
+    ``(m, P)`` block whose columns are the probes. Both get distinct Hadamard rows
+    (orthogonal rows, or in the second case the columns of ``m`` orthogonal rows), so the
+    design is exact either way."""
 
     def __init__(self, probes: int) -> None:
         self.h = torch.from_numpy(scipy.linalg.hadamard(probes)).double()
