@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from flatcli.cli import app
 from flatcli.correlate import CorrelateConfig, measure_checkpoints, results_table
-from flatcli.errors import FlatcliError
+from flatcli.errors import FlatcliError, FlatcliWarning
 
 ROOT = Path(__file__).resolve().parents[1]
 ZOO = sorted((ROOT / "sample_models" / "zoo").glob("*.safetensors"))[:5]
@@ -247,7 +247,8 @@ def test_a_damaged_cache_entry_is_recomputed(tmp_path: Path) -> None:
     entries = sorted(tmp_path.glob("*.json"))
     assert len(entries) == 2
     entries[0].write_text('{"relative_flatness": 1.0, "trunc')  # an interrupted write
-    again = measure_checkpoints(ZOO[:2], CONFIG, cache_dir=tmp_path)
+    with pytest.warns(FlatcliWarning, match=r"is damaged \(not JSON\); measuring again"):
+        again = measure_checkpoints(ZOO[:2], CONFIG, cache_dir=tmp_path)
     assert again.computed == 1
     pd.testing.assert_frame_equal(results_table(again), results_table(first))
     assert json.loads(entries[0].read_text())  # rewritten whole
