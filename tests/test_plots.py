@@ -212,3 +212,23 @@ def test_legend_labels_and_gap_error_message(tmp_path: Path, figures: list) -> N
         tau_bar_chart(stats, "gap_acc", path_stem=tmp_path / "t")
     message = "the statistics table has no rows for gap 'gap_acc' (it has: gap_loss)"
     assert str(info.value) == message
+
+
+def test_an_interval_touching_zero_counts_as_including_it(tmp_path: Path, figures: list) -> None:
+    from matplotlib.colors import to_hex
+
+    stats = pd.DataFrame(
+        {
+            "measure": ["a", "b", "c"],
+            "gap": "gap_loss",
+            "n": 10,
+            "kendall_tau_b": [0.3, -0.3, 0.5],
+            "kendall_tau_b_lo": [0.0, -0.6, 0.1],
+            "kendall_tau_b_hi": [0.6, 0.0, 0.9],
+        }
+    )
+    tau_bar_chart(stats, "gap_loss", path_stem=tmp_path / "t")
+    (ax,) = figures[0].axes
+    names = [t.get_text() for t in ax.get_yticklabels()]
+    colors = {n: to_hex(bar.get_facecolor()) for n, bar in zip(names, ax.patches, strict=True)}
+    assert colors == {"a": "#9e9e9e", "b": "#9e9e9e", "c": "#1f77b4"}
