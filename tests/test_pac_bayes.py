@@ -349,3 +349,57 @@ def test_search_option_edges(kwargs: dict, message: str) -> None:
     one = pacbayes_flatness(model, (x, t), **base, search_depth=1, sigma_max=0.5)
     assert one.details["bracket"] in ([0.0, 0.25], [0.25, 0.5])
     pacbayes_flatness(model, (x, t), **base, magnitude_aware=True, epsilon=0.0, search_depth=2)
+
+
+def test_isotropic_sigma_with_a_nonzero_base_loss() -> None:
+    # Targets off the fit: L(w) > 0, and the increase (not the perturbed loss) is what is
+    # held to τ. In expectation the residuals' cross term vanishes, so σ' is unchanged.
+    model, x, t = exact_fit()
+    t = t + 0.15 * torch.randn(t.shape, generator=models.seeded(3), dtype=t.dtype)
+    want = math.sqrt(TAU / (float(x.pow(2).sum(1).mean()) + 1))
+    got = pacbayes_flatness(model, (x, t), loss="mse", target="loss", mc_samples=40, sigma_max=0.5)
+    assert got.details["base"] == pytest.approx(0.15**2, rel=0.3)  # ≈ 0.02, not 0
+    sigma, se = got.details["sigma"], got.details["sigma_stderr"]
+    assert 0 < se < 0.03 * want and abs(sigma - want) <= 4 * se + 0.5 / 2 ** (DEPTH + 1)
+
+
+def test_search_slope_stderr_and_sigma_max_flag() -> None:
+    from flatcli.measures.pac_bayes import pacbayes_sigma
+
+    model, x, t = exact_fit()
+    c = float(x.pow(2).sum(1).mean()) + 1  # increase = c σ²: slope 2 c σ
+    kwargs = dict(loss="mse", target="loss", mc_samples=20)
+    free = pacbayes_sigma(model, (x, t), sigma_max=0.5, **kwargs)
+    assert free.hit_sigma_max is False
+    assert free.slope == pytest.approx(2 * c * free.sigma, rel=0.1)
+    assert free.sigma_stderr == free.mc_stderr / free.slope
+    # σ_max too small to reach τ: flagged, and a slope below 1 still gives a finite error.
+    capped = pacbayes_sigma(model, (x, t), sigma_max=0.01, **kwargs)
+    assert capped.hit_sigma_max is True and 0 < capped.slope < 1
+    assert capped.sigma_stderr == capped.mc_stderr / capped.slope
+    # A flat increase (no error change at tiny σ): slope 0, standard error infinite.
+    clf = models.mlp()
+    xc, _ = models.classification_data(n=30)
+    yc = clf(xc).argmax(-1)
+    flat = pacbayes_sigma(clf, (xc, yc), sigma_max=1e-9, mc_samples=2, search_depth=3)
+    assert flat.slope == 0 and flat.sigma_stderr == math.inf and flat.hit_sigma_max is True
+
+
+def test_defaults_run_jiangs_search() -> None:
+    from flatcli.measures.pac_bayes import pacbayes_sigma
+
+    model = models.mlp()
+    x, _ = models.classification_data(n=30)
+    y = model(x).argmax(-1)
+    want = "bisection on σ ∈ [0, 2], 15 steps × 10 draws of u ~ N(0, σ²) over all parameters, "
+    want += "error increase ≤ 0.1"
+    search = pacbayes_sigma(model, (x, y))
+    assert search.method == want
+    assert search.bracket[1] - search.bracket[0] == 2.0 / 2**15
+    for fn in (pacbayes_flatness, pacbayes_bound):
+        est = fn(model, (x, y))
+        assert want in est.method and est.details["sigma"] == search.sigma
+        assert est.details["mc_samples"] == 10 and est.details["search_depth"] == 15
+    u = gaussian_perturbation({"w": torch.zeros(100_000)}, 0.5, generator=models.seeded(0),
+                              magnitude_aware=True)["w"]
+    assert float(u.std()) == pytest.approx(1e-3, rel=0.02)  # ε defaults to 1e-3
