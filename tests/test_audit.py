@@ -178,3 +178,34 @@ def test_audit_cli_json_and_refusal(tmp_path: Path) -> None:
     assert table.exit_code == 0 and "layerwise reparameterization" in table.stdout
     bad = runner.invoke(app, ["audit", mlp, "--alpha-low", "0"])
     assert bad.exit_code == 2 and "Traceback" not in bad.output
+
+
+def test_audit_cli_alpha_range_and_tolerance() -> None:
+    mlp = str(ROOT / "sample_models" / "digits_mlp.safetensors")
+    base = ["audit", mlp, "--measures", "relative_flatness,weight_norm", "--max-samples", "60"]
+    base += ["--format", "json", "--alpha-low", "2", "--alpha-high", "3"]
+
+    def reps(*extra: str) -> list[dict]:
+        result = CliRunner().invoke(app, [*base, *extra])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)["reparameterizations"]
+
+    strict, loose = reps(), reps("--tolerance", "100")
+    for rep in strict:
+        assert rep["alphas"] and all(2 <= a <= 3 for a in rep["alphas"]), rep["kind"]
+    for a, b in zip(strict, loose, strict=True):
+        assert a["alphas"] == b["alphas"]  # the same draws: only the verdict differs
+        for row_a, row_b in zip(a["rows"], b["rows"], strict=True):
+            change = row_a["relative_change"]
+            assert change == row_b["relative_change"]
+            assert row_a["invariant"] is (change <= 1e-6)
+            assert row_b["invariant"] is (change <= 100)
+    layerwise = next(r for r in strict if r["kind"] == "layerwise")
+    rows = {r["measure"]: r for r in layerwise["rows"]}
+    assert rows["relative_flatness"]["invariant"] and not rows["weight_norm"]["invariant"]
+    assert all(r["invariant"] for rep in loose for r in rep["rows"])
+    # ‖W‖² of fc rescaled by 1/α² with α ∈ [2, 3]: a relative change in [1 − 1/4, 1 − 1/9].
+    fc_alpha = layerwise["alphas"][[p[1] for p in layerwise["pairs"]].index("fc")]
+    assert rows["weight_norm"]["relative_change"] == pytest.approx(1 - 1 / fc_alpha**2)
+    bad = CliRunner().invoke(app, [*base, "--alpha-high", "1"])
+    assert bad.exit_code == 2 and "--alpha-low and --alpha-high" in bad.output

@@ -52,8 +52,36 @@ def test_measure_json_has_the_stable_shape(runner: CliRunner) -> None:
     assert report["layer"] == {"name": "fc", "type": "Linear", "shape": [10, 32]}
     assert report["data"] == {"source": "digits", "split": "train", "n_samples": 300}
     kappa = report["measures"]["relative_flatness"]
-    assert kappa["value"] > 0 and kappa["stderr"] is None and "closed form" in kappa["method"]
+    assert kappa["stderr"] is None and "closed form" in kappa["method"]
     assert set(report["manifest"]) >= {"flatcli", "torch", "python", "device", "dtype", "seed"}
+    # The numbers are the library's (float32, as the CLI's default dtype).
+    from flatcli.measures import fisher_rao, norms
+    from flatcli.measures.relative_flatness import layer_measures
+
+    model, data = digits_mlp(300, torch.float32)
+    layer = layer_measures(model, "fc", data)
+    out = report["measures"]
+    for name in ("relative_flatness", "layerwise_flatness", "layer_hessian_trace", "weight_norm"):
+        assert out[name]["value"] == pytest.approx(layer[name].value, rel=1e-6), name
+    assert out["train_loss"]["value"] == pytest.approx(layer["train_loss"].value, rel=1e-6)
+    assert out["train_accuracy"]["value"] == layer["train_accuracy"].value
+    assert out["fisher_rao"]["value"] == pytest.approx(
+        fisher_rao.fisher_rao(model, data).value, rel=1e-5
+    )
+    assert out["frobenius_norms"]["value"] == pytest.approx(
+        norms.frobenius_norms(model).value, rel=1e-6
+    )
+    assert 0 < out["hessian_trace"]["stderr"] <= 0.011 * abs(out["hessian_trace"]["value"])
+    assert out["pacbayes_flatness"]["stderr"] > 0
+
+
+def digits_mlp(n: int, dtype: torch.dtype, split: str = "train"):  # noqa: ANN201
+    """The sample MLP and the first ``n`` digits of ``split``, as the CLI loads them."""
+    from flatcli.checkpoints import load_checkpoint
+    from flatcli.data import load_data
+
+    ds = load_data("digits", split=split, max_samples=n)
+    return load_checkpoint(MLP).model.to(dtype), (ds.x.to(dtype), ds.y)
 
 
 def test_measure_matches_the_python_api(runner: CliRunner) -> None:
@@ -108,6 +136,19 @@ def test_measure_hutchinson_on_conv_reports_stderr_and_seed(runner: CliRunner) -
     assert kappa["stderr"] > 0 and kappa["probes"] == 8
     assert first["manifest"]["seed"] == 7
     assert kappa["value"] == again["measures"]["relative_flatness"]["value"]
+    from flatcli.checkpoints import load_checkpoint
+    from flatcli.data import load_data
+    from flatcli.measures.relative_flatness import layer_measures
+
+    ds = load_data("digits", max_samples=100)
+    model = load_checkpoint(CNN).model
+    want = layer_measures(
+        model, "conv1", (ds.x.reshape(-1, 1, 8, 8), ds.y), method="hutchinson", probes=8, seed=7
+    )
+    for name in ("relative_flatness", "layer_hessian_trace"):
+        got = first["measures"][name]
+        assert got["value"] == pytest.approx(want[name].value, rel=1e-5), name
+        assert got["stderr"] == pytest.approx(want[name].stderr, rel=1e-5), name
 
 
 def test_csv_and_output_file(runner: CliRunner, tmp_path: Path) -> None:
@@ -120,6 +161,17 @@ def test_csv_and_output_file(runner: CliRunner, tmp_path: Path) -> None:
     assert lines[0] == "measure,value,stderr,method,warnings"
     assert lines[1].startswith("relative_flatness,")
     assert out.read_text() == result.stdout
+    import pandas as pd
+
+    from flatcli.measures.relative_flatness import layer_measures
+
+    table = pd.read_csv(out).set_index("measure")
+    model, data = digits_mlp(50, torch.float32)
+    want = layer_measures(model, "fc", data)
+    for name in ("relative_flatness", "layer_hessian_trace", "weight_norm", "train_loss"):
+        assert table.loc[name, "value"] == pytest.approx(want[name].value, rel=1e-6), name
+        assert np.isnan(table.loc[name, "stderr"])  # exact
+    assert table.loc["hessian_trace", "stderr"] > 0
     side = json.loads((tmp_path / "r.manifest.json").read_text())
     assert side["checkpoint"]["sha256"] == hashlib.sha256(Path(MLP).read_bytes()).hexdigest()
     assert side["manifest"]["seed"] == 0 and "torch" in side["manifest"]
@@ -127,10 +179,25 @@ def test_csv_and_output_file(runner: CliRunner, tmp_path: Path) -> None:
 
 
 def test_table_output_and_normalize(runner: CliRunner) -> None:
-    result = run(runner, "measure", MLP, "--normalize", "--max-samples", "100")
-    assert result.exit_code == 0
-    assert (
-        "relative_flatness_normalized" in result.stdout or "relative_flatness_norm" in result.stdout
+    from flatcli.measures.relative_flatness import layer_measures
+    from flatcli.report import format_value
+
+    args = ["measure", MLP, "--normalize", "--max-samples", "100", "--dead-units", "drop"]
+    args += ["--measures", "relative_flatness,relative_flatness_normalized,weight_norm"]
+    result = runner.invoke(app, args, env={"COLUMNS": "200"})  # names not cut short
+    assert result.exit_code == 0, result.output
+    model, data = digits_mlp(100, torch.float32)
+    want = layer_measures(model, "fc", data, normalize=True, dead_units="drop")
+    rows = {}
+    for line in result.stdout.splitlines():
+        cells = [c.strip() for c in line.split("│") if c.strip()]
+        if len(cells) >= 3 and cells[0] in want:
+            rows[cells[0]] = cells[1]
+    assert set(rows) == {"relative_flatness", "relative_flatness_normalized", "weight_norm"}
+    for name, shown in rows.items():
+        assert shown == format_value(want[name].value), name
+    assert want["relative_flatness_normalized"].value != pytest.approx(
+        want["relative_flatness"].value, rel=0.01
     )
 
 
@@ -266,44 +333,71 @@ def test_bad_arch_kwargs(runner: CliRunner, tmp_path: Path) -> None:
     assert "--arch" in err
 
 
+def measure_to(runner: CliRunner, target: Path):  # noqa: ANN201
+    return run(
+        runner, "measure", MLP, "--format", "json", "--output", str(target), "--max-samples", "20"
+    )
+
+
 def test_unwritable_output_leaves_no_file(runner: CliRunner, tmp_path: Path) -> None:
     target = tmp_path / "no_such_dir" / "r.json"
-    err = one_line_error(
-        run(
-            runner,
-            "measure",
-            MLP,
-            "--format",
-            "json",
-            "--output",
-            str(target),
-            "--max-samples",
-            "20",
-        )
-    )
+    err = one_line_error(measure_to(runner, target))
     assert "cannot write" in err and not target.exists()
+    # A path under a regular file: refused even for root.
+    plain = tmp_path / "plain.txt"
+    plain.write_text("keep")
+    err = one_line_error(measure_to(runner, plain / "r.json"))
+    assert "cannot write" in err and plain.read_text() == "keep"
+    # The target is a directory: the temporary file is written, then the rename fails;
+    # the temporary file must not stay behind.
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    err = one_line_error(measure_to(runner, occupied))
+    assert "cannot write" in err and occupied.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["occupied", "plain.txt"]
+    assert list(occupied.iterdir()) == []
+
+
+def test_read_only_output_directory(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ro = tmp_path / "ro"
     ro.mkdir()
     os.chmod(ro, 0o500)
     try:
-        if os.access(ro, os.W_OK):  # running as root: permissions are not enforced
-            return
-        err = one_line_error(
-            run(
-                runner,
-                "measure",
-                MLP,
-                "--format",
-                "json",
-                "--output",
-                str(ro / "r.json"),
-                "--max-samples",
-                "20",
-            )
-        )
+        if os.access(ro, os.W_OK):
+            # Root (as in CI) ignores the mode: make the write fail as a read-only
+            # directory would, where the temporary file is created.
+            import errno
+
+            import flatcli.io
+
+            def refuse(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+                raise PermissionError(errno.EACCES, "Permission denied")
+
+            monkeypatch.setattr(flatcli.io.tempfile, "mkstemp", refuse)
+        err = one_line_error(measure_to(runner, ro / "r.json"))
+        assert "cannot write" in err and "Permission denied" in err
         assert list(ro.iterdir()) == []
     finally:
         os.chmod(ro, 0o700)
+
+
+def test_a_failed_write_removes_its_temporary_file(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The disk fills up after the temporary file exists: no partial output, no leftovers.
+    import errno
+
+    import flatcli.io
+
+    def full(src, dst):  # noqa: ANN001, ANN202
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(flatcli.io.os, "replace", full)
+    err = one_line_error(measure_to(runner, tmp_path / "r.json"))
+    assert "No space left on device" in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_bad_option_values(runner: CliRunner) -> None:
@@ -390,8 +484,14 @@ def test_whole_network_measures_match_the_library(runner: CliRunner, tmp_path: P
     for name, est in expect.items():
         assert out[name]["value"] == pytest.approx(est.value, rel=1e-10), name
         assert out[name]["method"] == est.method, name
-    assert out["hessian_trace"]["stderr"] == pytest.approx(expect["hessian_trace"].stderr)
-    assert out["pacbayes_flatness"]["stderr"] > 0 and "sigma" in out["pacbayes_flatness"]
+    for name, est in expect.items():
+        if est.stderr is None:
+            assert out[name]["stderr"] is None, name
+        else:
+            assert out[name]["stderr"] == pytest.approx(est.stderr, rel=1e-10), name
+    for name in ("pacbayes_flatness", "pacbayes_bound"):
+        for key in ("sigma", "sigma_stderr", "increase", "mc_stderr"):
+            assert out[name][key] == pytest.approx(expect[name].details[key], rel=1e-10)
     # every parameter halved: the distance is half the norm of the parameters
     half = 0.5 * torch.cat([p.detach().flatten() for p in net.parameters()]).norm().item()
     assert out["distance_from_init"]["value"] == pytest.approx(half, rel=1e-12)
@@ -477,3 +577,103 @@ def test_budget_options(runner: CliRunner) -> None:
     one_line_error(run(runner, *args, "--trace-method", "xtrace"), code=2)
     one_line_error(run(runner, *args, "--probe-batch", "0"), code=2)
     one_line_error(run(runner, *args, "--time-budget", "-1"), code=2)
+
+
+# --------------------------------------------------------------------------- less used paths
+
+
+def test_measure_split_test_uses_the_test_split(runner: CliRunner) -> None:
+    from flatcli.measures.relative_flatness import layer_measures
+
+    args = ["measure", MLP, "--measures", "relative_flatness,train_loss", "--format", "json"]
+    args += ["--max-samples", "120", "--dtype", "float64"]
+    test = json.loads(run(runner, *args, "--split", "test").stdout)
+    train = json.loads(run(runner, *args).stdout)
+    assert test["data"] == {"source": "digits", "split": "test", "n_samples": 120}
+    for split, report in (("test", test), ("train", train)):
+        model, data = digits_mlp(120, torch.float64, split=split)
+        want = layer_measures(model, "fc", data)
+        for name in ("relative_flatness", "train_loss"):
+            assert report["measures"][name]["value"] == pytest.approx(want[name].value, rel=1e-10)
+    kappas = [r["measures"]["relative_flatness"]["value"] for r in (test, train)]
+    assert kappas[0] != pytest.approx(kappas[1], rel=1e-3)
+
+
+def test_pacbayes_mag_flatness_through_registry_and_cli(runner: CliRunner) -> None:
+    from flatcli import registry
+    from flatcli.data import as_batches
+    from flatcli.measures.pac_bayes import pacbayes_flatness
+
+    model, data = digits_mlp(100, torch.float64)
+    opts = dict(mc_samples=3, search_depth=6, seed=2, threshold=0.05)
+    want = {
+        "pacbayes_mag_flatness": pacbayes_flatness(model, data, magnitude_aware=True, **opts),
+        "pacbayes_flatness": pacbayes_flatness(model, data, **opts),
+    }
+    assert want["pacbayes_mag_flatness"].value != pytest.approx(
+        want["pacbayes_flatness"].value, rel=0.01
+    )
+    config = registry.MeasureConfig(
+        layer="fc", mc_samples=3, search_depth=6, seed=2, pacbayes_threshold=0.05
+    )
+    names = ["pacbayes_mag_flatness", "pacbayes_flatness"]
+    got = registry.run_measures(model, as_batches(data, batch_size=256), names, config)
+    cli = json.loads(
+        run(
+            runner,
+            "measure",
+            MLP,
+            "--measures",
+            ",".join(names),
+            "--max-samples",
+            "100",
+            "--dtype",
+            "float64",
+            "--mc-samples",
+            "3",
+            "--search-depth",
+            "6",
+            "--seed",
+            "2",
+            "--pacbayes-threshold",
+            "0.05",
+            "--format",
+            "json",
+        ).stdout
+    )["measures"]
+    for name, est in want.items():
+        assert got[name].value == pytest.approx(est.value, rel=1e-12), name
+        assert got[name].stderr == pytest.approx(est.stderr, rel=1e-12), name
+        assert cli[name]["value"] == pytest.approx(est.value, rel=1e-10), name
+        assert cli[name]["stderr"] == pytest.approx(est.stderr, rel=1e-10), name
+        assert cli[name]["sigma"] == pytest.approx(est.details["sigma"], rel=1e-10), name
+    assert "σ²w² + ε²" in cli["pacbayes_mag_flatness"]["method"]
+
+
+def test_cuda_device_resolution(monkeypatch: pytest.MonkeyPatch, runner: CliRunner) -> None:
+    from flatcli.correlate import _devices
+    from flatcli.errors import FlatcliError, UsageError
+    from flatcli.runtime import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    for spec in ("cuda", "cuda:0"):
+        with pytest.raises(FlatcliError, match=f"--device {spec}: CUDA is not available"):
+            resolve_device(spec)
+    assert _devices("cuda", 4) == ["cuda"]
+    err = one_line_error(run(runner, "measure", MLP, "--device", "cuda", "--max-samples", "10"))
+    assert "CUDA is not available" in err
+    with pytest.raises(UsageError, match="auto, cpu, cuda or cuda:N"):
+        resolve_device("gpu")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(FlatcliError, match=r"--device cuda:2: only 2 CUDA device\(s\) visible"):
+        resolve_device("cuda:2")
+    # correlate: one device per worker, round robin, only with several jobs
+    assert _devices("cuda", 3) == ["cuda:0", "cuda:1"]
+    assert _devices("auto", 2) == ["cuda:0", "cuda:1"]
+    assert _devices("cuda", 1) == ["cuda"] and _devices("cpu", 4) == ["cpu"]

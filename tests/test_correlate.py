@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -11,6 +14,7 @@ from typer.testing import CliRunner
 
 from flatcli.cli import app
 from flatcli.correlate import CorrelateConfig, measure_checkpoints, results_table
+from flatcli.errors import FlatcliError, FlatcliWarning
 
 ROOT = Path(__file__).resolve().parents[1]
 ZOO = sorted((ROOT / "sample_models" / "zoo").glob("*.safetensors"))[:5]
@@ -43,15 +47,71 @@ def test_resume_after_interruption_recomputes_only_the_rest(tmp_path: Path) -> N
     assert again.computed == 0
 
 
-def test_cache_key_changes_with_the_configuration() -> None:
-    other = CorrelateConfig(measures=CONFIG.measures, max_samples=100)
-    assert other.key() != CONFIG.key()
-    assert (
-        CorrelateConfig(
-            measures=CONFIG.measures, max_samples=200, device="cuda", batch_size=7
-        ).key()
-        == CONFIG.key()
+VOLATILE = {"device", "batch_size"}
+"""The configuration fields that do not change a result, so not the cache key."""
+
+
+def changed(value: Any, annotation: str = "") -> Any:
+    """A different value of the same kind (for a cache-key test that needs no field list)."""
+    if value is None and ("Mapping" in annotation or "dict" in annotation):
+        return {"changed": 1}
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value * 2 + 0.5
+    if isinstance(value, str):
+        return value + "-changed"
+    if isinstance(value, tuple):
+        return (*value, "extra")
+    if isinstance(value, Mapping):
+        return {**value, "changed": 1}
+    if value is None:
+        return "changed"
+    raise TypeError(f"no rule to change {value!r}")
+
+
+def config_variants() -> dict[str, CorrelateConfig]:
+    """One configuration per field (and per measure option) with that value changed."""
+    out = {}
+    for f in dataclasses.fields(CorrelateConfig):
+        value = getattr(CONFIG, f.name)
+        if dataclasses.is_dataclass(value):
+            for g in dataclasses.fields(value):
+                new = changed(getattr(value, g.name), str(g.type))
+                inner = dataclasses.replace(value, **{g.name: new})
+                out[f"{f.name}.{g.name}"] = dataclasses.replace(CONFIG, **{f.name: inner})
+        else:
+            new = changed(value, str(f.type))
+            out[f.name] = dataclasses.replace(CONFIG, **{f.name: new})
+    return out
+
+
+VARIANTS = config_variants()
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_every_option_but_device_and_batch_size_is_in_the_cache_key(name: str) -> None:
+    config = VARIANTS[name]
+    if name in VOLATILE:
+        assert config.key() == CONFIG.key(), name
+    else:
+        assert config.key() != CONFIG.key(), name
+    assert config.key() == dataclasses.replace(config).key()  # a key is a pure function
+
+
+def test_cache_entry_of_another_option_is_not_served(tmp_path: Path) -> None:
+    first = measure_checkpoints(ZOO[:1], CONFIG, cache_dir=tmp_path)
+    seeded = dataclasses.replace(
+        CONFIG,
+        measures=("relative_flatness",),
+        options=dataclasses.replace(CONFIG.options, method="hutchinson", seed=1),
     )
+    second = measure_checkpoints(ZOO[:1], seeded, cache_dir=tmp_path)
+    assert second.computed == 1
+    assert second.rows[0]["relative_flatness_stderr"] is not None
+    assert second.rows[0]["relative_flatness"] != first.rows[0]["relative_flatness"]
 
 
 def test_corrupt_checkpoint_is_skipped_and_reported(tmp_path: Path) -> None:
@@ -127,3 +187,106 @@ def test_all_checkpoints_bad_is_an_error(tmp_path: Path) -> None:
     bad.write_bytes(b"x")
     result = CliRunner().invoke(app, ["correlate", str(bad), "--cache-dir", str(tmp_path)])
     assert result.exit_code == 1 and "no checkpoint could be measured" in result.stderr
+
+
+def split_data(tmp_path: Path, *, with_test: bool = True) -> Path:
+    """Digits with a test split unlike the train split: other images, labels shifted by one."""
+    import numpy as np
+
+    d = np.load(ROOT / "flatcli" / "_bundled" / "digits.npz")
+    arrays = {"x": d["x"][:120], "y": d["y"][:120]}
+    if with_test:
+        arrays |= {"x_test": d["x_test"][:70], "y_test": (d["y_test"][:70] + 1) % 10}
+    path = tmp_path / "split.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+def test_train_and_test_columns_come_from_their_own_splits(tmp_path: Path) -> None:
+    import numpy as np
+    import torch
+
+    from flatcli.checkpoints import load_checkpoint
+
+    data = split_data(tmp_path)
+    config = dataclasses.replace(CONFIG, data=str(data), max_samples=None)
+    row = measure_checkpoints(ZOO[:1], config, cache_dir=tmp_path / "c").rows[0]
+    model = load_checkpoint(ZOO[0]).model.eval()
+    d = np.load(data)
+    for split, (kx, ky) in {"train": ("x", "y"), "test": ("x_test", "y_test")}.items():
+        x, y = torch.as_tensor(d[kx]), torch.as_tensor(d[ky]).long()
+        with torch.no_grad():
+            out = model(x).double()
+        loss = float(torch.nn.functional.cross_entropy(out, y))
+        acc = float((out.argmax(-1) == y).double().mean())
+        assert row[f"n_{split}"] == len(y)
+        assert row[f"{split}_loss"] == pytest.approx(loss, rel=1e-5), split
+        assert row[f"{split}_acc"] == pytest.approx(acc, abs=1e-12), split
+    assert row["test_acc"] < 0.3 < 0.9 < row["train_acc"]  # the splits really differ
+    df = results_table(measure_checkpoints(ZOO[:1], config, cache_dir=tmp_path / "c"))
+    assert df["gap_acc"].iloc[0] == pytest.approx(row["train_acc"] - row["test_acc"])
+    assert df["gap_loss"].iloc[0] == pytest.approx(row["test_loss"] - row["train_loss"])
+
+
+def test_data_without_a_test_split_is_a_clear_skip(tmp_path: Path) -> None:
+    data = split_data(tmp_path, with_test=False)
+    config = dataclasses.replace(CONFIG, data=str(data), max_samples=None)
+    run = measure_checkpoints(ZOO[:1], config, cache_dir=tmp_path / "c")
+    assert run.rows == [] and run.computed == 0
+    assert "has no test split" in run.skipped[0]["reason"]
+    assert "\n" not in run.skipped[0]["reason"]
+    result = CliRunner().invoke(
+        app, ["correlate", str(ZOO[0]), "--data", str(data), "--cache-dir", str(tmp_path / "c")]
+    )
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "no test split" in result.output
+
+
+def test_a_damaged_cache_entry_is_recomputed(tmp_path: Path) -> None:
+    first = measure_checkpoints(ZOO[:2], CONFIG, cache_dir=tmp_path)
+    entries = sorted(tmp_path.glob("*.json"))
+    assert len(entries) == 2
+    entries[0].write_text('{"relative_flatness": 1.0, "trunc')  # an interrupted write
+    with pytest.warns(FlatcliWarning, match=r"is damaged \(not JSON\); measuring again"):
+        again = measure_checkpoints(ZOO[:2], CONFIG, cache_dir=tmp_path)
+    assert again.computed == 1
+    pd.testing.assert_frame_equal(results_table(again), results_table(first))
+    assert json.loads(entries[0].read_text())  # rewritten whole
+
+
+def test_two_jobs_give_the_same_table_as_one(tmp_path: Path) -> None:
+    one = measure_checkpoints(ZOO[:2], CONFIG, cache_dir=tmp_path / "one")
+    seen: list[tuple[str, str]] = []
+    two = measure_checkpoints(
+        ZOO[:2],
+        CONFIG,
+        cache_dir=tmp_path / "two",
+        jobs=2,
+        on_result=lambda c, s: seen.append((c, s)),
+    )
+    assert two.computed == 2 and sorted(seen) == sorted((str(p), "computed") for p in ZOO[:2])
+    pd.testing.assert_frame_equal(results_table(two), results_table(one))
+    assert len(list((tmp_path / "two").glob("*.json"))) == 2
+
+
+def test_hparams_table_is_merged_by_file_name(tmp_path: Path) -> None:
+    run = measure_checkpoints(ZOO[:3], CONFIG, cache_dir=tmp_path / "c")
+    csv = tmp_path / "hp.csv"
+    pd.DataFrame(
+        {
+            "path": [f"/elsewhere/{p.name}" for p in ZOO[:3]],  # matched by file name
+            "lr": [0.5, 0.25, 0.125],  # replaces the metadata's hp_lr
+            "optimizer": ["sgd", "adam", "sgd"],
+        }
+    ).to_csv(csv, index=False)
+    df = results_table(run, hparams_csv=csv)
+    assert df["hp_lr"].tolist() == [0.5, 0.25, 0.125]
+    assert df["hp_optimizer"].tolist() == ["sgd", "adam", "sgd"]
+    assert df["hp_width"].tolist() == results_table(run)["hp_width"].tolist()  # kept
+    assert "path" in df.columns and "hp_path" not in df.columns
+    assert df["path"].tolist() == [str(p) for p in ZOO[:3]]
+    with pytest.raises(FlatcliError, match="needs a 'checkpoint' column"):
+        pd.DataFrame({"name": ["a"], "lr": [1]}).to_csv(csv, index=False)
+        results_table(run, hparams_csv=csv)
+    with pytest.raises(FlatcliError, match="not found"):
+        results_table(run, hparams_csv=tmp_path / "missing.csv")

@@ -438,3 +438,107 @@ def test_cli_bad_inputs_are_one_line_errors(
 def test_cli_missing_checkpoint(tmp_path: Path) -> None:
     result = invoke(str(tmp_path / "missing.safetensors"))
     assert "checkpoint not found" in one_line_error(result, 1)
+
+
+# --------------------------------------------------------------------------- SAM and weight decay
+
+
+def one_full_batch_step(optimizer: str, sam_rho: float, weight_decay: float):  # noqa: ANN201
+    """The parameters after one step on one full batch, by hand (λ = 0, momentum 0).
+
+    SGD: ``w − η (∇L(w) + wd·w)``. SAM (Foret et al. 2021, as pytorch_optimizer's SAM over
+    SGD): ``e = ρ ∇L(w)/‖∇L(w)‖``, then ``w − η (∇L(w + e) + wd·w)``.
+    """
+    from torch.func import functional_call, grad
+
+    from flatcli.data import load_data
+
+    model = load_checkpoint(MLP).model.double()
+    ds = load_data("digits", max_samples=64)
+    x, y = ds.x.double(), ds.y
+    w0 = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(params: dict) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(functional_call(model, params, (x,)), y)
+
+    g = grad(loss)(w0)
+    if optimizer == "sam":
+        norm = torch.sqrt(sum(v.pow(2).sum() for v in g.values()))
+        g = grad(loss)({k: w0[k] + sam_rho * g[k] / (norm + 1e-12) for k in w0})
+    return {k: w0[k] - 0.1 * (g[k] + weight_decay * w0[k]) for k in w0}
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "sam_rho", "weight_decay"),
+    [("sgd", 0.05, 0.0), ("sgd", 0.05, 0.02), ("sam", 0.5, 0.0), ("sam", 0.5, 0.02)],
+)
+def test_one_step_matches_sgd_and_sam_by_hand(
+    optimizer: str, sam_rho: float, weight_decay: float
+) -> None:
+    result = finetune(
+        MLP,
+        fam_lambda=0.0,
+        epochs=1,
+        optimizer=optimizer,  # type: ignore[arg-type]
+        sam_rho=sam_rho,
+        lr=0.1,
+        momentum=0.0,
+        weight_decay=weight_decay,
+        batch_size=64,
+        schedule="constant",
+        max_samples=64,
+        device="cpu",
+        dtype="float64",
+    )
+    want = one_full_batch_step(optimizer, sam_rho, weight_decay)
+    before = {k: v.double() for k, v in load_checkpoint(MLP).model.state_dict().items()}
+    got = result.model.state_dict()
+    for k, w in want.items():
+        step = got[k] - before[k]
+        torch.testing.assert_close(step, w - before[k], rtol=1e-6, atol=1e-9)
+    # The options matter: SAM's step is not SGD's, weight decay moves the weights.
+    other = one_full_batch_step("sgd" if optimizer == "sam" else "sam", 0.5, weight_decay)
+    decayed = one_full_batch_step(optimizer, sam_rho, 0.02 - weight_decay)
+    for reference in (other, decayed):
+        diff = max(float((got[k] - reference[k]).abs().max()) for k in want)
+        assert diff > 1e-5
+
+
+def test_cli_passes_optimizer_sam_rho_and_weight_decay(tmp_path: Path) -> None:
+    kwargs = dict(epochs=1, lr=0.05, batch_size=64, max_samples=128, seed=3, device="cpu")
+    out = tmp_path / "sam.safetensors"
+    result = invoke(
+        str(MLP),
+        "--fam-lambda",
+        "0",
+        "--optimizer",
+        "sam",
+        "--sam-rho",
+        "0.3",
+        "--weight-decay",
+        "0.01",
+        "--epochs",
+        "1",
+        "--lr",
+        "0.05",
+        "--batch-size",
+        "64",
+        "--max-samples",
+        "128",
+        "--seed",
+        "3",
+        "--out",
+        str(out),
+    )
+    assert result.exit_code == 0, result.output
+    ck = load_checkpoint(out)
+    assert ck.hparams["optimizer"] == "sam"
+    assert ck.hparams["sam_rho"] == 0.3 and ck.hparams["weight_decay"] == 0.01
+    lib = finetune(
+        MLP, fam_lambda=0.0, optimizer="sam", sam_rho=0.3, weight_decay=0.01, **kwargs
+    )
+    plain = finetune(MLP, fam_lambda=0.0, optimizer="sgd", weight_decay=0.01, **kwargs)
+    state, lib_state = ck.model.state_dict(), lib.model.state_dict()
+    for k, v in lib_state.items():
+        assert torch.equal(state[k], v), k
+    assert any(not torch.equal(v, plain.model.state_dict()[k]) for k, v in lib_state.items())

@@ -6,6 +6,7 @@ is in test_security_cli.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -328,16 +329,19 @@ def test_a_fifo_data_file_is_refused_without_blocking(tmp_path: Path) -> None:
     os.mkfifo(fifo)
 
     def feed() -> None:  # without the check, the reader would get these bytes, not block
-        with open(fifo, "wb") as f:
+        with contextlib.suppress(BrokenPipeError), open(fifo, "wb") as f:
             f.write(b"garbage")
 
-    threading.Thread(target=feed, daemon=True).start()
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
     try:
         with pytest.raises(FlatcliError, match="is a special file, not a regular file"):
             load_data(str(fifo))
-    finally:  # release the writer
+    finally:  # release the writer: open a reader, let it write and finish, then close
         fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        writer.join(timeout=10)
         os.close(fd)
+    assert not writer.is_alive()
 
 
 # --------------------------------------------------------------------------- 8. resume

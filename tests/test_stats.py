@@ -239,3 +239,165 @@ def test_missing_columns_and_bad_options_are_one_line_errors() -> None:
 
 def test_docstring_examples_run() -> None:
     assert doctest.testmod(flatcli.stats, raise_on_error=False).failed == 0
+
+
+def test_granulated_kendall_uses_tau_a_on_tied_non_constant_groups() -> None:
+    # One hyperparameter k with three values per group; the measure ties within each group
+    # but is not constant, so τ-a and τ-b differ (τ-b would be 2/√6 ≈ 0.816 and 1/√3).
+    df = pd.DataFrame(
+        {
+            "k": [1, 2, 3, 1, 2, 3],
+            "other": [0, 0, 0, 1, 1, 1],
+            "m": [1.0, 1.0, 2.0, 5.0, 6.0, 6.0],
+            "g": [0.1, 0.2, 0.3, 0.3, 0.1, 0.2],
+        }
+    )
+    # other=0: m (1, 1, 2), g (.1, .2, .3): pairs 0 (tie), +, +  → τ-a = 2/3.
+    # other=1: m (5, 6, 6), g (.3, .1, .2): pairs −, −, 0 (tie)  → τ-a = −2/3.
+    # (other varies only together with nothing: ψ_other has groups by k, each of 2 rows:
+    #  k=1: m (1, 5), g (.1, .3) +1; k=2: m (1, 6), g (.2, .1) −1; k=3: m (2, 6), g (.3, .2) −1.)
+    result = granulated_kendall(df, "m", "g", ["k", "other"])
+    for _, group in df.groupby("other"):
+        x, y = group["m"].to_numpy(), group["g"].to_numpy()
+        assert sps.kendalltau(x, y).statistic != pytest.approx(brute_force_tau_a(x, y))
+    assert result["psi"]["k"] == pytest.approx((2 / 3 - 2 / 3) / 2, abs=1e-15)
+    assert result["psi"]["other"] == pytest.approx(-1 / 3)
+    assert result["Psi"] == pytest.approx(-1 / 6)
+    # One group alone, so a mean over groups cannot hide the τ variant.
+    alone = granulated_kendall(df[df["other"] == 0], "m", "g", ["k", "other"])
+    assert alone["psi"]["k"] == pytest.approx(2 / 3, rel=1e-14)  # τ-b would give 0.816
+    assert alone["groups"] == {"k": 1, "other": 0}
+
+
+def test_bootstrap_interval_is_the_percentile_interval_at_the_asked_level() -> None:
+    # An independent recomputation: the same resamples (a fresh default_rng(seed)), scipy's
+    # statistic on each, and numpy's quantiles at (1 − c)/2 and (1 + c)/2.
+    df = fixed_table()
+    x, y = df["tied"].to_numpy(), df["gap"].to_numpy()
+    idx = np.random.default_rng(11).integers(0, len(x), size=(300, len(x)))
+    reference = {
+        "kendall_tau_b": [sps.kendalltau(x[i], y[i]).statistic for i in idx],
+        "kendall_tau_a": [brute_force_tau_a(x[i], y[i]) for i in idx],
+        "spearman_rho": [sps.spearmanr(x[i], y[i]).statistic for i in idx],
+        "pearson_r": [sps.pearsonr(x[i], y[i]).statistic for i in idx],
+    }
+    for conf in (0.95, 0.8):
+        row = correlation_table(df, ["tied"], ["gap"], bootstrap=300, seed=11, confidence=conf)
+        row = row.iloc[0]
+        for s, values in reference.items():
+            lo, hi = np.quantile(values, [(1 - conf) / 2, (1 + conf) / 2])
+            assert row[f"{s}_lo"] == pytest.approx(lo, abs=1e-12), (s, conf)
+            assert row[f"{s}_hi"] == pytest.approx(hi, abs=1e-12), (s, conf)
+
+
+def test_bootstrap_95_interval_covers_the_true_correlation_about_95_percent() -> None:
+    # Bivariate normal with ρ = 0.6: Pearson's r estimates ρ, Kendall's τ estimates
+    # (2/π) arcsin ρ. Percentile intervals at n = 40 cover a little under the nominal level.
+    # The mean width is the sharper check: a 90% interval is 16% narrower (1.645/1.96).
+    rho, n, reps = 0.6, 40, 50
+    truth = {"pearson_r": rho, "kendall_tau_b": 2 / math.pi * math.asin(rho)}
+    rng = np.random.default_rng(2024)
+    covered = {s: 0 for s in truth}
+    widths = []
+    for rep in range(reps):
+        x = rng.normal(size=n)
+        y = rho * x + math.sqrt(1 - rho**2) * rng.normal(size=n)
+        row = correlation_table(
+            pd.DataFrame({"m": x, "g": y}), ["m"], ["g"], bootstrap=100, seed=rep
+        ).iloc[0]
+        for s, value in truth.items():
+            covered[s] += row[f"{s}_lo"] <= value <= row[f"{s}_hi"]
+        widths.append(row["pearson_r_hi"] - row["pearson_r_lo"])
+    for s in truth:
+        assert 0.84 <= covered[s] / reps <= 1.0, (s, covered[s])
+    # The normal-theory width of a 95% interval for r, 2 · 1.96 (1 − ρ²)/√n ≈ 0.40; the mean
+    # over 50 draws has a standard error of about 3%.
+    assert np.mean(widths) == pytest.approx(2 * 1.96 * (1 - rho**2) / math.sqrt(n), rel=0.08)
+
+
+# --------------------------------------------------------------------------- mutation survivors
+
+
+def test_defaults_and_the_edges_of_the_options() -> None:
+    df = fixed_table()
+    assert correlation_table(df, ["good"], ["gap"]).attrs["bootstrap"] == 1000
+    for bad in (0.0, 1.0):
+        with pytest.raises(UsageError, match="strictly between 0 and 1"):
+            correlation_table(df, ["good"], ["gap"], confidence=bad)
+    # One resample is an interval of one point (not "no bootstrap").
+    row = correlation_table(df, ["good"], ["gap"], bootstrap=1).iloc[0]
+    for s in STATISTICS:
+        assert np.isfinite(row[f"{s}_lo"]) and row[f"{s}_lo"] == row[f"{s}_hi"]
+
+
+def test_three_rows_are_enough() -> None:
+    df = pd.DataFrame({"m": [1.0, 2.0, 3.0], "g": [0.1, 0.3, 0.2]})
+    row = correlation_table(df, ["m"], ["g"], bootstrap=0).iloc[0]
+    assert row["n"] == 3 and row["kendall_tau_b"] == pytest.approx(1 / 3)
+
+
+def test_non_numeric_entries_count_as_missing() -> None:
+    # A CSV written by hand may hold "n/a" or an empty string where a measure failed.
+    df = fixed_table()
+    df["good"] = df["good"].astype(object)
+    df.loc[[1, 4], "good"] = ["n/a", ""]
+    row = correlation_table(df, ["good"], ["gap"], bootstrap=0).iloc[0]
+    clean = correlation_table(df.drop(index=[1, 4]).astype({"good": float}), ["good"], ["gap"])
+    assert row["n"] == 28 and row["kendall_tau_b"] == clean.iloc[0]["kendall_tau_b"]
+    hp = pd.DataFrame({"k": [1, 2, 3, 4], "m": [1.0, "n/a", 3.0, 2.0], "g": [1, 2, 3, 4]})
+    assert granulated_kendall(hp, "m", "g", ["k"])["psi"]["k"] == pytest.approx(1 / 3)
+
+
+def test_degenerate_p_values_are_float_nan() -> None:
+    df = pd.DataFrame({"m": [2.0, 2.0, 2.0, 2.0], "g": [1.0, 3.0, 2.0, 4.0]})
+    table = correlation_table(df, ["m"], ["g"], bootstrap=0)
+    for col in P_VALUES.values():
+        assert table[col].dtype == np.float64 and math.isnan(table[col].iloc[0])
+
+
+def test_granulated_kendall_with_one_hyperparameter_and_ties_in_the_gap() -> None:
+    # One hyperparameter: a single group, the whole table. The gap ties (0.2 twice) and the
+    # measure does not: τ-a counts the tied pair as 0 (τ-b would not).
+    df = pd.DataFrame({"k": [1, 2, 3, 4], "m": [1.0, 2.0, 3.0, 4.0], "g": [0.1, 0.2, 0.2, 0.5]})
+    result = granulated_kendall(df, "m", "g", ["k"])
+    assert result == {"psi": {"k": pytest.approx(5 / 6)}, "Psi": pytest.approx(5 / 6),
+                      "groups": {"k": 1}}
+    # A group whose gap is constant contributes 0 (and warns about nothing).
+    flat = df.assign(g=0.3)
+    assert granulated_kendall(flat, "m", "g", ["k"])["psi"]["k"] == 0.0
+
+
+def test_granulated_kendall_without_any_group_is_nan_without_a_warning() -> None:
+    df = pd.DataFrame({"k": [1, 1, 1], "j": [0, 0, 0], "m": [1.0, 2.0, 3.0], "g": [3, 2, 1]})
+    result = granulated_kendall(df, "m", "g", ["k", "j"])
+    assert math.isnan(result["Psi"]) and result["groups"] == {"k": 0, "j": 0}
+
+
+def test_granulated_kendall_errors_name_the_problem() -> None:
+    df = fixed_table().assign(k=1)
+    with pytest.raises(UsageError) as info:
+        granulated_kendall(df, "good", "gap", [])
+    assert str(info.value) == "granulated Kendall needs at least one hyperparameter column"
+    with pytest.raises(UsageError) as info:
+        granulated_kendall(df, "good", "gap", ["k", "k"])
+    assert str(info.value) == "hyperparameter columns repeat: k, k"
+
+
+def test_column_order_and_an_empty_table() -> None:
+    columns = ["measure", "gap", "n"]
+    for s in STATISTICS:
+        columns += [s, f"{s}_lo", f"{s}_hi"]
+    columns += list(P_VALUES.values())
+    assert list(correlation_table(fixed_table(), ["good"], ["gap"], bootstrap=0)) == columns
+    empty = correlation_table(fixed_table(), [], ["gap"])
+    assert list(empty) == columns and len(empty) == 0
+
+
+def test_missing_column_message_lists_what_the_table_has() -> None:
+    df = pd.DataFrame({"x": [1.0], "y": [2.0]})
+    with pytest.raises(FlatcliError) as info:
+        correlation_table(df, ["a", "b"], ["y"])
+    assert str(info.value) == "missing column(s) a, b (the table has: x, y)"
+    with pytest.raises(FlatcliError) as info:
+        add_gaps(pd.DataFrame())
+    assert str(info.value).endswith("(the table has: none)")
