@@ -5,7 +5,7 @@ The objective on a mini-batch is
 .. math:: E_{\text{batch}}(\theta) + \lambda\, \kappa(W^l),
 
 with :math:`\kappa` the relative flatness of one layer (Petzka et al. 2021, Definition 3),
-evaluated on the same mini-batch (MATH.md §11). :class:`FAMRegularizer` returns that
+evaluated on the same mini-batch (docs/measures.md). :class:`FAMRegularizer` returns that
 :math:`\kappa` as a differentiable scalar. Backpropagating it gives **the full gradient of
 FAM's Lemma 1**, with respect to every parameter of the network:
 
@@ -17,7 +17,7 @@ FAM's Lemma 1**, with respect to every parameter of the network:
 Nothing is assembled by hand. Each path computes :math:`\kappa` with a differentiable
 expression, and ordinary autograd does the rest:
 
-* **Closed form** (MATH.md Identity 3), for a layer that produces cross-entropy or MSE
+* **Closed form** (docs/measures.md, Identity 3), for a layer that produces cross-entropy or MSE
   logits. :math:`\kappa = \frac1n\sum_i \|\phi_i\|^2 \big(\sum_s p_{is}\|w_s\|^2 -
   \|W^\top p_i\|^2\big)` costs about one extra head matmul.
 * **Identity 2**, for any other untied ``nn.Linear`` layer:
@@ -462,7 +462,7 @@ def detached_hessian_gradient(
     computed from a *detached* Hessian. Every other parameter gets zero. This is what
     wrapping the Hessian in ``torch.tensor(...)`` does. It is dense and slow: a reference.
     ``FAMRegularizer(..., gradient="detached")`` gives the same gradient at the cost of the
-    exact paths (MATH.md §11).
+    exact paths (docs/measures.md).
 
     Returns:
         Gradients by parameter name, zero everywhere except ``{layer}.weight``.

@@ -20,7 +20,7 @@ Three mechanisms, chosen automatically:
   differentiated) for each downstream evaluation; :attr:`LayerSplit.mechanism` says so.
 
 A weight used twice (tied to another parameter, or the layer applied twice) makes the
-downstream part depend on ``W`` too, which breaks Identity 2 (MATH.md §1); such splits
+downstream part depend on ``W`` too, which breaks Identity 2 (docs/measures.md); such splits
 report :attr:`LayerSplit.tied` and callers fall back to Identity 1 on the whole model.
 """
 
@@ -202,7 +202,7 @@ class LayerSplit:
 
     @property
     def weight(self) -> torch.Tensor:
-        """The layer's weight parameter (bias excluded, MATH.md notation)."""
+        """The layer's weight parameter (bias excluded, as in docs/measures.md)."""
         return self.layer.weight  # type: ignore[return-value]
 
     @property
@@ -215,7 +215,7 @@ class LayerSplit:
         return "other"
 
     def weight_matrix(self, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """The weight as the ``d × m`` matrix of MATH.md (conv kernels reshaped to ``(d, -1)``)."""
+        """The weight as a ``d × m`` matrix (conv kernels reshaped to ``(d, -1)``)."""
         w = self.weight if weight is None else weight
         return w.reshape(w.shape[0], -1)
 
@@ -376,7 +376,7 @@ class LayerSplit:
         r"""Per-sample ``Tr(Uᵀ B_i U)`` for each ``U`` in ``mats``, and optionally ``Tr(B_i)``.
 
         ``B_i = ∇²_z ℓ_i`` is sample ``i``'s loss Hessian with respect to the layer output,
-        through the downstream part only (MATH.md Identity 2). Closed forms (Identity 3)
+        through the downstream part only (docs/measures.md, Identity 2). Closed forms (Identity 3)
         when the layer produces the logits: softmax cross-entropy
         ``B_i = diag(p_i) − p_i p_iᵀ`` and MSE ``B_i = (2/d) I``. Otherwise batched
         downstream HVPs: ``min(d, Σ r)`` of them, each over all samples at once.
@@ -521,7 +521,7 @@ def per_sample_hvp(
     ``fn`` maps ``z`` of shape ``(n, d)`` to the **sum** of per-sample losses, each of
     which depends on its own row only; its Hessian is then block diagonal with blocks
     ``B_i`` and one Hessian-vector product with the direction repeated on every row gives
-    all ``B_i v`` at once (MATH.md Identity 2).
+    all ``B_i v`` at once (docs/measures.md, Identity 2).
 
     Args:
         fn: Sum of separable per-sample losses as a function of ``z``.

@@ -1,4 +1,4 @@
-"""Per-sample losses with the conventions of MATH.md.
+"""Per-sample losses with the conventions of docs/measures.md.
 
 The empirical risk is always the **mean** over samples, ``E = (1/n) Σ_i ℓ_i``;
 these functions return the unreduced ``ℓ_i`` so that every measure can
@@ -38,7 +38,7 @@ def per_sample_loss(out: torch.Tensor, y: torch.Tensor, loss: LossName) -> torch
     * ``cross_entropy``: softmax cross-entropy of the logits ``out`` against class indices.
     * ``mse``: ``ℓ_i = (1/d) ‖out_i − t_i‖²``, so that ``mean_i ℓ_i`` equals
       ``F.mse_loss(out, t)`` with its default mean over all ``n·d`` elements
-      (MATH.md §1, Identity 3). Integer labels become one-hot targets.
+      (docs/measures.md, Identity 3). Integer labels become one-hot targets.
 
     Works for batched ``out`` of shape ``(n, d)`` and, under ``torch.func.vmap``,
     for a single sample of shape ``(d,)``.

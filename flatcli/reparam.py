@@ -1,4 +1,4 @@
-"""Function-preserving reparameterizations (MATH.md §5) for the invariance audit.
+"""Function-preserving reparameterizations (docs/measures.md) for the invariance audit.
 
 * **Layer-wise**: multiply layer ``k``'s weight and bias by ``α > 0`` and divide layer
   ``k+1``'s weight by ``α``.

@@ -4,7 +4,7 @@ Pure statistics on :class:`pandas.DataFrame` tables with one row per checkpoint:
 correlation coefficients are scipy's, the tables are pandas'. Nothing here knows about
 models; :mod:`flatcli.correlate` builds the table.
 
-Kendall's τ comes in two forms (MATH.md §10). With :math:`C` concordant and :math:`D`
+Kendall's τ comes in two forms (docs/measures.md). With :math:`C` concordant and :math:`D`
 discordant pairs among :math:`n_0 = n(n-1)/2`, and :math:`n_x`, :math:`n_y` the pairs
 tied in the measure and in the gap,
 
@@ -61,7 +61,7 @@ MIN_N = 3
 
 
 def add_gaps(df: pd.DataFrame) -> pd.DataFrame:
-    """Return ``df`` with the two generalization gaps of MATH.md §10 added.
+    """Return ``df`` with the two generalization gaps of docs/measures.md added.
 
     ``gap_loss = test_loss − train_loss`` (mean cross-entropy) and
     ``gap_acc = train_acc − test_acc``. Both are positive when the model does worse

@@ -1,4 +1,4 @@
-r"""Trace and top eigenvalue of the loss Hessian over a chosen parameter set (MATH.md §6).
+r"""Trace and top eigenvalue of the loss Hessian over a chosen parameter set (docs/measures.md).
 
 .. math::
 

@@ -1,4 +1,4 @@
-r"""Norm-based measures (Jiang et al. 2020, §C.2–C.3), MATH.md §9.
+r"""Norm-based measures (Jiang et al. 2020, §C.2–C.3), docs/measures.md.
 
 Weight layers are ``nn.Linear`` and ``nn.Conv1d/2d/3d``; their weights (biases excluded)
 are reshaped to ``(out, −1)`` matrices :math:`W_l`. A weight shared by several layers

@@ -1,4 +1,4 @@
-r"""PAC-Bayes flatness and bound (Jiang et al. 2020, §C and measures 48–61), MATH.md §8.
+r"""PAC-Bayes flatness and bound (Jiang et al. 2020, §C and measures 48–61), docs/measures.md.
 
 .. math::
 

@@ -1,4 +1,4 @@
-r"""Sharpness (Jiang et al. 2020, measures 50–52 and 58–60), MATH.md §8.
+r"""Sharpness (Jiang et al. 2020, measures 50–52 and 58–60), docs/measures.md.
 
 .. math::
 
