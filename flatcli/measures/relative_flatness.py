@@ -30,7 +30,7 @@ from torch import nn
 
 from .. import distributed
 from ..checkpoints import eval_mode
-from ..data import Batches, as_batches
+from ..data import Batches, as_batches, take
 from ..errors import FlatcliError, UsageError
 from ..features import (
     Cut,
@@ -232,7 +232,11 @@ def layer_measures(
     note = progress or (lambda _msg: None)
     with _eval_mode(model), torch.no_grad():
         sigma: FeatureScaling | None = None
-        rows = split.kind == "linear" and split.cut(batches.first()[0]).z.ndim == 2
+        # One sample is enough to see whether the layer gives one output row per sample.
+        rows = (
+            split.kind == "linear"
+            and split.cut(take(batches.first()[0], slice(0, 1))).z.ndim == 2
+        )
         if normalize:
             if split.kind != "linear":
                 raise UsageError(
@@ -461,20 +465,24 @@ def _identity2(
     mats = [w]  # U = W: Tr(Wᵀ B W)
     if sigma is not None:
         mats.append(w * sigma.scale.to(w))  # U = W V
-    sums = torch.zeros(len(mats) + 1, dtype=torch.float64)
-    fit = _Fit(loss)
-    for x, y in batches:
-        cut = split.cut(x)
-        fit.add(cut.z if split.produces_output else split.downstream(cut.z, cut.context), y)
-        phi = cut.phi.reshape(batch_len(x), -1)
-        q, tr = split.quadratic_forms(cut, y, loss, mats, trace=True)
-        assert tr is not None
-        norms = [(phi * phi).sum(1)]
-        if sigma is not None:
-            norms.append(((phi * sigma.inverse.to(phi)) ** 2).sum(1))
-        values = torch.cat([q, tr[:, None]], 1).double()  # Tr(UᵀBU) for each U, then Tr(B)
-        weights = torch.stack([*norms, norms[0]], 1).double()
-        sums += (weights * values).sum(0).to(sums.device)
+    d, m = w.shape
+    if split.produces_output and loss == "cross_entropy" and d <= m:
+        sums, fit = _identity3_softmax(split, batches, mats, sigma)
+    else:
+        sums = torch.zeros(len(mats) + 1, dtype=torch.float64)
+        fit = _Fit(loss)
+        for x, y in batches:
+            cut = split.cut(x)
+            fit.add(cut.z if split.produces_output else split.downstream(cut.z, cut.context), y)
+            phi = cut.phi.reshape(batch_len(x), -1)
+            q, tr = split.quadratic_forms(cut, y, loss, mats, trace=True)
+            assert tr is not None
+            norms = [(phi * phi).sum(1)]
+            if sigma is not None:
+                norms.append(((phi * sigma.inverse.to(phi)) ** 2).sum(1))
+            values = torch.cat([q, tr[:, None]], 1).double()  # Tr(UᵀBU) for each U, then Tr(B)
+            weights = torch.stack([*norms, norms[0]], 1).double()
+            sums += (weights * values).sum(0).to(sums.device)
     sums = distributed.sum_over_shards(batches, sums)
     n = fit.merge(batches).result()["n"]
     how = (
@@ -489,6 +497,67 @@ def _identity2(
     if sigma is not None:
         out["relative_flatness_normalized"] = Estimate(float(sums[1]) / n, None, f"exact: {how}")
     return out, fit.result()
+
+
+def _identity3_softmax(
+    split: LayerSplit, batches: Batches, mats: list[torch.Tensor], sigma: FeatureScaling | None
+) -> tuple[torch.Tensor, _Fit]:
+    r"""Identity 3 for softmax cross-entropy on the logits layer, on reduced sums.
+
+    With ``B_i = diag(p_i) − p_i p_iᵀ``, ``G = UUᵀ`` and ``c = diag G``,
+    ``Σ_i ‖φ_i‖² Tr(UᵀB_iU) = a·c − ⟨A, G⟩`` where ``a = Σ_i ‖φ_i‖² p_i`` and
+    ``A = Σ_i ‖φ_i‖² p_i p_iᵀ`` (``d × d``), and ``Σ_i ‖φ_i‖² Tr(B_i) = Σ_i ‖φ_i‖² − Tr A``.
+    Each batch adds one ``(d+1) × (d+1)`` product ``[p, 1]ᵀ diag(‖φ‖²) [p, 1]`` (holding
+    ``A``, ``a`` and ``Σ_i ‖φ_i‖²``) to float64 sums; the same log-softmax gives the loss
+    and accuracy. Used when ``d ≤ m``, so ``d²`` is at most the weight's size.
+
+    Returns:
+        ``[Σ_i ‖φ_i‖² Tr(UᵀB_iU) for each U, Σ_i ‖φ_i‖² Tr(B_i)]`` (float64, this rank) and
+        the fit (loss and accuracy).
+    """
+    f64 = torch.float64
+    fit = _Fit("cross_entropy")
+    inverse = None if sigma is None else sigma.inverse
+    stats: list[torch.Tensor] = []  # per U: Σ_i ‖φ_i‖² [p_i, 1][p_i, 1]ᵀ, float64
+    nll: list[torch.Tensor] = []
+    right: list[torch.Tensor] = []
+    for x, y in batches:
+        cut = split.cut(x)
+        z = cut.z
+        n, d = z.shape
+        # Over few classes, the softmax along dim 0 of zᵀ is several times faster (same values).
+        logp = torch.log_softmax(z.T, dim=0).T if d < 32 else torch.log_softmax(z, dim=1)
+        if y.is_floating_point():
+            fit.add(z, y)
+        else:
+            fit.n += n
+            nll.append(logp.gather(1, y.long()[:, None]).sum(dtype=f64))
+            right.append((z.argmax(-1) == y).sum(dtype=f64))
+        p1 = z.new_ones(d + 1, n)  # [p, 1]ᵀ
+        torch.exp(logp.T, out=p1[:d])
+        phi = cut.phi.reshape(n, -1)
+        norms = [torch.linalg.vecdot(phi, phi)]
+        if inverse is not None:
+            scaled = phi * inverse.to(phi)
+            norms.append(torch.linalg.vecdot(scaled, scaled))
+        for k, nrm in enumerate(norms):
+            stat = (p1 * nrm) @ p1.T
+            if k == len(stats):
+                stats.append(stat.to(f64))
+            else:
+                stats[k] += stat
+    if nll:
+        more = torch.stack([-torch.stack(nll).sum(), torch.stack(right).sum()])
+        fit._sums = more if fit._sums is None else fit._sums + more
+    if not stats:
+        return torch.zeros(len(mats) + 1, dtype=f64), fit
+    values = []
+    for u, stat in zip(mats, stats, strict=True):
+        u64 = u.to(device=stat.device, dtype=f64)
+        gram = u64 @ u64.T
+        values.append(stat[:-1, -1] @ gram.diagonal() - (stat[:-1, :-1] * gram).sum())
+    values.append(stats[0][-1, -1] - stats[0][:-1, :-1].diagonal().sum())
+    return torch.stack(values).cpu(), fit
 
 
 FEATURE_PROBE_CHUNK = 32
