@@ -536,12 +536,13 @@ def _identity3_softmax(
         p1 = z.new_ones(d + 1, n)  # [p, 1]ᵀ
         torch.exp(logp.T, out=p1[:d])
         phi = cut.phi.reshape(n, -1)
-        # ‖φ_i‖² without an n × m temporary (a fresh large buffer per batch costs page faults)
-        norms = [torch.linalg.vector_norm(phi, dim=1).square()]
+        # ‖φ_i‖ without an n × m temporary (a fresh large buffer per batch costs page faults)
+        norms = [torch.linalg.vector_norm(phi, dim=1)]
         if inverse is not None:
-            norms.append(torch.linalg.vector_norm(phi * inverse.to(phi), dim=1).square())
+            norms.append(torch.linalg.vector_norm(phi * inverse.to(phi), dim=1))
         for k, nrm in enumerate(norms):
-            stat = (p1 * nrm) @ p1.T
+            scaled_p1 = p1 * nrm  # ‖φ_i‖ [p_i, 1]: its Gram matrix carries ‖φ_i‖²
+            stat = scaled_p1 @ scaled_p1.T
             if k == len(stats):
                 stats.append(stat.to(f64))
             else:
