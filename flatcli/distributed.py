@@ -120,9 +120,18 @@ def init(device: str = "auto", backend_name: str = "auto") -> str:
     return device if cuda or device != "auto" else "cpu"
 
 
-def shutdown() -> None:
-    """Leave the process group (when in one)."""
+def shutdown(*, barrier: bool = True) -> None:
+    """Leave the process group (when in one).
+
+    Args:
+        barrier: First wait until every rank has got here (a command that finished). Without
+            it, a rank could tear down its gloo connections (or rank 0 its rendezvous store)
+            while another still uses them, which aborts that process at exit. A failed rank
+            leaves without waiting: torchrun then stops the others.
+    """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if barrier:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

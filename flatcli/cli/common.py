@@ -33,11 +33,14 @@ def friendly(fn: F) -> F:
         import warnings
 
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated")
+        finished = False
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("default", FlatcliWarning)  # each message once
                 warnings.showwarning = show_warning
-                return fn(*args, **kwargs)
+                result = fn(*args, **kwargs)
+            finished = True
+            return result
         except FlatcliError as e:
             where = _rank_prefix()
             stderr().print(
@@ -47,7 +50,8 @@ def friendly(fn: F) -> F:
         except KeyboardInterrupt:
             stderr().print("interrupted", highlight=False)
             raise typer.Exit(130) from None
-        except typer.Exit:
+        except typer.Exit as e:
+            finished = e.exit_code == 0  # every rank ends the same way: wait for the others
             raise
         except Exception as e:  # noqa: BLE001 - last resort: one line, traceback on request
             if os.environ.get("FLATCLI_DEBUG"):
@@ -63,7 +67,7 @@ def friendly(fn: F) -> F:
             raise typer.Exit(1) from None
         finally:
             if "flatcli.distributed" in sys.modules:
-                sys.modules["flatcli.distributed"].shutdown()
+                sys.modules["flatcli.distributed"].shutdown(barrier=finished)
 
     return wrapper  # type: ignore[return-value]
 
