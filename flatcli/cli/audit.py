@@ -17,7 +17,7 @@ from .common import (
     command_argv,
     emit,
     friendly,
-    measure_options,
+    options_from,
     progress,
     setup,
     write_page,
@@ -150,22 +150,7 @@ def audit(
     names = registry.select(
         measures, normalize=normalize, has_init=init is not None, default=registry.AUDIT_DEFAULT
     )
-    options = measure_options(
-        method=method,
-        probes=probes,
-        seed=seed,
-        dead_units=dead_units,
-        trace_params=trace_params,
-        rtol=rtol,
-        max_probes=max_probes,
-        fr_include_bias=fr_include_bias,
-        fr_labels=fr_labels,
-        l2=l2,
-        pacbayes_target=pacbayes_target,
-        pacbayes_threshold=pacbayes_threshold,
-        mc_samples=mc_samples,
-        search_depth=search_depth,
-    )
+    options = options_from(ctx)
     prep, layer_name, _, config, inputs = setup(
         checkpoint,
         options,

@@ -245,6 +245,15 @@ def measure_options(
     )
 
 
+def options_from(ctx: typer.Context):  # noqa: ANN202 - a registry.MeasureOptions
+    """:func:`measure_options` from the command's own parsed parameters of the same names
+    (a command without, e.g., ``--time-budget`` gets that option's default)."""
+    import inspect
+
+    names = inspect.signature(measure_options).parameters
+    return measure_options(**{k: v for k, v in ctx.params.items() if k in names})
+
+
 def setup(
     checkpoint: Path,
     options: Any,

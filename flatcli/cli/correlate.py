@@ -20,7 +20,7 @@ from .common import (
     command_argv,
     emit,
     friendly,
-    measure_options,
+    options_from,
     start_distributed,
     stderr,
     write_page,
@@ -177,22 +177,7 @@ def correlate(
     chosen = select(measures) if measures else list(DEFAULT_CORRELATE())
     if "distance_from_init" in chosen:
         raise UsageError("correlate cannot compute distance_from_init (no --init per checkpoint)")
-    options = measure_options(
-        method=method,
-        probes=probes,
-        seed=seed,
-        dead_units=dead_units,
-        trace_params=trace_params,
-        rtol=rtol,
-        max_probes=max_probes,
-        fr_include_bias=fr_include_bias,
-        fr_labels=fr_labels,
-        l2=l2,
-        pacbayes_target=pacbayes_target,
-        pacbayes_threshold=pacbayes_threshold,
-        mc_samples=mc_samples,
-        search_depth=search_depth,
-    )
+    options = options_from(ctx)
     resolve_device(device)
     resolve_dtype(dtype)
     if jobs < 1:

@@ -15,7 +15,7 @@ from .common import (
     command_argv,
     emit,
     friendly,
-    measure_options,
+    options_from,
     progress,
     quiet,
     setup,
@@ -152,26 +152,7 @@ def measure(
     check_outputs(output, *((".manifest.json",) if fmt == "csv" else ()))
     check_report_path(report_page)
     names = registry.select(measures, normalize=normalize, has_init=init is not None)
-    options = measure_options(
-        method=method,
-        probes=probes,
-        seed=seed,
-        dead_units=dead_units,
-        trace_params=trace_params,
-        rtol=rtol,
-        max_probes=max_probes,
-        fr_include_bias=fr_include_bias,
-        fr_labels=fr_labels,
-        l2=l2,
-        pacbayes_target=pacbayes_target,
-        pacbayes_threshold=pacbayes_threshold,
-        mc_samples=mc_samples,
-        search_depth=search_depth,
-        trace_method=trace_method,
-        max_memory=max_memory,
-        probe_batch=probe_batch,
-        time_budget=time_budget,
-    )
+    options = options_from(ctx)
     device = start_distributed(device, backend)
     prep, layer_name, module, config, inputs = setup(
         checkpoint,
