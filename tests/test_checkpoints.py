@@ -223,3 +223,46 @@ def test_safetensors_saves_are_byte_reproducible(tmp_path: Path) -> None:
     second = save_checkpoint(model, tmp_path / "b.safetensors", **meta).read_bytes()
     assert first == second
     assert load_checkpoint(tmp_path / "a.safetensors").hparams == {"a": 2, "b": 1}
+
+
+# --------------------------------------------------------------------------- inspect's labels
+
+
+class _Tokens(torch.nn.Module):
+    """A Linear per position (token), mean-pooled, then a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix = torch.nn.Linear(6, 6)
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.mix(x)).mean(1))
+
+
+@pytest.mark.parametrize(
+    "metadata, mix, head",
+    [
+        (
+            {},
+            "κ exact (Identity 2, fx split) and κ̃ (--normalize) if one output row per "
+            "sample, else κ hutchinson (Identity 1, applied per token), exact if small; Tr(H)",
+            "κ exact closed form (Identity 3) and κ̃ (--normalize) if one output row per sample",
+        ),
+        (
+            {"input_shape": "[5, 6]"},
+            "κ hutchinson (Identity 1, applied per token), exact if small; Tr(H); ‖W‖²·Tr(H)",
+            "κ exact closed form (Identity 3), κ̃ (--normalize); Tr(H); ‖W‖²·Tr(H)",
+        ),
+    ],
+    ids=["unknown-input", "input-shape"],
+)
+def test_inspect_tells_per_token_layers_from_per_sample_ones(
+    metadata: dict, mix: str, head: str
+) -> None:
+    from flatcli.checkpoints import Checkpoint
+    from flatcli.inspection import describe
+
+    ck = Checkpoint(_Tokens(), Path("tokens.pt"), "0" * 64, "state_dict", metadata)
+    methods = {r["name"]: r["measures"] for r in describe(ck)["layers"]}
+    assert methods["mix"].startswith(mix) and methods["head"].startswith(head)

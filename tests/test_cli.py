@@ -206,7 +206,9 @@ def test_inspect(runner: CliRunner) -> None:
     info = json.loads(result.stdout)
     assert info["default_layer"] == "fc"
     assert [r["name"] for r in info["layers"] if r["weight_shape"]] == ["fc1", "fc2", "fc"]
-    assert "closed form" in next(r for r in info["layers"] if r["name"] == "fc")["measures"]
+    methods = {r["name"]: r["measures"] for r in info["layers"]}
+    assert methods["fc"].startswith("κ exact closed form (Identity 3), κ̃ (--normalize);")
+    assert methods["fc1"].startswith("κ exact (Identity 2, ")
     table = run(runner, "inspect", CNN)
     assert table.exit_code == 0 and "conv2" in table.stdout and "sha256" in table.stdout
 

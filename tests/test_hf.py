@@ -314,6 +314,12 @@ def test_cli_inspect_measure_finetune(bert_dir: Path, tmp_path: Path) -> None:
     tokens = str(bert_dir.parent / "tokens.npz")
     info = json.loads(run("inspect", str(bert_dir), "--format", "json").stdout)
     assert info["default_layer"] == "classifier" and info["checkpoint"]["format"] == "huggingface"
+    # Encoder layers are applied per token (Hutchinson); the pooler and head are not.
+    methods = {r["name"]: r["measures"] for r in info["layers"]}
+    query = next(m for n, m in methods.items() if n.endswith("layer.0.attention.self.query"))
+    assert query.startswith("κ hutchinson (Identity 1, applied per token)")
+    assert methods["classifier"].startswith("κ exact closed form (Identity 3), κ̃")
+    assert methods["bert.pooler.dense"].startswith("κ exact (Identity 2,")
     out = tmp_path / "m.json"
     run(
         "measure", str(bert_dir), "--data", tokens, "--measures",
