@@ -12,7 +12,8 @@
 #
 # Targets (source file, its test file, and optionally which functions to mutate):
 #   stats       flatcli/stats.py                      tests/test_stats.py
-#   correlate   flatcli/correlate.py                  tests/test_correlate.py
+#   correlate   flatcli/correlate.py                  tests/test_correlate.py and the
+#               Ctrl-C test of tests/test_security_cli.py (the worker pool's shutdown)
 #   plots       flatcli/plots.py                      tests/test_plots.py
 #   pac_bayes   flatcli/measures/pac_bayes.py         tests/test_pac_bayes.py
 #   theorem4    flatcli/measures/relative_flatness.py tests/test_relative_flatness.py
@@ -41,7 +42,7 @@ declare -A SRC=(
 )
 declare -A TESTS=(
     [stats]=tests/test_stats.py
-    [correlate]=tests/test_correlate.py
+    [correlate]="tests/test_correlate.py tests/test_security_cli.py::test_ctrl_c_stops_correlate_workers_promptly"
     [plots]=tests/test_plots.py
     [pac_bayes]=tests/test_pac_bayes.py
     [theorem4]=tests/test_relative_flatness.py
@@ -57,14 +58,15 @@ for t in "${targets[@]}"; do
     dir=$WORK/$t
     mkdir -p "$dir"
     git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t "$dir"
-    # One source file, against its own test file.
+    # One source file, against its own test file(s).
     "$PY" - "$dir/pyproject.toml" "${SRC[$t]}" "${TESTS[$t]}" <<'PY'
 import re, sys
 path, src, tests = sys.argv[1:]
+tests = ", ".join(f'"{t}"' for t in tests.split())
 text = open(path).read()
 text = re.sub(r"only_mutate = \[[^\]]*\]", f'only_mutate = ["{src}"]', text, count=1)
 text = re.sub(r"pytest_add_cli_args_test_selection = \[[^\]]*\]",
-              f'pytest_add_cli_args_test_selection = ["{tests}"]', text, count=1)
+              f'pytest_add_cli_args_test_selection = [{tests}]', text, count=1)
 open(path, "w").write(text)
 PY
     start=$(date +%s)

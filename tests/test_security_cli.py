@@ -282,7 +282,15 @@ def test_ctrl_c_stops_correlate_workers_promptly(tmp_path: Path) -> None:
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
-        cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=env, start_new_session=True
+        cmd,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        start_new_session=True,
+        # As from a terminal, even when this test runs where SIGINT is ignored (a runner's
+        # worker process, e.g. mutmut's): an ignored SIGINT is inherited, and Python then
+        # installs no KeyboardInterrupt handler.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.monotonic() + 180
