@@ -19,6 +19,12 @@
 #   theorem4    flatcli/measures/relative_flatness.py tests/test_relative_flatness.py
 #               (feature_scaling, feature_std and _population_std: the Theorem-4 code)
 #
+# mutmut picks each mutant's tests from which tests called the mutated function in its own
+# process, so code that only runs in a subprocess (correlate's worker pool, the CLI under
+# test) shows as "no tests". Those mutants get a second pass here: the target's SUBPROC
+# tests (default: all its tests) run with MUTANT_UNDER_TEST set, which subprocesses
+# inherit; a failing run kills the mutant ("killed (subprocess)").
+#
 # Each target runs in a scratch copy of the working tree (mutmut writes mutants/ there),
 # under $WORK/<target> ($WORK is printed); see a mutant with `cd $WORK/<target> && mutmut
 # show NAME`. Prints the score and the surviving mutants of each target.
@@ -47,6 +53,9 @@ declare -A TESTS=(
     [pac_bayes]=tests/test_pac_bayes.py
     [theorem4]=tests/test_relative_flatness.py
 )
+declare -A SUBPROC=(
+    [correlate]="tests/test_correlate.py::test_two_jobs_give_the_same_table_as_one tests/test_security_cli.py::test_ctrl_c_stops_correlate_workers_promptly"
+)
 declare -A NAMES=(
     [theorem4]="flatcli.measures.relative_flatness.x_feature_scaling__mutmut_* flatcli.measures.relative_flatness.x_feature_std__mutmut_* flatcli.measures.relative_flatness.x__population_std__mutmut_*"
 )
@@ -74,6 +83,16 @@ PY
     (cd "$dir" && mutmut run --max-children "${JOBS:-1}" ${MUTANTS:-${NAMES[$t]:-}} >mutmut.log 2>&1) \
         || { echo "$t: mutmut failed, see $dir/mutmut.log"; tail -5 "$dir/mutmut.log"; continue; }
     (cd "$dir" && mutmut results --all true >results.txt 2>&1) || true
+    # Second pass over the "no tests" mutants (see the header).
+    for m in $(sed -n 's/^ *\([^:]*\): no tests$/\1/p' "$dir/results.txt"); do
+        # shellcheck disable=SC2086
+        if (cd "$dir/mutants" && MUTANT_UNDER_TEST=$m timeout 900 "$PY" -m pytest -q -x \
+                -p no:cacheprovider ${SUBPROC[$t]:-${TESTS[$t]}} >/dev/null 2>&1); then
+            sed -i "s/^\( *$m\): no tests$/\1: survived/" "$dir/results.txt"
+        else
+            sed -i "s/^\( *$m\): no tests$/\1: killed (subprocess)/" "$dir/results.txt"
+        fi
+    done
     echo "== $t: ${SRC[$t]} against ${TESTS[$t]} ($(( $(date +%s) - start )) s)"
     "$PY" - "$dir/results.txt" <<'PY'
 import collections, re, sys
@@ -85,7 +104,7 @@ for line in open(sys.argv[1]):
         if m.group(2).strip() == "survived":
             survivors.append(m.group(1))
 tested = sum(v for k, v in counts.items() if k not in ("not checked", "skipped"))
-killed = counts["killed"] + counts["timeout"]
+killed = counts["killed"] + counts["timeout"] + counts["killed (subprocess)"]
 print("   ", dict(counts))
 print(f"    score: {killed}/{tested} killed ({100 * killed / max(1, tested):.1f}%)")
 for s in survivors:

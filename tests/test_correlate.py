@@ -290,3 +290,211 @@ def test_hparams_table_is_merged_by_file_name(tmp_path: Path) -> None:
         results_table(run, hparams_csv=csv)
     with pytest.raises(FlatcliError, match="not found"):
         results_table(run, hparams_csv=tmp_path / "missing.csv")
+
+
+# --------------------------------------------------------------------------- the pieces,
+# one by one (each of these failed under a mutant of correlate.py that the tests above let
+# live: bench/mutation.sh correlate)
+
+SHA = "ab" * 32
+
+
+def valid_row() -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "sha256": SHA,
+        "layer": "fc",
+        "n_train": 200,
+        "n_test": 50,
+        "train_loss": 0.1,
+        "test_loss": 0.25,
+        "train_acc": 1,  # an int is a number
+        "test_acc": 0.8,
+        "hparams": {"lr": 0.1},
+    }
+    for m in CONFIG.measures:
+        row |= {m: 1.5, f"{m}_stderr": None}  # None: no standard error
+    return row
+
+
+def _with(**changes: Any) -> dict[str, Any]:
+    row = valid_row()
+    for k, v in changes.items():
+        if v is KeyError:
+            row.pop(k)
+        else:
+            row[k] = v
+    return row
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        ([1, 2], "a JSON list, not a result"),
+        (_with(n_test=KeyError, hparams=KeyError), "missing n_test, hparams"),
+        (_with(bogus=1, fisher_rao=2.0), "unexpected bogus, fisher_rao"),
+        (_with(sha256="cd" * 32), "another checkpoint's result"),
+        (_with(layer=3), "wrong types"),
+        (_with(hparams=[1]), "wrong types"),
+        (_with(n_train=0), "sample counts are not positive integers"),
+        (_with(n_test=True), "sample counts are not positive integers"),
+        (_with(n_train=2.0), "sample counts are not positive integers"),
+        (_with(train_loss="0.1", test_acc=[1]), "non-numeric train_loss, test_acc"),
+        (_with(weight_norm=False), "non-numeric weight_norm"),
+    ],
+)
+def test_a_cache_entry_is_checked_against_the_result_schema(
+    tmp_path: Path, content: Any, reason: str
+) -> None:
+    from flatcli.correlate import read_cache_entry
+
+    entry = tmp_path / "e.json"
+    entry.write_text(json.dumps(valid_row()))
+    assert read_cache_entry(entry, CONFIG, SHA) == (valid_row(), "")
+    entry.write_text(json.dumps(content))
+    assert read_cache_entry(entry, CONFIG, SHA) == (None, reason)
+
+
+def test_an_unreadable_cache_entry_says_why(tmp_path: Path) -> None:
+    from flatcli.correlate import read_cache_entry
+
+    entry = tmp_path / "e.json"
+    entry.write_bytes(b"\xff\xfe{}")
+    assert read_cache_entry(entry, CONFIG, SHA) == (None, "not UTF-8")
+    entry.write_text("{")
+    assert read_cache_entry(entry, CONFIG, SHA) == (None, "not JSON")
+    entry.unlink()
+    entry.mkdir()
+    assert read_cache_entry(entry, CONFIG, SHA) == (None, "Is a directory")
+
+
+def test_cached_and_skipped_checkpoints_are_reported_as_they_go(tmp_path: Path) -> None:
+    from flatcli.data import data_sha256
+
+    seen: list[tuple[str, str]] = []
+    missing = tmp_path / "gone.safetensors"
+    paths = [ZOO[0], missing]
+    first = measure_checkpoints(
+        paths, CONFIG, cache_dir=tmp_path / "c", on_result=lambda *a: seen.append(a)
+    )
+    assert seen == [(str(missing), f"skipped: not found: {missing}"), (str(ZOO[0]), "computed")]
+    assert first.skipped == [{"checkpoint": str(missing), "reason": f"not found: {missing}"}]
+    assert first.data_sha256 == {"digits": data_sha256("digits")}
+    row = first.rows[0]
+    assert (row["checkpoint"], row["path"], row["layer"]) == (ZOO[0].name, str(ZOO[0]), "fc")
+    assert (row["n_train"], row["n_test"]) == (200, 200)  # --max-samples caps both splits
+    seen.clear()
+    again = measure_checkpoints(
+        paths, CONFIG, cache_dir=tmp_path / "c", on_result=lambda *a: seen.append(a)
+    )
+    assert seen == [(str(ZOO[0]), "cached"), (str(missing), f"skipped: not found: {missing}")]
+    assert again.rows == first.rows and again.computed == 0
+
+
+def test_bad_arguments_to_measure_checkpoints(tmp_path: Path) -> None:
+    from flatcli.errors import UsageError
+
+    with pytest.raises(UsageError, match="^--jobs must be at least 1, got 0$"):
+        measure_checkpoints(ZOO, CONFIG, cache_dir=tmp_path, jobs=0)
+    with pytest.raises(UsageError, match="^no checkpoints given$"):
+        measure_checkpoints([], CONFIG, cache_dir=tmp_path)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(FlatcliError) as info:
+        measure_checkpoints(ZOO, CONFIG, cache_dir=blocker / "cache")
+    assert str(info.value) == f"cannot create cache directory {blocker / 'cache'}: Not a directory"
+
+
+def test_arch_kwargs_table(tmp_path: Path) -> None:
+    from flatcli.correlate import arch_kwargs_table
+
+    csv = tmp_path / "hp.csv"
+    pd.DataFrame(
+        {
+            "file": ["/runs/a.pt", "b.pt", "c.pt"],
+            "arch.hidden": ["[32, 32]", "64", ""],  # JSON; an empty cell is left out
+            "arch.act": ["relu", "", ""],  # not JSON: text
+            "arch.": ["x", "y", "z"],  # no argument name: not an argument
+            "lr": [0.1, 0.2, 0.3],
+        }
+    ).to_csv(csv, index=False)
+    assert arch_kwargs_table(csv) == {
+        "a.pt": {"hidden": [32, 32], "act": "relu"},
+        "b.pt": {"hidden": 64},
+    }  # c.pt has none
+    pd.DataFrame({"checkpoint": ["a.pt"], "lr": [0.1]}).to_csv(csv, index=False)
+    assert arch_kwargs_table(csv) == {}
+    pd.DataFrame({"name": ["a.pt"], "arch.w": [8]}).to_csv(csv, index=False)
+    with pytest.raises(FlatcliError) as info:
+        arch_kwargs_table(csv)
+    assert str(info.value) == f"{csv} needs a 'checkpoint' column with the checkpoint file names"
+    with pytest.raises(FlatcliError, match="^hyperparameter table not found: "):
+        arch_kwargs_table(tmp_path / "none.csv")
+
+
+def test_hparams_table_keyed_by_file_or_checkpoint(tmp_path: Path) -> None:
+    run = measure_checkpoints(ZOO[:3], CONFIG, cache_dir=tmp_path / "c")
+    csv = tmp_path / "hp.csv"
+    for key in ("file", "checkpoint"):
+        pd.DataFrame(
+            {key: [p.name for p in ZOO[:3]], "lr": [1.0, 2.0, 3.0], "path": ["x", "y", "z"]}
+        ).to_csv(csv, index=False)
+        df = results_table(run, hparams_csv=csv)
+        assert df["hp_lr"].tolist() == [1.0, 2.0, 3.0], key
+        assert "file" not in df.columns and "hp_file" not in df.columns and "hp_path" not in df
+        assert df["path"].tolist() == [str(p) for p in ZOO[:3]]  # the checkpoints' own paths
+        assert "hp_checkpoint" not in df.columns and df["checkpoint"].tolist() == [
+            p.name for p in ZOO[:3]
+        ]
+    from flatcli.correlate import CorrelateRun
+
+    assert results_table(CorrelateRun()).empty
+
+
+def test_hparam_and_measure_columns_and_analyse() -> None:
+    import numpy as np
+
+    from flatcli.correlate import analyse, hparam_columns, measure_columns
+
+    rng = np.random.default_rng(0)
+    n = 12
+    df = pd.DataFrame(
+        {
+            "hp_lr": np.tile([0.1, 0.01], n // 2),
+            "hp_seed": np.arange(n),  # replicates, not a hyperparameter
+            "hp_width": 64,  # constant
+            "hp_note": [None] * n,
+            "hp_bs": np.repeat([32, 256], n // 2),
+            "weight_norm": rng.normal(size=n),
+            "train_loss": rng.normal(size=n),
+            "relative_flatness": rng.normal(size=n),
+            "gap_loss": rng.normal(size=n),
+            "gap_acc": rng.normal(size=n),
+        }
+    )
+    assert hparam_columns(df) == ["hp_lr", "hp_bs"]
+    assert measure_columns(df) == ["relative_flatness", "weight_norm"]  # registry order
+    out = analyse(df, measures=["relative_flatness"], bootstrap=0, seed=0)
+    assert out["hparams"] == ["hp_lr", "hp_bs"]
+    assert set(out["granulated"]) == {"gap_loss", "gap_acc"}
+    assert set(out["granulated"]["gap_loss"]) == {"relative_flatness"}
+    assert set(out["correlations"]["gap"]) == {"gap_loss", "gap_acc"}
+    none = analyse(df, measures=["relative_flatness"], bootstrap=0, seed=0, granulate_by=[])
+    assert none["granulated"] == {} and none["hparams"] == []
+    with pytest.raises(FlatcliError) as info:
+        analyse(df.iloc[:2], measures=["relative_flatness"], bootstrap=0, seed=0)
+    assert str(info.value) == "correlations need at least 3 measured checkpoints, got 2"
+
+
+def test_correlate_spreads_workers_over_the_visible_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from flatcli.correlate import _devices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _devices("cuda", 4) == ["cuda"] and _devices("auto", 4) == ["auto"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert _devices("cuda", 3) == ["cuda:0", "cuda:1"]
+    assert _devices("auto", 2) == ["cuda:0", "cuda:1"]
+    assert _devices("cuda", 1) == ["cuda"] and _devices("cpu", 4) == ["cpu"]
+    assert _devices("cuda:1", 4) == ["cuda:1"]  # a device the user chose stays chosen

@@ -232,3 +232,305 @@ def test_an_interval_touching_zero_counts_as_including_it(tmp_path: Path, figure
     names = [t.get_text() for t in ax.get_yticklabels()]
     colors = {n: to_hex(bar.get_facecolor()) for n, bar in zip(names, ax.patches, strict=True)}
     assert colors == {"a": "#9e9e9e", "b": "#9e9e9e", "c": "#1f77b4"}
+
+
+# --------------------------------------------------------------------------- what the
+# figures say, read back from their artists (each assertion here failed under a mutant of
+# plots.py that left the earlier tests passing: bench/mutation.sh plots)
+
+
+def _rgba(c) -> tuple:  # noqa: ANN001
+    from matplotlib.colors import to_rgba
+
+    return tuple(round(float(v), 6) for v in to_rgba(c))
+
+
+@pytest.mark.parametrize("k, geometry", [(1, (1, 1)), (2, (1, 2)), (4, (2, 3))])
+def test_scatter_grid_layout_labels_and_titles(k: int, geometry: tuple) -> None:
+    from flatcli.plots import scatter_grid_figure
+
+    df = zoo_like_table().assign(my_gap=lambda d: d["gap_loss"])
+    df.loc[0, "my_gap"] = np.nan  # 23 checkpoints with a gap
+    measures = MEASURES[:k]
+    fig = scatter_grid_figure(df, measures, "my_gap")  # statistics computed: no intervals
+    axes = fig.axes
+    rows, cols = geometry
+    assert len(axes) == rows * cols
+    assert {ax.get_subplotspec().get_geometry()[:2] for ax in axes} == {geometry}
+    assert [ax.get_visible() for ax in axes] == [i < k for i in range(rows * cols)]
+    assert [ax.get_ylabel() for ax in axes] == [
+        "my_gap" if i % cols == 0 else "" for i in range(rows * cols)
+    ]  # an unknown gap is labelled by its name, on the first column only
+    assert len({ax.get_ylim() for ax in axes}) == 1  # one shared gap axis
+    assert all(ax.get_xscale() == "linear" for ax in axes)  # log_x is off by default
+    assert fig.get_suptitle() == "Each measure against the my_gap (23 checkpoints)"
+    want = correlation_table(df, measures, ["my_gap"], bootstrap=0).set_index("measure")
+    for ax, m in zip(axes, measures, strict=False):
+        tau, r = want.loc[m, "kendall_tau_b"], want.loc[m, "pearson_r"]
+        first = "Kendall τ-b: n/a" if np.isnan(tau) else f"Kendall τ-b = {tau:+.2f}"
+        second = "Pearson r: n/a" if np.isnan(r) else f"Pearson r = {r:+.2f}"
+        assert ax.get_title(loc="left") == f"{first}\n{second}    n = 23"
+
+
+def test_scatter_grid_log_axes(tmp_path: Path, figures: list) -> None:
+    df = zoo_like_table().assign(
+        small=lambda d: d["gap_loss"],  # in (0, 1): log
+        zero=lambda d: np.where(np.arange(len(d)) == 0, 0.0, d["sharp"]),  # a 0: symlog
+        negative=lambda d: d["norm"] - 20,  # below 0: symlog
+    )
+    measures = ["sharp", "small", "zero", "negative"]
+    scatter_grid(df, measures, "gap_loss", log_x=True, path_stem=tmp_path / "log")
+    scales = [ax.get_xscale() for ax in figures[0].axes[:4]]
+    assert scales == ["log", "log", "symlog", "symlog"]
+    scatter_grid(df, measures, "gap_loss", path_stem=tmp_path / "lin")
+    assert {ax.get_xscale() for ax in figures[1].axes} == {"linear"}
+
+
+def test_non_numeric_cells_are_left_out_of_their_panel() -> None:
+    from flatcli.plots import scatter_grid_figure
+
+    df = zoo_like_table().astype({"sharp": object})
+    df.loc[5, "sharp"] = "n/a"
+    (points,) = scatter_grid_figure(df, ["sharp"], "gap_loss").axes[0].collections
+    assert len(points.get_offsets()) == len(df) - 1
+
+
+def test_point_colors_follow_the_categories_and_their_legend() -> None:
+    from matplotlib import colormaps
+
+    from flatcli.plots import _POSITIVE, scatter_grid_figure
+
+    tab10 = colormaps["tab10"]
+    df = zoo_like_table()
+    (plain,) = scatter_grid_figure(df, ["sharp"], "gap_loss").axes[0].collections
+    assert {_rgba(c)[:3] for c in plain.get_facecolors()} == {_rgba(_POSITIVE)[:3]}
+    # Mixed types sort by type, then value; an 11th category reuses the first color; a
+    # missing value is grey and not in the legend.
+    labels = [1, 2, *"abcdefghi"]  # 11 categories
+    df = df.assign(kind=pd.Series([labels[i % 11] for i in range(len(df))], dtype=object))
+    df.loc[23, "kind"] = None
+    fig = scatter_grid_figure(df, ["sharp"], "gap_loss", color_by="kind")
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == [str(v) for v in labels]
+    handle_colors = [_rgba(h.get_color()) for h in legend.legend_handles]
+    assert handle_colors == [_rgba(tab10(i % 10)) for i in range(11)]
+    assert all(h.get_marker() == "o" and h.get_linestyle() == "None" for h in legend.legend_handles)
+    (points,) = fig.axes[0].collections
+    got = [_rgba(c)[:3] for c in points.get_facecolors()]
+    for i, v in enumerate(df["kind"]):
+        want = (0.6, 0.6, 0.6) if v is None else handle_colors[labels.index(v)][:3]
+        assert got[i] == want, (i, v)
+
+
+@pytest.mark.parametrize(
+    "values, legend",
+    [
+        ([0.1 * k for k in range(8)], True),  # 8 numeric values: categories
+        ([0.1 * k for k in range(8)] + [np.nan], True),  # a missing value is not one
+        ([0.1 * k for k in range(9)], False),  # 9: a continuous scale
+    ],
+    ids=["eight", "eight-and-nan", "nine"],
+)
+def test_up_to_eight_numeric_values_get_a_legend(values: list, legend: bool) -> None:
+    from flatcli.plots import scatter_grid_figure
+
+    df = zoo_like_table().assign(hp=[values[i % len(values)] for i in range(24)])
+    fig = scatter_grid_figure(df, ["sharp"], "gap_loss", color_by="hp")
+    assert len(fig.legends) == (1 if legend else 0)
+    assert len(fig.axes) == (1 if legend else 2)  # a colorbar adds an axis
+    if legend:
+        assert len(fig.legends[0].get_texts()) == 8
+
+
+@pytest.mark.parametrize(
+    "low, high, log",
+    [
+        (0.01, 1.0, False),  # max/min = 100: linear
+        (0.01, 1.005, True),  # just over 100: logarithmic
+        (0.5, 150.0, True),  # (max · min = 75 would say linear)
+        (0.0, 5.0, False),  # a zero: linear
+        (-3.0, 5.0, False),
+    ],
+)
+def test_a_wide_positive_hyperparameter_gets_a_log_color_scale(
+    low: float, high: float, log: bool
+) -> None:
+    from matplotlib.colors import LogNorm
+
+    from flatcli.plots import scatter_grid_figure
+
+    values = np.linspace(low, high, 24)
+    df = zoo_like_table().assign(width=values)
+    fig = scatter_grid_figure(df, ["sharp"], "gap_loss", color_by="width")
+    (points,) = fig.axes[0].collections
+    assert isinstance(points.norm, LogNorm) == log
+    assert (points.norm.vmin, points.norm.vmax) == (low, high)
+    assert points.get_cmap().name == "viridis"
+    np.testing.assert_array_equal(points.get_array(), values)
+    colorbar = fig.axes[1]
+    assert colorbar.get_ylabel() == "width"
+
+
+def test_scatter_titles_show_only_complete_intervals() -> None:
+    from flatcli.plots import scatter_grid_figure
+
+    df = zoo_like_table()
+    stats = correlation_table(df, ["sharp", "norm"], ["gap_loss"], bootstrap=50)
+    stats.loc[stats["measure"] == "norm", "pearson_r_lo"] = np.nan
+    titles = [
+        ax.get_title(loc="left")
+        for ax in scatter_grid_figure(df, ["sharp", "norm"], "gap_loss", stats=stats).axes
+    ]
+    assert titles[0].count("[") == 2 and titles[1].count("[") == 1
+    no_intervals = stats.drop(columns=[c for c in stats if c.endswith(("_lo", "_hi"))])
+    fig = scatter_grid_figure(df, ["sharp"], "gap_loss", stats=no_intervals)
+    row = stats.iloc[0]
+    assert fig.axes[0].get_title(loc="left") == (
+        f"Kendall τ-b = {row['kendall_tau_b']:+.2f}\nPearson r = {row['pearson_r']:+.2f}    n = 24"
+    )
+
+
+def test_error_messages_say_what_is_missing() -> None:
+    from flatcli.errors import UsageError
+    from flatcli.plots import scatter_grid_figure, tau_bar_figure
+
+    df = zoo_like_table()
+    with pytest.raises(UsageError) as info:
+        scatter_grid_figure(df, [], "gap_loss")
+    assert str(info.value) == "scatter_grid needs at least one measure to plot"
+    with pytest.raises(FlatcliError) as info:
+        scatter_grid_figure(df[["gap_loss"]], ["a", "b"], "gap_loss")
+    assert str(info.value) == "missing column(s) a, b in the table (it has: gap_loss)"
+    with pytest.raises(FlatcliError) as info:
+        scatter_grid_figure(pd.DataFrame(), ["a"], "g")
+    assert str(info.value) == "missing column(s) a, g in the table (it has: none)"
+    stats = correlation_table(df, ["sharp"], ["gap_loss"], bootstrap=0)
+    with pytest.raises(FlatcliError) as info:
+        scatter_grid_figure(df, ["sharp"], "gap_loss", stats=stats[["measure", "gap"]])
+    assert str(info.value) == (
+        "missing column(s) n, kendall_tau_b, pearson_r in the statistics table "
+        "(it has: measure, gap)"
+    )
+    with pytest.raises(FlatcliError) as info:
+        scatter_grid_figure(df, ["norm"], "gap_loss", stats=stats)
+    assert str(info.value) == (
+        "the statistics table has no row for measure 'norm' and gap 'gap_loss'"
+    )
+    with pytest.raises(FlatcliError) as info:
+        tau_bar_figure(stats[["measure", "gap", "n"]], "gap_loss")
+    assert str(info.value).startswith(
+        "missing column(s) kendall_tau_b, kendall_tau_b_lo, kendall_tau_b_hi in the "
+        "statistics table (it has: "
+    )
+    two = correlation_table(df.assign(gap_acc=df["gap_loss"]), ["sharp"], ["gap_loss", "gap_acc"])
+    with pytest.raises(FlatcliError) as info:
+        tau_bar_figure(two, "gap_x")
+    assert str(info.value).endswith("(it has: gap_loss, gap_acc)")
+    with pytest.raises(FlatcliError) as info:
+        tau_bar_figure(two.iloc[:0], "gap_x")
+    assert str(info.value).endswith("(it has: none)")
+
+
+def test_tau_bar_axes_lines_labels_and_legend() -> None:
+    from matplotlib.colors import to_hex
+
+    from flatcli.plots import tau_bar_figure
+
+    stats = correlation_table(zoo_like_table(), MEASURES, ["gap_loss"], bootstrap=100)
+    fig = tau_bar_figure(stats, "gap_loss")  # the default statistic is Kendall τ-b
+    (ax,) = fig.axes
+    assert ax.get_xlim() == (-1.0, 1.25)
+    assert ax.get_xlabel() == (
+        "Kendall τ-b with the gap (+1: the measure ranks checkpoints exactly as the gap)"
+    )
+    # The zero line is the only drawn line: error bars draw no line through the values
+    # (their caps are markers).
+    (zero,) = [line for line in ax.lines if line.get_linestyle() != "None"]
+    assert list(zero.get_xdata()) == [0.0, 0.0] and _rgba(zero.get_color()) == _rgba("black")
+    (bars,) = [c for c in ax.collections if len(c.get_segments()) == len(MEASURES)]
+    assert {_rgba(c) for c in bars.get_colors()} == {_rgba("black")}
+    table = stats.set_index("measure")
+    names = [t.get_text() for t in ax.get_yticklabels()]
+    for text in ax.texts:  # each value just right of its bar, interval and zero
+        name = names[round(text.get_position()[1])]
+        v, hi = table.loc[name, "kendall_tau_b"], table.loc[name, "kendall_tau_b_hi"]
+        right = max([0.0, *(u for u in (v, hi) if not np.isnan(u))])
+        assert text.get_position()[0] == pytest.approx(right + 0.03, abs=1e-12), name
+    assert fig.get_suptitle() == (
+        "Which measure predicts the generalization gap (test loss − train loss)?\n"
+        "Kendall τ-b per measure, n = 24 checkpoints, error bars: 95% bootstrap CI"
+    )
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == [
+        "CI above 0: larger measure, larger gap",
+        "CI below 0: larger measure, smaller gap",
+        "CI includes 0: no reliable relation",
+    ]
+    assert [to_hex(p.get_facecolor()) for p in legend.legend_handles] == [
+        "#1f77b4",
+        "#d62728",
+        "#9e9e9e",
+    ]
+
+
+def _stats(**columns) -> pd.DataFrame:  # noqa: ANN003
+    base = {"measure": ["a", "b", "c"], "gap": "gap_loss", "n": 12}
+    return pd.DataFrame({**base, **columns})
+
+
+def test_tau_bar_titles_without_bootstrap_or_level_and_with_unequal_n() -> None:
+    from flatcli.plots import tau_bar_figure
+
+    nan = np.nan
+    plain = _stats(my_stat=[0.1, 0.2, 0.3], my_stat_lo=nan, my_stat_hi=nan)
+    fig = tau_bar_figure(plain, "gap_loss", statistic="my_stat")
+    assert fig.get_suptitle().endswith(
+        "my_stat per measure, n = 12 checkpoints, error bars: none (no bootstrap)"
+    )
+    assert fig.axes[0].get_xlabel().startswith("my_stat with the gap")
+    half = _stats(my_stat=[0.1, 0.2, 0.3], my_stat_lo=nan, my_stat_hi=[0.2, 0.3, 0.4])
+    half["n"] = [10, 12, 11]
+    fig = tau_bar_figure(half, "gap_loss", statistic="my_stat")  # no attrs: no level
+    assert fig.get_suptitle().endswith("n = 10–12 checkpoints, error bars: bootstrap CI")
+    half.attrs["confidence"] = 0.9
+    fig = tau_bar_figure(half, "gap_loss", statistic="my_stat")
+    assert fig.get_suptitle().endswith("error bars: 90% bootstrap CI")
+
+
+def test_tau_bars_from_a_table_with_missing_values_as_none() -> None:
+    """A table read back from JSON holds None, not NaN: an object column."""
+    from flatcli.plots import tau_bar_figure
+
+    table = _stats(
+        kendall_tau_b=pd.Series([0.3, None, -0.2], dtype=object),
+        kendall_tau_b_lo=pd.Series([0.1, None, -0.4], dtype=object),
+        kendall_tau_b_hi=pd.Series([0.5, None, 0.1], dtype=object),
+    )
+    (ax,) = tau_bar_figure(table, "gap_loss").axes
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["b", "c", "a"]
+    assert sorted(t.get_text() for t in ax.texts) == ["+0.30", "-0.20", "undefined"]
+
+
+def test_tied_bars_keep_the_tables_order() -> None:
+    from flatcli.plots import tau_bar_figure
+
+    names = [f"m{i:02d}" for i in range(40)]
+    values = [0.5 if i % 2 else -0.25 for i in range(40)]
+    table = pd.DataFrame(
+        {"measure": names, "gap": "gap_loss", "n": 9, "kendall_tau_b": values}
+    ).assign(kendall_tau_b_lo=np.nan, kendall_tau_b_hi=np.nan)
+    (ax,) = tau_bar_figure(table, "gap_loss").axes
+    shown = [t.get_text() for t in ax.get_yticklabels()]
+    assert shown == names[0::2] + names[1::2]
+
+
+def test_figure_bytes_are_the_written_files(tmp_path: Path) -> None:
+    from flatcli.plots import _save, figure_bytes, tau_bar_figure
+
+    stats = correlation_table(zoo_like_table(), MEASURES, ["gap_loss"], bootstrap=20)
+    fig = tau_bar_figure(stats, "gap_loss")
+    png, svg = _save(fig, tmp_path / "t")
+    assert figure_bytes(fig) == svg.read_bytes()  # SVG by default
+    assert figure_bytes(fig, "png") == png.read_bytes()
+    assert b"matplotlib" not in png.read_bytes()  # no Software tag: the same bytes each time
+    assert b"<dc:date>" not in svg.read_bytes()
