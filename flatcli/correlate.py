@@ -360,7 +360,7 @@ def _run(
         max_workers=jobs,
         mp_context=mp.get_context("spawn"),
         initializer=_worker_init,
-        initargs=(threads or 1,),
+        initargs=(threads or 1, _memory_share(jobs, devices)),
     )
     try:
         futures = {
@@ -398,7 +398,21 @@ def _stop(pool: Any) -> None:
             p.kill()
 
 
-def _worker_init(threads: int = 1) -> None:
+def _memory_share(jobs: int, devices: Sequence[str]) -> int:
+    """How many workers share one device's memory (workers go round robin over devices)."""
+    return -(-jobs // len(devices))
+
+
+def _share_memory(share: int) -> None:
+    """A worker's default ``max_memory`` (once, in a fresh worker process): its share of the
+    default fraction of free memory, so that workers side by side do not each plan for half
+    of the same memory."""
+    from .measures import budget
+
+    budget.DEFAULT_MEMORY_FRACTION /= share
+
+
+def _worker_init(threads: int = 1, share: int = 1) -> None:
     import signal
     import warnings
 
@@ -412,6 +426,7 @@ def _worker_init(threads: int = 1) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _on_sigterm)
     torch.set_num_threads(threads)
+    _share_memory(share)
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated")
 
 

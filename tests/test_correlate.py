@@ -498,3 +498,18 @@ def test_correlate_spreads_workers_over_the_visible_gpus(monkeypatch: pytest.Mon
     assert _devices("auto", 2) == ["cuda:0", "cuda:1"]
     assert _devices("cuda", 1) == ["cuda"] and _devices("cpu", 4) == ["cpu"]
     assert _devices("cuda:1", 4) == ["cuda:1"]  # a device the user chose stays chosen
+
+
+def test_workers_share_the_default_memory_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flatcli.correlate import _memory_share, _share_memory
+    from flatcli.measures import budget
+
+    assert _memory_share(4, ["cpu"]) == 4  # four workers on one machine's RAM
+    assert _memory_share(3, ["cuda:0", "cuda:1"]) == 2  # round robin: two on cuda:0
+    assert _memory_share(2, ["cuda:0", "cuda:1"]) == 1
+    monkeypatch.setattr(budget, "DEFAULT_MEMORY_FRACTION", 0.5)
+    monkeypatch.setattr(budget, "available_memory", lambda device: 8_000)
+    assert budget.resolve_max_memory(None) == 4_000
+    _share_memory(4)
+    assert budget.resolve_max_memory(None) == 1_000
+    assert budget.resolve_max_memory(3_000) == 3_000  # an explicit budget is per worker
