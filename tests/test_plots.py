@@ -251,6 +251,7 @@ def test_scatter_grid_layout_labels_and_titles(k: int, geometry: tuple) -> None:
 
     df = zoo_like_table().assign(my_gap=lambda d: d["gap_loss"])
     df.loc[0, "my_gap"] = np.nan  # 23 checkpoints with a gap
+    df.loc[df["my_gap"].idxmax(), "noise"] = np.nan  # its panel alone would end lower
     measures = MEASURES[:k]
     fig = scatter_grid_figure(df, measures, "my_gap")  # statistics computed: no intervals
     axes = fig.axes
@@ -269,7 +270,9 @@ def test_scatter_grid_layout_labels_and_titles(k: int, geometry: tuple) -> None:
         tau, r = want.loc[m, "kendall_tau_b"], want.loc[m, "pearson_r"]
         first = "Kendall τ-b: n/a" if np.isnan(tau) else f"Kendall τ-b = {tau:+.2f}"
         second = "Pearson r: n/a" if np.isnan(r) else f"Pearson r = {r:+.2f}"
-        assert ax.get_title(loc="left") == f"{first}\n{second}    n = 23"
+        n = want.loc[m, "n"]
+        assert n == (22 if m == "noise" else 23)
+        assert ax.get_title(loc="left") == f"{first}\n{second}    n = {n}"
 
 
 def test_scatter_grid_log_axes(tmp_path: Path, figures: list) -> None:
@@ -369,6 +372,9 @@ def test_a_wide_positive_hyperparameter_gets_a_log_color_scale(
     np.testing.assert_array_equal(points.get_array(), values)
     colorbar = fig.axes[1]
     assert colorbar.get_ylabel() == "width"
+    assert colorbar.get_yscale() == ("log" if log else "linear")
+    assert colorbar.get_ylim() == pytest.approx((low, high), rel=1e-12)
+    assert colorbar.collections[0].get_cmap().name == "viridis"
 
 
 def test_scatter_titles_show_only_complete_intervals() -> None:
