@@ -340,6 +340,12 @@ def _with(**changes: Any) -> dict[str, Any]:
         (_with(n_train=2.0), "sample counts are not positive integers"),
         (_with(train_loss="0.1", test_acc=[1]), "non-numeric train_loss, test_acc"),
         (_with(weight_norm=False), "non-numeric weight_norm"),
+        (_with(a=1, b=2, c=3, d=4), "unexpected a, b, c"),  # the first three
+        (
+            _with(train_loss="x", test_loss="x", train_acc="x", test_acc="x"),
+            "non-numeric train_loss, test_loss, train_acc",
+        ),
+        (_with(n_test=1, layer="fc", hparams={}), None),  # one sample is enough
     ],
 )
 def test_a_cache_entry_is_checked_against_the_result_schema(
@@ -351,7 +357,8 @@ def test_a_cache_entry_is_checked_against_the_result_schema(
     entry.write_text(json.dumps(valid_row()))
     assert read_cache_entry(entry, CONFIG, SHA) == (valid_row(), "")
     entry.write_text(json.dumps(content))
-    assert read_cache_entry(entry, CONFIG, SHA) == (None, reason)
+    want = (content, "") if reason is None else (None, reason)
+    assert read_cache_entry(entry, CONFIG, SHA) == want
 
 
 def test_an_unreadable_cache_entry_says_why(tmp_path: Path) -> None:
@@ -397,6 +404,9 @@ def test_bad_arguments_to_measure_checkpoints(tmp_path: Path) -> None:
         measure_checkpoints(ZOO, CONFIG, cache_dir=tmp_path, jobs=0)
     with pytest.raises(UsageError, match="^no checkpoints given$"):
         measure_checkpoints([], CONFIG, cache_dir=tmp_path)
+    nested = tmp_path / "new" / "deeper"  # parents are created
+    measure_checkpoints(ZOO[:1], CONFIG, cache_dir=nested)
+    assert len(list(nested.glob("*.json"))) == 1
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(FlatcliError) as info:
@@ -445,6 +455,11 @@ def test_hparams_table_keyed_by_file_or_checkpoint(tmp_path: Path) -> None:
         assert "hp_checkpoint" not in df.columns and df["checkpoint"].tolist() == [
             p.name for p in ZOO[:3]
         ]
+    assert "hparams" not in results_table(run).columns  # spread into hp_* columns
+    pd.DataFrame({"checkpoint": [ZOO[1].name], "lr": [9.0]}).to_csv(csv, index=False)
+    df = results_table(run, hparams_csv=csv)  # a checkpoint the table lacks keeps its row
+    assert df["checkpoint"].tolist() == [p.name for p in ZOO[:3]]
+    assert df["hp_lr"].isna().tolist() == [True, False, True]
     from flatcli.correlate import CorrelateRun
 
     assert results_table(CorrelateRun()).empty
@@ -463,6 +478,7 @@ def test_hparam_and_measure_columns_and_analyse() -> None:
             "hp_seed": np.arange(n),  # replicates, not a hyperparameter
             "hp_width": 64,  # constant
             "hp_note": [None] * n,
+            "hp_opt": ["sgd"] * (n - 1) + [None],  # one value and a gap: constant
             "hp_bs": np.repeat([32, 256], n // 2),
             "weight_norm": rng.normal(size=n),
             "train_loss": rng.normal(size=n),
@@ -483,6 +499,16 @@ def test_hparam_and_measure_columns_and_analyse() -> None:
     with pytest.raises(FlatcliError) as info:
         analyse(df.iloc[:2], measures=["relative_flatness"], bootstrap=0, seed=0)
     assert str(info.value) == "correlations need at least 3 measured checkpoints, got 2"
+    three = analyse(df.iloc[:3], measures=["relative_flatness"], bootstrap=0, seed=0)
+    assert set(three["correlations"]["n"]) == {3}
+    lo = "kendall_tau_b_lo"
+
+    def boot(seed: int) -> pd.Series:
+        kw = {"measures": ["relative_flatness"], "bootstrap": 30, "granulate_by": []}
+        return analyse(df, seed=seed, **kw)["correlations"][lo]
+
+    assert boot(1).notna().all() and boot(1).tolist() == boot(1).tolist()
+    assert boot(1).tolist() != boot(2).tolist()  # the seed is passed on
 
 
 def test_correlate_spreads_workers_over_the_visible_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -513,3 +539,14 @@ def test_workers_share_the_default_memory_budget(monkeypatch: pytest.MonkeyPatch
     _share_memory(4)
     assert budget.resolve_max_memory(None) == 1_000
     assert budget.resolve_max_memory(3_000) == 3_000  # an explicit budget is per worker
+
+
+def test_one_job_measures_in_this_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import flatcli.correlate
+
+    def fake(path: str | Path, config: CorrelateConfig, *, device: str | None = None) -> dict:
+        return {"checkpoint": Path(path).name, "path": str(path), **valid_row()}
+
+    monkeypatch.setattr(flatcli.correlate, "measure_one", fake)
+    run = measure_checkpoints(ZOO[:2], CONFIG, cache_dir=tmp_path)  # jobs=1 by default
+    assert [r["train_loss"] for r in run.rows] == [0.1, 0.1] and run.computed == 2
