@@ -287,6 +287,9 @@ def test_scatter_grid_log_axes(tmp_path: Path, figures: list) -> None:
     assert scales == ["log", "log", "symlog", "symlog"]
     scatter_grid(df, measures, "gap_loss", path_stem=tmp_path / "lin")
     assert {ax.get_xscale() for ax in figures[1].axes} == {"linear"}
+    assert figures[1].get_suptitle() == (
+        "Each measure against the generalization gap (test loss − train loss) (24 checkpoints)"
+    )
 
 
 def test_non_numeric_cells_are_left_out_of_their_panel() -> None:
@@ -388,6 +391,12 @@ def test_scatter_titles_show_only_complete_intervals() -> None:
         for ax in scatter_grid_figure(df, ["sharp", "norm"], "gap_loss", stats=stats).axes
     ]
     assert titles[0].count("[") == 2 and titles[1].count("[") == 1
+    no_hi = stats.drop(columns=[c for c in stats if c.endswith("_hi")])  # a user's table
+    titles = [
+        ax.get_title(loc="left")
+        for ax in scatter_grid_figure(df, ["sharp"], "gap_loss", stats=no_hi).axes
+    ]
+    assert "[" not in titles[0]
     no_intervals = stats.drop(columns=[c for c in stats if c.endswith(("_lo", "_hi"))])
     fig = scatter_grid_figure(df, ["sharp"], "gap_loss", stats=no_intervals)
     row = stats.iloc[0]
@@ -490,6 +499,11 @@ def test_tau_bar_titles_without_bootstrap_or_level_and_with_unequal_n() -> None:
     nan = np.nan
     plain = _stats(my_stat=[0.1, 0.2, 0.3], my_stat_lo=nan, my_stat_hi=nan)
     fig = tau_bar_figure(plain, "gap_loss", statistic="my_stat")
+    assert fig.get_suptitle().startswith(
+        "Which measure predicts the generalization gap (test loss − train loss)?\n"
+    )
+    mine = tau_bar_figure(plain.assign(gap="my_gap"), "my_gap", statistic="my_stat")
+    assert mine.get_suptitle().startswith("Which measure predicts the my_gap?\nmy_stat per")
     assert fig.get_suptitle().endswith(
         "my_stat per measure, n = 12 checkpoints, error bars: none (no bootstrap)"
     )
