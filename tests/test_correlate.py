@@ -445,9 +445,10 @@ def test_hparams_table_keyed_by_file_or_checkpoint(tmp_path: Path) -> None:
     run = measure_checkpoints(ZOO[:3], CONFIG, cache_dir=tmp_path / "c")
     csv = tmp_path / "hp.csv"
     for key in ("file", "checkpoint"):
-        pd.DataFrame(
-            {key: [p.name for p in ZOO[:3]], "lr": [1.0, 2.0, 3.0], "path": ["x", "y", "z"]}
-        ).to_csv(csv, index=False)
+        other = {"path": ["x", "y", "z"]} | ({"file": ["u", "v", "w"]} if key != "file" else {})
+        pd.DataFrame({key: [p.name for p in ZOO[:3]], "lr": [1.0, 2.0, 3.0], **other}).to_csv(
+            csv, index=False
+        )
         df = results_table(run, hparams_csv=csv)
         assert df["hp_lr"].tolist() == [1.0, 2.0, 3.0], key
         assert "file" not in df.columns and "hp_file" not in df.columns and "hp_path" not in df
@@ -482,6 +483,7 @@ def test_hparam_and_measure_columns_and_analyse() -> None:
             "hp_bs": np.repeat([32, 256], n // 2),
             "weight_norm": rng.normal(size=n),
             "train_loss": rng.normal(size=n),
+            "train_accuracy": rng.normal(size=n),
             "relative_flatness": rng.normal(size=n),
             "gap_loss": rng.normal(size=n),
             "gap_acc": rng.normal(size=n),
@@ -508,6 +510,7 @@ def test_hparam_and_measure_columns_and_analyse() -> None:
         return analyse(df, seed=seed, **kw)["correlations"][lo]
 
     assert boot(1).notna().all() and boot(1).tolist() == boot(1).tolist()
+    assert three["correlations"][lo].isna().all()  # bootstrap=0 is passed on: no intervals
     assert boot(1).tolist() != boot(2).tolist()  # the seed is passed on
 
 
@@ -550,3 +553,82 @@ def test_one_job_measures_in_this_process(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(flatcli.correlate, "measure_one", fake)
     run = measure_checkpoints(ZOO[:2], CONFIG, cache_dir=tmp_path)  # jobs=1 by default
     assert [r["train_loss"] for r in run.rows] == [0.1, 0.1] and run.computed == 2
+
+
+def test_per_checkpoint_arch_kwargs_merge_over_the_shared_ones(tmp_path: Path) -> None:
+    config = dataclasses.replace(CONFIG, measures=("weight_norm",), max_samples=50)
+    bad = {ZOO[0].name: {"hidden": [7]}}  # only this checkpoint gets the wrong width
+    run = measure_checkpoints(ZOO[:2], config, cache_dir=tmp_path / "a", arch_kwargs_for=bad)
+    assert [r["checkpoint"] for r in run.rows] == [ZOO[1].name]
+    assert "does not fit the architecture" in run.skipped[0]["reason"]
+    shared = dataclasses.replace(config, arch_kwargs={"hidden": [16]})
+    own = {ZOO[0].name: {"in_features": 64}}  # merged with the shared hidden=[16]: fits
+    run = measure_checkpoints(ZOO[:1], shared, cache_dir=tmp_path / "b", arch_kwargs_for=own)
+    assert len(run.rows) == 1, run.skipped
+
+
+def test_measure_one_passes_every_option_on(tmp_path: Path) -> None:
+    from flatcli.correlate import measure_one
+    from flatcli.measures.relative_flatness import relative_flatness
+
+    base = dataclasses.replace(CONFIG, measures=("relative_flatness",), max_samples=100)
+    row = measure_one(ZOO[0], base)
+    mse = measure_one(ZOO[0], dataclasses.replace(base, loss="mse"))
+    assert mse["train_loss"] != pytest.approx(row["train_loss"], rel=1e-3)
+    fc1 = measure_one(ZOO[2], dataclasses.replace(base, layer="fc1", dtype="float64"))
+    from flatcli.prepare import prepare
+
+    prep = prepare(ZOO[2], split="train", max_samples=100, dtype="float64")
+    want = relative_flatness(prep.model, "fc1", prep.batches)
+    assert fc1["layer"] == "fc1"
+    assert fc1["relative_flatness"] == pytest.approx(want.value, rel=1e-10)
+    with pytest.raises(FlatcliError, match="does not fit the architecture"):
+        measure_one(ZOO[0], dataclasses.replace(base, arch_kwargs={"hidden": [7]}))
+    with pytest.raises(FlatcliError):
+        measure_one(ZOO[0], dataclasses.replace(base, arch="flatcli.archs:cnn"))
+    # The worker's device wins over the configuration's (round robin over GPUs).
+    assert measure_one(ZOO[0], dataclasses.replace(base, device="cuda"), device="cpu")
+    import torch
+
+    pickled = tmp_path / "whole.pt"
+    torch.save(prep.model, pickled)
+    on_digits = dataclasses.replace(base, data="digits")
+    with pytest.raises(FlatcliError, match="--trust-code"):
+        measure_one(pickled, on_digits)
+    assert measure_one(pickled, dataclasses.replace(on_digits, trust_code=True))["n_train"] == 100
+
+
+def test_a_csv_without_a_test_split_is_read_with_its_target(tmp_path: Path) -> None:
+    import numpy as np
+
+    d = np.load(ROOT / "flatcli" / "_bundled" / "digits.npz")
+    csv = tmp_path / "d.csv"
+    frame = pd.DataFrame(d["x"][:50], columns=[f"p{i}" for i in range(64)])
+    frame.assign(label=d["y"][:50]).to_csv(csv, index=False)
+    config = dataclasses.replace(CONFIG, data=str(csv), target="label", max_samples=None)
+    run = measure_checkpoints(ZOO[:1], config, cache_dir=tmp_path / "c")
+    assert "has no test split" in run.skipped[0]["reason"]  # read with --target: got that far
+    missing = dataclasses.replace(CONFIG, data=str(tmp_path / "gone.npz"))
+    run = measure_checkpoints(ZOO[:1], missing, cache_dir=tmp_path / "c")
+    assert run.data_sha256 == {} and "not found" in run.skipped[0]["reason"]
+
+
+def test_an_unreadable_entry_without_an_os_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flatcli.correlate import read_cache_entry
+
+    def fail(self: Path) -> bytes:
+        raise OSError
+
+    monkeypatch.setattr(Path, "read_bytes", fail)
+    assert read_cache_entry(tmp_path / "e.json", CONFIG, SHA) == (None, "unreadable")
+
+
+def test_arch_kwargs_table_keys_and_numeric_cells(tmp_path: Path) -> None:
+    from flatcli.correlate import arch_kwargs_table
+
+    csv = tmp_path / "hp.csv"
+    for key in ("checkpoint", "path"):
+        pd.DataFrame({key: ["/r/a.pt", "b.pt"], "arch.width": [8, 16]}).to_csv(csv, index=False)
+        assert arch_kwargs_table(csv) == {"a.pt": {"width": 8}, "b.pt": {"width": 16}}, key
