@@ -632,3 +632,173 @@ def test_arch_kwargs_table_keys_and_numeric_cells(tmp_path: Path) -> None:
     for key in ("checkpoint", "path"):
         pd.DataFrame({key: ["/r/a.pt", "b.pt"], "arch.width": [8, 16]}).to_csv(csv, index=False)
         assert arch_kwargs_table(csv) == {"a.pt": {"width": 8}, "b.pt": {"width": 16}}, key
+
+
+def _zoo_copy(folder: Path, data: str | None) -> Path:
+    """ZOO[0] in ``folder``, its metadata naming ``data`` (a file beside it) or nothing."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(ZOO[0]), "pt") as f:
+        meta = dict(f.metadata() or {})
+    meta.pop("flatcli.data", None)
+    if data is not None:
+        meta["flatcli.data"] = data
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ZOO[0].name
+    save_file(load_file(str(ZOO[0])), str(path), metadata=meta)
+    return path
+
+
+def test_each_checkpoints_own_data_file_is_hashed_into_its_cache_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import numpy as np
+
+    from flatcli.data import data_sha256
+
+    folders = [tmp_path / "a", tmp_path / "b"]
+    shas = []
+    for k, folder in enumerate(folders):
+        folder.mkdir()
+        split_data(folder).rename(folder / "d.npz")
+        d = dict(np.load(folder / "d.npz"))
+        np.savez(
+            folder / "d.npz", **{**d, "x": d["x"][: 100 - 20 * k], "y": d["y"][: 100 - 20 * k]}
+        )
+        shas.append(data_sha256(str(folder / "d.npz")))
+    assert shas[0] != shas[1]
+    # Named by each checkpoint's metadata: a file beside it.
+    named = [_zoo_copy(f, "d.npz") for f in folders]
+    run = measure_checkpoints(named, CONFIG, cache_dir=tmp_path / "c1")
+    assert [r["n_train"] for r in run.rows] == [100, 80]
+    assert run.data_sha256 == {str(f / "d.npz"): s for f, s in zip(folders, shas, strict=True)}
+    suffixes = sorted(p.stem.rsplit("-", 1)[1] for p in (tmp_path / "c1").glob("*.json"))
+    assert suffixes == sorted(s[:16] for s in shas)
+    # --data d.npz, not in the working directory: each checkpoint's folder has its own.
+    monkeypatch.chdir(tmp_path)
+    plain = [_zoo_copy(f / "plain", None) for f in folders]
+    for f, p in zip(folders, plain, strict=True):
+        (f / "d.npz").rename(p.parent / "d.npz")
+    config = dataclasses.replace(CONFIG, data="d.npz")
+    run = measure_checkpoints(plain, config, cache_dir=tmp_path / "c2")
+    assert [r["n_train"] for r in run.rows] == [100, 80]
+    suffixes = sorted(p.stem.rsplit("-", 1)[1] for p in (tmp_path / "c2").glob("*.json"))
+    assert suffixes == sorted(s[:16] for s in shas)
+
+
+def test_a_hugging_face_folder_is_hashed_as_a_folder(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from flatcli.correlate import _checkpoint_sha256
+    from flatcli.hf import folder_sha256
+    from flatcli.io import sha256_file
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"architectures": ["X"]}')
+    assert _checkpoint_sha256(folder) == sha256_file(folder / "config.json")  # no weights yet
+    import torch
+
+    save_file({"w": torch.ones(2)}, str(folder / "model.safetensors"))
+    want = folder_sha256(folder)
+    assert want != sha256_file(folder / "config.json")
+    assert _checkpoint_sha256(folder) == want
+    assert _checkpoint_sha256(folder / "config.json") == want  # the same checkpoint
+    assert _checkpoint_sha256(tmp_path / "absent") is None
+
+
+def test_measure_one_prepares_with_the_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    import flatcli.prepare
+    from flatcli.correlate import measure_one
+
+    seen: dict[str, Any] = {}
+    real = flatcli.prepare.prepare
+
+    def spy(path: Any, **kwargs: Any) -> Any:
+        seen.update(kwargs)
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(flatcli.prepare, "prepare", spy)
+    config = dataclasses.replace(
+        CONFIG, measures=("path_norm", "weight_norm"), batch_size=17, max_samples=40
+    )
+    row = measure_one(ZOO[0], config, device="cpu")
+    assert seen == {
+        "arch": None,
+        "arch_kwargs": None,
+        "trust_code": False,
+        "data": None,
+        "split": "train",
+        "target": None,
+        "max_samples": 40,
+        "batch_size": 17,
+        "device": "cpu",
+        "dtype": "float32",
+        "loss": None,
+    }
+    assert row["path_norm"] > 0  # needs the input shape measure_one reads off the data
+
+
+class _Done:
+    """A finished future."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def result(self) -> Any:
+        return self.value
+
+
+def test_jobs_share_out_checkpoints_devices_threads_and_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pool itself, in this process: what each worker is started with and given."""
+    import concurrent.futures
+    import multiprocessing
+
+    import flatcli.correlate
+
+    pools: list[dict[str, Any]] = []
+
+    class Pool:
+        def __init__(self, **kwargs: Any) -> None:
+            self.kwargs, self.tasks = kwargs, []
+            pools.append({"kwargs": kwargs, "tasks": self.tasks})
+
+        def submit(self, fn: Any, *args: Any) -> _Done:
+            self.tasks.append(args)
+            path = args[0]
+            return _Done({"checkpoint": Path(path).name, "path": path, **valid_row()})
+
+        def shutdown(self, **kwargs: Any) -> None:
+            pass
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", Pool)
+    monkeypatch.setattr(concurrent.futures, "as_completed", lambda fs: list(fs)[::-1])
+    monkeypatch.setattr(flatcli.correlate, "_devices", lambda device, jobs: ["cuda:0", "cuda:1"])
+    seen: list[tuple[str, str]] = []
+    run = measure_checkpoints(
+        ZOO[:3], CONFIG, cache_dir=tmp_path, jobs=3, threads=2, on_result=lambda *a: seen.append(a)
+    )
+    (pool,) = pools
+    kwargs = pool["kwargs"]
+    assert kwargs["max_workers"] == 3 and kwargs["initializer"] is flatcli.correlate._worker_init
+    assert kwargs["initargs"] == (2, 2)  # 2 threads each; 2 workers share a GPU's memory
+    assert kwargs["mp_context"].get_start_method() == "spawn"
+    assert isinstance(kwargs["mp_context"], type(multiprocessing.get_context("spawn")))
+    paths = [t[0] for t in pool["tasks"]]
+    assert paths == [str(p) for p in ZOO[:3]]
+    assert [t[3] for t in pool["tasks"]] == ["cuda:0", "cuda:1", "cuda:0"]  # round robin
+    assert all(t[2] == CONFIG for t in pool["tasks"])
+    entries = [t[1] for t in pool["tasks"]]
+    assert len(set(entries)) == 3 and all(e.parent == tmp_path for e in entries)
+    assert seen == [(p, "computed") for p in paths[::-1]]  # as they finish
+    assert [r["checkpoint"] for r in run.rows] == [p.name for p in ZOO[:3]]  # in path order
+    assert run.computed == 3
+    pools.clear()
+    measure_checkpoints(ZOO[:2], CONFIG, cache_dir=tmp_path / "t", jobs=2)
+    assert pools[0]["kwargs"]["initargs"] == (1, 1)  # one thread each by default
+    pools.clear()
+    measure_checkpoints(ZOO[:1], CONFIG, cache_dir=tmp_path / "one", jobs=4)
+    assert pools == []  # one checkpoint: no pool
