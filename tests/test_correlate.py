@@ -380,6 +380,14 @@ def test_cached_and_skipped_checkpoints_are_reported_as_they_go(tmp_path: Path) 
     seen: list[tuple[str, str]] = []
     missing = tmp_path / "gone.safetensors"
     paths = [ZOO[0], missing]
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"garbage")
+    measure_checkpoints(
+        [bad], CONFIG, cache_dir=tmp_path / "b", on_result=lambda *a: seen.append(a)
+    )
+    ((where, status),) = seen
+    assert where == str(bad) and status.startswith("skipped: ") and "safetensors" in status
+    seen.clear()
     first = measure_checkpoints(
         paths, CONFIG, cache_dir=tmp_path / "c", on_result=lambda *a: seen.append(a)
     )
@@ -761,26 +769,56 @@ def test_jobs_share_out_checkpoints_devices_threads_and_memory(
 
     pools: list[dict[str, Any]] = []
 
+    class Worker:
+        def __init__(self, alive: bool, stubborn: bool) -> None:
+            self.alive, self.stubborn, self.calls = alive, stubborn, []
+
+        def is_alive(self) -> bool:
+            return self.alive
+
+        def terminate(self) -> None:
+            self.calls.append("terminate")
+            self.alive = self.stubborn
+
+        def join(self, timeout: float) -> None:
+            self.calls.append(f"join {timeout}")
+
+        def kill(self) -> None:
+            self.calls.append("kill")
+            self.alive = False
+
     class Pool:
         def __init__(self, **kwargs: Any) -> None:
             self.kwargs, self.tasks = kwargs, []
-            pools.append({"kwargs": kwargs, "tasks": self.tasks})
+            self._processes = {1: Worker(alive=True, stubborn=False), 2: Worker(True, True)}
+            self._processes[3] = Worker(alive=False, stubborn=False)
+            pools.append({"kwargs": kwargs, "tasks": self.tasks, "workers": self._processes})
 
         def submit(self, fn: Any, *args: Any) -> _Done:
             self.tasks.append(args)
             path = args[0]
+            if "fail" in str(args[1]):
+                return _Done("could not load")
             return _Done({"checkpoint": Path(path).name, "path": path, **valid_row()})
 
         def shutdown(self, **kwargs: Any) -> None:
-            pass
+            pools[-1].setdefault("shutdown", []).append(kwargs)
 
     monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", Pool)
     monkeypatch.setattr(concurrent.futures, "as_completed", lambda fs: list(fs)[::-1])
-    monkeypatch.setattr(flatcli.correlate, "_devices", lambda device, jobs: ["cuda:0", "cuda:1"])
+    asked: list[tuple[str, int]] = []
+
+    def devices(device: str, jobs: int) -> list[str]:
+        asked.append((device, jobs))
+        return ["cuda:0", "cuda:1"]
+
+    monkeypatch.setattr(flatcli.correlate, "_devices", devices)
     seen: list[tuple[str, str]] = []
+    config = dataclasses.replace(CONFIG, device="cuda")
     run = measure_checkpoints(
-        ZOO[:3], CONFIG, cache_dir=tmp_path, jobs=3, threads=2, on_result=lambda *a: seen.append(a)
+        ZOO[:3], config, cache_dir=tmp_path, jobs=3, threads=2, on_result=lambda *a: seen.append(a)
     )
+    assert asked == [("cuda", 3)]
     (pool,) = pools
     kwargs = pool["kwargs"]
     assert kwargs["max_workers"] == 3 and kwargs["initializer"] is flatcli.correlate._worker_init
@@ -790,7 +828,8 @@ def test_jobs_share_out_checkpoints_devices_threads_and_memory(
     paths = [t[0] for t in pool["tasks"]]
     assert paths == [str(p) for p in ZOO[:3]]
     assert [t[3] for t in pool["tasks"]] == ["cuda:0", "cuda:1", "cuda:0"]  # round robin
-    assert all(t[2] == CONFIG for t in pool["tasks"])
+    assert all(t[2] == config for t in pool["tasks"])
+    assert pool["shutdown"] == [{"wait": True}]  # the workers are waited for
     entries = [t[1] for t in pool["tasks"]]
     assert len(set(entries)) == 3 and all(e.parent == tmp_path for e in entries)
     assert seen == [(p, "computed") for p in paths[::-1]]  # as they finish
@@ -802,3 +841,84 @@ def test_jobs_share_out_checkpoints_devices_threads_and_memory(
     pools.clear()
     measure_checkpoints(ZOO[:1], CONFIG, cache_dir=tmp_path / "one", jobs=4)
     assert pools == []  # one checkpoint: no pool
+    # A checkpoint that fails is reported as skipped.
+    seen.clear()
+    failing = tmp_path / "fail"  # its cache entry's path says "fail" to the fake pool
+    run = measure_checkpoints(
+        ZOO[:2], CONFIG, cache_dir=failing, jobs=2, on_result=lambda *a: seen.append(a)
+    )
+    assert sorted(s for _, s in seen) == ["skipped: could not load"] * 2
+    assert [s["reason"] for s in run.skipped] == ["could not load"] * 2
+    # Ctrl-C while waiting: queued work is cancelled and every live worker ended, the one
+    # that ignores SIGTERM killed; then the interrupt goes on.
+    pools.clear()
+
+    def interrupted(fs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(concurrent.futures, "as_completed", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        measure_checkpoints(ZOO[:2], CONFIG, cache_dir=tmp_path / "int", jobs=2)
+    (pool,) = pools
+    assert pool["shutdown"] == [{"wait": False, "cancel_futures": True}]
+    workers = pool["workers"]
+    assert workers[1].calls == ["terminate", "join 5"]
+    assert workers[2].calls == ["terminate", "join 5", "kill"]
+    assert workers[3].calls == ["join 5"]
+
+
+def test_the_cache_key_is_the_same_for_the_same_configuration(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import flatcli.correlate
+
+    def key(**changes: Any) -> str:
+        return dataclasses.replace(CONFIG, **changes).key()
+
+    assert key(arch_kwargs=None) == key(arch_kwargs={})
+    assert key(arch_kwargs={"a": 1, "b": [2]}) == key(arch_kwargs={"b": [2], "a": 1})
+    before = CONFIG.key()
+    monkeypatch.setattr(flatcli.correlate, "CACHE_VERSION", flatcli.correlate.CACHE_VERSION + 1)
+    assert CONFIG.key() != before  # a new cache version invalidates every entry
+
+
+def test_data_named_by_a_hugging_face_folder_lies_beside_the_folder(tmp_path: Path) -> None:
+    from flatcli.correlate import _data_of
+    from flatcli.data import data_sha256
+    from flatcli.hf import FLATCLI_META
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / FLATCLI_META).write_text(json.dumps({"data": "d.npz"}))
+    data = split_data(tmp_path).rename(tmp_path / "d.npz")
+    want = (str(data), data_sha256(str(data)))
+    for spelling in (folder, folder / "config.json"):
+        assert _data_of(spelling, CONFIG, {}) == want, spelling
+
+
+def test_measure_and_cache_uses_the_workers_device_and_reports_failures(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import flatcli.correlate
+    from flatcli.correlate import _measure_and_cache
+
+    cuda = dataclasses.replace(CONFIG, device="cuda", measures=("weight_norm",))
+    row = _measure_and_cache(str(ZOO[0]), tmp_path / "e.json", cuda, "cpu")
+    assert isinstance(row, dict) and json.loads((tmp_path / "e.json").read_text())["n_train"]
+
+    def boom(message: str) -> Any:
+        def fail(*args: Any, **kwargs: Any) -> Any:
+            raise ValueError(message)
+
+        return fail
+
+    for message, want in (("first line\nsecond", "ValueError: first line"), ("", "ValueError: ")):
+        monkeypatch.setattr(flatcli.correlate, "measure_one", boom(message))
+        assert _measure_and_cache(str(ZOO[0]), tmp_path / "f.json", CONFIG, "cpu") == want
+    assert not (tmp_path / "f.json").exists()
+
+
+def test_only_missing_checkpoints_are_all_skipped(tmp_path: Path) -> None:
+    run = measure_checkpoints([tmp_path / "a.pt", tmp_path / "b.pt"], CONFIG, cache_dir=tmp_path)
+    assert run.rows == [] and [s["reason"][:10] for s in run.skipped] == ["not found:"] * 2
