@@ -54,7 +54,7 @@ declare -A TESTS=(
     [theorem4]=tests/test_relative_flatness.py
 )
 declare -A SUBPROC=(
-    [correlate]="tests/test_correlate.py::test_two_jobs_give_the_same_table_as_one tests/test_security_cli.py::test_ctrl_c_stops_correlate_workers_promptly"
+    [correlate]="tests/test_correlate.py::test_two_jobs_give_the_same_table_as_one tests/test_correlate.py::test_workers_show_each_warning_on_stderr tests/test_security_cli.py::test_ctrl_c_stops_correlate_workers_promptly"
 )
 declare -A NAMES=(
     [theorem4]="flatcli.measures.relative_flatness.x_feature_scaling__mutmut_* flatcli.measures.relative_flatness.x_feature_std__mutmut_* flatcli.measures.relative_flatness.x__population_std__mutmut_*"

@@ -922,3 +922,49 @@ def test_measure_and_cache_uses_the_workers_device_and_reports_failures(
 def test_only_missing_checkpoints_are_all_skipped(tmp_path: Path) -> None:
     run = measure_checkpoints([tmp_path / "a.pt", tmp_path / "b.pt"], CONFIG, cache_dir=tmp_path)
     assert run.rows == [] and [s["reason"][:10] for s in run.skipped] == ["not found:"] * 2
+
+
+def test_a_worker_task_runs_on_the_workers_device_marked_as_in_a_task(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import flatcli.correlate
+    from flatcli.correlate import _worker_task
+
+    cuda = dataclasses.replace(CONFIG, device="cuda", measures=("weight_norm",))
+    assert isinstance(_worker_task(str(ZOO[0]), tmp_path / "e.json", cuda, "cpu"), dict)
+    assert flatcli.correlate._in_task is False
+    during: list[Any] = []
+    real = flatcli.correlate._measure_and_cache
+
+    def spy(*args: Any) -> Any:
+        during.append(flatcli.correlate._in_task)  # SIGTERM now unwinds the task
+        return real(*args)
+
+    monkeypatch.setattr(flatcli.correlate, "_measure_and_cache", spy)
+    _worker_task(str(ZOO[0]), tmp_path / "f.json", cuda, "cpu")
+    assert during == [True] and flatcli.correlate._in_task is False
+
+
+@pytest.mark.slow
+def test_workers_show_each_warning_on_stderr(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Worker processes print flatcli warnings as one line each, and nothing else."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    halves = []
+    for src in ZOO[:2]:
+        with safe_open(str(src), "pt") as f:
+            meta = dict(f.metadata() or {})
+        path = tmp_path / f"half-{src.name}"
+        save_file({k: v.half() for k, v in load_file(str(src)).items()}, str(path), metadata=meta)
+        halves.append(path)
+    config = dataclasses.replace(CONFIG, measures=("weight_norm",))
+    run = measure_checkpoints(halves, config, cache_dir=tmp_path / "c", jobs=2)
+    assert run.computed == 2, run.skipped
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert sorted(lines) == sorted(
+        f"warning: {p.name} stores float16 weights; they are cast to float32" for p in halves
+    ), err
