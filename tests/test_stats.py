@@ -360,8 +360,11 @@ def test_granulated_kendall_with_one_hyperparameter_and_ties_in_the_gap() -> Non
     # measure does not: τ-a counts the tied pair as 0 (τ-b would not).
     df = pd.DataFrame({"k": [1, 2, 3, 4], "m": [1.0, 2.0, 3.0, 4.0], "g": [0.1, 0.2, 0.2, 0.5]})
     result = granulated_kendall(df, "m", "g", ["k"])
-    assert result == {"psi": {"k": pytest.approx(5 / 6)}, "Psi": pytest.approx(5 / 6),
-                      "groups": {"k": 1}}
+    assert result == {
+        "psi": {"k": pytest.approx(5 / 6)},
+        "Psi": pytest.approx(5 / 6),
+        "groups": {"k": 1},
+    }
     # A group whose gap is constant contributes 0 (and warns about nothing).
     flat = df.assign(g=0.3)
     assert granulated_kendall(flat, "m", "g", ["k"])["psi"]["k"] == 0.0
@@ -401,3 +404,19 @@ def test_missing_column_message_lists_what_the_table_has() -> None:
     with pytest.raises(FlatcliError) as info:
         add_gaps(pd.DataFrame())
     assert str(info.value).endswith("(the table has: none)")
+
+
+def test_constant_bootstrap_resamples_are_nan_quietly() -> None:
+    """A small zoo with repeated values: some resamples are constant (scipy warns and gives
+    NaN there); the interval comes from the others, and no warning escapes."""
+    import warnings
+
+    df = pd.DataFrame(
+        {"m": [1.0, 1, 1, 1, 1, 2, 3], "gap_loss": [0.1, 0.3, 0.2, 0.5, 0.4, 0.7, 0.9]}
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        table = correlation_table(df, ["m"], ["gap_loss"], bootstrap=300, seed=0)
+    row = table.iloc[0]
+    for s in ("kendall_tau_b", "pearson_r", "spearman_rho"):
+        assert row[f"{s}_lo"] <= row[s] <= row[f"{s}_hi"], s
