@@ -400,6 +400,33 @@ def test_defaults_run_jiangs_search() -> None:
         est = fn(model, (x, y))
         assert want in est.method and est.details["sigma"] == search.sigma
         assert est.details["mc_samples"] == 10 and est.details["search_depth"] == 15
-    u = gaussian_perturbation({"w": torch.zeros(100_000)}, 0.5, generator=models.seeded(0),
-                              magnitude_aware=True)["w"]
+    u = gaussian_perturbation(
+        {"w": torch.zeros(100_000)}, 0.5, generator=models.seeded(0), magnitude_aware=True
+    )["w"]
     assert float(u.std()) == pytest.approx(1e-3, rel=0.02)  # ε defaults to 1e-3
+
+
+def test_a_search_at_either_bound_is_flagged_on_the_estimates() -> None:
+    from flatcli.measures.estimate import warnings_of
+    from flatcli.measures.pac_bayes import (
+        bound_estimate,
+        flatness_estimate,
+        pacbayes_sigma,
+        search_warnings,
+    )
+
+    assert search_warnings((0.1, 0.2), False, "σ") == []
+    assert search_warnings((0.0, 0.25), False, "σ") == [
+        "search hit its lower bound: the increase exceeded the threshold at every scale "
+        "tried, so σ < 0.25 (the search resolution)"
+    ]
+    assert search_warnings((1.0, 2.0), True, "σ") == [
+        "search hit its upper bound 2: the increase never exceeded the threshold, "
+        "so σ ≥ 1 and the flatness is only bounded"
+    ]
+    model, x, t = exact_fit()
+    capped = pacbayes_sigma(model, (x, t), sigma_max=0.01, loss="mse", target="loss", mc_samples=20)
+    want = search_warnings(capped.bracket, True, "σ'")
+    assert want and want[0].startswith("search hit its upper bound")
+    assert warnings_of(flatness_estimate(capped, 20, DEPTH)) == want
+    assert warnings_of(bound_estimate(capped, model, None, 20, DEPTH)) == want
