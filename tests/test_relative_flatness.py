@@ -476,6 +476,10 @@ def test_feature_scaling_entries(dead_units: str) -> None:
     assert got.scale[:2].tolist() == [fill, fill] and got.inverse[:2].tolist() == [fill, fill]
     torch.testing.assert_close(got.scale[2:], sigma[2:], rtol=1e-12, atol=0)
     torch.testing.assert_close(got.inverse[2:], 1 / sigma[2:], rtol=1e-12, atol=0)
+    if dead_units == "drop":  # the default
+        with torch.no_grad():
+            default = feature_scaling(split, as_batches((x, y), batch_size=5))
+        assert default.dead_units == "drop" and torch.equal(default.scale, got.scale)
 
 
 def test_dead_means_sigma_below_1e_12_of_the_largest_sigma() -> None:
