@@ -559,3 +559,47 @@ def test_conv_and_tied_hutchinson_stay_in_a_space() -> None:
     x, y = models.classification_data(n=6, shape=(2, 3, 3))
     est = relative_flatness(model, "conv1", (x, y), method="hutchinson", probes=4)
     assert "A-space" in est.method
+
+
+def test_feature_std_merges_the_ranks_shards(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chan's merge over ranks, with two ranks as two threads and all_reduce as their sum:
+    unequal shards (20 and 17 samples) give the whole data's population std."""
+    import threading
+
+    from flatcli import distributed
+    from flatcli.data import as_batches
+
+    bufs: list[torch.Tensor | None] = [None, None]
+    barrier, local = threading.Barrier(2, timeout=60), threading.local()
+
+    def all_reduce(buf: torch.Tensor) -> None:
+        bufs[local.rank] = buf.clone()
+        barrier.wait()
+        total = bufs[0] + bufs[1]  # type: ignore[operator]
+        barrier.wait()
+        buf.copy_(total)
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    monkeypatch.setattr(distributed, "backend", lambda: "gloo")
+    model = models.mlp()
+    x, y = models.classification_data(n=37)
+    split = LayerSplit(model, "fc")
+    inner = as_batches((x, y), batch_size=5)
+    out: list[object] = [None, None]
+
+    def rank(r: int) -> None:
+        local.rank = r
+        with torch.no_grad():
+            out[r] = rf._population_std(split, distributed.ShardedBatches(inner, r, 2))
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with torch.no_grad():
+        want = split.cut(x).phi.double().std(0, unbiased=False)
+    for got in out:
+        sigma, dead = got  # type: ignore[misc]
+        torch.testing.assert_close(sigma, want, rtol=1e-12, atol=1e-15)
+        assert not dead.any()
