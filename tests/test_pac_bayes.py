@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import numpy as np
 import pytest
@@ -430,3 +431,25 @@ def test_a_search_at_either_bound_is_flagged_on_the_estimates() -> None:
     assert want and want[0].startswith("search hit its upper bound")
     assert warnings_of(flatness_estimate(capped, 20, DEPTH)) == want
     assert warnings_of(bound_estimate(capped, model, None, 20, DEPTH)) == want
+
+
+def test_library_defaults_and_the_memory_budget() -> None:
+    from flatcli.errors import FlatcliError
+    from flatcli.measures.pac_bayes import pacbayes_flatness, pacbayes_sigma
+
+    model, x, t = exact_fit()
+    kw = dict(loss="mse", target="loss", mc_samples=4, search_depth=8, magnitude_aware=True)
+    # ε (the floor of the magnitude-aware noise, σ'|w| + ε) defaults to 1e-3.
+    default = pacbayes_sigma(model, (x, t), **kw)
+    assert default.sigma == pacbayes_sigma(model, (x, t), epsilon=1e-3, **kw).sigma
+    assert pacbayes_sigma(model, (x, t), epsilon=0.3, **kw).sigma != default.sigma
+    flat = pacbayes_flatness(model, (x, t), **kw)
+    assert flat.value == pacbayes_flatness(model, (x, t), epsilon=1e-3, **kw).value
+    # A budget below one sample's perturbed forward pass: the user's limit is the one applied.
+    with pytest.raises(FlatcliError) as info:
+        pacbayes_sigma(model, (x, t), max_memory=1, **kw)
+    assert re.fullmatch(
+        r"--max-memory 1 B is below what a perturbed forward pass needs for one sample "
+        r"\(about [\d.]+ [KM]?i?B\); raise --max-memory",
+        str(info.value),
+    ), str(info.value)
