@@ -101,6 +101,11 @@ def resolve_max_memory(max_memory: int | None, device: torch.device | str = "cpu
 # --------------------------------------------------------------------------- activations
 
 
+def param_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters (what one more copy of the weights costs)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def _storages(model: nn.Module, *extra: torch.Tensor) -> set[int]:
     tensors = [*model.parameters(), *model.buffers(), *extra]
     return {t.untyped_storage().data_ptr() for t in tensors}

@@ -36,7 +36,7 @@ from torch import nn
 from ..errors import UsageError
 from ..features import call_model
 from ..losses import check_loss, per_sample_loss
-from .budget import fit_batches
+from .budget import fit_batches, param_bytes
 from .estimate import Estimate, mean_and_stderr, with_warnings
 from .norms import parameter_distance_squared
 from .params import Target, batches_for, check_target, evaluating, mean_objective, select_params
@@ -223,7 +223,7 @@ def pacbayes_sigma(
             "forward",
             max_memory,
             loss_of=lambda _t, x, y: per_sample_loss(call_model(model, x), y, loss).sum(),
-            fixed=2 * _param_bytes(model),  # the noise and the moved weights
+            fixed=2 * param_bytes(model),  # the noise and the moved weights
             what="a perturbed forward pass",
         )
         increase = NoisyIncrease(
@@ -263,10 +263,6 @@ def pacbayes_sigma(
             f"draws of u ~ {noise} over all parameters, {target} increase ≤ {threshold:g}"
         ),
     )
-
-
-def _param_bytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def _secant_slope(increase: Callable[[float], tuple[float, float]], sigma: float) -> float:

@@ -37,7 +37,7 @@ from ..data import Batches
 from ..errors import UsageError
 from ..features import ModelInput, call_model
 from ..losses import check_loss, per_sample_loss
-from .budget import fit_batches
+from .budget import fit_batches, param_bytes
 from .estimate import Estimate, with_warnings
 from .pac_bayes import check_search, largest_below, search_warnings
 from .params import (
@@ -190,14 +190,13 @@ def sharpness(
     batches = batches_for(model, data, batch_size=batch_size)
     with evaluating(model), torch.no_grad():
         check_target(target, batches.first()[1])
-        p_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         batches, _ = fit_batches(
             model,
             batches,
             "gradient",
             max_memory,
             loss_of=lambda _t, x, y: per_sample_loss(call_model(model, x), y, loss).sum(),
-            fixed=6 * p_bytes,  # w, u, r, the gradient and the moved weights
+            fixed=6 * param_bytes(model),  # w, u, r, the gradient and the moved weights
             what="a gradient pass",
         )
         worst = WorstIncrease(
