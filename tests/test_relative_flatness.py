@@ -164,15 +164,16 @@ def test_hutchinson_path_is_exact_with_an_orthogonal_probe_design(case, monkeypa
     assert trace == pytest.approx(dense_trace(model, layer, x, y), rel=RTOL)
 
 
-@pytest.mark.parametrize(
-    ("factory", "layer", "loss"),
-    [
-        (models.mlp, "fc", "cross_entropy"),
-        (models.TanhHead, "fc2", "cross_entropy"),
-        (models.mlp, "fc", "mse"),
-    ],
-    ids=["logits-ce", "hidden", "logits-mse"],
-)
+NORMALIZED_CASES = [
+    (models.mlp, "fc", "cross_entropy"),
+    (models.TanhHead, "fc2", "cross_entropy"),
+    (models.mlp, "fc", "mse"),
+]
+"""κ̃ cases: logits layer under both losses, and a hidden layer."""
+NORMALIZED_IDS = ["logits-ce", "hidden", "logits-mse"]
+
+
+@pytest.mark.parametrize(("factory", "layer", "loss"), NORMALIZED_CASES, ids=NORMALIZED_IDS)
 def test_hutchinson_normalized_kappa_is_exact_with_an_orthogonal_probe_design(
     factory, layer, loss, monkeypatch
 ) -> None:
@@ -233,15 +234,7 @@ def test_feature_std_is_population_std_and_counts_dead_units() -> None:
     assert torch.all(sigma[~alive] == 1)
 
 
-@pytest.mark.parametrize(
-    ("factory", "layer", "loss"),
-    [
-        (models.mlp, "fc", "cross_entropy"),
-        (models.TanhHead, "fc2", "cross_entropy"),
-        (models.mlp, "fc", "mse"),
-    ],
-    ids=["logits-ce", "hidden", "logits-mse"],
-)
+@pytest.mark.parametrize(("factory", "layer", "loss"), NORMALIZED_CASES, ids=NORMALIZED_IDS)
 def test_normalized_kappa_equals_dense_kappa_of_reparameterized_model(factory, layer, loss):
     model = build(factory)
     x, y = models.classification_data()
