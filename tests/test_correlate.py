@@ -642,19 +642,26 @@ def test_arch_kwargs_table_keys_and_numeric_cells(tmp_path: Path) -> None:
         assert arch_kwargs_table(csv) == {"a.pt": {"width": 8}, "b.pt": {"width": 16}}, key
 
 
-def _zoo_copy(folder: Path, data: str | None) -> Path:
-    """ZOO[0] in ``folder``, its metadata naming ``data`` (a file beside it) or nothing."""
+def _zoo_copy(
+    folder: Path, data: str | None = "keep", *, src: Path = ZOO[0], half: bool = False
+) -> Path:
+    """``src`` re-saved in ``folder``: its metadata naming ``data`` (a file beside it),
+    nothing (None) or its own data ("keep"), its weights in float16 if ``half``."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    with safe_open(str(ZOO[0]), "pt") as f:
+    with safe_open(str(src), "pt") as f:
         meta = dict(f.metadata() or {})
-    meta.pop("flatcli.data", None)
-    if data is not None:
-        meta["flatcli.data"] = data
+    if data != "keep":
+        meta.pop("flatcli.data", None)
+        if data is not None:
+            meta["flatcli.data"] = data
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / ZOO[0].name
-    save_file(load_file(str(ZOO[0])), str(path), metadata=meta)
+    path = folder / (f"half-{src.name}" if half else src.name)
+    weights = load_file(str(src))
+    save_file(
+        {k: v.half() for k, v in weights.items()} if half else weights, str(path), metadata=meta
+    )
     return path
 
 
@@ -950,16 +957,7 @@ def test_workers_show_each_warning_on_stderr(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     """Worker processes print flatcli warnings as one line each, and nothing else."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    halves = []
-    for src in ZOO[:2]:
-        with safe_open(str(src), "pt") as f:
-            meta = dict(f.metadata() or {})
-        path = tmp_path / f"half-{src.name}"
-        save_file({k: v.half() for k, v in load_file(str(src)).items()}, str(path), metadata=meta)
-        halves.append(path)
+    halves = [_zoo_copy(tmp_path, src=src, half=True) for src in ZOO[:2]]
     config = dataclasses.replace(CONFIG, measures=("weight_norm",))
     run = measure_checkpoints(halves, config, cache_dir=tmp_path / "c", jobs=2)
     assert run.computed == 2, run.skipped
