@@ -22,7 +22,10 @@ is evaluated on the same epochs.
 model is non-finite, or its test loss is at or above chance (the best constant
 predictor's: the entropy of the training labels), or its test accuracy has lost more than
 half of the start's lead over chance (the largest class's share). A false alarm is a run
-the guard stops that did not collapse; a miss, a collapse it let through.
+the guard stops that did not collapse; a miss, a collapse it let through. A run that did
+not collapse is *damaged* when its test loss rose by more than a quarter of the start's
+lead over chance, or its test accuracy fell by more than a quarter of its lead, and
+*unharmed* otherwise; the table says how many false alarms stopped an unharmed run.
 
 Writes ``fam_guard_grid.csv`` and replaces the table between ``<!-- fam_guard_grid -->``
 and ``<!-- /fam_guard_grid -->`` in ``docs/finetune.md``. Run with ``OMP_NUM_THREADS=1``.
@@ -182,33 +185,49 @@ def collapsed(row: dict) -> bool | None:
     return bool(loss >= row["chance_loss"] or lost_accuracy)
 
 
-def rates(rows: list[dict], fired_key: str) -> tuple[int, int, int, int]:
-    """(false alarms, healthy runs, misses, collapses)."""
+def damaged(row: dict) -> bool:
+    """Not collapsed, but more than a quarter of the start's lead over chance lost."""
+    loss_lead = row["chance_loss"] - row["start_test_loss"]
+    acc_lead = row["start_test_accuracy"] - row["chance_accuracy"]
+    lost_loss = row["final_test_loss"] - row["start_test_loss"] > 0.25 * loss_lead
+    lost_acc = row["start_test_accuracy"] - row["final_test_accuracy"] > 0.25 * acc_lead
+    return bool(lost_loss or lost_acc)
+
+
+def rates(rows: list[dict], fired_key: str) -> tuple[int, int, int, int, int]:
+    """(false alarms, of them on unharmed runs, healthy runs, misses, collapses)."""
     ok = [r for r in rows if r.get("collapsed") is not None]
     healthy = [r for r in ok if not r["collapsed"]]
     bad = [r for r in ok if r["collapsed"]]
-    false_alarms = sum(r[fired_key] is not None for r in healthy)
+    alarms = [r for r in healthy if r[fired_key] is not None]
+    unharmed = sum(not damaged(r) for r in alarms)
     misses = sum(r[fired_key] is None for r in bad)
-    return false_alarms, len(healthy), misses, len(bad)
+    return len(alarms), unharmed, len(healthy), misses, len(bad)
 
 
 def table(rows: list[dict]) -> str:
     head = (
-        "| runs | collapses | guard: false alarms | guard: misses | old guard: false alarms "
-        "| old guard: misses |\n| --- | --- | --- | --- | --- | --- |\n"
+        "| runs | collapses | guard: false alarms | of them unharmed | guard: misses "
+        "| old guard: false alarms | old guard: misses |\n"
+        "| --- | --- | --- | --- | --- | --- | --- |\n"
     )
     lines = []
     groups = [("all", rows)]
+    groups += [(f"lr {lr:g}", [r for r in rows if r["lr"] == lr]) for lr in LRS]
+    groups += [
+        (f"clip {c:g}" if c else "no clip", [r for r in rows if r["clip"] == c]) for c in CLIPS
+    ]
     groups += [(f"{name}", [r for r in rows if r["data"] == name]) for name in tabular.DATASETS]
     groups += [(f"start {s:g}× chance", [r for r in rows if r["start_share"] == s]) for s in STARTS]
     groups += [(f"λ = {lam}", [r for r in rows if r["lambda"] == lam]) for lam in LAMBDAS]
     for label, group in groups:
-        fa, healthy, miss, bad = rates(group, "fired_epoch")
-        ofa, _, omiss, _ = rates(group, "old_fired_epoch")
+        fa, unharmed, healthy, miss, bad = rates(group, "fired_epoch")
+        ofa, _, _, omiss, _ = rates(group, "old_fired_epoch")
         cells = [
-            label,
+            f"{label} ({len(group)})",
             str(bad),
             f"{fa}/{healthy} ({fa / max(healthy, 1):.0%})",
+            f"{unharmed}/{healthy} ({unharmed / max(healthy, 1):.0%})",
             f"{miss}/{bad} ({miss / max(bad, 1):.0%})",
             f"{ofa}/{healthy} ({ofa / max(healthy, 1):.0%})",
             f"{omiss}/{bad} ({omiss / max(bad, 1):.0%})",
