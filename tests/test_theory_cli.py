@@ -45,6 +45,19 @@ def test_robustness_table_and_bad_deltas() -> None:
     assert negative.exit_code == 2
 
 
+def test_robustness_flags_relu_kinks_after_a_hidden_layer() -> None:
+    args = ["--deltas", "0.01,0.1", "--probes", "2", "--max-samples", "50"]
+    hidden = invoke("robustness", MLP, "--layer", "fc2", *args, "--format", "json")
+    assert hidden.exit_code == 0, hidden.output
+    report = json.loads(hidden.stdout)
+    assert report["kinks_after_layer"] == ["act2 (ReLU)"]
+    assert all(d["kinks"] for d in report["deltas"])
+    table = invoke("robustness", MLP, "--layer", "fc2", *args)
+    assert table.exit_code == 0 and "flag" in table.stdout and "kinks after the layer" in table.stdout
+    logits = json.loads(invoke("robustness", MLP, *args, "--format", "json").stdout)
+    assert logits["kinks_after_layer"] == [] and not any(d["kinks"] for d in logits["deltas"])
+
+
 def test_bound_json_has_terms_and_actual_gap() -> None:
     result = invoke(
         "bound", MLP, "--layer", "fc", "--splits", "2", "--draws", "1", "--max-samples", "300",

@@ -286,6 +286,9 @@ def robustness_table(result: Any, *, title: str) -> None:
     changing = result.points and result.points[0].label_change is not None
     if changing:
         cols += ["E_F, NN labels", "± stderr", "labels changed"]
+    kinked = any(p.kinks for p in result.points)
+    if kinked:
+        cols.append("flag")
     for col in cols:
         table.add_column(col, justify="right")
     for p in result.points:
@@ -302,6 +305,8 @@ def robustness_table(result: Any, *, title: str) -> None:
                 format_value(p.label_change_stderr),
                 f"{100 * p.labels_changed:.1f}%",
             ]
+        if kinked:
+            row.append("kinks" if p.kinks else "")
         table.add_row(*row)
     console.print(table)
     for line in result.notes:
