@@ -70,6 +70,10 @@ def test_bound_json_has_terms_and_actual_gap() -> None:
     m, n = report["m"], report["n"]
     assert report["sample_term"] == n ** (-2 / (4 + m))
     assert report["gap"] == report["test_loss"] - report["train_loss"]
+    # The digits MLP: δ = |S|^(−1/(4+m)) = 0.84 is far outside Theorem 5's expansion.
+    assert report["robustness_delta"] == n ** (-1 / (4 + m))
+    assert report["measured_robustness"] > 10 * report["robustness_term"]
+    assert "does not hold at this δ" in report["notes"][0]
     table = invoke("bound", MLP, "--splits", "2", "--draws", "1", "--max-samples", "200")
     assert table.exit_code == 0 and "NOT a bound" in table.stdout
 
