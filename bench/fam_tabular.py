@@ -99,6 +99,7 @@ def one_seed(name: str, seed: int, epochs: int, tmp: Path) -> list[dict]:
             **after,
         }
         t = r.temperature_matched
+        row["t_note"] = r.temperature_note
         if t is not None:
             logits, y = test_logits(load_checkpoint(ck).model, name)
             matched = metrics(logits * r.temperature_c, y)
