@@ -34,9 +34,7 @@ and ``<!-- /fam_guard_grid -->`` in ``docs/finetune.md``. Run with ``OMP_NUM_THR
 from __future__ import annotations
 
 import argparse
-import csv
 import math
-import re
 import sys
 import tempfile
 import time
@@ -46,6 +44,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from doc_tables import publish  # noqa: E402
 
 import flatcli.finetune as ft  # noqa: E402
 from flatcli.checkpoints import load_checkpoint  # noqa: E402
@@ -246,22 +246,12 @@ def main() -> None:
     t0 = time.perf_counter()
     rows = grid(args.epochs, seeds)
     wall = time.perf_counter() - t0
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(args.out / "fam_guard_grid.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
     summary = table(rows) + (
         f"\n{len(rows)} runs, {args.epochs} epochs each, seeds {args.seeds}; "
         f"{wall / 60:.1f} min on 1 thread.\n"
     )
     print(summary)
-    doc = args.out / "finetune.md"
-    text = doc.read_text(encoding="utf-8")
-    pattern = re.compile(r"(<!-- fam_guard_grid -->\n).*?(<!-- /fam_guard_grid -->)", re.S)
-    if not pattern.search(text):
-        raise SystemExit("docs/finetune.md has no <!-- fam_guard_grid --> markers")
-    doc.write_text(pattern.sub(lambda m: m.group(1) + summary + m.group(2), text), "utf-8")
+    publish(args.out, "fam_guard_grid", rows, summary)
 
 
 if __name__ == "__main__":

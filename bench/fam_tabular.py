@@ -25,9 +25,7 @@ Writes ``fam_tabular.csv`` and replaces the table between ``<!-- fam_tabular -->
 from __future__ import annotations
 
 import argparse
-import csv
 import math
-import re
 import statistics
 import sys
 import tempfile
@@ -38,6 +36,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from doc_tables import publish  # noqa: E402
 
 from flatcli.checkpoints import load_checkpoint  # noqa: E402
 from flatcli.finetune import finetune  # noqa: E402
@@ -179,23 +179,13 @@ def main() -> None:
         for name in tabular.DATASETS:
             for seed in seeds:
                 rows.extend(one_seed(name, seed, args.epochs, Path(tmp)))
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(args.out / "fam_tabular.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
     wall = time.perf_counter() - t0
     summary = table(rows) + (
         f"\n{len(rows)} runs ({len(seeds)} seeds), {args.epochs} epochs each; "
         f"{wall / 60:.1f} min on 1 thread.\n"
     )
     print(summary)
-    doc = args.out / "finetune.md"
-    text = doc.read_text(encoding="utf-8")
-    pattern = re.compile(r"(<!-- fam_tabular -->\n).*?(<!-- /fam_tabular -->)", re.S)
-    if not pattern.search(text):
-        raise SystemExit("docs/finetune.md has no <!-- fam_tabular --> markers")
-    doc.write_text(pattern.sub(lambda m: m.group(1) + summary + m.group(2), text), "utf-8")
+    publish(args.out, "fam_tabular", rows, summary)
 
 
 if __name__ == "__main__":
