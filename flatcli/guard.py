@@ -52,8 +52,8 @@ class Snapshot:
         loss: Mean train loss.
         accuracy: Train accuracy; None for float regression targets.
         phi_sq: Mean ``‖φ_i‖²`` of the FAM layer's input.
-        live_units: Input units of the FAM layer (features; channels of a convolution)
-            that are not constant over the training set.
+        live_units: Input units of the FAM layer (its input features, the last axis; the
+            channels of a convolution) that are not constant over the training set.
         units: All input units of the FAM layer.
     """
 
@@ -112,7 +112,8 @@ def snapshot(reg: Any, x: ModelInput, y: torch.Tensor) -> Snapshot:
                 correct += int((out.argmax(-1) == yb).sum())
             phi = cut.phi.detach().double()
             phi_sq += float(phi.reshape(phi.shape[0], -1).pow(2).sum())
-            units = phi.transpose(0, 1).reshape(phi.shape[1], -1)  # unit × (sample, position)
+            axis = 1 if reg.split.kind == "conv2d" else phi.dim() - 1  # channels or features
+            units = phi.movedim(axis, 0).reshape(phi.shape[axis], -1)  # unit × the rest
             bmin, bmax = units.amin(1), units.amax(1)
             low = bmin if low is None else torch.minimum(low, bmin)
             high = bmax if high is None else torch.maximum(high, bmax)

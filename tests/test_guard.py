@@ -122,3 +122,14 @@ def test_hutchinson_kappa_rise_is_a_test_on_its_stderr() -> None:
     assert g.check(now(), stats(kappa=3.0, stderr=None), 10.0) is None
     big = stats(kappa=3.0, stderr=0.01, batches=1000)
     assert "t = 100.00 > 2.33" in (g.check(now(), big, 10.0) or "")  # the z-test's 2.33
+
+
+def test_snapshot_units_are_channels_of_a_convolution() -> None:
+    net = models.init(models.SmallCNN())  # conv1 (2→3) → ReLU → conv2 (3→2) → fc
+    x, y = models.classification_data(n=10, shape=(2, 3, 3))
+    found = snapshot(FAMRegularizer(net, "conv2"), x, y)
+    with torch.no_grad():
+        phi = torch.relu(net.conv1(x))  # conv2's input: 3 channels
+    alive = int((phi.amax((0, 2, 3)) > phi.amin((0, 2, 3))).sum())
+    assert (found.units, found.live_units) == (3, alive)
+    assert found.phi_sq == pytest.approx(float(phi.pow(2).sum((1, 2, 3)).mean()), rel=1e-12)
