@@ -62,8 +62,9 @@ def fit_mlp(
         "num_classes": int(ya.max()) + 1,
         "activation": activation,
     }
-    torch.manual_seed(seed)  # nn.Linear's own initialisation
-    net = archs.mlp(**kwargs).double()
+    with torch.random.fork_rng():  # nn.Linear's own initialisation, seeded, RNG left alone
+        torch.manual_seed(seed)
+        net = archs.mlp(**kwargs).double()
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     for _ in range(max_steps):
         loss = F.cross_entropy(net(xa), ya)
