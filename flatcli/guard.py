@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from .data import take
+from .errors import FlatcliError
 from .features import ModelInput, batch_len
 from .losses import mse_targets, per_sample_loss
 from .training import EpochStats
@@ -119,7 +120,8 @@ def snapshot(reg: Any, x: ModelInput, y: torch.Tensor) -> Snapshot:
             high = bmax if high is None else torch.maximum(high, bmax)
     finally:
         net.train(was_training)
-    assert low is not None and high is not None
+    if low is None or high is None:
+        raise FlatcliError("the training data are empty")
     scale = max(1.0, float(torch.maximum(low.abs(), high.abs()).max()))
     live = int(((high - low) > 1e-9 * scale).sum())
     accuracy = None if y.is_floating_point() else correct / n
