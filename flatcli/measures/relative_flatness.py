@@ -522,9 +522,11 @@ def _identity3_softmax(
     ``C[j, k] = ‖u_j − u_k‖²``, this is
     ``⟨S, C⟩ − ⟨Ã, G⟩ + 2⟨S', G⟩ − Σ_j G_jj Σ_k S'[j, k]`` where ``Ã = Σ_i w_i p̃_i p̃_iᵀ``,
     and ``S``, ``S'`` hold ``w_i p̃_i`` and ``w_i s_i p̃_i`` summed into row ``j`` of each
-    sample's top class. Per batch: one ``d × d`` product for ``Ã`` and one ``index_add`` for
-    ``S, S'``, accumulated in float64; ``U`` enters once at the end. The same log-softmax
-    gives the loss and accuracy. Used when ``d ≤ m``, so ``d²`` is at most the weight's size.
+    sample's top class. Per batch one ``(3d × n)(n × d)`` product gives all three,
+    ``[‖φ_i‖p̃_i; ‖φ_i‖e_j; ‖φ_i‖s_ie_j]`` against ``‖φ_i‖p̃_i``, added to float64 sums;
+    ``U`` enters once at the end. The same log-softmax gives the loss and accuracy (for a
+    correct top class, ``−log(1 − s_i)``: float32's ``log p_j`` is 0 below a loss of 6e-8).
+    Used when ``d ≤ m``, so ``d²`` is at most the weight's size.
 
     Returns:
         ``[Σ_i ‖φ_i‖² Tr(UᵀB_iU) for each U, Σ_i ‖φ_i‖² Tr(B_i)]`` (float64, this rank) and
@@ -533,61 +535,66 @@ def _identity3_softmax(
     f64 = torch.float64
     fit = _Fit("cross_entropy")
     inverse = None if sigma is None else sigma.inverse
-    stats: list[list[torch.Tensor]] = []  # per weighting: [Ã, [S, S']], float64
-    nll: list[torch.Tensor] = []  # per-sample log-likelihoods (n floats in all)
-    right: list[torch.Tensor] = []
+    stats: list[torch.Tensor] = []  # per weighting: [Ã; S; S'] stacked, (3d, d), float64
+    nll: list[tuple[torch.Tensor, ...]] = []  # per batch: log p_y, s, y is the top class
+    offsets: torch.Tensor | None = None
     for x, y in batches:
         cut = split.cut(x)
         z = cut.z
         n, d = z.shape
-        # Over few classes, the softmax along dim 0 of zᵀ is several times faster (same values).
-        logp = torch.log_softmax(z.T, dim=0).T if d < 32 else torch.log_softmax(z, dim=1)
+        # Classes along dim 0 (samples contiguous): over few classes the softmax along dim 0
+        # of zᵀ is several times faster, and the products below read contiguous rows.
+        logp = torch.log_softmax(z.T, dim=0) if d < 32 else torch.log_softmax(z, dim=1).T
         top = z.argmax(-1)
-        rest = logp.exp().scatter_(1, top[:, None], 0.0)  # p̃: the top class's entry is 0
-        mass = rest.sum(1, keepdim=True)  # s = 1 − p_top, summed from the small entries
+        rest = logp.exp().scatter_(0, top[None], 0.0)  # p̃ᵀ: the top class's entry is 0
+        mass = rest.sum(0)  # s = 1 − p_top, summed from the small entries
         if y.is_floating_point():
             fit.add(z, y)
         else:
             fit.n += n
-            hit = top == y
-            # log p_y, and log(1 − s) where y is the top class: log p_top itself is 0 in
-            # float32 once the loss is below 6e-8 (summed once, in float64, after)
-            at_label = logp.gather(1, y.long()[:, None])[:, 0]
-            nll.append(torch.where(hit, torch.log1p(-mass[:, 0]), at_label))
-            right.append(hit)
+            nll.append((logp.gather(0, y.long()[None])[0], mass, top == y))
         phi = cut.phi.reshape(n, -1)
         # ‖φ_i‖ without an n × m temporary (a fresh large buffer per batch costs page faults)
         norms = [torch.linalg.vector_norm(phi, dim=1)]
         if inverse is not None:
             norms.append(torch.linalg.vector_norm(phi * inverse.to(phi), dim=1))
+        if offsets is None:
+            offsets = top.new_tensor([[d], [2 * d]])
+        slots = top + offsets  # rows of e_top in the two lower blocks
         for k, nrm in enumerate(norms):
-            scaled = rest * nrm[:, None]  # ‖φ_i‖ p̃_i: its Gram matrix is Ã
-            weighted = scaled * nrm[:, None]  # w_i p̃_i
-            rows = torch.cat([weighted, weighted * mass], 1).to(f64)
+            # [‖φ_i‖ p̃_i ; ‖φ_i‖ e_top ; ‖φ_i‖ s_i e_top] times (‖φ_i‖ p̃_i)ᵀ, summed over
+            # the batch: Ã, S and S' stacked, (3d, d)
+            block = z.new_zeros(3 * d, n)
+            torch.mul(rest, nrm, out=block[:d])
+            block.scatter_(0, slots, torch.stack([nrm, nrm * mass]))
+            stat = block @ block[:d].T
             if k == len(stats):
-                stats.append([torch.zeros(d, w, dtype=f64, device=z.device) for w in (d, 2 * d)])
-            stats[k][0] = stats[k][0] + scaled.T @ scaled
-            stats[k][1].index_add_(0, top, rows)
+                stats.append(stat.to(f64))
+            else:
+                stats[k] += stat
         # Free this batch's activations before the next trunk pass, so that it reuses their
         # memory instead of faulting in fresh pages (about a third of a forward pass here).
         del cut, phi, norms
     if nll:
-        more = torch.stack([-torch.cat(nll).sum(dtype=f64), torch.cat(right).sum(dtype=f64)])
+        at_label, mass, hit = (torch.cat(t) for t in zip(*nll, strict=True))
+        # log p_y, and log(1 − s) where y is the top class: float32's log p_top is 0 once
+        # the loss is below 6e-8
+        log_like = torch.where(hit, torch.log1p(-mass.double()), at_label.double())
+        more = torch.stack([-log_like.sum(), hit.sum(dtype=f64)])
         fit._sums = more if fit._sums is None else fit._sums + more
     if not stats:
         return torch.zeros(len(mats) + 1, dtype=f64), fit
     values = []
-    for u, (a_tilde, both) in zip(mats, stats, strict=True):
-        u64 = u.to(device=a_tilde.device, dtype=f64)
+    for u, stat in zip(mats, stats, strict=True):
+        a_tilde, s1, s2 = stat.split(stat.shape[1])
+        u64 = u.to(device=stat.device, dtype=f64)
         gram = u64 @ u64.T
         g = gram.diagonal()
         dist = g[:, None] + g[None, :] - 2 * gram  # ‖u_j − u_k‖² (0 on the diagonal)
-        s1, s2 = both.split(gram.shape[0], dim=1)
         values.append(
             (s1 * dist).sum() - (a_tilde * gram).sum() + 2 * (s2 * gram).sum() - g @ s2.sum(1)
         )
-    a_tilde, both = stats[0]
-    s1, s2 = both.split(a_tilde.shape[0], dim=1)
+    a_tilde, s1, s2 = stats[0].split(stats[0].shape[1])
     values.append(2 * s1.sum() - s2.sum() - a_tilde.diagonal().sum())
     return torch.stack(values).cpu(), fit
 
