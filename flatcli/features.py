@@ -40,7 +40,7 @@ from torch import nn
 
 from .autodiff import SecondOrder
 from .errors import FlatcliError, UsageError
-from .losses import per_sample_loss
+from .losses import SoftmaxCurvature, per_sample_loss
 
 SUPPORTED = (nn.Linear, nn.Conv2d)
 HEAD_NAMES = ("classifier", "score", "head", "classification_head", "fc")
@@ -403,9 +403,9 @@ class LayerSplit:
                 "method needs (batch, features): use --method hutchinson"
             )
         if self.produces_output and loss == "cross_entropy":
-            p = torch.softmax(z, dim=-1)
-            q = torch.stack([p @ (u * u).sum(1) - ((p @ u) ** 2).sum(1) for u in mats], dim=1)
-            return q, (1 - (p * p).sum(1)) if trace else None
+            curvature = SoftmaxCurvature.of(z)  # exact on a saturated softmax too
+            q = torch.stack([curvature.forms(u, summed=True) for u in mats], dim=1)
+            return q, curvature.trace() if trace else None
         if self.produces_output and loss == "mse":
             q = torch.stack([(2 / d) * (u * u).sum() * z.new_ones(n) for u in mats], dim=1)
             return q, z.new_full((n,), 2.0) if trace else None

@@ -113,7 +113,7 @@ OptimizerName = Literal["sgd", "adam", "sam"]
 Schedule = Literal["cosine", "constant"]
 OPTIMIZERS = ("sgd", "adam", "sam")
 SCHEDULES = ("cosine", "constant")
-SCALES = ("absolute", "relative")
+SCALES = ("absolute", "relative", "paper")
 STATE_FORMAT = "flatcli.finetune-state/1"
 #: ``fam_lambda="auto"`` picks λ so that the relative step R at step 0 equals this.
 SAFE_STEP_RATIO = 0.003
@@ -259,7 +259,10 @@ def finetune(
         fam_gradient: ``full`` (the exact Lemma 1 gradient) or ``detached`` (the published
             code's: Hessian held constant, term (I) only), see
             :class:`~flatcli.fam.FAMRegularizer`.
-        fam_scale: ``absolute`` (λ as given) or ``relative``: λ = ``fam_lambda`` · E₀/κ₀,
+        fam_scale: ``absolute`` (λ as given), ``paper`` (λ in the units of the FAM paper's
+            experiments and code, whose neuron-wise regularizer is κ/m: the run uses
+            λ/m, ``m`` the layer's ``in_features``; nn.Linear, neuron-wise only) or
+            ``relative``: λ = ``fam_lambda`` · E₀/κ₀,
             with E₀ and κ₀ the starting model's full-data train loss and κ, so that λκ₀ is
             that fraction of E₀.
         clip_grad_norm: Clip the global gradient norm of each step to this. None: 1.0
@@ -344,6 +347,11 @@ def finetune(
         "gradient": fam_gradient,
     }
     reg = FAMRegularizer(net, layer, **fam_options)  # type: ignore[arg-type]
+    if fam_scale == "paper" and reg.split.kind != "linear":
+        raise UsageError(
+            f"--fam-scale paper is for an nn.Linear FAM layer ({layer!r} is "
+            f"{type(reg.split.layer).__name__}: the published code's m is another one)"
+        )
     out = Path(out_path) if out_path is not None else None
     state_file = Path(state_path) if state_path is not None else _default_state(out)
     if resume and state_file is None:
@@ -654,6 +662,8 @@ def _resolve_lambda(
     """λ for the run, and the relative step R at step 0 (None for Adam or λ = 0)."""
     if fam_lambda == "auto":
         lam = None
+    elif fam_scale == "paper":  # the published regularizer is κ/m: λ_paper·κ/m = (λ_paper/m)·κ
+        lam = float(fam_lambda) / reg.split.weight_matrix().shape[1]
     elif fam_scale == "relative":
         kappa0, loss0 = before[kappa_key].value, before["train_loss"].value
         if not kappa0 > 0:
@@ -776,7 +786,7 @@ def _check_options(
         )
         need(
             fam_scale == "absolute",
-            "--fam-lambda auto picks λ itself: drop --fam-scale relative",
+            f"--fam-lambda auto picks λ itself: drop --fam-scale {fam_scale}",
         )
     else:
         need(
@@ -784,6 +794,11 @@ def _check_options(
             f"--fam-lambda must be a finite number ≥ 0 or auto, got {fam_lambda}",
         )
     need(fam_scale in SCALES, f"--fam-scale must be one of {', '.join(SCALES)}")
+    need(
+        fam_scale != "paper" or fam_variant == "neuronwise",
+        "--fam-scale paper converts λ of the published neuron-wise regularizer (κ/m); the "
+        "published layer-wise one (‖W‖·Tr H, norm unsquared) is no rescaling of ‖W‖²·Tr H",
+    )
     need(
         fam_gradient in FAM_GRADIENTS,
         f"--fam-gradient must be one of {', '.join(FAM_GRADIENTS)}",

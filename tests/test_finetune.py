@@ -309,6 +309,21 @@ def test_relative_scale_gives_the_requested_ratio_at_step_0() -> None:
     assert result.hparams["fam_lambda"] == 0.05 and result.hparams["fam_scale"] == "relative"
 
 
+def test_paper_scale_is_lambda_over_m_of_the_published_regularizer() -> None:
+    # The published neuron-wise regularizer is Σ ⟨w_i, w_j⟩ Tr(H_ij)/m = κ/m (m = 32 here):
+    # λ from the paper is λ/m in flatcli's units, and the run is the same as with that λ.
+    paper = finetune(MLP, fam_lambda=0.1, fam_scale="paper", epochs=1, **QUICK)
+    plain = finetune(MLP, fam_lambda=0.1 / 32, epochs=1, **QUICK)
+    assert paper.hparams["fam_lambda_used"] == 0.1 / 32 and paper.hparams["fam_scale"] == "paper"
+    assert same_weights(paper, plain)
+    with pytest.raises(UsageError, match="layer-wise"):
+        finetune(MLP, fam_lambda=0.1, fam_scale="paper", fam_variant="layerwise", **QUICK)
+    with pytest.raises(UsageError, match="nn.Linear"):
+        finetune(CNN, fam_lambda=0.1, fam_scale="paper", layer="conv2", **QUICK)
+    with pytest.raises(UsageError, match="drop --fam-scale paper"):
+        finetune(MLP, fam_lambda="auto", fam_scale="paper", **QUICK)
+
+
 def test_auto_lambda_gives_the_safe_step_ratio() -> None:
     result = finetune(MLP, fam_lambda="auto", epochs=1, lr=2e-3, momentum=0.8, **QUICK)
     lam = result.hparams["fam_lambda_used"]

@@ -43,7 +43,9 @@ def finetune(
         str,
         typer.Option(
             "--fam-scale",
-            help="absolute (λ as given) or relative (λ = FAM_LAMBDA · E₀/κ₀ at the start).",
+            help="absolute (λ as given), relative (λ = FAM_LAMBDA · E₀/κ₀ at the start) or "
+            "paper (λ as in the FAM paper and its code, whose regularizer is κ/m: the run "
+            "uses FAM_LAMBDA/m, m the layer's in_features).",
         ),
     ] = "absolute",
     fam_gradient: Annotated[

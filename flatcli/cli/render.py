@@ -292,12 +292,13 @@ def robustness_table(result: Any, *, title: str) -> None:
     for col in cols:
         table.add_column(col, justify="right")
     for p in result.points:
+        flag = "⚠ below resolution"  # rounding, not the model, may set it: no number
         row = [
             f"{p.delta:g}",
-            format_value(p.feature_robustness),
-            format_value(p.stderr),
+            flag if p.below_resolution else format_value(p.feature_robustness),
+            "" if p.below_resolution else format_value(p.stderr),
             format_value(p.predicted),
-            format_value(p.ratio),
+            "⚠" if p.below_resolution else format_value(p.ratio),
         ]
         if changing:
             row += [
@@ -309,6 +310,8 @@ def robustness_table(result: Any, *, title: str) -> None:
             row.append("kinks" if p.kinks else "")
         table.add_row(*row)
     console.print(table)
+    for line in result.warnings:
+        console.print(f"⚠ {markup_safe(line)}", highlight=False)
     for line in result.notes:
         console.print(f"note: {markup_safe(line)}", highlight=False)
 
