@@ -7,12 +7,13 @@ mini-batch loss plus λ times the relative flatness κ of one layer on the same 
 FAM's Lemma 1 (or, with ``fam_gradient="detached"``, the published code's term (I) only).
 The step runs one forward pass, and the penalty reuses it.
 
-The work is split in three:
+The work is split in four:
 
 * the training loop, in :mod:`flatcli.training` (steps, clipping, SAM, epoch averages);
-* the bookkeeping, here: options, λ (absolute, relative or ``auto``), the divergence
-  guard (:class:`DivergenceGuard`), and the resumable state (``_save_state``,
-  ``_load_state``, ``_check_resumable``);
+* the divergence guard, in :mod:`flatcli.guard` (:class:`DivergenceGuard`, fed one
+  epoch at a time);
+* the bookkeeping, here: options, λ (absolute, relative or ``auto``), and the resumable
+  state (``_save_state``, ``_load_state``, ``_check_resumable``);
 * the reporting, in :mod:`flatcli.finetune_report` (log, plot, test metrics, the
   temperature-matched baseline).
 
@@ -85,6 +86,7 @@ from .finetune_report import (
     write_log,
     write_log_manifest,
 )
+from .guard import DivergenceGuard, chance_level, snapshot
 from .io import (
     atomic_write,
     check_archive_size,
@@ -99,7 +101,6 @@ from .measures.estimate import Estimate
 from .measures.relative_flatness import layer_measures
 from .runtime import resolve_device, resolve_dtype
 from .training import (
-    EpochStats,
     batch_slices,
     kappa_gradient,
     load_optimizer_state,
@@ -195,68 +196,6 @@ class Diverged(FlatcliError):
     def __init__(self, message: str, *, epoch: int, good_epoch: int, reason: str) -> None:
         super().__init__(message)
         self.epoch, self.good_epoch, self.reason = epoch, good_epoch, reason
-
-
-@dataclass(frozen=True)
-class DivergenceGuard:
-    """Checks each epoch against the starting model and says when the run fell apart.
-
-    The run has diverged when, after an epoch:
-
-    * the loss or κ is NaN or Inf;
-    * the epoch's train loss exceeds ``loss_factor`` × the starting train loss plus
-      ``loss_floor`` (the floor keeps a near-zero starting loss from tripping it);
-    * with λ > 0 and an exact κ, the epoch's κ exceeds ``kappa_factor`` × the starting κ
-      (a Hutchinson κ with few probes is too noisy for this test), unless the train loss
-      fell by more than ``loss_floor`` below its start: a model still being fitted (a
-      fresh classification head at chance, say) gains κ as it leaves the uniform softmax,
-      and that is learning, not instability;
-    * with λ > 0, κ fell below ``saturation_kappa`` × its start while the layer's
-      ``‖W‖²`` grew above ``saturation_weight`` × its start: flatness by a saturated
-      softmax, not a flatter minimum.
-
-    The starting values are the full-data measures of the starting model; the epoch's
-    values are its batch averages (:class:`~flatcli.training.EpochStats`).
-    """
-
-    loss0: float
-    kappa0: float
-    weight0: float
-    fam: bool
-    kappa_exact: bool = True
-    loss_factor: float = 10.0
-    loss_floor: float = 0.1
-    kappa_factor: float = 2.0
-    saturation_kappa: float = 0.1
-    saturation_weight: float = 10.0
-
-    def check(self, stats: EpochStats, weight_sq: float) -> str | None:
-        """Why the epoch counts as diverged, or None when it is fine."""
-        loss, kappa = stats.train_loss, stats.kappa
-        if not (math.isfinite(loss) and math.isfinite(kappa) and math.isfinite(weight_sq)):
-            return "the loss became NaN or Inf"
-        limit = self.loss_factor * self.loss0 + self.loss_floor
-        if loss > limit:
-            return (
-                f"the train loss rose to {loss:.4g}, above {self.loss_factor:g}× its start "
-                f"{self.loss0:.3g} + {self.loss_floor:g}"
-            )
-        if not self.fam:
-            return None
-        fitting = loss < self.loss0 - self.loss_floor
-        if self.kappa_exact and kappa > self.kappa_factor * self.kappa0 and not fitting:
-            factor = self.kappa_factor
-            return f"κ rose to {kappa:.4g}, above {factor:g}× its start {self.kappa0:.4g}"
-        if (
-            kappa < self.saturation_kappa * self.kappa0
-            and weight_sq > self.saturation_weight * self.weight0
-        ):
-            return (
-                f"κ collapsed to {kappa:.3g} ({kappa / self.kappa0:.1%} of its start) while "
-                f"‖W‖² grew {weight_sq / self.weight0:.3g}×: flatness by a saturated softmax, "
-                "not a flatter minimum"
-            )
-        return None
 
 
 DataLike = str | Dataset | tuple[torch.Tensor, torch.Tensor]
@@ -489,6 +428,7 @@ def finetune(
         return found
 
     start_net = copy.deepcopy(net)  # the starting weights, for the temperature baseline
+    start_snapshot = snapshot(reg, x, y)  # for the guard; eval mode, no randomness used
     cuda = [dev] if dev.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.default_generator.manual_seed(torch_seed)
@@ -546,7 +486,8 @@ def finetune(
         lam = float(hparams["fam_lambda_used"])
         warnings = _announce_lambda(hparams, note)
         guard = DivergenceGuard(
-            loss0=before["train_loss"].value,
+            start=start_snapshot,
+            chance=chance_level(y, loss_name, classes),
             kappa0=before[kappa_key].value,
             weight0=before["weight_norm"].value,
             fam=lam > 0,
@@ -667,7 +608,7 @@ def _epoch(
     t0 = time.perf_counter()
     stats = train_epoch(net, reg, opt, sched, *train, **step)
     weight_sq = float(reg.split.weight.detach().double().pow(2).sum())
-    reason = guard.check(stats, weight_sq)
+    reason = guard.check(snapshot(reg, *train), stats, weight_sq)
     finite = reason is None or "NaN" not in reason
     tm = heldout_metrics(net, test, reg.loss) if test is not None and finite else {}
     record = EpochRecord(

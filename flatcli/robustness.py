@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import FlatcliError, UsageError
@@ -52,6 +53,43 @@ CACHE_BYTES = 256 * 2**20
 """Keep the K orthogonal matrices in memory up to this size; regenerate them per batch above."""
 MAX_REFERENCE = 20_000
 """Most samples the nearest-neighbour (label-change) variant holds as its reference set."""
+SETTLED = 0.05
+"""Between the two smallest δ, a ratio that moves by more than this has not settled."""
+
+#: Operations with a kink (a jump in the first derivative): their Hessian, and so κ, does
+#: not see it, while a perturbation of size δ crosses it at first order.
+_KINKED_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.RReLU,
+    nn.Hardtanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Hardshrink,
+    nn.Softshrink,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+)
+_KINKED_FUNCTIONS = (
+    torch.relu,
+    F.relu,
+    F.relu6,
+    F.leaky_relu,
+    F.hardtanh,
+    F.hardswish,
+    torch.clamp,
+    torch.abs,
+    torch.maximum,
+    torch.minimum,
+    F.max_pool1d,
+    F.max_pool2d,
+)
+_KINKED_METHODS = ("relu", "clamp", "clamp_min", "clamp_max", "abs")
 
 
 def haar_orthogonal(
@@ -84,6 +122,8 @@ class RobustnessPoint:
         label_change_stderr: Its standard error, or None.
         labels_changed: Fraction of perturbed samples whose nearest-neighbour label
             differs from their own, or None.
+        kinks: True when operations with kinks (ReLU, max-pooling, ...) follow the layer,
+            so that κ, a Hessian, misses what a perturbation of size δ crosses.
     """
 
     delta: float
@@ -94,6 +134,7 @@ class RobustnessPoint:
     label_change: float | None = None
     label_change_stderr: float | None = None
     labels_changed: float | None = None
+    kinks: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (non-finite numbers become None)."""
@@ -118,7 +159,13 @@ class Robustness:
         train_loss: Mean loss of the unperturbed model.
         layer: Layer name.
         method: How it was computed, in words.
-        notes: Caveats worth printing (local minimum, locally constant labels).
+        notes: Caveats worth printing (local minimum, locally constant labels, kinks).
+        kinks_after_layer: The operations with kinks between the layer and the output
+            (module names, or function names in a traced graph); None when the structure
+            cannot be read (a model split with hooks).
+        ratio_settled: Whether the ratio moved by at most :data:`SETTLED` between the two
+            smallest δ (None with one δ): Theorem 5's expansion makes it settle, with
+            changes of order δ², as δ shrinks.
     """
 
     points: list[RobustnessPoint]
@@ -131,11 +178,15 @@ class Robustness:
     layer: str
     method: str
     notes: list[str] = field(default_factory=list)
+    kinks_after_layer: list[str] | None = None
+    ratio_settled: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
         return {
             "layer": self.layer,
+            "kinks_after_layer": self.kinks_after_layer,
+            "ratio_settled": self.ratio_settled,
             "kappa": _finite(self.kappa),
             "m": self.m,
             "n": self.n,
@@ -239,6 +290,8 @@ def feature_robustness(
     if n == 0:
         raise FlatcliError("the dataset is empty")
     kappa = kappa_sum / n
+    kinks = kinks_after(split)
+    settled = _ratio_settled(sums / n, deltas, kappa, m)
     points = []
     for j, delta in enumerate(deltas):
         mean, se = mean_and_stderr((sums[:, j] / n).tolist())
@@ -252,10 +305,12 @@ def feature_robustness(
                 "labels_changed": float(changed[j]) / n,
             }
         ratio = mean / predicted if predicted > 0 else math.nan
+        extra["kinks"] = bool(kinks)
         points.append(RobustnessPoint(delta, mean, se, predicted, ratio, **extra))
     notes = [
         "Theorem 5 (E_F(δ) = δ²κ/(2m) + O(δ³)) assumes a local minimum and locally constant "
-        "labels; a ratio far from 1 at small δ means the second-order picture does not hold."
+        "labels; a ratio far from 1 at small δ means the second-order picture does not hold.",
+        *_kink_notes(kinks, points, settled, w.dtype),
     ]
     if reference is not None:
         notes.append(
@@ -276,7 +331,107 @@ def feature_robustness(
             f"numbers across δ; κ exact ({split.mechanism} split)"
         ),
         notes=notes,
+        kinks_after_layer=kinks,
+        ratio_settled=settled,
     )
+
+
+def kinks_after(split: LayerSplit) -> list[str] | None:
+    """The operations with kinks after ``split``'s layer, in order; None when unknown.
+
+    Read from the structure the split exposes, as FAM's downstream check does: the modules
+    after the layer of an ``nn.Sequential``, or the nodes of a ``torch.fx`` downstream
+    graph. A layer that produces the output has none; a split by hooks cannot be read.
+    """
+    if split.produces_output:
+        return []
+    down = getattr(split, "_down", None)
+    if split.mechanism == "sequence" and isinstance(down, nn.Sequential):
+        names = {id(m): name for name, m in split.model.named_modules()}
+        return [
+            f"{names.get(id(m), '?')} ({type(m).__name__})"
+            for m in down.modules()
+            if isinstance(m, _KINKED_MODULES)
+        ]
+    graphs = [
+        cell.cell_contents
+        for cell in getattr(down, "__closure__", None) or ()
+        if isinstance(cell.cell_contents, torch.fx.GraphModule)
+    ]
+    if split.mechanism != "fx" or len(graphs) != 1:
+        return None
+    found = []
+    for node in graphs[0].graph.nodes:
+        if node.op == "call_module":
+            module = graphs[0].get_submodule(str(node.target))
+            found += [
+                f"{node.target}.{name}".rstrip(".") + f" ({type(m).__name__})"
+                for name, m in module.named_modules()
+                if isinstance(m, _KINKED_MODULES)
+            ]
+        elif (node.op == "call_function" and node.target in _KINKED_FUNCTIONS) or (
+            node.op == "call_method" and node.target in _KINKED_METHODS
+        ):
+            found.append(f"{node.name} ({getattr(node.target, '__name__', node.target)})")
+    return found
+
+
+def _ratio_settled(
+    per_probe: torch.Tensor, deltas: Sequence[float], kappa: float, m: int
+) -> bool | None:
+    """False when the ratio moved by more than :data:`SETTLED`, and by more than 3 standard
+    errors of the paired difference over the probes, between the two smallest δ.
+
+    ``per_probe[k, j]`` is probe ``k``'s mean loss rise at ``deltas[j]``. Pairing over the
+    common probes removes their shared noise; what is left (rounding, at tiny δ in float32)
+    goes into the standard error, so that it is not mistaken for a trend.
+    """
+    if len(deltas) < 2 or not kappa > 0:
+        return None
+    i, j = sorted(range(len(deltas)), key=lambda t: deltas[t])[:2]
+    scale = [2 * m / (d**2 * kappa) for d in (deltas[i], deltas[j])]
+    diff = (per_probe[:, j] * scale[1] - per_probe[:, i] * scale[0]).tolist()
+    mean, se = mean_and_stderr(diff)
+    return not (abs(mean) > SETTLED and abs(mean) > 3 * (se or 0.0))
+
+
+def _kink_notes(
+    kinks: list[str] | None,
+    points: Sequence[RobustnessPoint],
+    settled: bool | None,
+    dtype: torch.dtype,
+) -> list[str]:
+    """What the kinks after the layer, and the ratio's trend over δ, mean for Theorem 5."""
+    points = [p for p in points if math.isfinite(p.ratio)] or list(points)
+    notes = []
+    if kinks:
+        small = min(points, key=lambda p: p.delta)
+        notes.append(
+            f"kinks after the layer ({', '.join(kinks)}): κ is built from the Hessian, which is "
+            "zero across a ReLU's kink, but a perturbation of size δ crosses kinks at first "
+            "order, so E_F(δ) gains a term κ does not contain and the ratio need not tend to "
+            f"1 (here {small.ratio:.3g} at δ = {small.delta:g}); Theorem 5 assumes a smooth "
+            "model after the layer"
+        )
+    elif kinks is None:
+        notes.append(
+            "the operations after the layer could not be read (a model split with hooks): "
+            "kinks (ReLU, max-pooling) there would not be flagged"
+        )
+    if settled is False:
+        a, b = sorted(points, key=lambda p: p.delta)[:2]
+        notes.append(
+            f"the ratio moved from {a.ratio:.3g} (δ = {a.delta:g}) to {b.ratio:.3g} "
+            f"(δ = {b.delta:g}): it has not settled at small δ, as Theorem 5's expansion "
+            "would make it (changes of order δ²)"
+            + (
+                "; in float32, rounding of the loss differences at tiny δ does this too "
+                "(--dtype float64)"
+                if dtype != torch.float64
+                else ""
+            )
+        )
+    return notes
 
 
 class _Probes:

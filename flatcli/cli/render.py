@@ -286,6 +286,9 @@ def robustness_table(result: Any, *, title: str) -> None:
     changing = result.points and result.points[0].label_change is not None
     if changing:
         cols += ["E_F, NN labels", "± stderr", "labels changed"]
+    kinked = any(p.kinks for p in result.points)
+    if kinked:
+        cols.append("flag")
     for col in cols:
         table.add_column(col, justify="right")
     for p in result.points:
@@ -302,6 +305,8 @@ def robustness_table(result: Any, *, title: str) -> None:
                 format_value(p.label_change_stderr),
                 f"{100 * p.labels_changed:.1f}%",
             ]
+        if kinked:
+            row.append("kinks" if p.kinks else "")
         table.add_row(*row)
     console.print(table)
     for line in result.notes:
@@ -326,6 +331,17 @@ def bound_table(terms: Any, *, title: str) -> None:
         ("|S|^(−2/(4+m))", terms.sample_term, None),
         (f"κ/(2m)  (κ = {format_value(terms.kappa)}, m = {terms.m})", terms.flatness_term, None),
         ("feature robustness term |S|^(−2/(4+m))·κ/(2m)", terms.robustness_term, None),
+    ]
+    if terms.measured_robustness is not None:
+        rows.append(
+            (
+                f"measured E_F at δ = |S|^(−1/(4+m)) = {terms.robustness_delta:.3g} "
+                f"({terms.robustness_probes} Haar pairs)",
+                terms.measured_robustness,
+                terms.measured_robustness_stderr,
+            )
+        )
+    rows += [
         (
             f"representativeness (KDE, {terms.splits} splits, bandwidth factor "
             f"{terms.bandwidth:.3g} {terms.bandwidth_rule})",
@@ -345,11 +361,8 @@ def bound_table(terms: Any, *, title: str) -> None:
     console.print(table)
     if terms.gap is None:
         console.print("no test split: the actual gap is not shown", highlight=False)
-    if terms.dead_units:
-        console.print(
-            f"note: {terms.dead_units} constant feature coordinate(s) left out of the KDE",
-            highlight=False,
-        )
+    for line in terms.notes:
+        console.print(f"note: {markup_safe(line)}", highlight=False)
 
 
 def _change(value: float | None, base: float | None) -> str:
