@@ -41,6 +41,7 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -57,6 +58,7 @@ from torch import nn
 from .checkpoints import Checkpoint, check_finite, load_checkpoint, save_checkpoint
 from .data import (
     Dataset,
+    MissingSplit,
     as_batches,
     as_inputs,
     check_fits,
@@ -85,7 +87,15 @@ from .finetune_report import (
     write_log_manifest,
 )
 from .guard import DivergenceGuard, chance_level, snapshot
-from .io import atomic_write, check_output, sha256_file
+from .io import (
+    atomic_write,
+    check_archive_size,
+    check_distinct,
+    check_output,
+    is_stream,
+    sha256_file,
+    sidecar,
+)
 from .losses import check_loss
 from .measures.estimate import Estimate
 from .measures.relative_flatness import layer_measures
@@ -97,6 +107,7 @@ from .training import (
     make_optimizer,
     train_epoch,
 )
+from .untrusted import check_tensors, parse_json
 
 __all__ = [
     "LOG_COLUMNS",
@@ -222,6 +233,7 @@ def finetune(
     plot_path: str | Path | None = None,
     state_path: str | Path | None = None,
     resume: bool = False,
+    overwrite_input: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> FinetuneResult:
     r"""Fine-tune with FAM: minimize :math:`E_{\text{batch}} + \lambda\,\kappa(W^l)` (FAM Eq. 1).
@@ -284,6 +296,8 @@ def finetune(
             ``.state.pt``.
         resume: Continue from ``state_path`` if it exists. The recorded hyperparameters
             must match, except ``epochs`` under a ``constant`` schedule.
+        overwrite_input: Allow ``out_path`` to be the input checkpoint (refused by
+            default). No other output may be an input, or another output.
         progress: Called with one line of text per stage and per epoch.
 
     The relative step at step 0 is :math:`R = \frac{lr}{1-\beta}\,\lambda\,
@@ -327,6 +341,8 @@ def finetune(
     _check_outputs(
         out_path, log_path, plot_path, state_path, folder=is_pretrained_model(ck.model)
     )
+    outputs = (out_path, log_path, plot_path, state_path)
+    _check_not_inputs(ck, [data, test_data], outputs, overwrite_input=overwrite_input)
     net = copy.deepcopy(ck.model).to(device=dev, dtype=dt)
     check_finite(net)
     loss_name = check_loss(loss or ck.metadata.get("loss") or "cross_entropy")
@@ -862,9 +878,8 @@ def _resolve_data(
                 test = load_data(
                     data, split="test", target=target, max_samples=max_samples, base_dir=base
                 )
-            except FlatcliError as e:
-                if "has no test split" not in str(e):
-                    raise
+            except MissingSplit:
+                pass
     else:
         train = _as_dataset(data, "train")
     if test_data is not None:
@@ -932,6 +947,40 @@ def _check_outputs(
         check_output(state, option="the state file")
 
 
+def _check_not_inputs(
+    ck: Checkpoint,
+    data: list[Any],
+    outputs: tuple[str | Path | None, ...],
+    *,
+    overwrite_input: bool,
+) -> None:
+    """Refuse an output (``out, log, plot, state``) that is an input (the checkpoint, unless
+    ``overwrite_input`` and it is ``--out``; a data file) or another output
+    (:func:`flatcli.io.check_distinct`)."""
+    from .data import BUNDLED
+
+    out_path, log_path, plot_path, state_path = outputs
+    if data[0] is None and ck.sha256 and ck.metadata.get("data") is not None:
+        with contextlib.suppress(FlatcliError):  # loading the data reports why
+            data = [metadata_data(ck.metadata["data"], ck.path), *data[1:]]
+    files = [("a data file", Path(d)) for d in data if isinstance(d, str) and d not in BUNDLED]
+    checkpoint = [("the input checkpoint", ck.path)] if ck.sha256 else []
+    if state_path is None and out_path is not None:
+        state_path = _default_state(Path(out_path))
+    named = [("--out", out_path), ("--log", log_path), ("--plot", plot_path)]
+    named.append(("the state file", state_path))
+    if not overwrite_input:
+        try:
+            check_distinct(named[:1], checkpoint)
+        except UsageError:
+            raise UsageError(
+                f"--out {named[0][1]} is the input checkpoint: pass --overwrite-input to "
+                "replace it, or name another file"
+            ) from None
+    check_distinct(named, files)
+    check_distinct(named[1:], checkpoint)  # only --out may replace the checkpoint
+
+
 def _data_sha256(ds: Dataset) -> str:
     """sha256 of the training tensors (dtype, shape and values): what a resume must match."""
     h = hashlib.sha256()
@@ -944,7 +993,7 @@ def _data_sha256(ds: Dataset) -> str:
 
 
 def _default_state(out: Path | None) -> Path | None:
-    return None if out is None else out.with_name(out.stem + ".state.pt")
+    return None if out is None else sidecar(out, ".state.pt")  # none beside /dev/null
 
 
 def _estimates(found: Mapping[str, Estimate]) -> dict[str, dict[str, Any]]:
@@ -995,6 +1044,7 @@ def _save_state(
 def _load_state(path: Path, device: torch.device) -> dict[str, Any] | None:
     if not path.is_file():
         return None
+    check_archive_size(path)
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated or foreign files raise many types
@@ -1002,6 +1052,7 @@ def _load_state(path: Path, device: torch.device) -> dict[str, Any] | None:
         raise FlatcliError(f"cannot read the state file {path}: {first}") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise FlatcliError(f"{path} is not a flatcli finetune state file")
+    check_tensors(state, f"the state file {path}")
     if isinstance(state.get("rng"), dict):
         state["rng"] = {
             k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in state["rng"].items()
@@ -1041,6 +1092,7 @@ def _check_state(state: Mapping[str, Any], path: Path, schedule: str) -> None:
         isinstance(model, dict) and all(isinstance(v, torch.Tensor) for v in model.values()),
         "model is not a state dict",
     )
+    need(_all_finite(model.values()), "model weights contain NaN or Inf")
     opt = state["optimizer"]
     need(
         isinstance(opt, dict)
@@ -1049,6 +1101,8 @@ def _check_state(state: Mapping[str, Any], path: Path, schedule: str) -> None:
         and all(isinstance(g, dict) for g in opt["param_groups"]),
         "optimizer is not an optimizer state",
     )
+    moments = [v for per in opt["state"].values() if isinstance(per, dict) for v in per.values()]
+    need(_all_finite(moments), "optimizer state contains NaN or Inf")
     need(
         isinstance(state["scheduler"], dict) if schedule == "cosine" else True,
         "scheduler is not a scheduler state",
@@ -1087,6 +1141,15 @@ def _check_state(state: Mapping[str, Any], path: Path, schedule: str) -> None:
         )
 
 
+def _all_finite(values: Any) -> bool:
+    """No floating-point tensor among ``values`` holds NaN or Inf."""
+    return all(
+        bool(torch.isfinite(v).all())
+        for v in values
+        if isinstance(v, torch.Tensor) and v.is_floating_point()
+    )
+
+
 def _check_resumable(
     state: Mapping[str, Any], hparams: Mapping[str, Any], parent_sha256: str, epochs: int
 ) -> None:
@@ -1114,8 +1177,9 @@ def _save_output(
     hparams: Mapping[str, Any],
     data_spec: str | None,
     loss: str,
-) -> str:
-    """Write the fine-tuned model; returns the sha256 a later load reports for it."""
+) -> str | None:
+    """Write the fine-tuned model; returns the sha256 a later load reports for it (None
+    for a stream such as ``/dev/null``)."""
     meta = ck.metadata
     model = net if next(net.parameters()).device.type == "cpu" else copy.deepcopy(net).cpu()
     from .hf import is_pretrained_model
@@ -1136,7 +1200,8 @@ def _save_output(
         save_pretrained(model, out, {k: v for k, v in flat_meta.items() if v is not None})
         return folder_sha256(out)
     arch = meta.get("arch") or f"{type(ck.model).__module__}:{type(ck.model).__qualname__}"
-    arch_kwargs = json.loads(meta["arch_kwargs"]) if meta.get("arch_kwargs") else {}
+    kwargs_text = meta.get("arch_kwargs")
+    arch_kwargs = parse_json(kwargs_text, "flatcli.arch_kwargs") if kwargs_text else {}
     save_checkpoint(
         model,
         out,
@@ -1148,4 +1213,4 @@ def _save_output(
         hparams={**hparams, "finetuned_from": ck.path.name},
         parent_sha256=ck.sha256 or None,
     )
-    return sha256_file(out)
+    return None if is_stream(out) else sha256_file(out)  # a FIFO cannot be read back

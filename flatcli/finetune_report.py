@@ -100,8 +100,9 @@ def write_log_manifest(
     dtype: torch.dtype,
     seed: int,
     extra: Mapping[str, Any] | None = None,
-) -> Path:
-    """The CSV log's provenance beside it, ``STEM.manifest.json``, written atomically."""
+) -> Path | None:
+    """The CSV log's provenance beside it, ``STEM.manifest.json``, written atomically
+    (none beside a stream such as ``/dev/null``)."""
     from .report import write_manifest_beside
     from .runtime import manifest
 

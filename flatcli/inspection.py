@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,8 @@ from .checkpoints import Checkpoint
 from .errors import FlatcliError
 from .features import LayerSplit, default_layer
 
+MAX_SAMPLE_VALUES = 1 << 24
+"""Largest sample (values) built from metadata ``input_shape`` to probe a model."""
 MODEL_MEASURES = "hessian_trace, hessian_top_eigenvalue, fisher_rao, pacbayes_*, sharpness, norms"
 
 
@@ -83,7 +85,10 @@ def sample_input(ck: Checkpoint) -> Any:
         if named:
             x = load_data(metadata_data(named, Path(ck.path)), max_samples=1).x
         elif shape:
-            x = torch.zeros(1, *(int(d) for d in json.loads(shape)))
+            dims = ck.input_shape or ()
+            if math.prod(dims) > MAX_SAMPLE_VALUES:  # metadata is not allowed to take the RAM
+                return None
+            x = torch.zeros(1, *dims)
         elif is_pretrained_model(ck.model):
             ones = torch.ones(1, 4, dtype=torch.long)
             x = {"input_ids": ones, "attention_mask": ones}

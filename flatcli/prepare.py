@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,13 +14,14 @@ from .checkpoints import Checkpoint, check_finite, eval_mode, load_checkpoint
 from .data import (
     Batches,
     Dataset,
+    MissingSplit,
     as_batches,
     check_fits,
     fit_inputs,
     load_data,
     metadata_data,
 )
-from .errors import FlatcliError, UsageError
+from .errors import UsageError
 from .losses import check_loss
 from .runtime import resolve_device, resolve_dtype
 
@@ -75,7 +75,7 @@ class Prepared:
         """Whether the data has ``split``."""
         try:
             self._split(split)
-        except FlatcliError:
+        except MissingSplit:  # any other problem with the split is the user's to see
             return False
         return True
 
@@ -84,10 +84,9 @@ def parse_json_object(text: str | None, option: str) -> dict[str, Any] | None:
     """Parse a JSON object given on the command line (``--arch-kwargs``)."""
     if text is None:
         return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{option} is not valid JSON: {e.msg} at column {e.colno}") from None
+    from .untrusted import parse_json
+
+    value = parse_json(text, option, error=UsageError)
     if not isinstance(value, Mapping):
         raise UsageError(f"{option} must be a JSON object like '{{\"width\": 64}}'")
     return dict(value)

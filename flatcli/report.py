@@ -90,10 +90,30 @@ def write_csv_output(path: str | Path, text: str, provenance: Mapping[str, Any])
     return atomic_write_text(path, text)
 
 
-def write_manifest_beside(path: str | Path, provenance: Mapping[str, Any]) -> Path:
-    """Atomically write ``provenance`` as JSON to ``STEM.manifest.json`` next to ``path``."""
-    path = Path(path)
-    return atomic_write_text(path.with_name(f"{path.stem}.manifest.json"), to_json(provenance))
+def write_manifest_beside(path: str | Path, provenance: Mapping[str, Any]) -> Path | None:
+    """Atomically write ``provenance`` as JSON to ``STEM.manifest.json`` next to ``path``
+    (not beside a stream such as ``/dev/null``: see :func:`write_beside`)."""
+    return write_beside(path, ".manifest.json", to_json(provenance))
+
+
+def write_beside(path: str | Path, suffix: str, text: str) -> Path | None:
+    """Atomically write ``text`` to the sidecar ``STEM<suffix>`` of the output ``path``.
+
+    An output that is a stream (a device, a FIFO, stdout) gets no sidecar: it would land
+    beside it, in ``/dev``. A ``warning:`` line says what was left out.
+
+    Returns:
+        The sidecar written, or None.
+    """
+    from .errors import warn
+    from .io import sidecar
+
+    side = sidecar(path, suffix)
+    if side is None:
+        name = f"{Path(path).stem}{suffix}"
+        warn(f"{path} is not a regular file: its sidecar {name} is not written beside it")
+        return None
+    return atomic_write_text(side, text)
 
 
 def format_value(x: float | None) -> str:

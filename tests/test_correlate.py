@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -371,7 +372,7 @@ def test_an_unreadable_cache_entry_says_why(tmp_path: Path) -> None:
     assert read_cache_entry(entry, CONFIG, SHA) == (None, "not JSON")
     entry.unlink()
     entry.mkdir()
-    assert read_cache_entry(entry, CONFIG, SHA) == (None, "Is a directory")
+    assert read_cache_entry(entry, CONFIG, SHA) == (None, "a directory, not a regular file")
 
 
 def test_cached_and_skipped_checkpoints_are_reported_as_they_go(tmp_path: Path) -> None:
@@ -626,10 +627,11 @@ def test_an_unreadable_entry_without_an_os_reason(
 ) -> None:
     from flatcli.correlate import read_cache_entry
 
-    def fail(self: Path) -> bytes:
+    def fail(*_: object) -> int:
         raise OSError
 
-    monkeypatch.setattr(Path, "read_bytes", fail)
+    (tmp_path / "e.json").write_text("{}")
+    monkeypatch.setattr(os, "open", fail)
     assert read_cache_entry(tmp_path / "e.json", CONFIG, SHA) == (None, "unreadable")
 
 

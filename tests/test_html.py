@@ -297,7 +297,7 @@ def test_write_html_is_atomic_and_checks_the_directory(tmp_path: Path) -> None:
     ("content", "message"),
     [
         (None, "not found"),
-        ("{not json", "is not JSON"),
+        ("{not json", "is not valid JSON"),
         ("[1, 2]", "does not hold a flatcli result"),
         ('{"schema": "other/1"}', "has schema 'other/1'"),
         ("<html><body>hello</body></html>", "without an embedded flatcli result"),

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from .app import app
-from .common import check_format, check_outputs, emit, friendly, progress
+from .common import check_format, check_outputs, emit, friendly, input_files, progress
 from .options import (
     ArchKwargsOpt,
     ArchOpt,
@@ -89,7 +89,11 @@ def bound(
     from ..runtime import manifest
 
     fmt = check_format(fmt)
-    check_outputs(output, *((".manifest.json",) if fmt == "csv" else ()))
+    check_outputs(
+        output,
+        *((".manifest.json",) if fmt == "csv" else ()),
+        inputs=input_files([checkpoint], data),
+    )
     prep = prepare(
         checkpoint,
         arch=arch,

@@ -7,9 +7,16 @@ from typing import Annotated
 
 import typer
 
-from ..errors import UsageError
+from ..errors import UsageError, warn
 from .app import app
-from .common import check_report_path, command_argv, friendly, progress, write_page
+from .common import (
+    check_report_path,
+    command_argv,
+    friendly,
+    input_files,
+    progress,
+    write_page,
+)
 from .options import (
     ArchKwargsOpt,
     ArchOpt,
@@ -125,6 +132,15 @@ def finetune(
             metavar="",
         ),
     ] = False,
+    overwrite_input: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite-input",
+            help="Allow --out to be the input checkpoint (replaced at the end). Refused "
+            "by default.",
+            metavar="",
+        ),
+    ] = False,
     data: DataOpt = None,
     target: TargetOpt = None,
     max_samples: MaxSamplesOpt = None,
@@ -158,6 +174,7 @@ def finetune(
     """
     from ..checkpoints import load_checkpoint
     from ..finetune import finetune as run_finetune
+    from ..io import check_distinct, sidecar
     from ..prepare import parse_json_object
 
     check_report_path(report_page)
@@ -168,6 +185,13 @@ def finetune(
         trust_code=trust_code,
     )
     out = out or Path(f"{checkpoint.stem}-fam.safetensors")
+    log, plot = log or sidecar(out, ".csv"), plot or sidecar(out, ".png")  # none beside a stream
+    if sidecar(out, ".state.pt") is None:
+        warn(f"--out {out} is not a regular file: no state file (and no default log or plot)")
+    # the library checks its own outputs against the inputs and each other; the page here
+    check_distinct([("--report", report_page)], input_files([checkpoint], data))
+    outputs = [("--out", out), ("--log", log), ("--plot", plot)]
+    check_distinct([("--report", report_page), *outputs, ("the state", sidecar(out, ".state.pt"))])
     with progress() as note:
         result = run_finetune(
             ck,
@@ -195,9 +219,10 @@ def finetune(
             device=device,
             dtype=dtype,
             out_path=out,
-            log_path=log or out.with_suffix(".csv"),
-            plot_path=plot or out.with_suffix(".png"),
+            log_path=log,
+            plot_path=plot,
             resume=resume,
+            overwrite_input=overwrite_input,
             progress=note,
         )
     if report_page is not None:
