@@ -325,19 +325,36 @@ def test_auto_lambda_gives_the_safe_step_ratio() -> None:
     assert loud.warnings and "relative step" in loud.warnings[0]
 
 
-def test_gradient_clipping_is_on_for_fam_and_bounds_the_step() -> None:
-    assert finetune(MLP, fam_lambda=0.1, epochs=1, **QUICK).hparams["clip_grad_norm"] == 1.0
-    assert finetune(MLP, fam_lambda=0.0, epochs=1, **QUICK).hparams["clip_grad_norm"] is None
+def test_gradient_clipping_is_the_same_for_plain_and_fam_and_bounds_the_step() -> None:
+    fam = finetune(MLP, fam_lambda=0.1, epochs=1, **QUICK)
+    plain = finetune(MLP, fam_lambda=0.0, epochs=1, **QUICK)
+    assert fam.hparams["clip_grad_norm"] == plain.hparams["clip_grad_norm"] == 1.0
+    clipped = finetune(MLP, fam_lambda=0.0, epochs=1, clip_grad_norm=1.0, **QUICK)
+    assert same_weights(plain, clipped)
     start = torch.cat([p.detach().flatten() for p in load_checkpoint(MLP).model.parameters()])
 
-    def moved(clip: float) -> float:
-        r = finetune(MLP, fam_lambda=0.1, epochs=1, clip_grad_norm=clip, **QUICK)
+    def moved(clip: float, lam: float = 0.1) -> float:
+        r = finetune(MLP, fam_lambda=lam, epochs=1, clip_grad_norm=clip, **QUICK)
         end = torch.cat([p.detach().flatten() for p in r.model.parameters()])
         return float((end - start).norm())
 
     # 10 SGD steps, momentum 0.9: ‖Δθ‖ ≤ steps · lr · clip / (1 − β) = 10 · 1e-3 · c / 0.1.
     assert moved(1e-6) <= 1e-7 * (1 + 1e-4)
+    assert moved(1e-6, lam=0.0) <= 1e-7 * (1 + 1e-4)  # plain training is clipped the same way
     assert moved(0) > 1e-4
+
+
+def test_a_negligible_penalty_is_a_warning() -> None:
+    """λκ₀ a millionth of the loss (what `auto` picked on MiniLM) says FAM is nearly off."""
+    tiny = finetune(MLP, fam_lambda=1e-6, fam_scale="relative", epochs=1, **QUICK)
+    (line,) = [w for w in tiny.warnings if "negligible" in w]
+    kappa0, loss0 = tiny.before["relative_flatness"].value, tiny.before["train_loss"].value
+    share = tiny.hparams["fam_lambda_used"] * kappa0 / loss0
+    assert share == pytest.approx(1e-6, rel=1e-6)
+    assert f"is {share:.2g} of the train loss" in line and "close to plain training" in line
+    for lam, scale in ((0.05, "relative"), (0.0, "absolute")):
+        result = finetune(MLP, fam_lambda=lam, fam_scale=scale, epochs=1, **QUICK)
+        assert not any("negligible" in w for w in result.warnings), (lam, result.warnings)
 
 
 def test_detached_gradient_runs_and_differs_from_full() -> None:
