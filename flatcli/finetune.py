@@ -595,7 +595,8 @@ def _epoch(
     t0 = time.perf_counter()
     stats = train_epoch(net, reg, opt, sched, *train, **step)
     weight_sq = float(reg.split.weight.detach().double().pow(2).sum())
-    reason = guard.check(snapshot(reg, *train), stats, weight_sq)
+    now = snapshot(reg, *train, kappa=True)  # eval mode, the whole set: as at epoch 0
+    reason = guard.check(now, stats, weight_sq)
     finite = reason is None or "NaN" not in reason
     tm = heldout_metrics(net, test, reg.loss) if test is not None and finite else {}
     record = EpochRecord(
@@ -609,6 +610,9 @@ def _epoch(
         phi_sq_mean=stats.phi_sq_mean,
         max_softmax=stats.max_softmax,
         seconds=time.perf_counter() - t0,
+        full_train_loss=now.loss,
+        full_train_accuracy=now.accuracy,
+        full_kappa=now.kappa,
     )
     return record, reason
 

@@ -159,6 +159,9 @@ def finetune_result(tmp_path: Path) -> dict[str, Any]:
             phi_sq_mean=3.0,
             max_softmax=0.9,
             seconds=0.25,
+            full_train_loss=0.4 / e,
+            full_train_accuracy=0.85,
+            full_kappa=1.9 - 0.3 * e,
         )
         for e in (1, 2, 3)
     )

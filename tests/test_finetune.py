@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import re
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from flatcli.finetune import (
     FinetuneResult,
     finetune,
 )
-from flatcli.finetune_report import history_figure
+from flatcli.finetune_report import BATCH_LABEL, FULL_LABEL, history_figure
 from flatcli.io import sha256_file
 
 from . import models, tabular
@@ -379,6 +380,13 @@ def test_temperature_matched_baseline() -> None:
     )
 
 
+def lines_by_label(ax) -> dict[str, tuple[list[float], list[float]]]:  # noqa: ANN001
+    return {
+        ln.get_label(): ([float(v) for v in ln.get_xdata()], [float(v) for v in ln.get_ydata()])
+        for ln in ax.lines
+    }
+
+
 def test_plot_starts_at_epoch_0_and_drops_the_test_panel_without_a_test_split() -> None:
     with_test = finetune(MLP, fam_lambda=0.1, epochs=1, **QUICK)
     fig = history_figure(with_test.history, start=with_test.before)
@@ -388,7 +396,35 @@ def test_plot_starts_at_epoch_0_and_drops_the_test_panel_without_a_test_split() 
     x, y = train_300()
     no_test = finetune(load_checkpoint(MLP), (x, y), fam_lambda=0.1, epochs=1, device="cpu")
     fig = history_figure(no_test.history, start=no_test.before)
-    assert len(fig.axes) == 2 and len(fig.axes[0].lines) == 1
+    assert len(fig.axes) == 2
+    assert set(lines_by_label(fig.axes[0])) == {FULL_LABEL, BATCH_LABEL}  # no test line
+
+
+def test_curves_show_one_quantity_per_line_from_epoch_0() -> None:
+    """The solid lines are the whole training set in eval mode at every epoch, the start
+    included; the train-mode batch means are a second, labelled line from epoch 1."""
+    trained = load_checkpoint(MLP).model  # with input dropout: train mode differs from eval
+    model = torch.nn.Sequential(
+        OrderedDict([("drop", torch.nn.Dropout(0.2)), *trained.named_children()])
+    )
+    x, y = train_300()
+    result = finetune(model, (x, y), fam_lambda=0.1, epochs=3, device="cpu", seed=2)
+    fig = history_figure(result.history, start=result.before)
+    loss, kappa = lines_by_label(fig.axes[0]), lines_by_label(fig.axes[1])
+    first, last = result.history[0], result.history[-1]
+    for lines, key, batch in (
+        (loss, "train_loss", [r.train_loss for r in result.history]),
+        (kappa, "relative_flatness", [r.kappa for r in result.history]),
+    ):
+        xs, full = lines[FULL_LABEL]
+        assert xs == [0, 1, 2, 3]
+        assert full[0] == result.before[key].value
+        # The last epoch's point is the fine-tuned model as `after` measures it, independently
+        # (float32: the penalty's per-batch means against layer_measures' own sums).
+        assert full[-1] == pytest.approx(result.after[key].value, rel=1e-4)
+        assert lines[BATCH_LABEL] == ([1, 2, 3], batch)
+    assert first.full_train_loss != first.train_loss and first.full_kappa != first.kappa
+    assert last.full_train_accuracy == pytest.approx(result.after["train_accuracy"].value)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -529,6 +565,7 @@ def test_one_step_matches_sgd_and_sam_by_hand(
         max_samples=64,
         device="cpu",
         dtype="float64",
+        clip_grad_norm=0,  # the hand-written step is unclipped
     )
     want = one_full_batch_step(optimizer, sam_rho, weight_decay)
     before = {k: v.double() for k, v in load_checkpoint(MLP).model.state_dict().items()}

@@ -229,9 +229,13 @@ def test_finetune_page_shows_curves_and_before_after(pages) -> None:
     assert "logits scaled by 1.7" in text and "λ = 0.0123 (auto)" in text
     assert f"κ rose above twice its start {EVIL}" in text  # the run's warnings, escaped
     assert [int(r[0][1]) for r in page.tables["epochs"]] == [1, 2, 3]
+    col = page.headers["epochs"].index
     for shown, row in zip(page.tables["epochs"], saved["history"], strict=True):
-        assert float(shown[3][0]["data-value"]) == row["kappa"]
-        assert float(shown[4][0]["data-value"]) == row["weight_sq_norm"]
+        assert float(shown[col("train loss")][0]["data-value"]) == row["full_train_loss"]
+        assert float(shown[col("κ")][0]["data-value"]) == row["full_kappa"]
+        assert float(shown[col("batch loss")][0]["data-value"]) == row["train_loss"]
+        assert float(shown[col("batch κ")][0]["data-value"]) == row["kappa"]
+        assert float(shown[col("‖W‖²")][0]["data-value"]) == row["weight_sq_norm"]
     assert "epochs 1–1 were restored" in " ".join(page.text)
     images = figures(page)
     assert len(images) == 1 and images[0][0] == "svg"

@@ -183,6 +183,7 @@ def _ci(r, stat: str, sep: str = " ") -> str:  # noqa: ANN001
 
 def finetune_tables(result) -> None:  # noqa: ANN001 - a FinetuneResult, imported lazily
     """Print the per-epoch table and the before/after table of a fine-tuning run."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
@@ -203,21 +204,29 @@ def finetune_tables(result) -> None:  # noqa: ANN001 - a FinetuneResult, importe
             f"{result.fam_method}"
         ),
         title_justify="left",
+        box=box.SIMPLE_HEAD,  # ten columns of numbers in 80 columns, none cut
+        pad_edge=False,
+        collapse_padding=True,
     )
-    columns = ("epoch", "lr", "train loss", "κ (batches)", "‖W‖²", "test loss", "test acc", "s")
-    for col in columns:
-        epochs.add_column(col, justify="right")
+    columns = ("epoch", "lr", "train loss", "κ", "batch loss", "batch κ", "‖W‖²",
+               "test loss", "test acc")  # seconds: in the progress lines and the log
+    rows = []
     for r in result.history:
-        epochs.add_row(
-            str(r.epoch),
-            f"{r.lr:.3g}",
-            format_value(r.train_loss),
-            format_value(r.kappa),
-            format_value(r.weight_sq_norm),
-            format_value(r.test_loss),
-            format_value(r.test_accuracy),
-            f"{r.seconds:.1f}",
+        values = (r.full_train_loss, r.full_kappa, r.train_loss, r.kappa, r.weight_sq_norm,
+                  r.test_loss, r.test_accuracy)
+        rows.append(
+            [str(r.epoch), f"{r.lr:.3g}", *("n/a" if v is None else f"{v:.4g}" for v in values)]
         )
+    for i, col in enumerate(columns):  # the headers wrap; a number is never cut
+        widest = max((len(row[i]) for row in rows), default=1)
+        epochs.add_column(col, justify="right", min_width=widest, overflow="fold")
+    for row in rows:
+        epochs.add_row(*row)
+    epochs.caption = (
+        "train loss, κ: the whole training set in eval mode at the end of the epoch, as "
+        "`before`; batch: train-mode means over the epoch's batches"
+    )
+    epochs.caption_justify = "left"
     console.print(epochs)
     matched = result.temperature_matched
     title = "before → after (κ etc. on the training data)"

@@ -345,22 +345,28 @@ def finetune_page(r: Mapping[str, Any]) -> dict[str, Any]:
             b.svg_figure(
                 fig,
                 alt="Line charts over epochs, from the starting model at epoch 0: training "
-                "and test loss, the FAM penalty κ, and test accuracy (when there is one).",
-                caption="Per-epoch curves: loss (log scale), κ (the starting model's on "
-                "all training data at epoch 0, then averaged over each epoch's batches), "
-                "and test accuracy.",
+                "loss on the whole training set and as batch means, test loss, the FAM "
+                "penalty κ the same two ways, and test accuracy (when there is one).",
+                caption="Per-epoch curves: loss (log scale), κ and test accuracy. Solid "
+                "lines: the whole training set in eval mode, the starting model at epoch 0 "
+                "and the weights at the end of each epoch after it. Dashed lines: the "
+                "train-mode means over each epoch's batches (dropout on, before each "
+                "update), not comparable with epoch 0.",
                 wide=True,
             )
         )
     curves.append(
         b.table(
-            [("epoch", "num"), ("lr", "num"), ("train loss", "num"), ("κ (batches)", "num"),
+            [("epoch", "num"), ("lr", "num"), ("train loss", "num"), ("κ", "num"),
+             ("batch loss", "num"), ("batch κ", "num"),
              ("‖W‖²", "num"), ("test loss", "num"), ("test acc", "num"),
              ("seconds", "num")],
             [
                 [
                     b.int_cell(row["epoch"]),
                     b.num(row.get("lr"), fmt=lambda x: f"{x:.3g}"),
+                    b.num(row.get("full_train_loss")),
+                    b.num(row.get("full_kappa")),
                     b.num(row.get("train_loss")),
                     b.num(row.get("kappa")),
                     b.num(row.get("weight_sq_norm")),
@@ -370,7 +376,8 @@ def finetune_page(r: Mapping[str, Any]) -> dict[str, Any]:
                 ]
                 for row in r["history"]
             ],
-            caption="One row per epoch"
+            caption="One row per epoch. Train loss and κ: the whole training set in eval "
+            "mode at the end of the epoch; batch: train-mode means over its batches"
             + (f"; epochs 1–{r['resumed_from']} were restored from the state file"
                if r.get("resumed_from") else "")
             + ".",
