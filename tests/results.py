@@ -135,10 +135,57 @@ def correlate_result(n: int = 12) -> dict[str, Any]:
         "correlations": result["correlations"].to_dict(orient="records"),
         "granulated_kendall": result["granulated"],
         "hparams": result["hparams"],
+        "warnings": result["warnings"],
+        "gap_notes": result["gap_notes"],
         "skipped": [{"checkpoint": f"bad/{EVIL}.pt", "reason": f"cannot load: {EVIL}"}],
         "computed": n - 2,
         "source": None,
         "manifest": run_manifest(argv=["flatcli", "correlate", "zoo/a.safetensors"]),
+    }
+
+
+def small_zoo() -> pd.DataFrame:
+    """The issue's four fine-tuned MiniLM folders: every accuracy 1, κ ranked exactly as the
+    loss gap, and the λ each run used and its step ratio beside the settings."""
+    return pd.DataFrame(
+        {
+            "checkpoint": [f"minilm_{k}" for k in range(4)],
+            "train_loss": [0.002, 0.03, 0.031, 0.1],
+            "test_loss": [0.0023, 0.044, 0.046, 0.13],
+            "train_acc": [1.0] * 4,
+            "test_acc": [1.0] * 4,
+            "relative_flatness": [0.07, 0.33, 0.331, 0.38],
+            "weight_norm": [5.0, 4.0, 6.0, 4.5],
+            "hp_fam_lambda": [0.0, 0.0, 0.1, 0.1],
+            "hp_clip_grad_norm": [0.0, 1.0, 0.0, 1.0],
+            "hp_fam_lambda_used": [0.0, 0.0, 0.1, 0.1],
+            "hp_fam_step_ratio": [None, None, 0.35, 0.34],
+            "hp_seed": [0, 0, 0, 0],
+        }
+    ).assign(
+        gap_loss=lambda d: d["test_loss"] - d["train_loss"],
+        gap_acc=lambda d: d["train_acc"] - d["test_acc"],
+    )
+
+
+def small_correlate_result() -> dict[str, Any]:
+    """:func:`small_zoo` through :func:`flatcli.correlate.analyse`, in its JSON shape."""
+    from flatcli.correlate import analyse
+
+    df = small_zoo()
+    result = analyse(df, measures=["relative_flatness", "weight_norm"], bootstrap=200, seed=0)
+    return {
+        "schema": "flatcli.correlate/1",
+        "checkpoints": df.to_dict(orient="records"),
+        "correlations": result["correlations"].to_dict(orient="records"),
+        "granulated_kendall": result["granulated"],
+        "hparams": result["hparams"],
+        "warnings": result["warnings"],
+        "gap_notes": result["gap_notes"],
+        "skipped": [],
+        "computed": 4,
+        "source": None,
+        "manifest": run_manifest(argv=["flatcli", "correlate", "minilm_*"]),
     }
 
 

@@ -27,7 +27,7 @@ def measures_table(measures: Any, *, title: str | None = None) -> None:
     from rich.table import Table
 
     from ..measures.estimate import warnings_of
-    from ..report import FLAG, format_value
+    from ..report import FLAG, format_value, stderr_text
 
     console = Console()
     notes: dict[str, int] = {}
@@ -42,7 +42,7 @@ def measures_table(measures: Any, *, title: str | None = None) -> None:
         if "error" in est.details:  # a failed or interrupted measure: its row, its error
             table.add_row(markup_safe(name), "failed", "", f"\\[{number}]")
             continue
-        se = "exact" if est.stderr is None else format_value(est.stderr)
+        se = stderr_text(est.stderr, est.details)
         warnings = warnings_of(est)
         value = format_value(est.value) + (f" {FLAG}" if warnings else "")
         table.add_row(markup_safe(name), value, se, f"\\[{number}]")
@@ -126,15 +126,25 @@ def audit_tables(original: Any, reps: Any) -> None:
 
 
 def correlations(table, result, n, run) -> None:  # noqa: ANN001
-    """Print the correlation tables of :func:`flatcli.correlate.analyse`."""
+    """Print the correlation tables of :func:`flatcli.correlate.analyse`.
+
+    A degenerate bootstrap (every resample gave the same value) shows ``[no CI]``, not an
+    interval; a gap that is constant gets its reason under its table; the warnings
+    (too few checkpoints) go to stderr.
+    """
     from rich.console import Console
     from rich.table import Table
+
+    from .common import stderr
 
     console = Console()
     if not console.is_terminal:  # a file or pipe: do not squeeze the table into 80 columns
         console = Console(width=max(console.width, 120))
     # A CI beside its value when there is room, else below it (wrapped at its space).
     sep = " " if console.width >= 120 else "\n"
+    notes = result.get("gap_notes") or {}
+    perm = "kendall_perm_p" in table and table["kendall_perm_p"].notna().any()
+    degenerate = False
     for gap, label in (("gap_loss", "test_loss − train_loss"), ("gap_acc", "train_acc − test_acc")):
         t = Table(
             title=f"correlation with the generalization gap {label} ({n} checkpoints, "
@@ -145,20 +155,36 @@ def correlations(table, result, n, run) -> None:  # noqa: ANN001
         )
         rows = table[table["gap"] == gap].sort_values("kendall_tau_b", ascending=False)
         name_column(t, "measure", rows["measure"])
-        for col in ("Kendall τ-b", "τ-a", "Spearman ρ", "Pearson r", "Ψ"):
+        headers = ["Kendall τ-b", *(["perm. p"] if perm else []), "τ-a", "Spearman ρ",
+                   "Pearson r", "Ψ"]
+        for col in headers:
             # Narrow enough for 80 columns, wide enough for each word of the header.
             t.add_column(col, justify="right", min_width=max(map(len, col.split())))
         for _, r in rows.iterrows():
             psi = result["granulated"].get(gap, {}).get(r["measure"], {}).get("Psi")
+            degenerate = degenerate or bool(_degenerate(r))
             t.add_row(
                 markup_safe(r["measure"]),
                 _ci(r, "kendall_tau_b", sep),
+                *([_p(r["kendall_perm_p"])] if perm else []),
                 _num(r["kendall_tau_a"]),
                 _ci(r, "spearman_rho", sep),
                 _ci(r, "pearson_r", sep),
                 _num(psi),
             )
         console.print(t)
+        if gap in notes:
+            console.print(f"n/a: {markup_safe(notes[gap])}", highlight=False)
+    if degenerate:
+        console.print(
+            "[no CI]: every bootstrap resample gave the same value, a degenerate bootstrap "
+            "(too few checkpoints to resample), not certainty", highlight=False, markup=False
+        )
+    if perm:
+        console.print(
+            "perm. p: two-sided permutation p-value of τ-b, exact over every ordering for "
+            "up to 7 checkpoints", highlight=False
+        )
     if result["hparams"]:
         console.print(f"Ψ: granulated Kendall over {markup_safe(', '.join(result['hparams']))}")
     if run is not None:
@@ -166,6 +192,11 @@ def correlations(table, result, n, run) -> None:  # noqa: ANN001
             f"{run.computed} checkpoint(s) measured now, "
             f"{n - run.computed} from the cache, {len(run.skipped)} skipped"
         )
+    for line in result.get("warnings", []):
+        if line not in notes.values():
+            stderr().print(
+                f"[bold yellow]warning:[/] {markup_safe(line)}", highlight=False, soft_wrap=True
+            )
 
 
 def _num(x) -> str:  # noqa: ANN001
@@ -174,9 +205,20 @@ def _num(x) -> str:  # noqa: ANN001
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.3f}"
 
 
+def _p(x) -> str:  # noqa: ANN001
+    return "n/a" if x is None or x != x else f"{x:.2g}"  # NaN-safe
+
+
+def _degenerate(r) -> list[str]:  # noqa: ANN001
+    found = r.get("bootstrap_degenerate")
+    return found.split(",") if isinstance(found, str) and found else []
+
+
 def _ci(r, stat: str, sep: str = " ") -> str:  # noqa: ANN001
     lo, hi = r[f"{stat}_lo"], r[f"{stat}_hi"]
     bounds = "" if lo != lo or hi != hi else f"{sep}[{lo:+.2f}, {hi:+.2f}]"  # NaN-safe
+    if stat in _degenerate(r):
+        bounds = f"{sep}\\[no CI]"  # rich markup: a literal [
     return f"{_num(r[stat])}{bounds}"
 
 
