@@ -55,7 +55,11 @@ def measures_table(measures: Any, *, title: str | None = None) -> None:
 
 
 def inspect_table(ck: Any, info: dict) -> None:
-    """Print :func:`flatcli.inspection.describe`'s result as a table."""
+    """Print :func:`flatcli.inspection.describe`'s result as a table.
+
+    Layer names are never cut. When the type, shape and parameter columns do not fit
+    beside the longest name, they share one wrapped column with the measures.
+    """
     from rich.console import Console
     from rich.table import Table
 
@@ -65,17 +69,25 @@ def inspect_table(ck: Any, info: dict) -> None:
         f"{info['parameters']:,} parameters)",
         title_justify="left",
     )
-    for col in ("layer", "type", "weight shape", "parameters", "measures"):
-        table.add_column(col, justify="right" if col == "parameters" else "left")
-    for row in info["layers"]:
-        name = row["name"] + (" *" if row["name"] == info["default_layer"] else "")
-        table.add_row(
-            markup_safe(name),
-            markup_safe(row["type"]),
-            str(row["weight_shape"] or ""),
-            f"{row['parameters']:,}",
-            markup_safe(row["measures"]),
-        )
+    names = [row["name"] + (" *" if row["name"] == info["default_layer"] else "")
+             for row in info["layers"]]
+    cells = [
+        (markup_safe(row["type"]), str(row["weight_shape"] or ""), f"{row['parameters']:,}")
+        for row in info["layers"]
+    ]
+    widths = [max((len(c[i]) for c in cells), default=0) for i in range(3)]
+    room = max((len(n) for n in names), default=5) + sum(widths) + 30 + 16  # measures, rules
+    name_column(table, "layer", names)
+    if console.width >= room:
+        for col in ("type", "weight shape", "parameters", "measures"):
+            table.add_column(col, justify="right" if col == "parameters" else "left")
+        for name, (kind, shape, count), row in zip(names, cells, info["layers"], strict=True):
+            table.add_row(markup_safe(name), kind, shape, count, markup_safe(row["measures"]))
+    else:
+        table.add_column("type · weight shape · parameters · measures")
+        for name, (kind, shape, count), row in zip(names, cells, info["layers"], strict=True):
+            about = " · ".join(t for t in (kind, shape, count, markup_safe(row["measures"])) if t)
+            table.add_row(markup_safe(name), about)
     console.print(table)
     console.print(f"* default feature layer: {markup_safe(info['default_layer'])}")
     console.print(f"model-wide measures: {markup_safe(info['model_measures'])}")
