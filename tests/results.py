@@ -129,6 +129,14 @@ def correlate_result(n: int = 12) -> dict[str, Any]:
     measures = ["relative_flatness", "weight_norm"]
     hps = ["hp_width", "hp_lr"]
     result = analyse(df, measures=measures, bootstrap=50, seed=0, granulate_by=hps)
+    skipped = [{"checkpoint": f"bad/{EVIL}.pt", "reason": f"cannot load: {EVIL}"}]
+    return correlate_json(df, result, skipped, n - 2, ["zoo/a.safetensors"])
+
+
+def correlate_json(
+    df: pd.DataFrame, result: dict[str, Any], skipped: list, computed: int, files: list[str]
+) -> dict[str, Any]:
+    """What ``flatcli correlate --format json`` writes for :func:`analyse`'s ``result``."""
     return {
         "schema": "flatcli.correlate/1",
         "checkpoints": df.to_dict(orient="records"),
@@ -137,10 +145,10 @@ def correlate_result(n: int = 12) -> dict[str, Any]:
         "hparams": result["hparams"],
         "warnings": result["warnings"],
         "gap_notes": result["gap_notes"],
-        "skipped": [{"checkpoint": f"bad/{EVIL}.pt", "reason": f"cannot load: {EVIL}"}],
-        "computed": n - 2,
+        "skipped": skipped,
+        "computed": computed,
         "source": None,
-        "manifest": run_manifest(argv=["flatcli", "correlate", "zoo/a.safetensors"]),
+        "manifest": run_manifest(argv=["flatcli", "correlate", *files]),
     }
 
 
@@ -174,19 +182,7 @@ def small_correlate_result() -> dict[str, Any]:
 
     df = small_zoo()
     result = analyse(df, measures=["relative_flatness", "weight_norm"], bootstrap=200, seed=0)
-    return {
-        "schema": "flatcli.correlate/1",
-        "checkpoints": df.to_dict(orient="records"),
-        "correlations": result["correlations"].to_dict(orient="records"),
-        "granulated_kendall": result["granulated"],
-        "hparams": result["hparams"],
-        "warnings": result["warnings"],
-        "gap_notes": result["gap_notes"],
-        "skipped": [],
-        "computed": 4,
-        "source": None,
-        "manifest": run_manifest(argv=["flatcli", "correlate", "minilm_*"]),
-    }
+    return correlate_json(df, result, [], 4, ["minilm_*"])
 
 
 def finetune_result(tmp_path: Path) -> dict[str, Any]:
