@@ -622,12 +622,28 @@ def _merge_hparams(df, path: Path):  # noqa: ANN001, ANN202 - pandas frames
     return df.drop(columns=overlap).merge(table, on="checkpoint", how="left")
 
 
+DERIVED_HPARAMS = (
+    "seed",
+    "fam_lambda_used",
+    "fam_step_ratio",
+    "n_train",
+    "diverged_in_epoch",
+    "weights_of_epoch",
+)
+"""Keys of ``flatcli.hparams`` that Ψ does not group by: the seed (replicates), and what
+``flatcli finetune`` records beside its settings but derives from them or measures (λ
+used, the step ratio R, the training set's size, where a run diverged). Grouping by a
+value that varies with a setting, or with every run, leaves no group in which that
+setting alone varies."""
+
+
 def hparam_columns(df) -> list[str]:  # noqa: ANN001
-    """The hyperparameter columns (``hp_*``) that vary, seeds excluded (they are replicates)."""
+    """The hyperparameter columns (``hp_*``) that vary, :data:`DERIVED_HPARAMS` excluded."""
+    derived = {f"hp_{k}" for k in DERIVED_HPARAMS}
     return [
         c
         for c in df.columns
-        if c.startswith("hp_") and c != "hp_seed" and df[c].nunique(dropna=True) > 1
+        if c.startswith("hp_") and c not in derived and df[c].nunique(dropna=True) > 1
     ]
 
 
@@ -646,15 +662,26 @@ def analyse(
     seed: int,
     granulate_by: Sequence[str] | None = None,
 ) -> dict[str, Any]:  # noqa: ANN001
-    """Correlation table and granulated Kendall Ψ of every measure with both gaps."""
-    from .stats import GAPS, correlation_table, granulated_kendall
+    """Correlation table and granulated Kendall Ψ of every measure with both gaps, and what
+    a reader must know first: ``warnings`` (too few checkpoints, constant gaps) and
+    ``gap_notes``, why a gap's correlations are n/a, keyed by gap."""
+    from .stats import GAPS, constant_gaps, correlation_table, granulated_kendall, small_n_warning
 
     if len(df) < 3:
         raise FlatcliError(f"correlations need at least 3 measured checkpoints, got {len(df)}")
     table = correlation_table(df, list(measures), list(GAPS), bootstrap=bootstrap, seed=seed)
     hps = list(granulate_by) if granulate_by is not None else hparam_columns(df)
+    notes = constant_gaps(df, GAPS)
     granulated = {}
-    if hps:
-        for gap in GAPS:
+    if hps:  # a constant gap gets no Ψ: its τ-a of 0 in every group would read as a finding
+        for gap in (g for g in GAPS if g not in notes):
             granulated[gap] = {m: granulated_kendall(df, m, gap, hps) for m in measures}
-    return {"correlations": table, "granulated": granulated, "hparams": hps}
+    n = int(table["n"].min()) if len(table) else len(df)  # a failed measure lowers its n
+    warnings = [w for w in [small_n_warning(n), *notes.values()] if w]
+    return {
+        "correlations": table,
+        "granulated": granulated,
+        "hparams": hps,
+        "warnings": warnings,
+        "gap_notes": notes,
+    }

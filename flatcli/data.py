@@ -532,6 +532,14 @@ def fit_inputs(
                 f"data does not fit the model: {per_sample} values per sample, but it "
                 f"expects inputs of shape {tuple(input_shape)}"
             )
+        shape = tuple(input_shape)
+        last = (*shape[1:], shape[0]) if len(shape) == 3 else None
+        if x.ndim == 4 and tuple(x.shape[1:]) == last and last != shape:
+            raise FlatcliError(  # a reshape would scramble channels-last images silently
+                f"data of shape {tuple(x.shape[1:])} per sample look channels-last; the model "
+                f"expects images of shape (n, {shape[0]}, H, W) = (n, {', '.join(map(str, shape))})"
+                ": store x.transpose(0, 3, 1, 2) (numpy) or x.permute(0, 3, 1, 2) (torch)"
+            )
         return x.reshape(n, *input_shape)
     if isinstance(first, nn.Linear) and x.ndim > 2 and per_sample == first.in_features:
         return x.reshape(n, per_sample)
@@ -541,6 +549,22 @@ def fit_inputs(
         if side > 0 and c * side * side == per_sample:
             return x.reshape(n, c, side, side)
     return x
+
+
+def _layout_hint(model: nn.Module, x: ModelInput) -> str:
+    """For images whose channels come last, the shape the first ``nn.Conv2d`` expects."""
+    first = next((m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))), None)
+    if not isinstance(first, nn.Conv2d) or isinstance(x, Mapping) or x.ndim != 4:
+        return ""
+    c = first.in_channels
+    if x.shape[-1] != c or x.shape[1] == c:
+        return ""
+    _, h, w, _ = x.shape
+    return (
+        f". The model expects images of shape (n, {c}, H, W), channels first; these look "
+        f"channels-last, (n, {h}, {w}, {c}): store x.transpose(0, 3, 1, 2) (numpy) or "
+        "x.permute(0, 3, 1, 2) (torch)"
+    )
 
 
 def check_fits(model: nn.Module, batches: Batches, *, loss: str) -> int:
@@ -561,6 +585,7 @@ def check_fits(model: nn.Module, batches: Batches, *, loss: str) -> int:
         what = "inputs" if isinstance(x, Mapping) else "data of shape"
         raise FlatcliError(
             f"{what} {describe_inputs(x)} per sample does not fit the model: {_first_line(e)}"
+            + _layout_hint(model, x)
         ) from None
     out = logits_of(raw)
     if out.ndim != 2:

@@ -134,6 +134,20 @@ def find_layer(model: nn.Module, name: str) -> nn.Module:
     raise UsageError(f"no layer named {name!r}{hint} (weight layers: {', '.join(layers)})")
 
 
+def parts_with_weight(layer: str, parameters: Sequence[str]) -> str:
+    """``"; its parts with one: A, B"``: the modules inside ``layer`` that own a ``weight``,
+    from parameter names (``bert.pooler`` → ``bert.pooler.dense``); ``""`` when none."""
+    inside = [
+        p.removesuffix(".weight")
+        for p in parameters
+        if p.startswith(f"{layer}.") and p.endswith(".weight")
+    ]
+    if not inside:
+        return ""
+    shown = ", ".join(inside[:5]) + (f", ... ({len(inside)} in all)" if len(inside) > 5 else "")
+    return f"; its parts with one: {shown}"
+
+
 def default_layer(model: nn.Module) -> str:
     """The papers' feature layer: the last ``nn.Linear`` of the model.
 
@@ -184,7 +198,10 @@ class LayerSplit:
         self.layer = find_layer(model, layer)
         weight = getattr(self.layer, "weight", None)
         if not isinstance(weight, torch.Tensor):
-            raise UsageError(f"layer {layer!r} ({type(self.layer).__name__}) has no weight")
+            raise UsageError(
+                f"layer {layer!r} ({type(self.layer).__name__}) has no weight"
+                + parts_with_weight(layer, [n for n, _ in model.named_parameters()])
+            )
         self.tied = [
             n
             for n, p in model.named_parameters(remove_duplicate=False)

@@ -130,8 +130,11 @@ STATE_FORMAT = "flatcli.finetune-state/1"
 SAFE_STEP_RATIO = 0.003
 #: A step-0 R above this is reported as a warning (the stability study's mixed range).
 WARN_STEP_RATIO = 0.01
-#: Gradient clipping of FAM runs (λ > 0) when ``clip_grad_norm`` is not given.
+#: Gradient clipping when ``clip_grad_norm`` is not given, for λ = 0 and λ > 0 alike, so that
+#: plain training and FAM are compared under the same step.
 DEFAULT_CLIP = 1.0
+#: A penalty λκ₀ below this share of the starting train loss E₀ is reported as negligible.
+NEGLIGIBLE_PENALTY = 1e-3
 
 
 @dataclass(frozen=True)
@@ -278,8 +281,9 @@ def finetune(
             with E₀ and κ₀ the starting model's full-data train loss and κ, so that λκ₀ is
             that fraction of E₀.
         clip_grad_norm: Clip the global gradient norm of each step to this. None: 1.0
-            (:data:`DEFAULT_CLIP`) when λ > 0, off for plain training; 0 turns it off.
-            The threshold is in the units of the gradient, so it is not scale-free.
+            (:data:`DEFAULT_CLIP`), for plain training (λ = 0) as for FAM, so that the
+            two are compared under the same step; 0 turns it off. The threshold is in the
+            units of the gradient, so it is not scale-free.
         loss: ``cross_entropy`` or ``mse``. Default: the checkpoint's metadata, else
             cross-entropy.
         target: The label column, when ``data`` is a CSV file.
@@ -372,8 +376,7 @@ def finetune(
     state_file = Path(state_path) if state_path is not None else _default_state(out)
     if resume and state_file is None:
         raise UsageError("--resume needs a state file: pass --out (the state sits beside it)")
-    fam_on = fam_lambda == "auto" or float(fam_lambda) > 0
-    clip = _resolve_clip(clip_grad_norm, fam_on)
+    clip = _resolve_clip(clip_grad_norm)
     hparams: dict[str, Any] = {
         "fam_lambda": fam_lambda if fam_lambda == "auto" else float(fam_lambda),
         "fam_scale": fam_scale,
@@ -492,7 +495,7 @@ def finetune(
                 )
             )
         lam = float(hparams["fam_lambda_used"])
-        warnings = _announce_lambda(hparams, note)
+        warnings = _announce_lambda(hparams, note) + _penalty_share(lam, before, kappa_key)
         guard = DivergenceGuard(
             start=start_snapshot,
             chance=chance_level(y, loss_name, classes),
@@ -616,7 +619,8 @@ def _epoch(
     t0 = time.perf_counter()
     stats = train_epoch(net, reg, opt, sched, *train, **step)
     weight_sq = float(reg.split.weight.detach().double().pow(2).sum())
-    reason = guard.check(snapshot(reg, *train), stats, weight_sq)
+    now = snapshot(reg, *train, kappa=True)  # eval mode, the whole set: as at epoch 0
+    reason = guard.check(now, stats, weight_sq)
     finite = reason is None or "NaN" not in reason
     tm = heldout_metrics(net, test, reg.loss) if test is not None and finite else {}
     record = EpochRecord(
@@ -630,6 +634,9 @@ def _epoch(
         phi_sq_mean=stats.phi_sq_mean,
         max_softmax=stats.max_softmax,
         seconds=time.perf_counter() - t0,
+        full_train_loss=now.loss,
+        full_train_accuracy=now.accuracy,
+        full_kappa=now.kappa,
     )
     return record, reason
 
@@ -656,11 +663,28 @@ def _title(layer: str, lam: float) -> str:
     return f"FAM on {layer}, λ = {lam:.4g}"
 
 
-def _resolve_clip(clip_grad_norm: float | None, fam_on: bool) -> float | None:
-    """The clipping threshold of the run: None turns clipping off."""
+def _resolve_clip(clip_grad_norm: float | None) -> float | None:
+    """The clipping threshold of the run, the same for λ = 0 and λ > 0: None turns it off."""
     if clip_grad_norm is None:
-        return DEFAULT_CLIP if fam_on else None
+        return DEFAULT_CLIP
     return float(clip_grad_norm) if clip_grad_norm > 0 else None
+
+
+def _penalty_share(lam: float, before: Mapping[str, Estimate], kappa_key: str) -> list[str]:
+    """A warning when the penalty λκ₀ is negligible against the starting train loss E₀."""
+    kappa0, loss0 = before[kappa_key].value, before["train_loss"].value
+    penalty = lam * kappa0
+    if not (lam > 0 and loss0 > 0 and math.isfinite(penalty)):
+        return []
+    share = penalty / loss0
+    if share >= NEGLIGIBLE_PENALTY:
+        return []
+    return [
+        f"the penalty is negligible against the loss: λκ₀ = {penalty:.2g} (λ = {lam:.2g}, "
+        f"κ₀ = {kappa0:.3g}) is {share:.2g} of the train loss E₀ = {loss0:.3g}, below "
+        f"{NEGLIGIBLE_PENALTY:g}; this run is close to plain training. For a penalty that "
+        "is a fraction f of the loss, pass --fam-scale relative --fam-lambda f"
+    ]
 
 
 def _resolve_lambda(

@@ -15,7 +15,9 @@ for MSE, and its accuracy the largest class's share. Each check names itself:
   start, or fewer than half of its live units (not constant over the data) are left;
 * ``κ rise`` (λ > 0): κ above 2× its start, unless the train loss fell more than 0.1 below
   its start (a model still being fitted gains κ as it leaves the uniform softmax). An
-  exact κ is compared directly; a Hutchinson κ, the mean of the epoch's noisy batch
+  exact κ is compared directly, on the whole training set at the end of the epoch in eval
+  mode, as κ₀ is (the snapshot's, when it has one; train-mode batch means with dropout
+  can be many times κ₀); a Hutchinson κ, the mean of the epoch's noisy batch
   estimates, only when it is above ``2κ₀`` by a one-sided test at the 1% level on its
   standard error over the batches (Student's t with ``batches − 1`` degrees of freedom,
   which is the z-test for many batches);
@@ -24,7 +26,8 @@ for MSE, and its accuracy the largest class's share. Each check names itself:
 
 The train loss, accuracy and features are measured on the whole training set at the end of
 the epoch (:func:`snapshot`, eval mode), so they describe the weights that would be
-written; κ is the epoch's mean over its batches (:class:`~flatcli.training.EpochStats`).
+written; so is an exact κ when the snapshot has it, and a Hutchinson κ is the epoch's
+mean over its batches (:class:`~flatcli.training.EpochStats`), for its standard error.
 The guard is a plain object fed one epoch at a time, independent of the training loop.
 """
 
@@ -56,6 +59,9 @@ class Snapshot:
         live_units: Input units of the FAM layer (its input features, the last axis; the
             channels of a convolution) that are not constant over the training set.
         units: All input units of the FAM layer.
+        kappa: The FAM penalty κ on the whole training set (the mean of ``reg.penalty`` over
+            the evaluation batches, weighted by their size), when it was asked for; else
+            None. The guard does not read it: it is for the curves of the log and plot.
     """
 
     loss: float
@@ -63,6 +69,7 @@ class Snapshot:
     phi_sq: float
     live_units: int
     units: int
+    kappa: float | None = None
 
 
 @dataclass(frozen=True)
@@ -95,20 +102,28 @@ def chance_level(y: torch.Tensor, loss: str, classes: int) -> Chance:
 
 
 @torch.no_grad()
-def snapshot(reg: Any, x: ModelInput, y: torch.Tensor) -> Snapshot:
+def snapshot(reg: Any, x: ModelInput, y: torch.Tensor, *, kappa: bool = False) -> Snapshot:
     """:class:`Snapshot` of ``reg``'s model (a :class:`~flatcli.fam.FAMRegularizer`) on
-    ``(x, y)``, in eval mode; the model's mode is restored."""
+    ``(x, y)``, in eval mode; the model's mode is restored.
+
+    With ``kappa``, the same pass also gives κ on the whole set (``reg.penalty`` on each
+    batch). Hutchinson probes drawn for it are given back: ``reg.generator`` ends in the
+    state it started in, so the training steps see the same probes either way.
+    """
     net = reg.model
     was_training = net.training
     net.eval()
     n = batch_len(x)
-    loss_sum, phi_sq, correct = 0.0, 0.0, 0
+    loss_sum, phi_sq, correct, kappa_sum = 0.0, 0.0, 0, 0.0
     low = high = None
+    probes = reg.generator.get_state()
     try:
         for lo in range(0, n, _EVAL_BATCH):
             out, cut = reg.forward(take(x, slice(lo, lo + _EVAL_BATCH)))
             yb = y[lo : lo + _EVAL_BATCH]
             loss_sum += float(per_sample_loss(out, yb, reg.loss).double().sum())
+            if kappa:
+                kappa_sum += float(reg.penalty(cut, yb).double()) * len(yb)
             if not yb.is_floating_point():
                 correct += int((out.argmax(-1) == yb).sum())
             phi = cut.phi.detach().double()
@@ -120,12 +135,14 @@ def snapshot(reg: Any, x: ModelInput, y: torch.Tensor) -> Snapshot:
             high = bmax if high is None else torch.maximum(high, bmax)
     finally:
         net.train(was_training)
+        reg.generator.set_state(probes)
     if low is None or high is None:
         raise FlatcliError("the training data are empty")
     scale = max(1.0, float(torch.maximum(low.abs(), high.abs()).max()))
     live = int(((high - low) > 1e-9 * scale).sum())
     accuracy = None if y.is_floating_point() else correct / n
-    return Snapshot(loss_sum / n, accuracy, phi_sq / n, live, int(low.numel()))
+    full_kappa = kappa_sum / n if kappa else None
+    return Snapshot(loss_sum / n, accuracy, phi_sq / n, live, int(low.numel()), full_kappa)
 
 
 @dataclass(frozen=True)
@@ -168,7 +185,7 @@ class DivergenceGuard:
             weight_sq: ``‖W‖²_F`` of the FAM layer at the end of the epoch.
         """
         values = (stats.train_loss, stats.kappa, now.loss, now.phi_sq, weight_sq)
-        if not all(map(math.isfinite, values)):
+        if not all(map(math.isfinite, values)) or not math.isfinite(now.kappa or 0.0):
             return "non-finite check: the loss or κ became NaN or Inf"
         return (
             self._loss(now)
@@ -223,6 +240,8 @@ class DivergenceGuard:
         if not self.fam:
             return None
         kappa, stderr, batches = stats.kappa, stats.kappa_stderr, stats.batches
+        if self.kappa_exact and now.kappa is not None:
+            kappa = now.kappa  # the quantity κ₀ is: the whole set in eval mode (no dropout)
         limit = self.kappa_factor * self.kappa0
         fitting = now.loss < self.start.loss - self.loss_floor
         if kappa > limit and not fitting:

@@ -166,6 +166,25 @@ def save_pretrained(model: nn.Module, folder: Path, metadata: Mapping[str, str])
     return folder
 
 
+def check_has_head(model: nn.Module, folder: Path) -> None:
+    """Refuse a bare encoder (``BertModel``, a sentence-embedding model): it returns hidden
+    states, not logits, so it has no loss to be flat in. docs/models.md shows how to add
+    and train a head."""
+    if not is_pretrained_model(model):
+        return
+    prefix = getattr(model, "base_model_prefix", "")
+    if not prefix or getattr(model, "base_model", None) is not model:
+        return  # a head wraps the base model under its prefix (BertFor… .bert)
+    name = type(model).__name__
+    raise FlatcliError(
+        f"{folder} holds a bare {name}, without a head (a sentence-embedding model?): it "
+        "returns hidden states, not logits. Add and train a head (for example "
+        f"{name.removesuffix('Model')}ForSequenceClassification.from_pretrained on this "
+        "folder, then flatcli finetune), save_pretrained the result, and measure that: "
+        "docs/models.md#hugging-face-folders"
+    )
+
+
 def is_pretrained_model(model: nn.Module) -> bool:
     """Whether ``model`` is a transformers model (has ``save_pretrained`` and a config)."""
     return callable(getattr(model, "save_pretrained", None)) and hasattr(model, "config")

@@ -100,9 +100,17 @@ def sample_input(ck: Checkpoint) -> Any:
 
 
 def describe(ck: Checkpoint) -> dict[str, Any]:
-    """Modules with weight shapes and parameter counts, default layer, metadata, sha256."""
+    """Modules with weight shapes and parameter counts, default layer, metadata, sha256.
+
+    Each layer row says whether it is the default layer (``default``), so the CSV of the
+    rows alone shows it too.
+    """
     model = ck.model
     x = sample_input(ck)  # the model is in eval mode (Checkpoint)
+    try:
+        default = default_layer(model)
+    except FlatcliError:
+        default = None
     layers = []
     for name, module in model.named_modules():
         if not name or any(True for _ in module.children()):
@@ -115,12 +123,9 @@ def describe(ck: Checkpoint) -> dict[str, Any]:
                 "weight_shape": list(weight.shape) if weight is not None else None,
                 "parameters": sum(p.numel() for p in module.parameters(recurse=False)),
                 "measures": layer_methods(model, name, x),
+                "default": name == default,  # the layer the commands use without --layer
             }
         )
-    try:
-        default = default_layer(model)
-    except FlatcliError:
-        default = None
     return {
         "schema": "flatcli.inspect/1",
         "checkpoint": {"path": str(ck.path), "sha256": ck.sha256, "format": ck.format},

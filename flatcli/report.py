@@ -126,6 +126,23 @@ def format_value(x: float | None) -> str:
     return f"{x:.6g}"
 
 
+def bound_hit(details: Mapping[str, Any]) -> bool:
+    """Whether a bisection search (PAC-Bayes σ', sharpness α') ended at an end of its
+    range: the value is then only a bound, and has no standard error to show."""
+    if details.get("hit_sigma_max") or details.get("hit_alpha_max"):
+        return True
+    bracket = details.get("bracket")
+    return isinstance(bracket, (list, tuple)) and len(bracket) == 2 and bracket[0] == 0
+
+
+def stderr_text(stderr: float | None, details: Mapping[str, Any]) -> str:
+    """The standard error column's text: ``bound hit`` for a search at the end of its
+    range, ``exact`` for a computed value (no stderr), else the number."""
+    if bound_hit(details):
+        return "bound hit"
+    return "exact" if stderr is None else format_value(stderr)
+
+
 FLAG = "⚠"
 """Marks a value that should not be read as a plain number (its warnings say why)."""
 
@@ -143,7 +160,7 @@ def measures_table(measures: Mapping[str, Estimate], *, title: str | None = None
     table.add_column("± stderr", justify="right")
     table.add_column("method")
     for name, est in measures.items():
-        se = "exact" if est.stderr is None else format_value(est.stderr)
+        se = stderr_text(est.stderr, est.details)
         value = format_value(est.value) + (f" {FLAG}" if warnings_of(est) else "")
         table.add_row(markup_safe(name), value, se, markup_safe(est.method))
     return table

@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import re
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from flatcli.finetune import (
     FinetuneResult,
     finetune,
 )
-from flatcli.finetune_report import history_figure
+from flatcli.finetune_report import BATCH_LABEL, FULL_LABEL, history_figure
 from flatcli.io import sha256_file
 
 from . import models, tabular
@@ -340,19 +341,36 @@ def test_auto_lambda_gives_the_safe_step_ratio() -> None:
     assert loud.warnings and "relative step" in loud.warnings[0]
 
 
-def test_gradient_clipping_is_on_for_fam_and_bounds_the_step() -> None:
-    assert finetune(MLP, fam_lambda=0.1, epochs=1, **QUICK).hparams["clip_grad_norm"] == 1.0
-    assert finetune(MLP, fam_lambda=0.0, epochs=1, **QUICK).hparams["clip_grad_norm"] is None
+def test_gradient_clipping_is_the_same_for_plain_and_fam_and_bounds_the_step() -> None:
+    fam = finetune(MLP, fam_lambda=0.1, epochs=1, **QUICK)
+    plain = finetune(MLP, fam_lambda=0.0, epochs=1, **QUICK)
+    assert fam.hparams["clip_grad_norm"] == plain.hparams["clip_grad_norm"] == 1.0
+    clipped = finetune(MLP, fam_lambda=0.0, epochs=1, clip_grad_norm=1.0, **QUICK)
+    assert same_weights(plain, clipped)
     start = torch.cat([p.detach().flatten() for p in load_checkpoint(MLP).model.parameters()])
 
-    def moved(clip: float) -> float:
-        r = finetune(MLP, fam_lambda=0.1, epochs=1, clip_grad_norm=clip, **QUICK)
+    def moved(clip: float, lam: float = 0.1) -> float:
+        r = finetune(MLP, fam_lambda=lam, epochs=1, clip_grad_norm=clip, **QUICK)
         end = torch.cat([p.detach().flatten() for p in r.model.parameters()])
         return float((end - start).norm())
 
     # 10 SGD steps, momentum 0.9: ‖Δθ‖ ≤ steps · lr · clip / (1 − β) = 10 · 1e-3 · c / 0.1.
     assert moved(1e-6) <= 1e-7 * (1 + 1e-4)
+    assert moved(1e-6, lam=0.0) <= 1e-7 * (1 + 1e-4)  # plain training is clipped the same way
     assert moved(0) > 1e-4
+
+
+def test_a_negligible_penalty_is_a_warning() -> None:
+    """λκ₀ a millionth of the loss (what `auto` picked on MiniLM) says FAM is nearly off."""
+    tiny = finetune(MLP, fam_lambda=1e-6, fam_scale="relative", epochs=1, **QUICK)
+    (line,) = [w for w in tiny.warnings if "negligible" in w]
+    kappa0, loss0 = tiny.before["relative_flatness"].value, tiny.before["train_loss"].value
+    share = tiny.hparams["fam_lambda_used"] * kappa0 / loss0
+    assert share == pytest.approx(1e-6, rel=1e-6)
+    assert f"is {share:.2g} of the train loss" in line and "close to plain training" in line
+    for lam, scale in ((0.05, "relative"), (0.0, "absolute")):
+        result = finetune(MLP, fam_lambda=lam, fam_scale=scale, epochs=1, **QUICK)
+        assert not any("negligible" in w for w in result.warnings), (lam, result.warnings)
 
 
 def test_detached_gradient_runs_and_differs_from_full() -> None:
@@ -377,6 +395,13 @@ def test_temperature_matched_baseline() -> None:
     )
 
 
+def lines_by_label(ax) -> dict[str, tuple[list[float], list[float]]]:  # noqa: ANN001
+    return {
+        ln.get_label(): ([float(v) for v in ln.get_xdata()], [float(v) for v in ln.get_ydata()])
+        for ln in ax.lines
+    }
+
+
 def test_plot_starts_at_epoch_0_and_drops_the_test_panel_without_a_test_split() -> None:
     with_test = finetune(MLP, fam_lambda=0.1, epochs=1, **QUICK)
     fig = history_figure(with_test.history, start=with_test.before)
@@ -386,7 +411,35 @@ def test_plot_starts_at_epoch_0_and_drops_the_test_panel_without_a_test_split() 
     x, y = train_300()
     no_test = finetune(load_checkpoint(MLP), (x, y), fam_lambda=0.1, epochs=1, device="cpu")
     fig = history_figure(no_test.history, start=no_test.before)
-    assert len(fig.axes) == 2 and len(fig.axes[0].lines) == 1
+    assert len(fig.axes) == 2
+    assert set(lines_by_label(fig.axes[0])) == {FULL_LABEL, BATCH_LABEL}  # no test line
+
+
+def test_curves_show_one_quantity_per_line_from_epoch_0() -> None:
+    """The solid lines are the whole training set in eval mode at every epoch, the start
+    included; the train-mode batch means are a second, labelled line from epoch 1."""
+    trained = load_checkpoint(MLP).model  # with input dropout: train mode differs from eval
+    model = torch.nn.Sequential(
+        OrderedDict([("drop", torch.nn.Dropout(0.2)), *trained.named_children()])
+    )
+    x, y = train_300()
+    result = finetune(model, (x, y), fam_lambda=0.1, epochs=3, device="cpu", seed=2)
+    fig = history_figure(result.history, start=result.before)
+    loss, kappa = lines_by_label(fig.axes[0]), lines_by_label(fig.axes[1])
+    first, last = result.history[0], result.history[-1]
+    for lines, key, batch in (
+        (loss, "train_loss", [r.train_loss for r in result.history]),
+        (kappa, "relative_flatness", [r.kappa for r in result.history]),
+    ):
+        xs, full = lines[FULL_LABEL]
+        assert xs == [0, 1, 2, 3]
+        assert full[0] == result.before[key].value
+        # The last epoch's point is the fine-tuned model as `after` measures it, independently
+        # (float32: the penalty's per-batch means against layer_measures' own sums).
+        assert full[-1] == pytest.approx(result.after[key].value, rel=1e-4)
+        assert lines[BATCH_LABEL] == ([1, 2, 3], batch)
+    assert first.full_train_loss != first.train_loss and first.full_kappa != first.kappa
+    assert last.full_train_accuracy == pytest.approx(result.after["train_accuracy"].value)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -527,6 +580,7 @@ def test_one_step_matches_sgd_and_sam_by_hand(
         max_samples=64,
         device="cpu",
         dtype="float64",
+        clip_grad_norm=0,  # the hand-written step is unclipped
     )
     want = one_full_batch_step(optimizer, sam_rho, weight_decay)
     before = {k: v.double() for k, v in load_checkpoint(MLP).model.state_dict().items()}

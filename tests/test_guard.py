@@ -113,6 +113,35 @@ def test_loss_limit_from_fitted_and_chance_starts() -> None:
     assert at_chance.check(now(accuracy=0.1), stats(), 10.0) is None
 
 
+def test_exact_kappa_is_compared_on_the_whole_set_in_eval_mode() -> None:
+    """κ₀ is the whole training set in eval mode, so an exact κ is compared in the same
+    way when the snapshot has it: train-mode batch means (with dropout, 100× κ₀ in a digits
+    MLP with input dropout) do not fire the check, a rise of the comparable κ does."""
+    g = guard()
+    assert g.check(now(kappa=1.5), stats(kappa=80.0), 10.0) is None
+    assert "κ rose to 2.01" in (g.check(now(kappa=2.01), stats(kappa=1.0), 10.0) or "")
+    assert "saturation" in (g.check(now(kappa=0.09), stats(kappa=1.0), 101.0) or "")
+    assert "non-finite" in (g.check(now(kappa=math.nan), stats(), 10.0) or "")
+    hutchinson = guard(kappa_exact=False)  # its test needs the batches' standard error
+    assert "Hutchinson" in (hutchinson.check(now(kappa=1.0), stats(3.0, 0.3), 10.0) or "")
+
+
+def test_snapshot_kappa_is_the_penalty_on_the_whole_set_and_leaves_the_probes() -> None:
+    net = models.init(models.SmallCNN())
+    x, y = models.classification_data(n=300, shape=(2, 3, 3))
+    exact = FAMRegularizer(net, "fc")
+    found = snapshot(exact, x, y, kappa=True)
+    with torch.no_grad():
+        assert found.kappa == pytest.approx(float(exact(x, y)), rel=1e-12)  # one batch of 300
+    assert snapshot(exact, x, y).kappa is None
+    reg = FAMRegularizer(net, "conv2", method="hutchinson", seed=3)
+    before = reg.generator.get_state()
+    first = snapshot(reg, x, y, kappa=True).kappa
+    assert torch.equal(reg.generator.get_state(), before)
+    assert first is not None and math.isfinite(first)
+    assert snapshot(reg, x, y, kappa=True).kappa == first  # the same probes again
+
+
 def test_hutchinson_kappa_rise_is_a_test_on_its_stderr() -> None:
     g = guard(kappa_exact=False)
     # 3.0 ± 0.3 over 10 batches: t = 3.33 > t_0.99(9) = 2.82.

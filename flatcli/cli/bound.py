@@ -107,6 +107,7 @@ def bound(
         device=device,
         dtype=dtype,
         loss=loss,
+        layer=layer,
     )
     test = prep.split("test") if prep.has_split("test") else None
     with progress() as status:

@@ -326,7 +326,12 @@ def setup(
 
     kwargs = parse_json_object(arch_kwargs, "--arch-kwargs")
     prep = prepare(
-        checkpoint, arch=arch, trust_code=trust_code, arch_kwargs=kwargs, **prepare_kwargs
+        checkpoint,
+        arch=arch,
+        trust_code=trust_code,
+        arch_kwargs=kwargs,
+        layer=layer,
+        **prepare_kwargs,
     )
     layer_name = layer or default_layer(prep.model)
     module = find_layer(prep.model, layer_name)

@@ -328,6 +328,8 @@ def _report_correlations(
         "correlations": table.to_dict(orient="records"),
         "granulated_kendall": result["granulated"],
         "hparams": result["hparams"],
+        "warnings": result["warnings"],
+        "gap_notes": result["gap_notes"],
         "skipped": run.skipped if run is not None else [],
         "computed": run.computed if run is not None else 0,
         "source": recomputed_from,

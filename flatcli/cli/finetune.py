@@ -175,15 +175,20 @@ def finetune(
     from ..checkpoints import load_checkpoint
     from ..finetune import finetune as run_finetune
     from ..io import check_distinct, sidecar
-    from ..prepare import parse_json_object
+    from ..prepare import check_layer_name, parse_json_object
 
     check_report_path(report_page)
+    if layer is not None:
+        check_layer_name(checkpoint, layer)  # before the model is built
     ck = load_checkpoint(
         checkpoint,
         arch=arch,
         arch_kwargs=parse_json_object(arch_kwargs, "--arch-kwargs"),
         trust_code=trust_code,
     )
+    from ..hf import check_has_head
+
+    check_has_head(ck.model, ck.path)
     out = out or Path(f"{checkpoint.stem}-fam.safetensors")
     log, plot = log or sidecar(out, ".csv"), plot or sidecar(out, ".png")  # none beside a stream
     if sidecar(out, ".state.pt") is None:

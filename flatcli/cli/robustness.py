@@ -128,6 +128,7 @@ def robustness(
         device=device,
         dtype=dtype,
         loss=loss,
+        layer=layer,
     )
     with progress() as status:
         result = feature_robustness(
