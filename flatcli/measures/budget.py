@@ -213,8 +213,7 @@ def chunked(batches: Any, rows: int | None) -> Any:
     if rows is None:
         return batches
     if isinstance(batches, distributed.ShardedBatches):  # keep the ranks' sums reduced
-        inner = chunked(batches.inner, rows)
-        return distributed.ShardedBatches(inner, batches.rank, batches.world)
+        return batches.rebatched(rows)
     return Batches(
         lambda: row_chunks(batches, rows),
         n_samples=batches.n_samples,

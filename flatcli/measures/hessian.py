@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ..autodiff import FORWARD, REVERSE, SecondOrder
+from ..autodiff import FORWARD, REVERSE, GradientGraph, SecondOrder, hvp
 from ..data import Batches
 from ..errors import UsageError
 from ..features import batch_len
@@ -57,12 +57,10 @@ from .estimate import Estimate, mean_and_stderr, with_warnings
 from .params import (
     FlatParams,
     batches_for,
-    double_backward_hvps,
     empty_data,
     evaluating,
     fixed_params,
     functional_loss,
-    hvp,
     saturation_warning,
     select_params,
 )
@@ -80,6 +78,8 @@ EXACT_CHUNK = 256
 """Unit directions per vmapped HVP call of the exact trace."""
 ROUND = 16
 """Hutchinson probes per round (one pass over the data per round)."""
+ROUTES = ("retained", "double_backward", "vmap")
+"""How :class:`LossHessian` computes its products (see there)."""
 VMAP_MAX_PARAMS = 1_000_000
 """``probe_batch=None`` vmaps forward-over-reverse products over parameters that are all
 vectors or matrices (no conv kernels), up to this many (fast on MLPs); otherwise it uses
@@ -119,16 +119,23 @@ def _directions(vectors: torch.Tensor | Directions) -> Directions:
 
 
 class LossHessian:
-    r"""The operator :math:`V \mapsto H V` of the mean loss, one pass over the data per call.
+    r"""The operator :math:`V \mapsto H V` of the mean loss.
 
-    Products are computed by one of two engines, chosen to fit ``max_memory``:
+    Products take one of three routes, chosen by what they cost within ``max_memory``:
 
-    * ``double_backward``: reverse-over-reverse, one direction at a time on a gradient
-      graph built once per data chunk and shared by all directions of the call
-      (PyHessian's product; the least memory);
-    * ``vmap``: forward-over-reverse, ``probe_batch`` directions per vmapped call (fast
-      on small dense models, memory growing with ``probe_batch``); the default for at
-      most :data:`VMAP_MAX_PARAMS` parameters without conv kernels, when it fits.
+    * ``retained`` (PyHessian's trick, and the default whenever it fits): the gradient of
+      this process's whole data is built once, with its graph (``create_graph``), and kept
+      for every later call. Each product is then one backward pass of
+      :math:`\nabla E^\top v` through that graph, or, with ``probe_batch`` k > 1, one
+      vmapped backward pass per k directions (``is_grads_batched``). No forward pass or
+      first backward pass is repeated, whatever the number of probes, rounds or Lanczos
+      iterations.
+    * ``double_backward``: when the whole graph does not fit, per call and per data chunk:
+      a forward pass and a ``create_graph`` backward pass, then one backward pass per
+      direction of the call (the least memory).
+    * ``vmap``: forward-over-reverse, ``probe_batch`` directions per vmapped call, per
+      data chunk (chosen over ``double_backward`` for dense models of at most
+      :data:`VMAP_MAX_PARAMS` parameters).
 
     Data batches whose estimated peak would exceed ``max_memory`` are split into chunks
     of fewer rows (per-sample sums, so the value does not change).
@@ -139,16 +146,18 @@ class LossHessian:
         loss: ``cross_entropy`` or ``mse``.
         names: Parameters :math:`\theta` (from :func:`select_params`).
         max_memory: Bytes the products may use (default: half the free memory).
-        probe_batch: Directions per vmapped call; 1 selects double backward; None
-            decides from ``max_memory`` and the number of parameters.
+        probe_batch: Directions per product call (a vmapped backward pass on the retained
+            graph, or a vmapped forward-over-reverse call); 1: one backward pass per
+            direction; None: decided by cost (:func:`retained_round`).
         extra_bytes: Memory the caller will hold besides (probe or basis vectors).
+        route: Force ``retained``, ``double_backward`` or ``vmap`` (None: by cost); the
+            memory plan still splits batches for a per-call route.
 
     Attributes:
-        engine: ``double_backward`` or ``vmap``.
-        probe_batch: Directions per call (1 for double backward).
-        rows: Most rows per data chunk.
-        estimate: Estimated peak bytes of one call at ``rows`` rows: ``fixed_bytes +
-            factor · activations.of(rows)``.
+        engine: ``retained``, ``double_backward`` or ``vmap``.
+        probe_batch: Directions per product call.
+        rows: Most rows per data chunk (None: the batches as they come).
+        estimate: Estimated peak bytes of the products.
         budget: The resolved ``max_memory``.
         on_step: Called after every product block (for progress), or None.
     """
@@ -163,9 +172,12 @@ class LossHessian:
         max_memory: int | None = None,
         probe_batch: int | None = None,
         extra_bytes: float = 0.0,
+        route: str | None = None,
     ) -> None:
         if probe_batch is not None and probe_batch < 1:
             raise UsageError(f"probe_batch must be at least 1, got {probe_batch}")
+        if route not in (None, *ROUTES):
+            raise UsageError(f"unknown route {route!r}; choose one of {', '.join(ROUTES)}")
         self.model = model
         self.batches = batches
         self.loss = loss
@@ -176,9 +188,10 @@ class LossHessian:
         self.on_step: Callable[[], None] | None = None
         self.ad = SecondOrder()
         self.budget = resolve_max_memory(max_memory, self.theta.device)
-        self._plan(probe_batch, extra_bytes)
+        self._graph: GradientGraph | None = None
+        self._plan(probe_batch, extra_bytes, route)
 
-    def _plan(self, probe_batch: int | None, extra_bytes: float) -> None:
+    def _plan(self, probe_batch: int | None, extra_bytes: float, route: str | None) -> None:
         x, y = self.batches.first()
         acts = activation_bytes(
             lambda t, x, y: self._loss_fn(x, y)(t), self.model, x, y, theta=self.theta
@@ -186,13 +199,34 @@ class LossHessian:
         p, item = self.size, self.theta.element_size()
         fixed = extra_bytes + 4 * p * item + 2 * p * 8  # θ, ∇, Hv, v; float64 accumulators
         first_rows = rows_of(x)
+        self.activations, self.fixed_bytes = acts, fixed
+        local = distributed.local_samples(self.batches)
+        if route in (None, "retained") and local is not None:
+            whole = acts.per_row * local + acts.fixed * max(1, math.ceil(local / first_rows))
+            k = probe_batch or retained_round(whole)
+            need = fixed + retained_factor(k) * whole
+            # every rank takes the same route, so that their all-reduces stay in step
+            if route == "retained" or distributed.all_ranks(self.batches, need <= self.budget):
+                self.engine, self.probe_batch, self.rows = "retained", k, None
+                self.factor, self.split, self.estimate = retained_factor(k), False, need
+                self.ad.mode = REVERSE
+                return
+        self._plan_rounds(probe_batch, first_rows, route)
+
+    def _plan_rounds(self, probe_batch: int | None, first_rows: int, route: str | None) -> None:
+        """The per-call routes, when the whole graph does not fit: vmap or double backward."""
+        acts, fixed = self.activations, self.fixed_bytes
 
         def vmap_factor(k: int) -> float:
             return VMAP_BASE + VMAP_PER_DIRECTION * k
 
         engine, k = "double_backward", 1
         dense = all(len(shape) <= 2 for shape in self.flat.shapes)
-        if probe_batch is None and p <= VMAP_MAX_PARAMS and dense:
+        if route == "vmap":
+            engine, k = "vmap", probe_batch or ROUND
+        elif route == "double_backward":
+            pass
+        elif probe_batch is None and self.size <= VMAP_MAX_PARAMS and dense:
             for cand in (ROUND, 8, 4, 2):
                 if fixed + vmap_factor(cand) * acts.of(first_rows) <= self.budget:
                     engine, k = "vmap", cand
@@ -202,10 +236,9 @@ class LossHessian:
         factor = FACTORS["double_backward"] if engine == "double_backward" else vmap_factor(k)
         what = f"a Hessian-vector product ({engine.replace('_', ' ')})"
         self.rows = plan_rows(acts, factor, self.budget, fixed=fixed, what=what)
-        self.engine, self.probe_batch = engine, k
+        self.engine, self.probe_batch, self.factor = engine, k, factor
         if engine == "double_backward":
             self.ad.mode = REVERSE
-        self.activations, self.fixed_bytes, self.factor = acts, fixed, factor
         self.split = self.rows < first_rows
         self.estimate = fixed + factor * acts.of(min(self.rows, first_rows))
 
@@ -215,12 +248,17 @@ class LossHessian:
         return self.flat.size
 
     def describe(self) -> str:
-        """The engine and chunking, in words (for a method string)."""
-        how = (
-            "double backward, one probe at a time"
-            if self.engine == "double_backward"
-            else f"forward-over-reverse, {self.probe_batch} probes per vmapped call"
-        )
+        """The route and chunking, in words (for a method string)."""
+        if self.engine == "retained":
+            how = "one gradient graph kept for every probe, " + (
+                "one backward pass per probe"
+                if self.probe_batch == 1
+                else f"{self.probe_batch} probes per vmapped backward pass"
+            )
+        elif self.engine == "double_backward":
+            how = "double backward, gradient graph rebuilt per round, one probe at a time"
+        else:
+            how = f"forward-over-reverse, {self.probe_batch} probes per vmapped call"
         if "SDPA" in self.ad.mode:
             how += ", SDPA math kernel"
         elif self.engine == "vmap" and self.ad.mode != FORWARD:
@@ -246,6 +284,9 @@ class LossHessian:
         self, dirs: Directions, consume: Callable[[int, int, torch.Tensor], None]
     ) -> None:
         """``consume(lo, hi, H_chunk V[lo:hi])`` for every data chunk and direction block."""
+        if self.engine == "retained":
+            self._retained_products(dirs, consume)
+            return
         n = 0
         for x, y in row_chunks(self.batches, self.rows):
             f = self._loss_fn(x, y)
@@ -254,8 +295,10 @@ class LossHessian:
                 def run(f: Callable[[torch.Tensor], torch.Tensor] = f) -> None:
                     # a missing double-backward formula fails on the first product,
                     # before anything is consumed, so a retry starts clean
-                    for r, hv in double_backward_hvps(f, self.theta, dirs.row, dirs.count):
-                        consume(r, r + 1, hv[None])
+                    graph = GradientGraph(f, self.theta)
+                    for r in range(dirs.count):
+                        last = r == dirs.count - 1
+                        consume(r, r + 1, graph.products(dirs.block(r, r + 1), release=last))
                         self._step()
 
                 self.ad(run, run)
@@ -266,10 +309,51 @@ class LossHessian:
                     consume(lo, hi, hvp(f, self.theta, v, ad=self.ad))
                     self._step()
             n += batch_len(x)
-        n = int(distributed.sum_floats(self.batches, n)[0])  # over the ranks, if sharded
-        if n == 0:
+        self._count(n)
+
+    def _retained_products(
+        self, dirs: Directions, consume: Callable[[int, int, torch.Tensor], None]
+    ) -> None:
+        """Products on the graph of all the data, built on the first call."""
+        k, batched = self.probe_batch, self.probe_batch > 1
+        start = 0
+        if self._graph is None:
+            rows = {"n": 0}
+
+            def first() -> torch.Tensor:
+                # a missing double-backward formula fails on the first product: a retry
+                # (under the math attention kernel) builds the graph again
+                self._graph, rows["n"] = self._build_graph()
+                return self._graph.products(dirs.block(0, min(k, dirs.count)), batched=batched)
+
+            hv = self.ad(first, first)
+            start = min(k, dirs.count)
+            consume(0, start, hv)
+            self._step()
+            self._count(rows["n"])
+        for lo in range(start, dirs.count, k):
+            hi = min(lo + k, dirs.count)
+            assert self._graph is not None
+            consume(lo, hi, self._graph.products(dirs.block(lo, hi), batched=batched))
+            self._step()
+
+    def _build_graph(self) -> tuple[GradientGraph, int]:
+        """The gradient of the summed loss of every local batch, with its graph."""
+        pairs = list(self.batches)
+        n = sum(batch_len(x) for x, _ in pairs)
+
+        def total(t: torch.Tensor) -> torch.Tensor:
+            parts = [self._loss_fn(x, y)(t) for x, y in pairs]
+            return torch.stack(parts).sum() if parts else t.new_zeros(())
+
+        return GradientGraph(total, self.theta), n
+
+    def _count(self, n: int) -> None:
+        """Set ``n`` (summed over the ranks, once: the same collectives on every route)."""
+        if self.n is None:
+            self.n = int(distributed.sum_floats(self.batches, n)[0])
+        if self.n == 0:
             raise empty_data()
-        self.n = n
 
     def _step(self) -> None:
         if self.on_step is not None:
@@ -307,6 +391,26 @@ class LossHessian:
         self._products(dirs, add)
         total = distributed.sum_over_shards(self.batches, total)
         return total / self.n  # type: ignore[operator]
+
+
+RETAINED_BATCH_MAX_BYTES = 3 * 2**20
+"""Saved activations (of all the data) up to which :func:`retained_round` vmaps probes."""
+
+
+def retained_round(saved: float) -> int:
+    """Probes per backward pass on the retained graph when ``probe_batch`` is None.
+
+    A vmapped backward pass of 16 probes costs less than 16 single ones only while each
+    pass is small enough for per-operation overhead to dominate (bench/bench_trace.py:
+    0.5–0.8× the time per probe on MLPs and a small CNN with up to ~1 MiB of saved
+    activations, 1.06–1.09× from ~5 MiB): ``saved`` is the bytes the forward pass saves.
+    """
+    return ROUND if saved <= RETAINED_BATCH_MAX_BYTES else 1
+
+
+def retained_factor(k: int) -> float:
+    """Peak memory of the retained route over the saved activations of all the data."""
+    return FACTORS["double_backward"] + VMAP_PER_DIRECTION * (k - 1)
 
 
 DOT_CHUNK = 1 << 20

@@ -10,10 +10,9 @@ of parameters, flattened into one vector :math:`\theta \in \mathbb{R}^p`:
 * :func:`functional_loss` is :math:`\theta \mapsto \sum_i \ell_i(\theta)` on one batch
   (a per-sample **sum**, so that sums over batches divided by ``n`` give the mean
   risk), with every other parameter held fixed and detached.
-* :func:`hvp` is the batched Hessian-vector product
-  ``jvp(grad(f))`` (forward-over-reverse), vmapped over probe directions;
-  :func:`double_backward_hvps` is the reverse-over-reverse one, one direction at a time
-  on a gradient graph shared by all of them (less memory, and faster on conv nets).
+* Hessian-vector products of such a function come from :mod:`flatcli.autodiff`
+  (:func:`~flatcli.autodiff.hvp`, forward-over-reverse, and
+  :class:`~flatcli.autodiff.GradientGraph`, reverse-over-reverse on a kept graph).
 * :func:`mean_objective` is the training error or mean loss, optionally with
   replaced parameters (the perturbation measures never touch the model's own weights).
 """
@@ -31,7 +30,6 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ..autodiff import SecondOrder
 from ..checkpoints import eval_mode
 from ..data import Batches, as_batches
 from ..errors import FlatcliError, UsageError
@@ -161,76 +159,6 @@ def functional_loss(
         return per_sample_loss(out, y, loss).sum()  # type: ignore[arg-type]
 
     return f
-
-
-def hvp(
-    f: Callable[[torch.Tensor], torch.Tensor],
-    theta: torch.Tensor,
-    vectors: torch.Tensor,
-    *,
-    chunk_size: int | None = None,
-    ad: SecondOrder | None = None,
-) -> torch.Tensor:
-    r"""Hessian-vector products :math:`\nabla^2 f(\theta)\, v_k` for every row of ``vectors``.
-
-    Forward-over-reverse (``jvp`` of ``grad``), vmapped over the ``k`` directions: the
-    primal forward and backward pass is shared by all directions, only the tangents are
-    batched. ``torch.func.grad`` differentiates even under an outer ``torch.no_grad()``.
-    When an op has no forward-mode derivative, ``ad`` (a :class:`~flatcli.autodiff.SecondOrder`)
-    falls back to reverse-over-reverse (``vjp`` of ``grad``; ``H`` is symmetric) or to the
-    math attention kernel, and records which.
-
-    Args:
-        f: Scalar function of a flat vector.
-        theta: Point, shape ``(p,)``.
-        vectors: Directions, shape ``(k, p)``.
-        chunk_size: Directions per vmapped call (memory bound); None for all at once.
-
-    Returns:
-        ``(k, p)`` tensor whose row ``k`` is :math:`H v_k`.
-    """
-    grad_f = torch.func.grad(f)
-
-    def one(v: torch.Tensor) -> torch.Tensor:
-        return torch.func.jvp(grad_f, (theta,), (v,))[1]
-
-    def forward() -> torch.Tensor:
-        return torch.func.vmap(one, chunk_size=chunk_size)(vectors)
-
-    def reverse() -> torch.Tensor:
-        _, pullback = torch.func.vjp(grad_f, theta)
-        return torch.func.vmap(lambda v: pullback(v)[0], chunk_size=chunk_size)(vectors)
-
-    return (ad or SecondOrder())(forward, reverse)
-
-
-def double_backward_hvps(
-    f: Callable[[torch.Tensor], torch.Tensor],
-    theta: torch.Tensor,
-    direction: Callable[[int], torch.Tensor],
-    k: int,
-) -> Iterator[tuple[int, torch.Tensor]]:
-    r"""``(r, H v_r)`` for ``r < k``, by reverse-over-reverse (double backward).
-
-    One forward pass and one ``create_graph`` backward pass build :math:`\nabla f(\theta)`
-    with its graph; each direction then costs one more backward pass through it, with the
-    graph retained until the last. Peak memory is that of one direction, whatever ``k``
-    (PyHessian's product). Works under an outer ``torch.no_grad()``.
-
-    Args:
-        f: Scalar function of a flat vector.
-        theta: Point, shape ``(p,)``.
-        direction: ``r -> v_r``, shape ``(p,)`` (made when needed, so that ``k``
-            directions never have to be held at once in floating point).
-        k: Number of directions.
-    """
-    with torch.enable_grad():
-        t = theta.detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(f(t), t, create_graph=True)
-        for r in range(k):
-            v = direction(r).to(theta)
-            (hv,) = torch.autograd.grad(g, t, v, retain_graph=r < k - 1)
-            yield r, hv
 
 
 # --------------------------------------------------------------------------- data and mode
