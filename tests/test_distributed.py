@@ -81,6 +81,28 @@ def test_measure_on_two_ranks_equals_one_process(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_two_ranks_share_120_samples_at_the_default_batch_size(tmp_path: Path) -> None:
+    """Fewer samples than one default batch (256): each rank takes 60 and batches them."""
+    args = ["measure", str(MLP), "--max-samples", "120", "--dtype", "float64"]
+    args += ["--measures", "relative_flatness,hessian_trace,hessian_top_eigenvalue,train_loss"]
+    args += ["--max-probes", "32", "--rtol", "1e-9", "--format", "json"]
+    want = single(args)
+    out = tmp_path / "two.json"
+    done = torchrun([*args, "--output", str(out)], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert got["manifest"]["world_size"] == 2 and got["data"]["n_samples"] == 120
+    for name, w in want["measures"].items():
+        g = got["measures"][name]
+        assert g["method"] == w["method"], name  # the same route on every rank
+        for key in ("value", "stderr"):
+            if w[key] is None:
+                assert g[key] is None, name
+            else:  # seeded probes, float64 sums added in another order
+                assert g[key] == pytest.approx(w[key], rel=1e-12, abs=1e-300), name
+
+
+@pytest.mark.slow
 def test_correlate_on_two_ranks_equals_one_process(tmp_path: Path) -> None:
     args = ["correlate", *map(str, ZOO), "--measures", "relative_flatness,fisher_rao"]
     args += ["--max-samples", "100", "--dtype", "float64", "--format", "json", "--bootstrap", "50"]
