@@ -36,9 +36,9 @@ from torch import nn
 
 from .. import distributed
 from ..autodiff import FORWARD, REVERSE, GradientGraph, SecondOrder, hvp
-from ..data import Batches
+from ..data import Batches, take
 from ..errors import UsageError
-from ..features import batch_len
+from ..features import batch_len, call_model
 from ..losses import check_loss
 from .budget import (
     FACTORS,
@@ -54,6 +54,7 @@ from .budget import (
     rows_of,
 )
 from .estimate import Estimate, mean_and_stderr, with_warnings
+from .gauss_newton import MAX_CLASSES, gauss_newton_trace, piecewise_linear_network
 from .params import (
     FlatParams,
     batches_for,
@@ -189,6 +190,8 @@ class LossHessian:
         self.ad = SecondOrder()
         self.budget = resolve_max_memory(max_memory, self.theta.device)
         self._graph: GradientGraph | None = None
+        self.logits: list[torch.Tensor] | None = None
+        """The logits of every local batch, once the retained graph is built (else None)."""
         self._plan(probe_batch, extra_bytes, route)
 
     def _plan(self, probe_batch: int | None, extra_bytes: float, route: str | None) -> None:
@@ -203,7 +206,8 @@ class LossHessian:
         local = distributed.local_samples(self.batches)
         if route in (None, "retained") and local is not None:
             whole = acts.per_row * local + acts.fixed * max(1, math.ceil(local / first_rows))
-            k = probe_batch or retained_round(whole)
+            dense = all(len(shape) <= 2 for shape in self.flat.shapes)
+            k = probe_batch or retained_round(whole, dense)
             need = fixed + retained_factor(k) * whole
             # every rank takes the same route, so that their all-reduces stay in step
             if route == "retained" or distributed.all_ranks(self.batches, need <= self.budget):
@@ -338,12 +342,19 @@ class LossHessian:
             self._step()
 
     def _build_graph(self) -> tuple[GradientGraph, int]:
-        """The gradient of the summed loss of every local batch, with its graph."""
+        """The gradient of the summed loss of every local batch, with its graph (and the
+        logits of every batch, kept in :attr:`logits`)."""
         pairs = list(self.batches)
         n = sum(batch_len(x) for x, _ in pairs)
+        self.logits = []
 
         def total(t: torch.Tensor) -> torch.Tensor:
-            parts = [self._loss_fn(x, y)(t) for x, y in pairs]
+            parts = [
+                functional_loss(
+                    self.model, self.flat, x, y, self.loss, fixed=self.fixed, outputs=self.logits
+                )(t)
+                for x, y in pairs
+            ]
             return torch.stack(parts).sum() if parts else t.new_zeros(())
 
         return GradientGraph(total, self.theta), n
@@ -397,15 +408,18 @@ RETAINED_BATCH_MAX_BYTES = 3 * 2**20
 """Saved activations (of all the data) up to which :func:`retained_round` vmaps probes."""
 
 
-def retained_round(saved: float) -> int:
+def retained_round(saved: float, dense: bool) -> int:
     """Probes per backward pass on the retained graph when ``probe_batch`` is None.
 
     A vmapped backward pass of 16 probes costs less than 16 single ones only while each
-    pass is small enough for per-operation overhead to dominate (bench/bench_trace.py:
-    0.5–0.8× the time per probe on MLPs and a small CNN with up to ~1 MiB of saved
-    activations, 1.06–1.09× from ~5 MiB): ``saved`` is the bytes the forward pass saves.
+    pass is small enough for per-operation overhead to dominate: on the digits MLP (n 256
+    and 1,797, up to 1.2 MiB of saved activations) 0.66–0.68× the CPU time per probe, on
+    an MLP 13-96-64-3 at n 512 1.00×, and from about 5 MiB (an MLP 64-128-128-10 at n
+    2,000) 1.06–1.09×; on the digits CNN it ranged 0.76–1.07× between runs, so conv
+    kernels keep one probe per pass. ``saved``: the bytes the forward pass saves;
+    ``dense``: no parameter has more than 2 dimensions.
     """
-    return ROUND if saved <= RETAINED_BATCH_MAX_BYTES else 1
+    return ROUND if dense and saved <= RETAINED_BATCH_MAX_BYTES else 1
 
 
 def retained_factor(k: int) -> float:
@@ -569,12 +583,15 @@ def hessian_trace(
     batches = batches_for(model, data, batch_size=batch_size)
     with evaluating(model), torch.no_grad():
         p = FlatParams.of(model, names).size
-        resolved = method
-        note = ""
-        if method == "auto":
-            resolved = "exact" if p <= AUTO_EXACT_MAX_PARAMS else "hutchinson"
-            relation = "≤" if resolved == "exact" else ">"
-            note = f"; auto: {p} parameters {relation} {AUTO_EXACT_MAX_PARAMS}"
+        resolved, note = _resolve_method(model, batches, method, p)
+        if resolved == "gauss_newton":
+            logits: list[torch.Tensor] = []
+            budget = resolve_max_memory(max_memory, batches.device)
+            est = gauss_newton_trace(
+                model, batches, loss, names, budget=budget, note=note, outputs=logits
+            )
+            saturated = saturation_warning(model, batches, loss, logits=logits)
+            return with_warnings(_flag_zero(est), saturated or "")
         extra = 0.0
         item = next(model.parameters()).element_size()
         if resolved != "exact":
@@ -591,21 +608,45 @@ def hessian_trace(
             extra_bytes=extra,
         )
         tell = progress or (lambda _msg: None)
-        saturated = saturation_warning(model, batches, loss)
         if resolved == "exact":
-            return with_warnings(_exact_trace(op, note, tell), saturated or "")
-        est = trace_estimate(
-            op,
-            trace_method=trace_method,
-            rtol=rtol,
-            max_probes=max_probes,
-            seed=seed,
-            sketch=sketch,
-            clock=clock,
-            progress=tell,
-            note=note,
-        )
+            est = _exact_trace(op, note, tell)
+        else:
+            est = trace_estimate(
+                op,
+                trace_method=trace_method,
+                rtol=rtol,
+                max_probes=max_probes,
+                seed=seed,
+                sketch=sketch,
+                clock=clock,
+                progress=tell,
+                note=note,
+            )
+        # the retained graph's forward pass already gave every logit: no pass of its own
+        saturated = saturation_warning(model, batches, loss, logits=op.logits)
         return with_warnings(est, saturated or "")
+
+
+def _resolve_method(model: nn.Module, batches: Batches, method: str, p: int) -> tuple[str, str]:
+    """``gauss_newton``, ``exact`` (the diagonal by HVPs) or ``hutchinson``, and the note.
+
+    ``exact`` and ``auto`` take the Gauss-Newton diagonal on a piecewise-linear network
+    with 2-D logits (``auto``: at most :data:`~flatcli.measures.gauss_newton.MAX_CLASSES`
+    of them); otherwise ``auto`` is exact by HVPs up to :data:`AUTO_EXACT_MAX_PARAMS`
+    parameters and Hutchinson above.
+    """
+    if method == "hutchinson":
+        return method, ""
+    if piecewise_linear_network(model):
+        x, _ = batches.first()
+        out = call_model(model, take(x, slice(0, 1)))
+        if out.ndim == 2 and (method == "exact" or out.shape[1] <= MAX_CLASSES):
+            return "gauss_newton", "; auto: a piecewise-linear network" if method == "auto" else ""
+    if method == "exact":
+        return method, ""
+    resolved = "exact" if p <= AUTO_EXACT_MAX_PARAMS else "hutchinson"
+    relation = "≤" if resolved == "exact" else ">"
+    return resolved, f"; auto: {p} parameters {relation} {AUTO_EXACT_MAX_PARAMS}"
 
 
 def _check_trace_options(
@@ -910,7 +951,7 @@ def hessian_top_eigenvalue(
             op, start, iters, tol, progress or (lambda _msg: None), clock
         )
         residual = float((op.matmat(vector[None])[0] - value * vector).norm())
-        saturated = saturation_warning(model, batches, loss)
+        saturated = saturation_warning(model, batches, loss, logits=op.logits)
     est = Estimate(
         value,
         None,

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -140,6 +140,7 @@ def functional_loss(
     loss: str,
     *,
     fixed: Mapping[str, torch.Tensor] | None = None,
+    outputs: list[torch.Tensor] | None = None,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     r"""The batch's summed loss as a function of the flat parameters.
 
@@ -151,11 +152,14 @@ def functional_loss(
         x, y: One batch.
         loss: ``cross_entropy`` or ``mse`` (see :func:`flatcli.losses.per_sample_loss`).
         fixed: The other parameters (default: :func:`fixed_params`).
+        outputs: A list each call appends the model's (detached) logits to.
     """
     others = fixed_params(model, flat) if fixed is None else fixed
 
     def f(theta: torch.Tensor) -> torch.Tensor:
         out = call_model(model, x, {**others, **flat.unflatten(theta)})
+        if outputs is not None:
+            outputs.append(out.detach())
         return per_sample_loss(out, y, loss).sum()  # type: ignore[arg-type]
 
     return f
@@ -189,19 +193,26 @@ def empty_data() -> FlatcliError:
     return FlatcliError("the dataset is empty")
 
 
-def saturation_warning(model: nn.Module, batches: Batches, loss: str) -> str | None:
+def saturation_warning(
+    model: nn.Module,
+    batches: Batches,
+    loss: str,
+    *,
+    logits: Iterable[torch.Tensor] | None = None,
+) -> str | None:
     r"""A warning when the softmax is saturated on every sample, else None.
 
     With cross-entropy every curvature term of a sample carries a factor
     :math:`p_j(1-p_j)`, at most :math:`1 - \max_j p_j`. When that is below the float
     resolution of the model's dtype on *every* sample, Hessian (and gradient) measures
-    are rounding noise, however small or exactly 0 they print. One forward pass.
+    are rounding noise, however small or exactly 0 they print. One forward pass, or none
+    when the caller already has the ``logits`` of every batch.
     """
     if loss != "cross_entropy":
         return None
     worst, n = -math.inf, 0
-    for x, _ in batches:
-        out = call_model(model, x)
+    outputs = logits if logits is not None else (call_model(model, x) for x, _ in batches)
+    for out in outputs:
         if out.ndim != 2 or out.shape[1] < 2:
             return None
         top = out.max(-1, keepdim=True).values
