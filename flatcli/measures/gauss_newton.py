@@ -194,10 +194,12 @@ def gauss_newton_trace(
         one = {k: v.unsqueeze(0) for k, v in xi.items()} if isinstance(xi, Mapping) else xi[None]
         return call_model(model, one, {**others, **flat.unflatten(t)})[0]
 
+    chunk = None if per_call >= classes else per_call
+
     def per_sample(xi: ModelInput, factors: torch.Tensor) -> torch.Tensor:
         _, pullback = torch.func.vjp(lambda t: logits(t, xi), theta)
-        g = torch.func.vmap(lambda v: pullback(v)[0], chunk_size=per_call)(factors)
-        return torch.sum(g * g, dtype=torch.float64)
+        g = torch.func.vmap(lambda v: pullback(v)[0], chunk_size=chunk)(factors)
+        return torch.linalg.vecdot(g, g)  # ‖J_iᵀ l_ic‖² for each c: (C,)
 
     total, n = torch.zeros((), dtype=torch.float64), 0
     for xc, yc in row_chunks(batches, rows):
@@ -205,7 +207,7 @@ def gauss_newton_trace(
         if outputs is not None:
             outputs.append(out)
         factors = loss_factors(out, yc, loss).to(out.dtype)
-        total += torch.func.vmap(per_sample)(xc, factors).sum().cpu()
+        total += torch.func.vmap(per_sample)(xc, factors).double().sum().cpu()
         n += batch_len(xc)
     total = distributed.sum_over_shards(batches, total)
     n = int(distributed.sum_floats(batches, n)[0])

@@ -207,7 +207,7 @@ class LossHessian:
         if route in (None, "retained") and local is not None:
             whole = acts.per_row * local + acts.fixed * max(1, math.ceil(local / first_rows))
             dense = all(len(shape) <= 2 for shape in self.flat.shapes)
-            k = probe_batch or retained_round(whole, dense)
+            k = probe_batch or retained_round(whole, first_rows, dense)
             need = fixed + retained_factor(k) * whole
             # every rank takes the same route, so that their all-reduces stay in step
             if route == "retained" or distributed.all_ranks(self.batches, need <= self.budget):
@@ -406,20 +406,25 @@ class LossHessian:
 
 RETAINED_BATCH_MAX_BYTES = 3 * 2**20
 """Saved activations (of all the data) up to which :func:`retained_round` vmaps probes."""
+RETAINED_BATCH_MAX_ROWS = 256
+"""Rows per data batch up to which :func:`retained_round` vmaps probes."""
 
 
-def retained_round(saved: float, dense: bool) -> int:
+def retained_round(saved: float, rows: int, dense: bool) -> int:
     """Probes per backward pass on the retained graph when ``probe_batch`` is None.
 
-    A vmapped backward pass of 16 probes costs less than 16 single ones only while each
-    pass is small enough for per-operation overhead to dominate: on the digits MLP (n 256
-    and 1,797, up to 1.2 MiB of saved activations) 0.66–0.68× the CPU time per probe, on
-    an MLP 13-96-64-3 at n 512 1.00×, and from about 5 MiB (an MLP 64-128-128-10 at n
-    2,000) 1.06–1.09×; on the digits CNN it ranged 0.76–1.07× between runs, so conv
-    kernels keep one probe per pass. ``saved``: the bytes the forward pass saves;
-    ``dense``: no parameter has more than 2 dimensions.
+    A vmapped backward pass of 16 probes turns every operation on a batch of ``rows``
+    samples into one on ``16·rows``: cheaper than 16 passes while the operations are
+    small enough for per-operation overhead to dominate. Measured (bench/bench_trace.py,
+    CPU time per probe, one thread): MLPs in batches of 128–256 rows 0.61–0.81× one probe
+    per pass, with batches of 512 rows 0.88–1.10×, and from about 5 MiB of saved
+    activations 1.06–1.09×; on the digits CNN 0.76–1.07× between runs, so conv kernels
+    keep one probe per pass. ``saved``: the bytes the forward pass saves for all the
+    data; ``rows``: the rows of the first batch; ``dense``: no parameter has more than 2
+    dimensions.
     """
-    return ROUND if dense and saved <= RETAINED_BATCH_MAX_BYTES else 1
+    small = saved <= RETAINED_BATCH_MAX_BYTES and rows <= RETAINED_BATCH_MAX_ROWS
+    return ROUND if dense and small else 1
 
 
 def retained_factor(k: int) -> float:
@@ -1000,9 +1005,12 @@ def _lanczos_top(
         w = op.matmat(basis[iterations - 1][None])[0]
         alphas.append(float(w @ basis[iterations - 1]))
         q = basis[:iterations]
-        for _ in range(2):  # twice is enough (Kahan–Parlett)
-            w = w - q.T @ (q @ w)
+        before = float(w.norm())
+        w = w - q.T @ (q @ w)
         beta = float(w.norm())
+        if beta < DGKS * before:  # cancellation: once more, and twice is enough
+            w = w - q.T @ (q @ w)
+            beta = float(w.norm())
         evals, evecs = torch.linalg.eigh(_tridiagonal(alphas, betas))
         tell(f"Lanczos top eigenvalue: iteration {iterations}, λ ≈ {float(evals[-1]):.6g}")
         scale = max(float(evals.abs().max()), torch.finfo(torch.float64).tiny)
@@ -1016,6 +1024,12 @@ def _lanczos_top(
     q = basis[: len(alphas)]
     evals, evecs = torch.linalg.eigh(_tridiagonal(alphas, betas[: len(alphas) - 1]))
     return float(evals[-1]), evecs[:, -1].to(q) @ q, iterations, iterations == op.size
+
+
+DGKS = 0.7071
+"""Reorthogonalize a Lanczos vector a second time when the first pass left less than this
+fraction of its norm (Daniel, Gragg, Kaufman, Stewart 1976; Kahan–Parlett: twice is
+enough)."""
 
 
 def _tridiagonal(alphas: list[float], betas: list[float]) -> torch.Tensor:
