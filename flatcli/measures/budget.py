@@ -292,19 +292,33 @@ def chunked_rows(
 
 
 class Stopwatch:
-    """Elapsed time against an optional ``time_budget`` (seconds; None or 0: no limit)."""
+    """Elapsed time against an optional ``time_budget`` (seconds; None or 0: no limit).
 
-    def __init__(self, time_budget: float | None = None) -> None:
+    One stopwatch may be shared by the measures of a run (``flatcli measure``'s
+    ``--time-budget`` is the run's total): each measure that takes ``time_budget`` also
+    accepts a :class:`Stopwatch` and then spends what is left of it. ``clock`` (default
+    ``time.monotonic``) is the time source, replaceable in tests.
+    """
+
+    def __init__(
+        self, time_budget: float | None = None, *, clock: Callable[[], float] | None = None
+    ) -> None:
         if time_budget is not None and not (time_budget >= 0 and math.isfinite(time_budget)):
             raise UsageError(f"time budget must be at least 0 seconds, got {time_budget}")
         self.budget = time_budget or None
-        self.start = time.monotonic()
+        self.now = clock or time.monotonic
+        self.start = self.now()
         self.last_tell = -math.inf
+
+    @classmethod
+    def of(cls, time_budget: float | Stopwatch | None) -> Stopwatch:
+        """``time_budget`` itself when it is a stopwatch (shared), else a new one."""
+        return time_budget if isinstance(time_budget, Stopwatch) else cls(time_budget)
 
     @property
     def elapsed(self) -> float:
         """Seconds since the start."""
-        return time.monotonic() - self.start
+        return self.now() - self.start
 
     @property
     def remaining(self) -> float:
@@ -317,7 +331,7 @@ class Stopwatch:
 
     def due(self, every: float = 1.0) -> bool:
         """True at most once every ``every`` seconds (to throttle progress lines)."""
-        now = time.monotonic()
+        now = self.now()
         if now - self.last_tell >= every:
             self.last_tell = now
             return True

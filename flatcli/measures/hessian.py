@@ -27,9 +27,9 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import nn
@@ -160,7 +160,14 @@ class LossHessian:
         rows: Most rows per data chunk (None: the batches as they come).
         estimate: Estimated peak bytes of the products.
         budget: The resolved ``max_memory``.
-        on_step: Called after every product block (for progress), or None.
+        on_step: Called after every product block with the fraction of the current call's
+            products done (None while the number of data chunks is not yet known), for
+            progress; or None.
+        should_stop: Asked, during :meth:`quadratic_forms` only, after every product
+            block with the number of directions complete over all the data; True ends the
+            call there, returning those directions only (a time budget, at probe
+            granularity). None: never asked. Ignored under ``torchrun`` (the ranks'
+            all-reduces must stay in step).
     """
 
     def __init__(
@@ -186,7 +193,10 @@ class LossHessian:
         self.theta = self.flat.vector(model)
         self.fixed = fixed_params(model, self.flat)
         self.n: int | None = None
-        self.on_step: Callable[[], None] | None = None
+        self.on_step: Callable[[float | None], None] | None = None
+        self.should_stop: Callable[[int], bool] | None = None
+        self.chunks: int | None = None
+        """Data chunks per pass over the data, once one pass is done."""
         self.ad = SecondOrder()
         self.budget = resolve_max_memory(max_memory, self.theta.device)
         self._graph: GradientGraph | None = None
@@ -285,15 +295,31 @@ class LossHessian:
         return functional_loss(self.model, self.flat, x, y, self.loss, fixed=self.fixed)
 
     def _products(
-        self, dirs: Directions, consume: Callable[[int, int, torch.Tensor], None]
+        self,
+        dirs: Directions,
+        consume: Callable[[int, int, torch.Tensor], None],
+        *,
+        stoppable: bool = False,
     ) -> None:
-        """``consume(lo, hi, H_chunk V[lo:hi])`` for every data chunk and direction block."""
+        """``consume(lo, hi, H_chunk V[lo:hi])`` for every data chunk and direction block.
+
+        With ``stoppable``, :attr:`should_stop` is asked after every block and a True
+        raises :class:`RoundStopped` with the directions complete over all the data.
+        """
+        check = self._stop_check(stoppable)
         if self.engine == "retained":
-            self._retained_products(dirs, consume)
+            self._retained_products(dirs, consume, check)
             return
-        n = 0
-        for x, y in row_chunks(self.batches, self.rows):
+        n, chunk = 0, 0
+        for (x, y), last in _with_last(row_chunks(self.batches, self.rows)):
             f = self._loss_fn(x, y)
+            rows = n + batch_len(x)
+
+            def after(hi: int, chunk: int = chunk, last: bool = last, rows: int = rows) -> None:
+                self._step(chunk * dirs.count + hi, dirs.count)
+                if last and check(hi):  # a direction is complete in the last chunk only
+                    raise RoundStopped(hi, rows)
+
             if self.engine == "double_backward":
 
                 def run(f: Callable[[torch.Tensor], torch.Tensor] = f) -> None:
@@ -303,7 +329,7 @@ class LossHessian:
                     for r in range(dirs.count):
                         last = r == dirs.count - 1
                         consume(r, r + 1, graph.products(dirs.block(r, r + 1), release=last))
-                        self._step()
+                        after(r + 1)
 
                 self.ad(run, run)
             else:
@@ -311,12 +337,22 @@ class LossHessian:
                     hi = min(lo + self.probe_batch, dirs.count)
                     v = dirs.block(lo, hi).to(self.theta)
                     consume(lo, hi, hvp(f, self.theta, v, ad=self.ad))
-                    self._step()
-            n += batch_len(x)
+                    after(hi)
+            n, chunk = rows, chunk + 1
+        self.chunks = chunk
         self._count(n)
 
+    def _stop_check(self, stoppable: bool) -> Callable[[int], bool]:
+        ask = self.should_stop
+        if not stoppable or ask is None or distributed.active():
+            return lambda _done: False
+        return ask
+
     def _retained_products(
-        self, dirs: Directions, consume: Callable[[int, int, torch.Tensor], None]
+        self,
+        dirs: Directions,
+        consume: Callable[[int, int, torch.Tensor], None],
+        check: Callable[[int], bool],
     ) -> None:
         """Products on the graph of all the data, built on the first call."""
         k, batched = self.probe_batch, self.probe_batch > 1
@@ -333,13 +369,18 @@ class LossHessian:
             hv = self.ad(first, first)
             start = min(k, dirs.count)
             consume(0, start, hv)
-            self._step()
+            self.chunks = 1
+            self._step(start, dirs.count)
             self._count(rows["n"])
+            if check(start):
+                raise RoundStopped(start, rows["n"])
         for lo in range(start, dirs.count, k):
             hi = min(lo + k, dirs.count)
             assert self._graph is not None
             consume(lo, hi, self._graph.products(dirs.block(lo, hi), batched=batched))
-            self._step()
+            self._step(hi, dirs.count)
+            if check(hi):
+                raise RoundStopped(hi, 0)
 
     def _build_graph(self) -> tuple[GradientGraph, int]:
         """The gradient of the summed loss of every local batch, with its graph (and the
@@ -366,9 +407,11 @@ class LossHessian:
         if self.n == 0:
             raise empty_data()
 
-    def _step(self) -> None:
+    def _step(self, done: int, count: int) -> None:
+        """Tell :attr:`on_step` the fraction done: ``done`` products of ``count`` per chunk."""
         if self.on_step is not None:
-            self.on_step()
+            chunks = self.chunks
+            self.on_step(None if chunks is None else min(1.0, done / (count * chunks)))
 
     def matmat(
         self, vectors: torch.Tensor | Directions, *, dtype: torch.dtype | None = torch.float64
@@ -390,7 +433,10 @@ class LossHessian:
         return total.div_(self.n)  # type: ignore[arg-type]
 
     def quadratic_forms(self, vectors: torch.Tensor | Directions) -> torch.Tensor:
-        """``v_kᵀ H v_k`` for each direction, in float64 (only ``k`` numbers are kept)."""
+        """``v_kᵀ H v_k`` for each direction, in float64 (only ``k`` numbers are kept).
+
+        Fewer than ``k`` (the first ones) when :attr:`should_stop` ended the call.
+        """
         dirs = _directions(vectors)
         total = torch.zeros(dirs.count, dtype=torch.float64)
 
@@ -399,9 +445,39 @@ class LossHessian:
             for r in range(hi - lo):
                 total[lo + r] += dot64(v[r], hv[r])
 
-        self._products(dirs, add)
+        try:
+            self._products(dirs, add, stoppable=True)
+        except RoundStopped as stop:
+            if self.n is None:
+                self._count(stop.rows)
+            total = total[: stop.done]
         total = distributed.sum_over_shards(self.batches, total)
         return total / self.n  # type: ignore[operator]
+
+
+T = TypeVar("T")
+
+
+class RoundStopped(Exception):
+    """Raised inside :meth:`LossHessian._products` when :attr:`LossHessian.should_stop`
+    says so: ``done`` directions are complete over all the data (``rows`` samples)."""
+
+    def __init__(self, done: int, rows: int) -> None:
+        super().__init__(f"stopped after {done} directions")
+        self.done, self.rows = done, rows
+
+
+def _with_last(items: Iterable[T]) -> Iterator[tuple[T, bool]]:
+    """Each item with whether it is the last one (one item of lookahead)."""
+    it = iter(items)
+    try:
+        prev = next(it)
+    except StopIteration:
+        return
+    for item in it:
+        yield prev, False
+        prev = item
+    yield prev, True
 
 
 RETAINED_BATCH_MAX_BYTES = 3 * 2**20
@@ -467,7 +543,8 @@ class MatrixOperator:
 
     def __init__(self, matrix: torch.Tensor) -> None:
         self.matrix = matrix.double()
-        self.on_step: Callable[[], None] | None = None
+        self.on_step: Callable[[float | None], None] | None = None
+        self.should_stop: Callable[[int], bool] | None = None
 
     @property
     def size(self) -> int:
@@ -490,9 +567,18 @@ class MatrixOperator:
         return dirs.block(0, dirs.count).double() @ self.matrix
 
     def quadratic_forms(self, vectors: torch.Tensor | Directions) -> torch.Tensor:
-        """``v_kᵀ H v_k`` for each direction."""
-        v = _directions(vectors).block(0, _directions(vectors).count).double()
-        return ((v @ self.matrix) * v).sum(-1)
+        """``v_kᵀ H v_k`` for each direction, one at a time (stopping as
+        :class:`LossHessian` does when :attr:`should_stop` says so)."""
+        dirs = _directions(vectors)
+        out = []
+        for r in range(dirs.count):
+            v = dirs.block(r, r + 1).double()
+            out.append(((v @ self.matrix) * v).sum(-1))
+            if self.on_step is not None:
+                self.on_step((r + 1) / dirs.count)
+            if self.should_stop is not None and self.should_stop(r + 1):
+                break
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
 Operator = LossHessian | MatrixOperator
@@ -513,7 +599,7 @@ def hessian_trace(
     max_probes: int = 2000,
     probe_batch: int | None = None,
     max_memory: int | None = None,
-    time_budget: float | None = None,
+    time_budget: float | Stopwatch | None = None,
     sketch: int = SKETCH,
     seed: int = 0,
     batch_size: int = 256,
@@ -556,7 +642,9 @@ def hessian_trace(
         probe_batch: Probes per vmapped product call; 1 = double backward, one probe at a
             time; None = chosen from ``max_memory`` (see :class:`LossHessian`).
         max_memory: Bytes the products may use (default: half of the free memory).
-        time_budget: Seconds after which the estimate stops (None or 0: no limit).
+        time_budget: Seconds after which the estimate stops, inside a round after the
+            probe that spent them (None or 0: no limit); a :class:`Stopwatch` shares its
+            budget with other measures.
         sketch: Hutch++ sketch size.
         seed: Seed of the probes.
         batch_size: Batch size when ``data`` is in memory.
@@ -583,7 +671,7 @@ def hessian_trace(
         raise UsageError(
             f"unknown trace method {trace_method!r}; choose one of {', '.join(TRACE_METHODS)}"
         )
-    clock = Stopwatch(time_budget)
+    clock = Stopwatch.of(time_budget)
     names = select_params(model, params)
     batches = batches_for(model, data, batch_size=batch_size)
     with evaluating(model), torch.no_grad():
@@ -718,13 +806,13 @@ def trace_estimate(
                 f"hutch++ with a sketch of {sketch_used} needs max_probes ≥ "
                 f"{2 * sketch_used + 2}, got {max_probes}"
             )
-        phase = {"name": "sketch", "done": 0}
+        phase = {"name": "sketch"}
 
-        def on_step() -> None:
-            phase["done"] += 1
+        def on_step(fraction: float | None) -> None:
             if clock.due(2.0):
+                share = "" if fraction is None else f" {fraction:.0%} of {sketch_used} HVPs,"
                 tell(
-                    f"Hutch++ trace: {phase['name']}, {phase['done']}/{sketch_used} HVPs, "
+                    f"Hutch++ trace: {phase['name']},{share} "
                     f"{format_seconds(clock.elapsed)} so far"
                 )
 
@@ -735,7 +823,7 @@ def trace_estimate(
             sketch_probes = Probes(seed, p, stream=1)
             q = op.matmat(Directions(sketch_used, sketch_probes.block), dtype=None)
             orthonormalize_rows(q)  # in place: Q, with orthonormal rows spanning HS
-            phase.update(name="exact part on the sketch", done=0)
+            phase.update(name="exact part on the sketch")
             tell(f"Hutch++ trace: exact part on the {sketch_used}-dimensional sketch")
             forms = op.quadratic_forms(q)
         finally:
@@ -808,35 +896,37 @@ def _sampled_rounds(
 ) -> tuple[list[float], str]:
     """Rademacher rounds of ``vᵀHv`` (``v`` projected by ``project``) until a stop.
 
-    Stops when the standard error is ≤ ``rtol·|offset + mean|`` after two rounds, at
-    ``max_probes`` samples, or when ``clock``'s budget would be overrun by the next
-    probe: rounds after the first are shortened to what the budget still allows. A
-    budget that does not bind changes nothing (same rounds, same value).
+    Stops when the standard error is ≤ ``rtol·|offset + mean|`` once ``2·ROUND``
+    samples are in (or ``max_probes``), at ``max_probes`` samples, or when ``clock``'s
+    budget is spent: inside a round, after the probe that spent it (at least two probes
+    in all, for a standard error). Rounds end at multiples of ``ROUND`` probes, so a
+    budget that does not bind changes nothing (same probes, same value). Where a
+    direction completes only in the last data chunk of a pass (the routes that rebuild
+    the gradient graph per chunk), the first round under a budget is two probes, and
+    later rounds are shortened to what the budget still allows.
     """
     samples: list[float] = []
-    rounds = 0
     loop_start = clock.elapsed
-    state = {"round": 0, "done": 0}
-    status = ""
+    state: dict[str, Any] = {"k": 0, "start": loop_start}
+    status = {"text": ""}
 
-    def on_step() -> None:
-        state["done"] += 1
+    def on_step(fraction: float | None) -> None:
         if clock.due(2.0):
-            tell(
-                f"{label}: {len(samples)} probes done, next round {state['done']}/"
-                f"{state['round']}{status}"
-            )
+            tell(_round_line(label, len(samples), state, fraction, clock, status["text"]))
 
-    previous = getattr(op, "on_step", None)
-    op.on_step = on_step
+    def should_stop(done: int) -> bool:
+        return len(samples) + done >= 2 and clock.spent()
+
+    previous = (getattr(op, "on_step", None), getattr(op, "should_stop", None))
+    op.on_step, op.should_stop = on_step, should_stop
     try:
         while len(samples) < max_probes:
-            k = min(ROUND, max_probes - len(samples))
+            k = min(ROUND - len(samples) % ROUND, max_probes - len(samples))
             if clock.budget is not None and samples:
                 per_probe = (clock.elapsed - loop_start) / len(samples)
-                k = min(k, int(clock.remaining // per_probe))
-                if k < 1:
-                    return samples, "time_budget"
+                k = min(k, max(1, int(clock.remaining // per_probe)))
+            elif clock.budget is not None and getattr(op, "engine", "retained") != "retained":
+                k = min(k, 2)
             k = max(k, 2 - len(samples), 1)
             first, _ = probes.take(k)
 
@@ -844,9 +934,9 @@ def _sampled_rounds(
                 v = probes.block(first + lo, first + hi)
                 return v if project is None else project(v)
 
-            state["round"], state["done"] = k, 0
-            samples.extend(op.quadratic_forms(Directions(k, block)).tolist())
-            rounds += 1
+            state.update(k=k, start=clock.elapsed)
+            got = op.quadratic_forms(Directions(k, block)).tolist()
+            samples.extend(got)
             mean, se = mean_and_stderr(samples)
             value = offset + mean
             if se is None:
@@ -856,15 +946,39 @@ def _sampled_rounds(
             need = len(samples) * (rel / rtol) ** 2 if rtol > 0 else math.inf
             eta = (min(need, max_probes) - len(samples)) * per_probe
             eta = min(max(eta, 0.0), clock.remaining)
-            status = f"; relative stderr {rel:.2%} (target {rtol:.2%}), ETA {format_seconds(eta)}"
-            tell(f"{label}: {len(samples)} probes{status}")
-            if rounds >= 2 and se <= rtol * abs(value):
-                return samples, "rtol"
-            if clock.spent():
+            status["text"] = (
+                f"; relative stderr {rel:.2%} (target {rtol:.2%}), ETA {format_seconds(eta)}"
+            )
+            tell(f"{label}: {len(samples)} probes{status['text']}")
+            if len(got) < k or clock.spent():
                 return samples, "time_budget"
+            if len(samples) >= min(2 * ROUND, max_probes) and se <= rtol * abs(value):
+                return samples, "rtol"
         return samples, "max_probes"
     finally:
-        op.on_step = previous
+        op.on_step, op.should_stop = previous
+
+
+def _round_line(
+    label: str,
+    done: int,
+    state: dict[str, Any],
+    fraction: float | None,
+    clock: Stopwatch,
+    status: str,
+) -> str:
+    """The progress line inside a round: probes done, the round's share done (never
+    past its total), and the stderr and ETA of the last finished round."""
+    k = state["k"]
+    if fraction is None:  # the first pass over chunked data: its length is not known yet
+        return f"{label}: {done} probes done, round of {k} running{status}"
+    inside = min(k, int(fraction * k))
+    line = f"{label}: {done} probes done, round {inside}/{k} ({fraction:.0%})"
+    if status:
+        return line + status
+    spent = clock.elapsed - state["start"]
+    eta = spent * (1 - fraction) / fraction if fraction > 0 else math.inf
+    return f"{line}, round ETA {format_seconds(min(eta, clock.remaining))}"
 
 
 def _flag_zero(est: Estimate) -> Estimate:
@@ -889,7 +1003,7 @@ def hessian_top_eigenvalue(
     tol: float = 1e-6,
     probe_batch: int | None = None,
     max_memory: int | None = None,
-    time_budget: float | None = None,
+    time_budget: float | Stopwatch | None = None,
     seed: int = 0,
     batch_size: int = 256,
     progress: Progress | None = None,
@@ -921,7 +1035,9 @@ def hessian_top_eigenvalue(
             :class:`LossHessian`).
         max_memory: Bytes the products and the basis may use (default: half the free
             memory).
-        time_budget: Seconds after which Lanczos stops (unconverged, with a warning).
+        time_budget: Seconds (or a shared :class:`Stopwatch`) after which Lanczos stops
+            after the current iteration (unconverged, with a warning; the residual is then
+            Lanczos' own estimate, without one more HVP).
         seed: Seed of the start vector.
         batch_size: Batch size when ``data`` is in memory.
         progress: Called with a line of text after every Lanczos iteration.
@@ -933,7 +1049,7 @@ def hessian_top_eigenvalue(
     loss = check_loss(loss)
     if max_iters < 1:
         raise UsageError(f"max_iters must be at least 1, got {max_iters}")
-    clock = Stopwatch(time_budget)
+    clock = Stopwatch.of(time_budget)
     names = select_params(model, params)
     batches = batches_for(model, data, batch_size=batch_size)
     with evaluating(model), torch.no_grad():
@@ -952,10 +1068,13 @@ def hessian_top_eigenvalue(
         )
         gen = torch.Generator().manual_seed(seed)
         start = torch.randn(op.size, generator=gen, dtype=torch.float64)
-        value, vector, iterations, converged = _lanczos_top(
+        value, vector, iterations, converged, ritz = _lanczos_top(
             op, start, iters, tol, progress or (lambda _msg: None), clock
         )
-        residual = float((op.matmat(vector[None])[0] - value * vector).norm())
+        if converged or not clock.spent():
+            residual = float((op.matmat(vector[None])[0] - value * vector).norm())
+        else:  # out of time: Lanczos' own residual estimate, no further HVP
+            residual = ritz
         saturated = saturation_warning(model, batches, loss, logits=op.logits)
     est = Estimate(
         value,
@@ -989,8 +1108,9 @@ def _lanczos_top(
     tol: float,
     tell: Progress,
     clock: Stopwatch,
-) -> tuple[float, torch.Tensor, int, bool]:
-    """Top Ritz pair after Lanczos with full reorthogonalization (all in float64).
+) -> tuple[float, torch.Tensor, int, bool, float]:
+    """Top Ritz pair after Lanczos with full reorthogonalization (all in float64), whether
+    it converged, and its residual estimate ``β_k |e_kᵀ s|`` (no HVP).
 
     The basis lives in one preallocated ``(iterations + 1, p)`` matrix, so its memory is
     ``8·p`` bytes per iteration and nothing is copied.
@@ -1015,15 +1135,17 @@ def _lanczos_top(
         tell(f"Lanczos top eigenvalue: iteration {iterations}, λ ≈ {float(evals[-1]):.6g}")
         scale = max(float(evals.abs().max()), torch.finfo(torch.float64).tiny)
         invariant = beta <= 1e-12 * scale
-        if invariant or beta * abs(float(evecs[-1, -1])) <= tol * scale:
-            return float(evals[-1]), evecs[:, -1].to(q) @ q, iterations, True
+        ritz = beta * abs(float(evecs[-1, -1]))
+        if invariant or ritz <= tol * scale:
+            return float(evals[-1]), evecs[:, -1].to(q) @ q, iterations, True, ritz
         betas.append(beta)
         basis[iterations] = w / beta
         if clock.spent():
             break
     q = basis[: len(alphas)]
     evals, evecs = torch.linalg.eigh(_tridiagonal(alphas, betas[: len(alphas) - 1]))
-    return float(evals[-1]), evecs[:, -1].to(q) @ q, iterations, iterations == op.size
+    ritz = betas[-1] * abs(float(evecs[-1, -1])) if len(betas) >= len(alphas) else 0.0
+    return float(evals[-1]), evecs[:, -1].to(q) @ q, iterations, iterations == op.size, ritz
 
 
 DGKS = 0.7071
