@@ -23,14 +23,16 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 from ..errors import FlatcliError, UsageError
+
+T = TypeVar("T")
 
 DEFAULT_MEMORY_FRACTION = 0.5
 """``max_memory=None`` allows this fraction of the memory free when the measure starts."""
@@ -192,6 +194,19 @@ def slice_rows(x: Any, lo: int, hi: int) -> Any:
     if isinstance(x, Mapping):
         return {k: v[lo:hi] for k, v in x.items()}
     return x[lo:hi]
+
+
+def with_last(items: Iterable[T]) -> Iterator[tuple[T, bool]]:
+    """Each item with whether it is the last one (one item of lookahead)."""
+    it = iter(items)
+    try:
+        prev = next(it)
+    except StopIteration:
+        return
+    for item in it:
+        yield prev, False
+        prev = item
+    yield prev, True
 
 
 def row_chunks(batches: Any, rows: int | None) -> Iterator[tuple[Any, torch.Tensor]]:

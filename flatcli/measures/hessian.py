@@ -27,9 +27,9 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -52,6 +52,7 @@ from .budget import (
     resolve_max_memory,
     row_chunks,
     rows_of,
+    with_last,
 )
 from .estimate import Estimate, mean_and_stderr, with_warnings
 from .gauss_newton import MAX_CLASSES, gauss_newton_trace, piecewise_linear_network
@@ -311,7 +312,7 @@ class LossHessian:
             self._retained_products(dirs, consume, check)
             return
         n, chunk = 0, 0
-        for (x, y), last in _with_last(row_chunks(self.batches, self.rows)):
+        for (x, y), last in with_last(row_chunks(self.batches, self.rows)):
             f = self._loss_fn(x, y)
             rows = n + batch_len(x)
 
@@ -455,9 +456,6 @@ class LossHessian:
         return total / self.n  # type: ignore[operator]
 
 
-T = TypeVar("T")
-
-
 class RoundStopped(Exception):
     """Raised inside :meth:`LossHessian._products` when :attr:`LossHessian.should_stop`
     says so: ``done`` directions are complete over all the data (``rows`` samples)."""
@@ -465,19 +463,6 @@ class RoundStopped(Exception):
     def __init__(self, done: int, rows: int) -> None:
         super().__init__(f"stopped after {done} directions")
         self.done, self.rows = done, rows
-
-
-def _with_last(items: Iterable[T]) -> Iterator[tuple[T, bool]]:
-    """Each item with whether it is the last one (one item of lookahead)."""
-    it = iter(items)
-    try:
-        prev = next(it)
-    except StopIteration:
-        return
-    for item in it:
-        yield prev, False
-        prev = item
-    yield prev, True
 
 
 RETAINED_BATCH_MAX_BYTES = 3 * 2**20
