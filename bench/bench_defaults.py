@@ -132,9 +132,7 @@ def main() -> None:
     print("| case | baseline s | measure s | ratio | target | peak RSS | load (1 min) | stops |")
     print("|---|---|---|---|---|---|---|---|")
     for case in args.cases.split(","):
-        base = run(case, "baseline", args.threads, args.time_budget)
-        got = run(case, "measure", args.threads, args.time_budget)
-        target = CASES[case][1]
+        base, got, target = measure_case(case, args.threads, args.time_budget)
         ok = "✓" if got["seconds"] <= target else "✗"
         print(
             f"| {case} | {base['seconds']:.1f} | {got['seconds']:.1f} | "
@@ -143,6 +141,15 @@ def main() -> None:
             f"{os.getloadavg()[0]:.2f} | {got['summary']} |",
             flush=True,
         )
+
+
+def measure_case(case: str, threads: int = 1, time_budget: float | None = None):  # noqa: ANN201
+    """(baseline, measure, target seconds) of one case, each run in its own process."""
+    from flatcli.cli.options import DEFAULT_TIME_BUDGET
+
+    budget = DEFAULT_TIME_BUDGET if time_budget is None else time_budget
+    base = run(case, "baseline", threads, budget)
+    return base, run(case, "measure", threads, budget), CASES[case][1]
 
 
 if __name__ == "__main__":

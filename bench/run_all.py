@@ -21,7 +21,10 @@ the same model and data; absolute times depend on the machine and its load. Sect
 ``huge``      nn.Linear(4096, 32000), n = 512: closed form and feature-space Hutchinson κ,
               time and peak memory over a forward pass (bench_huge.py);
 ``overhead``  exact κ over one forward pass, nn.Sequential and a custom (fx) module
-              (bench_overhead.py).
+              (bench_overhead.py);
+``defaults``  the default ``flatcli measure`` on ResNet-18 (256 images), MiniLM (192
+              sentences) and a tiny BERT: wall time and peak RSS against one forward and
+              backward pass, each in its own process (bench_defaults.py).
 
 ``--quick`` shrinks every section to a smoke run (about three minutes on two cores).
 """
@@ -44,7 +47,9 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
-SECTIONS = ("kappa", "scaling", "trace", "to_rtol", "fam", "correlate", "huge", "overhead")
+SECTIONS = (
+    "kappa", "scaling", "trace", "to_rtol", "fam", "correlate", "huge", "overhead", "defaults"
+)
 DEVICE_SECTIONS = ("trace", "to_rtol", "fam")
 """Sections that take ``--device`` (the others run on the CPU)."""
 
@@ -303,6 +308,21 @@ def overhead(quick: bool) -> list[Row]:
     return out
 
 
+def defaults(quick: bool) -> list[Row]:
+    import bench_defaults
+
+    out: list[Row] = []
+    for case in ("tiny_bert",) if quick else tuple(bench_defaults.CASES):
+        base, got, target = bench_defaults.measure_case(case)
+        out.append(
+            ("default flatcli measure", case, f"{base['seconds']:.1f} s",
+             f"{got['seconds']:.1f} s", f"{got['seconds'] / base['seconds']:.0f}×",
+             f"target {target:.0f} s; peak RSS {got['rss'] / 2**30:.2f} GiB; "
+             f"load {os.getloadavg()[0]:.1f}")
+        )  # fmt: skip
+    return out
+
+
 # --------------------------------------------------------------------------- output
 
 NOTES = {
@@ -331,6 +351,9 @@ NOTES = {
     "core.",
     "huge": "Each case in its own process (peak: that process's maximum resident memory, "
     "including the 0.5 GB weight and torch itself); Hutchinson: 8 feature-space probes.",
+    "defaults": "Wall seconds, one thread, each run its own process: the baseline is one "
+    "forward and backward pass over the data; the measure row runs the default measures "
+    "with the CLI's default --time-budget (one budget for the run). Random weights and data.",
     "overhead": "κ's pass also yields Tr(H), the loss and the accuracy; the fx split is "
     "cached per (model, layer), so only the first call on a custom module traces it.",
 }

@@ -860,9 +860,12 @@ def trace_estimate(
         details |= {"sketch": sketch_used, "residual_probes": k, "sketch_trace": low}
     est = Estimate(value, se, how, details)
     if stop == "time_budget":
+        need = k * (rel / rtol) ** 2 if rtol > 0 else math.inf
+        more = (need - k) * clock.elapsed / max(1, k + spent)
         est = with_warnings(
             est,
-            f"stopped by the time budget at {rel:.1%} relative stderr (target {rtol:.1%})",
+            f"stopped by the time budget at {rel:.1%} relative stderr (target {rtol:.1%}); "
+            f"a longer --time-budget buys about {format_seconds(more)} more to reach it",
         )
     return _flag_zero(est)
 

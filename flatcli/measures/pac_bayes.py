@@ -367,7 +367,8 @@ def _budget_warnings(search: SigmaSearch, mc_samples: int, search_depth: int) ->
     return [
         f"stopped by the time budget after {search.steps}/{search_depth} bisection steps "
         f"(σ' in [{lo:.4g}, {hi:.4g}]; fewest Monte Carlo draws {search.fewest_draws}/"
-        f"{mc_samples})"
+        f"{mc_samples}); a longer --time-budget buys the other "
+        f"{search_depth - (search.steps or 0)} steps, each halving the bracket"
     ]
 
 
