@@ -79,7 +79,7 @@ from torch import nn
 from .autodiff import hvp
 from .errors import UsageError
 from .features import Cut, LayerSplit, ModelInput, call_model, default_layer
-from .losses import check_loss, per_sample_loss
+from .losses import SoftmaxCurvature, check_loss, per_sample_loss
 from .measures.relative_flatness import MAX_EXACT_DIRECTIONS
 
 Variant = Literal["neuronwise", "layerwise"]
@@ -356,7 +356,8 @@ class FAMRegularizer:
 
         Valid when the downstream part is piecewise linear, so that
         :math:`B_i = J_i^\top H_i J_i` exactly (no curvature term). For cross-entropy,
-        :math:`\mathrm{Tr}(M^\top H_i M) = \sum_c p_{ic}\|M_c\|^2 - \|M^\top p_i\|^2`;
+        :math:`\mathrm{Tr}(M^\top H_i M) = \sum_c p_{ic}\|M_c\|^2 - \|M^\top p_i\|^2`
+        (by :class:`~flatcli.losses.SoftmaxCurvature`, exact on a saturated softmax);
         for MSE, :math:`(2/C)\|M\|_F^2`. Differentiable in ``z``, ``w`` and the downstream
         parameters (:meth:`_downstream_jacobian`).
         """
@@ -364,11 +365,8 @@ class FAMRegularizer:
         n, c = out.shape
         m = jac if trace else (jac.reshape(-1, w.shape[0]) @ w).view(*jac.shape[:-1], -1)
         # m: (n, C, r), or (C, r) when no factor of J depends on the sample
-        if self.loss == "cross_entropy":
-            p = torch.softmax(out, dim=-1)
-            first = ((m * m).sum(-1) * p).sum(-1)
-            u = (p.unsqueeze(-1) * m).sum(-2)  # (n, r): M_iᵀ p_i
-            return first - (u * u).sum(-1)
+        if self.loss == "cross_entropy":  # exact on a saturated softmax too
+            return SoftmaxCurvature.of(out).forms(m, summed=True)
         return ((2 / c) * (m * m).sum((-2, -1))).expand(n)
 
     def _downstream_jacobian(self, cut: Cut) -> tuple[torch.Tensor, torch.Tensor]:
