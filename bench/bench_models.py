@@ -38,7 +38,6 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +85,9 @@ def side(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(1)
     model, x, y = build(args)
     model.load_state_dict(torch.load(args.state, weights_only=True))
-    clock = _clock(args.device)
+    from bench_trace import clock_for  # bench/ is on the path: run as a script
+
+    clock = clock_for(args.device)
     start = clock()
     if args.side == "PyHessian":
         out = _pyhessian(model, x, y, args, clock, start)
@@ -132,18 +133,6 @@ def _pyhessian(model: Any, x: Any, y: Any, args: argparse.Namespace, clock: Any,
             break
     mean, se = mean_and_stderr(samples)
     return {"value": mean, "stderr": se, "probes": len(samples), "sketch": 0, "reached": reached}
-
-
-def _clock(device: str):  # noqa: ANN202
-    if device.startswith("cuda"):
-        import torch
-
-        def wall() -> float:
-            torch.cuda.synchronize()
-            return time.perf_counter()
-
-        return wall
-    return time.process_time
 
 
 # --------------------------------------------------------------------------- driver

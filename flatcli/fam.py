@@ -356,7 +356,8 @@ class FAMRegularizer:
 
         Valid when the downstream part is piecewise linear, so that
         :math:`B_i = J_i^\top H_i J_i` exactly (no curvature term). For cross-entropy,
-        :math:`\mathrm{Tr}(M^\top H_i M) = \sum_c p_{ic}\|M_c\|^2 - \|M^\top p_i\|^2`;
+        :math:`\mathrm{Tr}(M^\top H_i M) = \sum_c p_{ic}\|M_c\|^2 - \|M^\top p_i\|^2`
+        (by :class:`~flatcli.losses.SoftmaxCurvature`, exact on a saturated softmax);
         for MSE, :math:`(2/C)\|M\|_F^2`. Differentiable in ``z``, ``w`` and the downstream
         parameters (:meth:`_downstream_jacobian`).
         """

@@ -618,14 +618,17 @@ def hessian_trace(
         data: ``(x, y)`` tensors, a DataLoader, or :class:`~flatcli.data.Batches`.
         loss: ``cross_entropy`` or ``mse``.
         params: ``"all"``, a module name, or a parameter name (see :func:`select_params`).
-        method: ``exact`` (one HVP per parameter, with unit vectors), ``hutchinson``, or
-            ``auto`` (exact up to 2,000 parameters, Hutchinson above).
+        method: ``exact``, ``hutchinson``, or ``auto``. Exact is the Gauss-Newton
+            diagonal on a piecewise-linear network
+            (:mod:`~flatcli.measures.gauss_newton`: ``C`` per-sample VJPs, any size),
+            else one HVP per parameter with unit vectors; ``auto`` takes the first when
+            it applies, else exact up to 2,000 parameters and Hutchinson above.
         trace_method: ``hutchinson`` or ``hutch++`` (for the Hutchinson method).
         rtol: Target relative standard error of the Hutchinson estimate.
         max_probes: Most Hessian-vector products of a Hutchinson estimate (Hutch++:
             sketch and exact part included).
-        probe_batch: Probes per vmapped product call; 1 = double backward, one probe at a
-            time; None = chosen from ``max_memory`` (see :class:`LossHessian`).
+        probe_batch: Probes per backward pass (or vmapped call); None: chosen by cost
+            within ``max_memory`` (the routes of :class:`LossHessian`).
         max_memory: Bytes the products may use (default: half of the free memory).
         time_budget: Seconds after which the estimate stops, inside a round after the
             probe that spent them (None or 0: no limit); a :class:`Stopwatch` shares its
@@ -645,17 +648,15 @@ def hessian_trace(
         >>> import torch
         >>> from flatcli import archs
         >>> from flatcli.measures.hessian import hessian_trace
-        >>> model = archs.mlp(4, [5], 3)
+        >>> model = archs.mlp(4, [5], 3, activation="tanh")
         >>> x, y = torch.randn(20, 4), torch.randint(0, 3, (20,))
         >>> hessian_trace(model, (x, y)).method
         'exact (diagonal by HVP; auto: 43 parameters ≤ 2000)'
+        >>> hessian_trace(archs.mlp(4, [5], 3), (x, y)).method[:41]  # ReLU
+        'exact (Gauss-Newton diagonal: the network'
     """
     loss = check_loss(loss)
-    _check_trace_options(method, rtol, max_probes, probe_batch)
-    if trace_method not in TRACE_METHODS:
-        raise UsageError(
-            f"unknown trace method {trace_method!r}; choose one of {', '.join(TRACE_METHODS)}"
-        )
+    _check_trace_options(method, rtol, max_probes, probe_batch, trace_method)
     clock = Stopwatch.of(time_budget)
     names = select_params(model, params)
     batches = batches_for(model, data, batch_size=batch_size)
@@ -663,28 +664,16 @@ def hessian_trace(
         p = FlatParams.of(model, names).size
         resolved, note = _resolve_method(model, batches, method, p)
         if resolved == "gauss_newton":
-            logits: list[torch.Tensor] = []
-            budget = resolve_max_memory(max_memory, batches.device)
-            est = gauss_newton_trace(
-                model, batches, loss, names, budget=budget, note=note, outputs=logits
-            )
-            saturated = saturation_warning(model, batches, loss, logits=logits)
-            return with_warnings(_flag_zero(est), saturated or "")
+            return _gauss_newton(model, batches, loss, names, max_memory, note)
         extra = 0.0
-        item = next(model.parameters()).element_size()
         if resolved != "exact":
-            extra = 2 * p  # int8 probes made on demand
-            if trace_method == "hutch++":
-                extra += sketch * p * item  # the sketch, orthonormalized in place
+            item = next(model.parameters()).element_size()
+            # int8 probes made on demand; Hutch++'s sketch, orthonormalized in place
+            extra = 2 * p + (sketch * p * item if trace_method == "hutch++" else 0)
         op = LossHessian(
-            model,
-            batches,
-            loss,
-            names,
-            max_memory=max_memory,
-            probe_batch=probe_batch,
+            model, batches, loss, names, max_memory=max_memory, probe_batch=probe_batch,
             extra_bytes=extra,
-        )
+        )  # fmt: skip
         tell = progress or (lambda _msg: None)
         if resolved == "exact":
             est = _exact_trace(op, note, tell)
@@ -703,6 +692,22 @@ def hessian_trace(
         # the retained graph's forward pass already gave every logit: no pass of its own
         saturated = saturation_warning(model, batches, loss, logits=op.logits)
         return with_warnings(est, saturated or "")
+
+
+def _gauss_newton(
+    model: nn.Module,
+    batches: Batches,
+    loss: str,
+    names: list[str],
+    max_memory: int | None,
+    note: str,
+) -> Estimate:
+    """The exact trace of a piecewise-linear network, with its warnings."""
+    logits: list[torch.Tensor] = []
+    budget = resolve_max_memory(max_memory, batches.device)
+    est = gauss_newton_trace(model, batches, loss, names, budget=budget, note=note, outputs=logits)
+    saturated = saturation_warning(model, batches, loss, logits=logits)  # no pass of its own
+    return with_warnings(_flag_zero(est), saturated or "")
 
 
 def _resolve_method(model: nn.Module, batches: Batches, method: str, p: int) -> tuple[str, str]:
@@ -728,8 +733,12 @@ def _resolve_method(model: nn.Module, batches: Batches, method: str, p: int) -> 
 
 
 def _check_trace_options(
-    method: str, rtol: float, max_probes: int, probe_batch: int | None
+    method: str, rtol: float, max_probes: int, probe_batch: int | None, trace_method: str
 ) -> None:
+    if trace_method not in TRACE_METHODS:
+        raise UsageError(
+            f"unknown trace method {trace_method!r}; choose one of {', '.join(TRACE_METHODS)}"
+        )
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if not rtol >= 0:
