@@ -47,8 +47,10 @@ class MeasureOptions:
             backward, one at a time); None chooses from ``max_memory``.
         max_memory: Bytes the whole-network measures may use (None: half the free
             memory); data batches and probe batches are split to fit.
-        time_budget: Seconds after which a Hutchinson trace or Lanczos stops, reporting
-            the standard error (or residual) reached; None for no limit.
+        time_budget: Seconds for the iterative measures of a run together (Hutchinson
+            trace, Lanczos, PAC-Bayes and sharpness searches); each stops at probe (HVP,
+            bisection step, Monte Carlo draw) granularity once it is spent, reporting the
+            standard error (residual, bracket) reached; None for no limit.
     """
 
     method: str = "auto"
@@ -106,10 +108,13 @@ class Inputs:
         input_shape: Shape of one input sample (``path_norm``).
         init_model: The network at initialization (``distance_from_init``, and the
             distance form of ``pacbayes_bound``).
+        clock: The run's time budget, shared by its iterative measures (set by
+            :func:`run_measures` from ``time_budget`` when None).
     """
 
     input_shape: tuple[int, ...] | None = None
     init_model: nn.Module | None = None
+    clock: Any = None
 
     @classmethod
     def of(cls, batches: Batches, init_model: nn.Module | None = None) -> Inputs:
@@ -180,7 +185,7 @@ def _hessian_group(
             max_probes=config.max_probes,
             probe_batch=config.probe_batch,
             max_memory=config.max_memory,
-            time_budget=config.time_budget,
+            time_budget=inputs.clock or config.time_budget,
             seed=config.seed,
             progress=note,
         )
@@ -193,7 +198,7 @@ def _hessian_group(
             params=params,
             probe_batch=config.probe_batch,
             max_memory=config.max_memory,
-            time_budget=config.time_budget,
+            time_budget=inputs.clock or config.time_budget,
             seed=config.seed,
             progress=note,
         )
@@ -246,6 +251,7 @@ def _pacbayes_group(
             seed=config.seed,
             max_memory=config.max_memory,
             progress=note,
+            time_budget=inputs.clock or config.time_budget,
         )
 
     mc, depth = config.mc_samples, config.search_depth
@@ -285,6 +291,7 @@ def _sharpness_group(
                 seed=config.seed,
                 max_memory=config.max_memory,
                 progress=note,
+                time_budget=inputs.clock or config.time_budget,
             )
     return out
 
@@ -390,10 +397,6 @@ OPTIONAL = ("bound_estimate",)
 measure of the model alone, and defined for ``nn.Linear`` feature layers only)."""
 
 
-DEFAULT_TIME_BUDGET = 300.0
-"""``--time-budget`` of the CLI: seconds per Hutchinson trace or Lanczos run."""
-
-
 def available() -> list[str]:
     """Every measure name, in display order."""
     return [name for _, names in GROUPS.values() for name in names]
@@ -464,8 +467,14 @@ def run_measures(
     Curvature measures of a cross-entropy model whose softmax is saturated on every
     sample get a warning (see :func:`flatcli.measures.params.saturation_warning`).
     """
+    from dataclasses import replace
+
+    from .measures.budget import Stopwatch
+
     note = note or (lambda _msg: None)
     inputs = inputs or Inputs()
+    if inputs.clock is None:  # one budget for the whole run, not one per measure
+        inputs = replace(inputs, clock=Stopwatch(config.time_budget))
     check(model, names, config, inputs)
     out: dict[str, Estimate] = {}
     interrupted = False

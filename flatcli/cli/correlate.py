@@ -27,6 +27,7 @@ from .common import (
     write_page,
 )
 from .options import (
+    DEFAULT_TIME_BUDGET,
     ArchKwargsOpt,
     ArchOpt,
     BackendOpt,
@@ -45,6 +46,7 @@ from .options import (
     LayerOpt,
     LogXOpt,
     LossOpt,
+    MaxMemoryOpt,
     MaxProbesOpt,
     MaxSamplesOpt,
     McOpt,
@@ -58,6 +60,7 @@ from .options import (
     SeedOpt,
     TargetOpt,
     ThreadsOpt,
+    TimeBudgetOpt,
     TraceParamsOpt,
     TrustOpt,
 )
@@ -149,6 +152,8 @@ def correlate(
         ),
     ] = None,
     report_page: ReportOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    time_budget: TimeBudgetOpt = DEFAULT_TIME_BUDGET,
 ) -> None:
     """Which measure predicts the generalization gap, across many checkpoints?
 
@@ -257,32 +262,59 @@ def DEFAULT_CORRELATE() -> tuple[str, ...]:  # noqa: N802 - reads as the constan
     return tuple(m for m in DEFAULT_MEASURES if m in names)
 
 
-def _print_result(checkpoint: str, status: str) -> None:
-    print(f"flatcli: {plain(Path(checkpoint).name)}: {plain(status)}", file=sys.stderr)
+def checkpoint_line(checkpoint: str, status: str, done: int, total: int, elapsed: float) -> str:
+    """The per-checkpoint progress line on a pipe: ``k/N``, the status and an ETA (the
+    mean time per checkpoint so far times the checkpoints left)."""
+    from ..measures.budget import format_seconds
+
+    eta = elapsed / done * (total - done) if done else float("inf")
+    return (
+        f"flatcli: [{done}/{total}] {plain(Path(checkpoint).name)}: {plain(status)}, "
+        f"{format_seconds(elapsed)} so far, ETA {format_seconds(eta)}"
+    )
 
 
 def _measure_with_progress(  # noqa: ANN202
     checkpoints, config, cache_dir, jobs, arch_kwargs_for=None, threads=None  # noqa: ANN001
 ):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    import time
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from ..correlate import measure_checkpoints
 
     console = stderr()
     if not console.is_terminal:
+        start, seen = time.monotonic(), {"done": 0}
+
+        def tell(c: str, s: str) -> None:
+            seen["done"] += 1
+            line = checkpoint_line(c, s, seen["done"], len(checkpoints), time.monotonic() - start)
+            print(line, file=sys.stderr)
+
         return measure_checkpoints(
             checkpoints,
             config,
             cache_dir=cache_dir,
             jobs=jobs,
             threads=threads,
-            on_result=_print_result,
+            on_result=tell,
             arch_kwargs_for=arch_kwargs_for,
         )
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
         console=console,
         transient=True,
     ) as progress:

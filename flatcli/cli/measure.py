@@ -25,6 +25,7 @@ from .common import (
     write_page,
 )
 from .options import (
+    DEFAULT_TIME_BUDGET,
     ArchKwargsOpt,
     ArchOpt,
     BackendOpt,
@@ -97,7 +98,7 @@ def measure(
     trace_method: TraceMethodOpt = "hutchinson",
     max_memory: MaxMemoryOpt = None,
     probe_batch: ProbeBatchOpt = None,
-    time_budget: TimeBudgetOpt = 300.0,
+    time_budget: TimeBudgetOpt = DEFAULT_TIME_BUDGET,
     fr_include_bias: FrBiasOpt = False,
     fr_labels: FrLabelsOpt = "true",
     l2: L2Opt = 0.0,

@@ -154,12 +154,17 @@ ProbeBatchOpt = Annotated[
         "(least memory); N > 1 = N vmapped forward-over-reverse (default: from --max-memory).",
     ),
 ]
+DEFAULT_TIME_BUDGET = 60.0
+"""``--time-budget`` of the computing commands: seconds for one run's iterative measures
+together (correlate: per checkpoint)."""
 TimeBudgetOpt = Annotated[
     float,
     typer.Option(
         "--time-budget",
-        help="Seconds per Hutchinson trace or Lanczos run; it stops there and reports the "
-        "stderr reached (0: no limit).",
+        help="Seconds for the iterative measures together (Hutchinson trace, Lanczos, "
+        "PAC-Bayes and sharpness searches; correlate: per checkpoint). Each stops after "
+        "the probe, HVP, bisection step or Monte Carlo draw that spent it and reports the "
+        "stderr, residual or bracket reached (0: no limit).",
     ),
 ]
 FrBiasOpt = Annotated[

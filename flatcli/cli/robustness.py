@@ -11,6 +11,7 @@ import typer
 from .app import app
 from .common import check_format, check_outputs, emit, friendly, input_files, progress
 from .options import (
+    DEFAULT_TIME_BUDGET,
     ArchKwargsOpt,
     ArchOpt,
     BatchOpt,
@@ -26,6 +27,7 @@ from .options import (
     SeedOpt,
     SplitOpt,
     TargetOpt,
+    TimeBudgetOpt,
     TrustOpt,
 )
 
@@ -83,6 +85,7 @@ def robustness(
     seed: SeedOpt = 0,
     fmt: FormatOpt = "table",
     output: OutputOpt = None,
+    time_budget: TimeBudgetOpt = DEFAULT_TIME_BUDGET,
 ) -> None:
     """Does κ describe the model's robustness? E_F(δ) beside Theorem 5's δ²κ/(2m).
 
@@ -138,6 +141,7 @@ def robustness(
             values,
             loss=prep.loss,
             probes=probes,
+            time_budget=time_budget or None,
             seed=seed,
             label_change=label_change,
             progress=status,
