@@ -159,7 +159,8 @@ TimeBudgetOpt = Annotated[
     typer.Option(
         "--time-budget",
         help="Seconds per Hutchinson trace or Lanczos run; it stops there and reports the "
-        "stderr reached (0: no limit).",
+        "stderr reached (0: no limit). For audit: seconds for the whole audit, which skips "
+        "the default measures that would not fit.",
     ),
 ]
 FrBiasOpt = Annotated[

@@ -84,26 +84,32 @@ def inspect_table(ck: Any, info: dict) -> None:
         console.print(f"metadata {markup_safe(key)}: {markup_safe(value)}", highlight=False)
 
 
-def audit_tables(original: Any, reps: Any) -> None:
-    """Print one invariance table per reparameterization, and the dead-unit note."""
+def audit_tables(result: Any) -> None:
+    """Print one invariance table per reparameterization (with its function check), what
+    was refused or skipped and why, Theorem 4's lines and the dead-unit note."""
     from rich.console import Console
     from rich.table import Table
 
     from ..audit import dead_unit_note
     from ..report import format_value
 
-
     console = Console()
+    reps = result.reparameterizations
     for rep in reps:
         if rep.refused:
             console.print(
                 f"[bold]{rep.kind}[/]: refused: {markup_safe(rep.refused)}", highlight=False
             )
+            for line in rep.refused_sites:
+                console.print(f"  left out: {markup_safe(line)}", highlight=False)
             continue
-        pairs = markup_safe(", ".join(f"{a}→{b}" for a, b in rep.pairs))
+        where = rep.sites or [f"{a}→{b}" for a, b in rep.pairs]
+        shown = ", ".join(where[:3]) + (f", … ({len(where)} in all)" if len(where) > 3 else "")
+        check = f"max |Δ output| = {rep.max_output_change:.2e}"
+        if rep.tolerance is not None:
+            check += f" ≤ {rep.tolerance:.1e}"
         table = Table(
-            title=f"{rep.kind} reparameterization ({pairs}; max |Δ output| = "
-            f"{rep.max_output_change:.2e})",
+            title=f"{rep.kind} reparameterization ({markup_safe(shown)}; {check})",
             title_justify="left",
         )
         name_column(table, "measure", [row.measure for row in rep.rows])
@@ -119,10 +125,18 @@ def audit_tables(original: Any, reps: Any) -> None:
                 mark,
             )
         console.print(table)
-    explain = dead_unit_note(original, reps)
+        for line in rep.refused_sites:
+            console.print(f"  left out: {markup_safe(line)}", highlight=False)
+    if not result.measures:
+        console.print("nothing measured: every reparameterization was refused")
+    for name, why in result.skipped.items():
+        console.print(f"skipped {markup_safe(name)}: {markup_safe(why)}", highlight=False)
+    for line in result.theorem4:
+        console.print(f"Theorem 4: {markup_safe(line)}", highlight=False)
+    explain = dead_unit_note(result.measures, reps)
     if explain:
         console.print(markup_safe(explain), highlight=False)
-
+    console.print(f"audit took {result.seconds:.1f} s", highlight=False)
 
 
 def correlations(table, result, n, run) -> None:  # noqa: ANN001
