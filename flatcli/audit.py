@@ -668,7 +668,7 @@ def _theorem4(
     module = dict(model.named_modules()).get(layer)
     if module is not None and not isinstance(module, nn.Linear):
         lines.append(
-            f"the feature layer {layer} is a {type(module).__name__}, not nn.Linear: Theorem 4 "
+            f"the feature layer {layer} is a {type(module).__name__}, not nn.Linear: the theorem "
             "is stated for a fully connected layer's input features"
         )
     applied = [r for r in reps if r.refused is None]
@@ -682,8 +682,8 @@ def _theorem4(
     if not feature:
         why = next((r.refused for r in reps if r.kind == "neuronwise" and r.refused), None)
         lines.append(
-            f"Theorem 4's reparameterization (a neuron-wise rescaling of {layer}'s input) "
-            f"was not applied{': ' + why if why else ''}. κ̃ is only checked against "
+            f"its reparameterization (a neuron-wise rescaling of {layer}'s input) was not "
+            f"applied{': ' + why if why else ''}. κ̃ is only checked against "
             f"reparameterizations that leave {layer} and its input unchanged"
         )
     elif original and KAPPA_TILDE not in original:
@@ -696,8 +696,7 @@ def _theorem4(
         moved = "" if kappa is None else f"κ changed by {kappa.relative_change:.2g}, "
         if rep.feature_inputs and row.invariant:
             lines.append(
-                f"Theorem 4 holds under {rep.kind}: {moved}κ̃ by {row.relative_change:.2g} "
-                "(invariant)"
+                f"holds under {rep.kind}: {moved}κ̃ by {row.relative_change:.2g} (invariant)"
             )
         elif not row.invariant:
             lines.append(

@@ -215,7 +215,7 @@ _CHANNEL_FUNCTIONS = {
 _ADDITIONS = {operator.add, operator.iadd, torch.add}
 _CHANNEL_METHODS = {"relu", "relu_", "flatten", "view", "reshape"}
 _METADATA_METHODS = {"size", "dim"}
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 CHANNEL_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
@@ -282,7 +282,7 @@ def _make_rescaled(
     if isinstance(mod, CHANNEL_LAYERS):
         producers.append(str(node.target))
         return None
-    if isinstance(mod, _NORMS):
+    if isinstance(mod, BATCHNORMS):
         if mod.weight is None or mod.bias is None:
             return f"{type(mod).__name__} ({node.target}) has no affine gain and shift to rescale"
         producers.append(str(node.target))
@@ -343,26 +343,28 @@ def _channelwise(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
 def _channel_plan(
     producers: list[str], consumers: list[str], modules: dict[str, nn.Module], layer: str
 ) -> tuple[ChannelScaling | None, str]:
-    sizes = {_out_channels(modules[p]) for p in producers}
+    sizes = {out_channels(modules[p]) for p in producers}
     if len(sizes) != 1:
         return None, f"the layers making {layer}'s input have different widths {sorted(sizes)}"
     (c,) = sizes
     for name in consumers:
-        width = _in_channels(modules[name])
+        width = in_channels(modules[name])
         if width % c or (not isinstance(modules[name], nn.Linear) and width != c):
             return None, f"{name} reads {width} input channels, not a multiple of {c}"
     return ChannelScaling(tuple(producers), tuple(consumers), c), ""
 
 
-def _out_channels(mod: nn.Module) -> int:
+def out_channels(mod: nn.Module) -> int:
+    """Output channels of a Linear/Conv (rows) or a BatchNorm (features)."""
     if isinstance(mod, nn.Linear):
         return mod.out_features
-    if isinstance(mod, _NORMS):
+    if isinstance(mod, BATCHNORMS):
         return mod.num_features
     return int(mod.out_channels)  # type: ignore[arg-type]
 
 
-def _in_channels(mod: nn.Module) -> int:
+def in_channels(mod: nn.Module) -> int:
+    """Input channels of a Linear/Conv (columns)."""
     return mod.in_features if isinstance(mod, nn.Linear) else int(mod.in_channels)  # type: ignore[arg-type]
 
 

@@ -43,7 +43,14 @@ import torch
 from torch import nn
 
 from .features import call_model
-from .reparam import CHANNEL_LAYERS, scale_inputs, scale_outputs
+from .reparam import (
+    BATCHNORMS,
+    CHANNEL_LAYERS,
+    in_channels,
+    out_channels,
+    scale_inputs,
+    scale_outputs,
+)
 
 KINDS = (
     "attention_qk",
@@ -76,7 +83,6 @@ _ATTENTION_NAMES = (
 _OUTPUT_NAMES = ("o_proj", "out_proj", "out_lin", "o")
 _HEAD_ATTRS = ("num_attention_heads", "num_heads", "n_heads", "n_head")
 _HOMOGENEOUS = (nn.ReLU, nn.LeakyReLU)
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 @dataclass(frozen=True)
@@ -221,7 +227,7 @@ def find_sites(model: nn.Module, x: Any, *, feature_layer: str | None = None) ->
             site = _norm_site(name, mod, modules, flow)
             if site is not None:
                 sites["norm_fold"].append(site)
-        if isinstance(mod, _BATCHNORMS) and name in flow.inputs:
+        if isinstance(mod, BATCHNORMS) and name in flow.inputs:
             sites["batchnorm_fold"] += _bn_fold_site(name, mod, modules, flow)
     for name, mod in modules.items():
         if name in flow.inputs and _is_activation(mod):
@@ -331,7 +337,7 @@ def _bn_fold_site(
         for n, s in flow.outputs.items()
         if s == flow.inputs[name] and isinstance(modules[n], CHANNEL_LAYERS)
     ]
-    if len(makers) != 1 or _out_width(modules[makers[0]]) != mod.num_features:  # type: ignore[attr-defined]
+    if len(makers) != 1 or out_channels(modules[makers[0]]) != mod.num_features:  # type: ignore[attr-defined]
         return []
     return [Site("batchnorm_fold", name, (makers[0], name))]
 
@@ -358,18 +364,18 @@ def _activation_sites(
         for n, s in flow.outputs.items()
         if s == flow.inputs[name]
         and n != name
-        and isinstance(modules[n], (*CHANNEL_LAYERS, *_BATCHNORMS))
+        and isinstance(modules[n], (*CHANNEL_LAYERS, *BATCHNORMS))
     ]
     if len(makers) != 1 or name not in flow.outputs:
         return
     maker = makers[0]
-    width = _out_width(modules[maker])
+    width = out_channels(modules[maker])
     readers = [
         r for r in flow.readers(flow.outputs[name], modules) if _in_width(modules[r]) == width
     ]
     if not readers:
         return
-    is_bn = isinstance(modules[maker], _BATCHNORMS)
+    is_bn = isinstance(modules[maker], BATCHNORMS)
     kind = "batchnorm_channels" if is_bn else "relu_neurons"
     if not isinstance(mod, _HOMOGENEOUS):
         skipped[kind].append(
@@ -382,20 +388,10 @@ def _activation_sites(
     sites[kind].append(Site(kind, name, (maker,), tuple(readers), size=width))
 
 
-def _out_width(mod: nn.Module) -> int:
-    if isinstance(mod, nn.Linear):
-        return mod.out_features
-    if isinstance(mod, _BATCHNORMS):
-        return mod.num_features
-    return int(mod.out_channels)  # type: ignore[arg-type]
-
-
 def _in_width(mod: nn.Module) -> int:
-    if isinstance(mod, nn.Linear):
-        return mod.in_features
     if getattr(mod, "groups", 1) != 1:
         return -1  # a grouped convolution's input channels cannot be rescaled this way
-    return int(mod.in_channels)  # type: ignore[arg-type]
+    return in_channels(mod)
 
 
 def _source_of(storage: int, flow: Flow, modules: Mapping[str, nn.Module]) -> str | None:
@@ -424,11 +420,11 @@ def apply_site(modules: Mapping[str, nn.Module], site: Site, factors: torch.Tens
     with torch.no_grad():
         if site.kind == "attention_qk":
             q, k = (modules[n] for n in site.producers)
-            scale_outputs(q, _per_row(factors, site, _out_width(q), query_heads=True))
-            scale_outputs(k, 1 / _per_row(factors, site, _out_width(k), query_heads=False))
+            scale_outputs(q, _per_row(factors, site, out_channels(q), query_heads=True))
+            scale_outputs(k, 1 / _per_row(factors, site, out_channels(k), query_heads=False))
         elif site.kind == "attention_vo":
             v, o = modules[site.producers[0]], modules[site.consumers[0]]
-            scale_outputs(v, _per_row(factors, site, _out_width(v), query_heads=False))
+            scale_outputs(v, _per_row(factors, site, out_channels(v), query_heads=False))
             scale_inputs(o, 1 / _per_row(factors, site, _in_width(o), query_heads=True))
         elif site.kind == "norm_fold":
             _fold_norm(modules[site.where], [modules[c] for c in site.consumers])

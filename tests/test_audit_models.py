@@ -364,7 +364,7 @@ def test_resnet_batchnorm_reparameterizations() -> None:
     assert {c for _, b in reps["neuronwise"].pairs for c in b.split(" + ")} == {"block.conv1", "fc"}
     assert not neuron["relative_flatness"].invariant
     assert neuron["relative_flatness_normalized"].relative_change < TIGHT
-    assert any(line.startswith("Theorem 4 holds under neuronwise") for line in result.theorem4)
+    assert any(line.startswith("holds under neuronwise") for line in result.theorem4)
     for kind in ("batchnorm_fold", "batchnorm_channels"):  # fc and its input untouched
         for name in LAYER:
             assert rows(reps[kind])[name].relative_change < TIGHT, (kind, name)
@@ -471,3 +471,33 @@ def test_cli_audit_on_a_bert_folder_with_a_report(tmp_path: Path) -> None:
     for text in ("Function-preservation check", "attention_qk", "before-after-norm_fold",
                  "Theorem 4"):  # fmt: skip
         assert text in html
+
+
+def test_progress_has_an_eta_and_theorem4_flags_a_conv_layer_in_float32() -> None:
+    model = archs.cnn(in_channels=1, channels=(2, 3), hidden=4, num_classes=3).eval()
+    x, y = models.classification_data(8, (1, 8, 8), classes=3)
+    notes: list[str] = []
+    result = audit(model, as_batches((x.float(), y)), ["weight_norm"],
+                   MeasureConfig(layer="conv2"), note=notes.append)  # fmt: skip
+    assert any("ETA" in n and n.startswith("run 2/") for n in notes)
+    flags = " ".join(result.theorem4)
+    assert "conv2 is a Conv2d, not nn.Linear" in flags and "not float64" in flags
+    neuron = by_kind(result)["neuronwise"]  # conv1 → ReLU → max-pool → conv2: per channel
+    assert neuron.refused is None and neuron.pairs == [("conv1", "conv2")]
+
+
+def test_hostile_site_names_are_escaped_in_the_page() -> None:
+    from flatcli.html import render_html
+
+    from .results import audit_result
+
+    evil = '<img src=x onerror="alert(1)">'
+    result = audit_result()
+    result["reparameterizations"][0].update(
+        sites=[f"{evil} (q → k)"], refused_sites=[f"{evil}: changed the outputs by 1"],
+        description=evil, tolerance=1e-9,
+    )  # fmt: skip
+    result["skipped"] = {evil: evil}
+    result["theorem4"] = [evil]
+    page = render_html(result)
+    assert evil not in page and "&lt;img src=x" in page

@@ -52,6 +52,7 @@ from .options import (
     SeedOpt,
     SplitOpt,
     TargetOpt,
+    ThreadsOpt,
     TimeBudgetOpt,
     TraceParamsOpt,
     TrustOpt,
@@ -122,6 +123,7 @@ def audit(
             "--dtype", help="float64 (default, so invariance is judged above rounding) or float32."
         ),
     ] = "float64",
+    threads: ThreadsOpt = None,
     seed: SeedOpt = 0,
     fmt: FormatOpt = "table",
     output: OutputOpt = None,
@@ -150,7 +152,7 @@ def audit(
     from .. import registry
     from ..audit import audit as run_audit
     from ..report import to_json
-    from ..runtime import manifest
+    from ..runtime import manifest, set_threads
 
     fmt = check_format(fmt)
     check_outputs(output, *((".manifest.json",) if fmt == "csv" else ()))
@@ -181,6 +183,7 @@ def audit(
         dtype=dtype,
         loss=loss,
     )
+    set_threads(threads, params=sum(p.numel() for p in prep.model.parameters()))
     if defaults and inputs.input_shape is None:
         names = [n for n in names if n != "path_norm"]  # named inputs (token ids): undefined
     with progress() as note:

@@ -100,16 +100,14 @@ def audit_tables(result: Any) -> None:
             console.print(
                 f"[bold]{rep.kind}[/]: refused: {markup_safe(rep.refused)}", highlight=False
             )
-            for line in rep.refused_sites:
-                console.print(f"  left out: {markup_safe(line)}", highlight=False)
+            _print_some(console, "left out", rep.refused_sites)
             continue
         where = rep.sites or [f"{a}→{b}" for a, b in rep.pairs]
-        shown = ", ".join(where[:3]) + (f", … ({len(where)} in all)" if len(where) > 3 else "")
         check = f"max |Δ output| = {rep.max_output_change:.2e}"
         if rep.tolerance is not None:
             check += f" ≤ {rep.tolerance:.1e}"
         table = Table(
-            title=f"{rep.kind} reparameterization ({markup_safe(shown)}; {check})",
+            title=f"{rep.kind} reparameterization ({len(where)} site(s); {check})",
             title_justify="left",
         )
         name_column(table, "measure", [row.measure for row in rep.rows])
@@ -125,8 +123,10 @@ def audit_tables(result: Any) -> None:
                 mark,
             )
         console.print(table)
-        for line in rep.refused_sites:
-            console.print(f"  left out: {markup_safe(line)}", highlight=False)
+        if rep.description:
+            console.print(f"  what: {markup_safe(rep.description)}", highlight=False)
+        _print_some(console, "site", where)
+        _print_some(console, "left out", rep.refused_sites)
     if not result.measures:
         console.print("nothing measured: every reparameterization was refused")
     for name, why in result.skipped.items():
@@ -137,6 +137,17 @@ def audit_tables(result: Any) -> None:
     if explain:
         console.print(markup_safe(explain), highlight=False)
     console.print(f"audit took {result.seconds:.1f} s", highlight=False)
+
+
+def _print_some(console: Any, label: str, lines: Any, most: int = 3) -> None:
+    """The first ``most`` of ``lines``, then how many more (all are in JSON and HTML)."""
+    for line in lines[:most]:
+        console.print(f"  {label}: {markup_safe(line)}", highlight=False)
+    if len(lines) > most:
+        console.print(
+            f"  … and {len(lines) - most} more (all in --format json and --report)",
+            highlight=False,
+        )
 
 
 def correlations(table, result, n, run) -> None:  # noqa: ANN001
