@@ -113,27 +113,30 @@ def run_side(argv: list[str], *, tree: Path | None, timeout: float) -> dict:
     env["HF_HUB_OFFLINE"] = "1"
     if tree is not None:
         env["PYTHONPATH"] = str(tree)
-    start = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "flatcli", "audit", *argv, "--format", "json"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    rss, timed_out = 0, False
-    while proc.poll() is None:
-        rss = max(rss, peak_rss(proc.pid))
-        if time.monotonic() - start > timeout:
-            proc.kill()
-            timed_out = True
-            break
-        time.sleep(0.5)
-    out, err = proc.communicate()
-    wall = time.monotonic() - start
-    last = (err.strip().splitlines() or [""])[-1]
+    with tempfile.TemporaryDirectory() as tmp:  # files, not pipes: a full pipe blocks
+        out_path, err_path = Path(tmp) / "out", Path(tmp) / "err"
+        with out_path.open("w") as out, err_path.open("w") as err:
+            start = time.monotonic()
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "flatcli", "audit", *argv, "--format", "json"],
+                env=env,
+                stdout=out,
+                stderr=err,
+            )
+            rss, timed_out = 0, False
+            while proc.poll() is None:
+                rss = max(rss, peak_rss(proc.pid))
+                if time.monotonic() - start > timeout:
+                    proc.kill()
+                    timed_out = True
+                    break
+                time.sleep(0.5)
+            proc.wait()
+            wall = time.monotonic() - start
+        stdout, stderr = out_path.read_text(), err_path.read_text()
+    last = (stderr.strip().splitlines() or [""])[-1]
     return {"wall": wall, "rss": rss, "rc": proc.returncode, "timed_out": timed_out,
-            "stderr": last, "stdout": out}  # fmt: skip
+            "stderr": last, "stdout": stdout}  # fmt: skip
 
 
 def show(name: str, side: str, r: dict) -> None:

@@ -82,6 +82,8 @@ class Reparameterization:
         tolerance: The function check's bound on ``max |f'(x) − f(x)|``.
         feature_inputs: Whether it rescales the feature layer's input neuron-wise (the
             reparameterization of Theorem 4).
+        unmeasured: Why an applied reparameterization was not measured (the time budget
+            ran out before its run), or None.
     """
 
     kind: str
@@ -95,6 +97,7 @@ class Reparameterization:
     refused_sites: list[str] = field(default_factory=list)
     tolerance: float | None = None
     feature_inputs: bool = False
+    unmeasured: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""
@@ -109,6 +112,7 @@ class Reparameterization:
             "max_output_change": self.max_output_change,
             "tolerance": self.tolerance,
             "feature_inputs": self.feature_inputs,
+            "unmeasured": self.unmeasured,
             "rows": [r.__dict__ for r in self.rows],
         }
 
@@ -200,8 +204,16 @@ def audit(
     )  # fmt: skip
     clock = _Eta(plan.per_run, runs)
     measured: dict[str, dict[str, Estimate]] = {}
+    unmeasured: dict[str, str] = {}
     for run, cand in enumerate([None, *applied]):
         label = "original model" if cand is None else f"{cand.rep.kind} reparameterization"
+        left = math.inf if time_budget is None else time_budget - _since(start)
+        if cand is not None and clock.per_run > left:
+            unmeasured[cand.rep.kind] = (
+                f"not measured: a run takes about {format_seconds(clock.per_run)} and "
+                f"{format_seconds(max(left, 0.0))} of the time budget is left"
+            )
+            continue
         clock.begin(run)
         note(f"run {run + 1}/{runs}, {label}: measuring · ETA {format_seconds(clock.eta())}")
         target = model if cand is None else cand.build()
@@ -216,7 +228,7 @@ def audit(
     for cand in found:
         after = measured.get(f"{cand.rep.kind} reparameterization")
         if after is None:
-            out.append(cand.rep)
+            out.append(_with(cand.rep, unmeasured=unmeasured.get(cand.rep.kind)))
             continue
         rows = [_row(n, original[n], after[n], rtol) for n in original if n in after]
         out.append(_with(cand.rep, rows=rows))
@@ -257,7 +269,7 @@ def _reparameterizations(
     x0 = slice_rows(batches.first()[0], 0, min(SCREEN_ROWS, rows_of(batches.first()[0])))
     structure = find_sites(model, x0, feature_layer=layer)
     if fx_error is not None and not any(structure.sites.values()):
-        raise FlatcliError(_nothing_found(model, fx_error, structure))
+        raise FlatcliError(_nothing_found(model, fx_error))
     out = []
     if pairs:
         alphas = log_uniform(gen, len(pairs), low=low, high=high)
@@ -289,8 +301,7 @@ def _unbuilt() -> nn.Module:
     raise AssertionError("a refused reparameterization is never built")
 
 
-def _nothing_found(model: nn.Module, fx_error: str, structure: Structure) -> str:
-    del structure
+def _nothing_found(model: nn.Module, fx_error: str) -> str:
     return (
         f"{fx_error.split(' (')[0]} or modules it recognizes: {type(model).__name__} does not "
         f"trace ({fx_error.rsplit('(', 1)[-1].rstrip(')')}) and has no attention module with "

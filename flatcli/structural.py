@@ -93,9 +93,9 @@ class Site:
         kind: One of :data:`KINDS`.
         where: The module that names the site (attention module, norm, activation).
         producers: Modules whose outputs carry the factors (Q and K; V; the layer before
-            an activation; a BatchNorm; the layer a BatchNorm folds into).
-        consumers: Modules that compensate (output projection; layers after a norm or
-            an activation).
+            an activation; a BatchNorm before one; the layer a BatchNorm folds into).
+        consumers: Modules that compensate (the output projection; the layers after a
+            norm or an activation; the BatchNorm a fold leaves with its shift only).
         size: Number of random factors (0: a deterministic fold).
         heads: Query heads of an attention site (0 otherwise).
     """
@@ -112,7 +112,9 @@ class Site:
         ends = " + ".join(self.producers)
         if self.consumers:
             ends += " → " + " + ".join(self.consumers)
-        return f"{self.where} ({ends})" if self.where not in self.producers else ends
+        return (
+            ends if self.where in (*self.producers, *self.consumers) else f"{self.where} ({ends})"
+        )
 
 
 @dataclass(frozen=True)
@@ -129,10 +131,6 @@ class Structure:
     sites: Mapping[str, list[Site]]
     skipped: Mapping[str, list[str]]
     feature_source: str | None = None
-
-    def empty(self) -> bool:
-        """Whether nothing was found (no candidate and nothing skipped)."""
-        return not any(self.sites.values()) and not any(self.skipped.values())
 
 
 # --------------------------------------------------------------------------- the data flow
@@ -339,7 +337,7 @@ def _bn_fold_site(
     ]
     if len(makers) != 1 or out_channels(modules[makers[0]]) != mod.num_features:  # type: ignore[attr-defined]
         return []
-    return [Site("batchnorm_fold", name, (makers[0], name))]
+    return [Site("batchnorm_fold", name, (makers[0],), (name,))]
 
 
 def _is_activation(mod: nn.Module) -> bool:
@@ -429,7 +427,7 @@ def apply_site(modules: Mapping[str, nn.Module], site: Site, factors: torch.Tens
         elif site.kind == "norm_fold":
             _fold_norm(modules[site.where], [modules[c] for c in site.consumers])
         elif site.kind == "batchnorm_fold":
-            _fold_batchnorm(modules[site.producers[0]], modules[site.producers[1]])
+            _fold_batchnorm(modules[site.producers[0]], modules[site.consumers[0]])
         else:  # relu_neurons, batchnorm_channels
             assert factors is not None
             scale_outputs(modules[site.producers[0]], factors)

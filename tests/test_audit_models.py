@@ -501,3 +501,13 @@ def test_hostile_site_names_are_escaped_in_the_page() -> None:
     result["theorem4"] = [evil]
     page = render_html(result)
     assert evil not in page and "&lt;img src=x" in page
+
+
+def test_runs_that_would_overrun_the_budget_are_not_measured_and_said() -> None:
+    x, y = models.classification_data()
+    result = audit(models.mlp(), as_batches((x, y)), ["weight_norm"], MeasureConfig(layer="fc"),
+                   time_budget=1e-9)  # fmt: skip
+    assert "weight_norm" in result.measures  # the original model's run always happens
+    for rep in result.reparameterizations:
+        assert rep.refused is None and rep.max_output_change < 1e-12  # checked all the same
+        assert rep.rows == [] and "of the time budget is left" in rep.unmeasured

@@ -123,6 +123,8 @@ def audit_tables(result: Any) -> None:
                 mark,
             )
         console.print(table)
+        if rep.unmeasured:
+            console.print(f"  {markup_safe(rep.unmeasured)}", highlight=False)
         if rep.description:
             console.print(f"  what: {markup_safe(rep.description)}", highlight=False)
         _print_some(console, "site", where)

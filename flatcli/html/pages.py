@@ -160,6 +160,8 @@ def _reparameterization_blocks(rep: Mapping[str, Any]) -> list[dict[str, Any]]:
                 f"{b.sci(change) if change is not None else 'n/a'}."
             )
         )
+        if rep.get("unmeasured"):
+            out.append(b.paragraph(str(rep["unmeasured"]).capitalize() + "."))
         out.append(
             b.table(
                 ["measure", ("original", "num"), ("reparameterized", "num"),
