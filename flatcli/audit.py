@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -242,8 +242,6 @@ def _since(start: float) -> float:
 
 
 def _with(rep: Reparameterization, **changes: Any) -> Reparameterization:
-    from dataclasses import replace
-
     return replace(rep, **changes)
 
 
@@ -264,8 +262,9 @@ def _reparameterizations(
     try:
         pairs, reasons = find_pairs(model)
         fx_error = None
-    except FlatcliError as e:
-        pairs, reasons, fx_error = [], [], str(e)
+    except FlatcliError as e:  # say why in the refusals, and look at the structure only
+        cause = str(e).rsplit("(", 1)[-1].rstrip(")")
+        pairs, reasons, fx_error = [], [], f"the model does not trace with torch.fx ({cause})"
     x0 = slice_rows(batches.first()[0], 0, min(SCREEN_ROWS, rows_of(batches.first()[0])))
     structure = find_sites(model, x0, feature_layer=layer)
     if fx_error is not None and not any(structure.sites.values()):
@@ -283,7 +282,7 @@ def _reparameterizations(
         )
         out.append(check.candidate(rep, lambda: layerwise(model, pairs, alphas)))
     else:
-        why = fx_error or _no_pairs(reasons)
+        why = f"{fx_error}, which finding layer pairs needs" if fx_error else _no_pairs(reasons)
         out.append(_Candidate(Reparameterization("layerwise", refused=why), _unbuilt))
     out.append(_neuronwise(model, layer, fx_error, structure, gen, alpha_range, check))
     for kind in KINDS:
@@ -303,8 +302,8 @@ def _unbuilt() -> nn.Module:
 
 def _nothing_found(model: nn.Module, fx_error: str) -> str:
     return (
-        f"{fx_error.split(' (')[0]} or modules it recognizes: {type(model).__name__} does not "
-        f"trace ({fx_error.rsplit('(', 1)[-1].rstrip(')')}) and has no attention module with "
+        f"the reparameterization audit found nothing to rescale in {type(model).__name__}: "
+        f"{fx_error.removeprefix('the model ')}, and it has no attention module with "
         "query/key/value (or q_proj/k_proj/v_proj) nn.Linear children, no LayerNorm/RMSNorm "
         "feeding an nn.Linear, no Linear/Conv → ReLU → Linear/Conv block and no BatchNorm "
         "after a Linear/Conv"
@@ -587,8 +586,6 @@ def plan_measures(
         min(costs.get(n, 0.0), share) if share and n in iterative else costs.get(n, 0.0)
         for n in kept
     )
-    from dataclasses import replace
-
     return MeasurePlan(kept, skipped, replace(config, time_budget=share), per_run, costs)
 
 

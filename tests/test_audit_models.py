@@ -329,13 +329,34 @@ class Opaque(nn.Module):
         return self.fc(torch.tanh(self.a(x)))
 
 
-def test_a_model_that_traces_neither_way_gets_one_line() -> None:
+def opaque() -> nn.Module:
+    return models.init(Opaque()).float()
+
+
+def test_a_model_that_traces_neither_way_gets_one_line(tmp_path: Path) -> None:
+    from flatcli.checkpoints import save_checkpoint
+
+    nets = tmp_path / "nets.py"
+    root = Path(__file__).resolve().parents[1]
+    nets.write_text(f"import sys\nsys.path.insert(0, {str(root)!r})\n"
+                    "from tests.test_audit_models import opaque\n")  # fmt: skip
+    ck = save_checkpoint(opaque(), tmp_path / "opaque.safetensors", arch=f"{nets}:opaque")
+    x, y = models.classification_data(12)
+    import numpy as np
+
+    np.savez(tmp_path / "d.npz", x=x.float().numpy(), y=y.numpy())
+    cli = CliRunner().invoke(
+        app, ["audit", str(ck), "--arch", f"{nets}:opaque", "--data", str(tmp_path / "d.npz")]
+    )
+    assert cli.exit_code == 1 and "Traceback" not in cli.output
+    line = " ".join(cli.output.split())  # one line, wrapped by the terminal width
+    assert "error: the reparameterization audit found nothing to rescale in Opaque" in line
     x, y = models.classification_data()
     with pytest.raises(FlatcliError) as err:
         audit(models.init(Opaque()), as_batches((x, y)), ["weight_norm"], MeasureConfig(layer="fc"))
     message = str(err.value)
     assert "\n" not in message
-    assert "does not trace (TraceError)" in message
+    assert "nothing to rescale in Opaque: does not trace with torch.fx (TraceError)" in message
     for missing in ("attention module", "LayerNorm/RMSNorm", "ReLU", "BatchNorm"):
         assert missing in message
 
