@@ -111,8 +111,8 @@ def run_side(argv: list[str], *, tree: Path | None, timeout: float) -> dict:
     """Run ``flatcli audit`` in its own process: wall seconds, peak RSS, exit code."""
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     env["HF_HUB_OFFLINE"] = "1"
-    if tree is not None:
-        env["PYTHONPATH"] = str(tree)
+    tree = tree or ROOT  # `python -m` puts the working directory first on sys.path
+    env["PYTHONPATH"] = str(tree)
     with tempfile.TemporaryDirectory() as tmp:  # files, not pipes: a full pipe blocks
         out_path, err_path = Path(tmp) / "out", Path(tmp) / "err"
         with out_path.open("w") as out, err_path.open("w") as err:
@@ -120,6 +120,7 @@ def run_side(argv: list[str], *, tree: Path | None, timeout: float) -> dict:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "flatcli", "audit", *argv, "--format", "json"],
                 env=env,
+                cwd=tree,
                 stdout=out,
                 stderr=err,
             )

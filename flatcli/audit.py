@@ -192,7 +192,7 @@ def audit(
     note = note or (lambda _msg: None)
     gen = torch.Generator().manual_seed(seed)
     note("finding function-preserving reparameterizations")
-    found = _reparameterizations(model, batches, config.layer, gen, alpha_range, note)
+    found, forward = _reparameterizations(model, batches, config.layer, gen, alpha_range, note)
     applied = [c for c in found if c.rep.refused is None]
     reps = [c.rep for c in found]
     if not applied:  # nothing to compare: measure nothing
@@ -201,6 +201,7 @@ def audit(
     plan = plan_measures(
         model, batches, names, config, runs=runs, optional=optional,
         time_budget=None if time_budget is None else time_budget - _since(start),
+        forward=forward,
     )  # fmt: skip
     clock = _Eta(plan.per_run, runs)
     measured: dict[str, dict[str, Estimate]] = {}
@@ -255,8 +256,9 @@ def _reparameterizations(
     gen: torch.Generator,
     alpha_range: tuple[float, float],
     note: Callable[[str], None],
-) -> list[_Candidate]:
-    """Every kind found, in order: fx layer-wise and neuron-wise, then the structural ones."""
+) -> tuple[list[_Candidate], float]:
+    """Every kind found, in order: fx layer-wise and neuron-wise, then the structural ones;
+    and the seconds of the original model's forward pass over the data (for the plan)."""
     low, high = alpha_range
     check = _Check(model, batches)
     try:
@@ -293,7 +295,7 @@ def _reparameterizations(
             continue
         note(f"checking the {kind} reparameterization ({len(sites)} candidate sites)")
         out.append(_structural(model, kind, sites, skipped, layer, gen, alpha_range, check))
-    return out
+    return out, check.seconds
 
 
 def _unbuilt() -> nn.Module:
@@ -406,8 +408,10 @@ class _Check:
 
     def __init__(self, model: nn.Module, batches: Batches) -> None:
         self.model, self.batches = model, batches
+        t0 = time.perf_counter()
         with torch.no_grad():
             self.outputs = [call_model(model, x) for x, _ in batches]
+        self.seconds = time.perf_counter() - t0
         scale = max(float(o.abs().max()) for o in self.outputs)
         dtype = next(model.parameters()).dtype
         self.tolerance = (1e-4 if dtype != torch.float64 else 1e-9) * max(1.0, scale)
@@ -517,6 +521,8 @@ HUTCHINSON_PROBES = 100
 """Probes a Hutchinson Hessian trace is assumed to take (for the estimate)."""
 HVP_PASSES, JVP_PASSES = 2.5, 3.0
 """Cost of a Hessian-vector product and of a forward-mode JVP, in gradient passes."""
+GRADIENT_PASSES = 3.0
+"""Cost of a forward + backward pass, in forward passes."""
 
 
 @dataclass(frozen=True)
@@ -529,7 +535,7 @@ class MeasurePlan:
         config: The measure options, with ``time_budget`` set to the share of an
             iterative estimator (Hutchinson, Lanczos) per run.
         per_run: Estimated seconds of one run (all ``names`` on one model).
-        costs: Estimated seconds per run of each measure that has a cost of its own.
+        costs: Estimated seconds per run of each measure beyond the layer measures' pass.
     """
 
     names: list[str]
@@ -548,25 +554,30 @@ def plan_measures(
     runs: int,
     optional: Sequence[str] = (),
     time_budget: float | None = None,
+    forward: float | None = None,
 ) -> MeasurePlan:
-    """Estimate each measure's seconds per run from one timed gradient pass, and keep the
-    ``optional`` ones that fit ``time_budget`` over ``runs`` runs (cheapest first).
+    """Estimate each measure's seconds per run from the time of a forward pass over the
+    data (``forward``, measured when None; a gradient pass counts as
+    :data:`GRADIENT_PASSES` of them), and keep the ``optional`` measures that fit
+    ``time_budget`` over ``runs`` runs (cheapest first). Measures that cost nothing of their
+    own (norms, the layer measures' shared pass) are always kept.
 
     The layer measures (κ, κ̃, Tr H of the layer, ‖W‖²) are always kept: they are what
     the audit is about. An iterative estimator that is kept gets an equal share of what
     the others leave, per run, as its own time budget (it stops there with the standard
     error or residual it reached).
     """
-    forward, gradient = _pass_seconds(model, batches, config.loss)
-    costs = {n: c for n in names if (c := _cost(n, forward, gradient, config)) > 0}
+    forward = forward_seconds(model, batches) if forward is None else forward
+    gradient = GRADIENT_PASSES * forward
+    costs = {n: _cost(n, forward, gradient, config) for n in names}
     layer_cost = 2 * forward if any(n in GROUPS["layer"][1] for n in names) else 0.0
     kept = [n for n in names if n not in optional or n in GROUPS["layer"][1]]
     skipped: dict[str, str] = {}
     left = math.inf if time_budget is None else time_budget
-    left -= runs * (layer_cost + sum(costs.get(n, 0.0) for n in kept))
-    for name in sorted((n for n in names if n not in kept), key=lambda n: costs.get(n, 0.0)):
-        need = runs * costs.get(name, 0.0)
-        if need <= left:
+    left -= runs * (layer_cost + sum(costs[n] for n in kept))
+    for name in sorted((n for n in names if n not in kept), key=lambda n: costs[n]):
+        need = runs * costs[name]
+        if need == 0 or need <= left:
             kept.append(name)
             left -= need
         else:
@@ -580,43 +591,24 @@ def plan_measures(
     iterative = [n for n in kept if n in GROUPS["hessian"][1]]
     share = None
     if time_budget is not None and iterative:
-        fixed = layer_cost + sum(costs.get(n, 0.0) for n in kept if n not in iterative)
+        fixed = layer_cost + sum(costs[n] for n in kept if n not in iterative)
         share = max(1.0, (time_budget / runs - fixed) / len(iterative))
     per_run = layer_cost + sum(
-        min(costs.get(n, 0.0), share) if share and n in iterative else costs.get(n, 0.0)
-        for n in kept
+        min(costs[n], share) if share and n in iterative else costs[n] for n in kept
     )
     return MeasurePlan(kept, skipped, replace(config, time_budget=share), per_run, costs)
 
 
-def _pass_seconds(model: nn.Module, batches: Batches, loss: str) -> tuple[float, float]:
-    """Seconds of a forward pass and of a forward + backward pass over all the data,
-    scaled from a few timed samples."""
-    from .losses import per_sample_loss
+@torch.no_grad()
+def forward_seconds(model: nn.Module, batches: Batches) -> float:
+    """Seconds of one forward pass over all the data (no grad)."""
     from .measures.params import evaluating
 
-    x, y = batches.first()
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def gradient(rows: int) -> None:
-        with torch.enable_grad():
-            out = call_model(model, slice_rows(x, 0, rows))
-            value = per_sample_loss(out, y[:rows], loss).mean()  # type: ignore[arg-type]
-            torch.autograd.grad(value, params, allow_unused=True)
-
-    def seconds(fn: Callable[[], Any]) -> float:
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-
-    rows = min(4, rows_of(x))
     with evaluating(model):
-        gradient(1)  # warm-up: the first pass pays for lazy initialization
-        with torch.no_grad():
-            forward = min(seconds(lambda: call_model(model, slice_rows(x, 0, rows))) for _ in "ab")
-        backward = min(seconds(lambda: gradient(rows)) for _ in "ab")  # the less disturbed
-    per_sample = batches.n_samples / rows
-    return forward * per_sample, backward * per_sample
+        t0 = time.perf_counter()
+        for x, _ in batches:
+            call_model(model, x)
+        return time.perf_counter() - t0
 
 
 def _cost(name: str, forward: float, gradient: float, config: MeasureConfig) -> float:

@@ -451,9 +451,11 @@ def test_plan_skips_the_default_measures_that_do_not_fit() -> None:
     model, batches = resnet(), image_batches()
     names = [*LAYER, "fisher_rao", "hessian_top_eigenvalue"]
     config = MeasureConfig(layer="fc")
+    names.insert(4, "frobenius_norms")
     plan = plan_measures(model, batches, names, config, runs=4, optional=names,
                          time_budget=1e-6)  # fmt: skip
-    assert plan.names == list(LAYER)  # the layer measures are the audit's subject: kept
+    # The layer measures are the audit's subject, the norms cost nothing: kept.
+    assert plan.names == [*LAYER, "frobenius_norms"]
     assert set(plan.skipped) == {"fisher_rao", "hessian_top_eigenvalue"}
     assert "does not fit the time budget" in plan.skipped["hessian_top_eigenvalue"]
     assert plan.costs["hessian_top_eigenvalue"] > plan.costs["fisher_rao"] > 0
