@@ -432,6 +432,18 @@ def test_flatcli_resnet18_builder_is_recognized() -> None:
     assert len(structure.sites["batchnorm_channels"]) == 9  # 8 blocks and the stem
 
 
+def test_resnet18_layerwise_refusal_names_three_convs_then_a_count() -> None:
+    """A BatchNorm after each of the 20 convolutions: the refusal names three, then counts
+    the rest (it once listed them all, 60 layer names in one line)."""
+    model = archs.resnet18(num_classes=3, in_channels=2, width=2).double().eval()
+    x, y = models.classification_data(4, (2, 8, 8), classes=3, seed=3)
+    config = MeasureConfig(layer="fc", method="exact")
+    result = audit(model, as_batches((x, y), batch_size=4), list(LAYER), config, seed=0)
+    why = by_kind(result)["layerwise"].refused
+    assert why is not None and why.endswith("; and 17 more)")
+    assert why.count("BatchNorm2d") == 3 and len(why) < 400
+
+
 # --------------------------------------------------------------------------- the budget
 
 
