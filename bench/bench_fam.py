@@ -26,9 +26,10 @@ regularizer and its full Lemma 1 gradient (flatcli.fam):
 * for reference, a ResNet-18 conv layer (``layer4.1.conv2``) with one Hutchinson probe
   (Identity 1, double backward through the downstream part).
 
-For comparison, MATH.md §11 reports the published FAM code at 1.57 s per step against
-0.97 s for a plain step (1.62×), for ResNet-18 at batch 32 on CPU. That code also
-computes a different, detached quantity.
+For comparison, docs/finetune.md ("How this differs from the published FAM code") quotes
+the published FAM code at 1.57 s per step against 0.97 s for a plain step (1.62×), for
+ResNet-18 at batch 32 on CPU, a figure not re-measured here. That code also computes a
+different, detached quantity.
 """
 
 from __future__ import annotations

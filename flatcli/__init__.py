@@ -19,8 +19,36 @@ Building blocks:
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+import os as _os
+import sys as _sys
+
+
+def _run_as_module(argv: list[str]) -> bool:
+    """Whether this process is ``python [options] -m flatcli`` (``torchrun -m flatcli``
+    starts its ranks that way): while the package is imported, ``sys.argv[0]`` is ``-m``."""
+    if _sys.argv[:1] != ["-m"]:
+        return False
+    for i, arg in enumerate(argv[1:], start=1):
+        if arg == "-m":
+            return argv[i + 1 : i + 2] == ["flatcli"]
+        if arg.startswith("-m"):
+            return arg == "-mflatcli"
+    return False
+
+
+# ``python -m`` puts the working directory first on sys.path, so a ``rich.py`` (or any
+# module flatcli imports) there would run. Drop it, as ``python -P`` does, before anything
+# else is imported. (``import flatcli`` from a program, and the ``flatcli`` command, are
+# left alone: neither puts the working directory there.)
+if (
+    _run_as_module(getattr(_sys, "orig_argv", []))
+    and not getattr(_sys.flags, "safe_path", False)
+    and _sys.path[:1] in ([""], [_os.getcwd()])
+):
+    del _sys.path[0]
+
+import importlib  # noqa: E402 - after the sys.path fix above
+from typing import Any  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -32,11 +32,13 @@ import torch
 from torch import nn
 
 from .errors import FlatcliError, UsageError, warn
-from .io import atomic_write, check_archive_size, check_regular_file, sha256_file
+from .io import atomic_write, check_archive_size, check_regular_file, is_stream, sha256_file
 
 SAFE_ARCH_PREFIX = "flatcli.archs:"
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
 _PREFIXES = ("module.", "_orig_mod.")
+_MAX_WRAPPERS = 8
+"""Most levels of ``{"state_dict": {...}}`` wrapping unpacked (a cyclic file has no end)."""
 META_KEYS = ("arch", "arch_kwargs", "data", "loss", "input_shape", "hparams", "parent_sha256")
 
 
@@ -91,10 +93,9 @@ def _short(text: str, k: int = 40) -> str:
 def _json_or(text: str | None, default: Any, what: str) -> Any:
     if text is None:
         return default
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        raise FlatcliError(f"checkpoint metadata flatcli.{what} is not valid JSON") from None
+    from .untrusted import parse_json
+
+    return parse_json(text, f"checkpoint metadata flatcli.{what}")
 
 
 # --------------------------------------------------------------------------- saving
@@ -130,13 +131,16 @@ def save_checkpoint(
         meta["parent_sha256"] = parent_sha256
     state = _dedup_state(model)
     path = Path(path)
-    if path.suffix == ".safetensors":
+    suffix = path.suffix if path.suffix in (".safetensors", ".pt", ".pth") else None
+    if suffix is None and is_stream(path):  # /dev/stdout, a FIFO: no name to go by
+        suffix = ".safetensors"
+    if suffix == ".safetensors":
         from safetensors.torch import save
 
         md = {f"flatcli.{k}": v for k, v in meta.items()}
         blob = _canonical_header(save(state, metadata=md))
         return atomic_write(path, lambda p: p.write_bytes(blob))
-    if path.suffix in (".pt", ".pth"):
+    if suffix in (".pt", ".pth"):
         obj = {"state_dict": state, "flatcli": meta}
         return atomic_write(path, lambda p: torch.save(obj, p))
     raise UsageError(f"cannot save to {path.name}: use a .safetensors or .pt file name")
@@ -216,8 +220,9 @@ def load_checkpoint(
     path = check_regular_file(path, "checkpoint")
     sha = sha256_file(path)
     suffix = path.suffix.lower()
+    state: dict[str, torch.Tensor] | None = None
     if suffix == ".safetensors":
-        state, meta = _read_safetensors(path)
+        shapes, meta = _safetensors_header(path)
         fmt = "safetensors"
     elif suffix == ".pt2":
         return _load_trusted(path, sha, "export", trust_code)
@@ -228,8 +233,11 @@ def load_checkpoint(
         if isinstance(obj, nn.Module):
             return Checkpoint(model=obj.eval(), path=path, sha256=sha, format="pickle")
         state, meta = _unwrap_state_dict(obj, path)
+        shapes = {k: tuple(v.shape) for k, v in state.items()}
         fmt = "state_dict"
-    model = build_model(arch, arch_kwargs, meta, trust_code=trust_code, path=path)
+    model = build_model(arch, arch_kwargs, meta, trust_code=trust_code, path=path, shapes=shapes)
+    if state is None:
+        state, _ = _read_safetensors(path)
     load_state(model, state, path)
     return Checkpoint(model=model.eval(), path=path, sha256=sha, format=fmt, metadata=meta)
 
@@ -256,9 +264,40 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception:  # noqa: BLE001 - unreadable here means: no metadata to follow
         return {}
-    if isinstance(obj, dict) and isinstance(obj.get("flatcli"), dict):
-        return {str(k): str(v) for k, v in obj["flatcli"].items()}
-    return {}
+    try:
+        return _pickled_metadata(obj, path)
+    except FlatcliError:
+        return {}
+
+
+def _pickled_metadata(obj: Any, path: Path) -> dict[str, str]:
+    """The ``flatcli`` entry of a loaded ``.pt`` file: names and values are strings (as
+    :func:`save_checkpoint` writes them); anything else is refused, never converted (the
+    text of a crafted container can be astronomically long)."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("flatcli"), dict):
+        return {}
+    meta = obj["flatcli"]
+    strings = (isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
+    bad = next((k for k, ok in zip(meta, strings, strict=True) if not ok), None)
+    if bad is not None:
+        shown = bad if isinstance(bad, str) else type(bad).__name__
+        raise FlatcliError(f"{path.name}: metadata flatcli.{shown[:40]} is not a string")
+    return dict(meta)
+
+
+def _safetensors_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """The tensor shapes and ``flatcli.*`` metadata of a safetensors file, from its header
+    alone (nothing is allocated for the tensors)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except Exception as e:  # noqa: BLE001 - the library raises several types on corrupt files
+        raise FlatcliError(f"{path} is not a valid safetensors file ({_first_line(e)})") from None
+    meta = {k.removeprefix("flatcli."): v for k, v in raw.items() if k.startswith("flatcli.")}
+    return shapes, meta
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -335,10 +374,13 @@ def eval_mode(model: nn.Module) -> nn.Module:
 
 
 def _unwrap_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    meta: dict[str, str] = {}
-    if isinstance(obj, dict) and isinstance(obj.get("flatcli"), dict):
-        meta = {str(k): str(v) for k, v in obj["flatcli"].items()}
-    while isinstance(obj, dict) and not _is_tensor_dict(obj):
+    from .untrusted import check_tensors
+
+    meta = _pickled_metadata(obj, path)
+    check_tensors(obj, path.name)
+    for _ in range(_MAX_WRAPPERS):
+        if not isinstance(obj, dict) or _is_tensor_dict(obj):
+            break
         inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
         if inner is None:
             raise FlatcliError(
@@ -346,8 +388,10 @@ def _unwrap_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], d
                 f"level and under {', '.join(_WRAPPER_KEYS)})"
             )
         obj = inner
-    if not isinstance(obj, dict) or not obj:
+    if not isinstance(obj, dict) or not obj or not _is_tensor_dict(obj):
         raise FlatcliError(f"{path.name} holds no state dict")
+    if not all(isinstance(k, str) for k in obj):
+        raise FlatcliError(f"{path.name}: its state dict has keys that are not names")
     state = {}
     for k, v in obj.items():
         for prefix in _PREFIXES:
@@ -444,8 +488,15 @@ def build_model(
     *,
     trust_code: bool,
     path: Path,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> nn.Module:
-    """Build the module a state dict belongs to (see :func:`load_checkpoint`)."""
+    """Build the module a state dict belongs to (see :func:`load_checkpoint`).
+
+    With ``shapes`` (the file's tensor shapes, e.g. from a safetensors header) the module
+    is first built on the ``meta`` device, which allocates nothing, and its weights'
+    shapes are compared with the file's: architecture arguments that do not fit the file
+    (``hidden: [200000, 200000]``) are an error before any memory is taken.
+    """
     if arch is None:
         arch = meta.get("arch")
         if arch is None:
@@ -461,25 +512,45 @@ def build_model(
     if not isinstance(arch_kwargs, Mapping):
         raise UsageError("--arch-kwargs must be a JSON object")
     fn = _safe_builder(arch) or resolve_arch(arch)
+    if shapes is not None:
+        _check_shapes_on_meta(fn, arch_kwargs, shapes, path)
     try:
         model = fn(**arch_kwargs)
     except Exception as e:  # noqa: BLE001 - user code may raise anything
-        raise FlatcliError(f"{arch}(**{dict(arch_kwargs)}) failed: {_first_line(e)}") from None
+        shown = _short(str(dict(arch_kwargs)), 200)
+        raise FlatcliError(f"{arch}(**{shown}) failed: {_first_line(e)}") from None
     if not isinstance(model, nn.Module):
         raise FlatcliError(f"{arch} returned {type(model).__name__}, not an nn.Module")
     return model
 
 
-def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:
-    """Load ``state`` into ``model``, with a readable error for any mismatch."""
+def _check_shapes_on_meta(
+    fn: Any, arch_kwargs: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], path: Path
+) -> None:
+    """Build the module on the ``meta`` device and check it fits the file's shapes.
+
+    A builder that cannot run on ``meta`` (one that computes with its weights) is
+    skipped here; :func:`load_state` then checks the shapes after building.
+    """
+    try:
+        with torch.device("meta"):
+            probe = fn(**arch_kwargs)
+    except Exception:  # noqa: BLE001 - not buildable on meta: checked after the real build
+        return
+    if isinstance(probe, nn.Module):
+        _check_fit(probe, shapes, path)
+
+
+def _check_fit(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], path: Path) -> None:
+    """Every weight of ``model`` in ``shapes`` with its shape, and nothing else there."""
     expected = model.state_dict()
     aliases = _tied_aliases(model)
-    missing = [k for k in expected if k not in state and not (aliases.get(k, set()) & set(state))]
-    unexpected = [k for k in state if k not in expected]
+    missing = [k for k in expected if k not in shapes and not (aliases.get(k, set()) & set(shapes))]
+    unexpected = [k for k in shapes if k not in expected]
     wrong = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        f"{k} {tuple(shapes[k])} vs {tuple(v.shape)}"
         for k, v in expected.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
+        if k in shapes and tuple(shapes[k]) != tuple(v.shape)
     ]
     problems = []
     if missing:
@@ -490,6 +561,13 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path) 
         problems.append(f"shape mismatch {_few(wrong)}")
     if problems:
         raise FlatcliError(f"{path.name} does not fit the architecture: " + "; ".join(problems))
+
+
+def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Load ``state`` into ``model``, with a readable error for any mismatch."""
+    _check_fit(model, {k: tuple(v.shape) for k, v in state.items()}, path)
+    expected = model.state_dict()
+    aliases = _tied_aliases(model)
     _check_dtypes(expected, state, path)
     full = dict(state)
     for k in expected:

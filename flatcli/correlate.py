@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import FlatcliError, UsageError, warn
-from .io import atomic_write_text, sha256_file
+from .io import atomic_write_text, file_in_folder, sha256_file
 from .registry import MeasureOptions
 
 DEFAULT_MEASURES = (
@@ -49,6 +50,8 @@ DEFAULT_MEASURES = (
 """Petzka et al.'s Fig. 5 comparison."""
 
 CACHE_VERSION = 2
+MAX_ENTRY_BYTES = 1 << 20
+"""Largest cache entry read (a real one is a few hundred bytes plus its hyperparameters)."""
 _ROW_KEYS = (
     "sha256",
     "layer",
@@ -179,7 +182,7 @@ def measure_checkpoints(
         if spec is not None and data_sha is not None:
             run.data_sha256[spec] = data_sha
         entry = cache / f"{sha}-{configs[i].key()}-{(data_sha or 'nodata')[:16]}.json"
-        if entry.is_file():
+        if os.path.lexists(entry):  # whatever is there: read_cache_entry says what it is
             row, problem = read_cache_entry(entry, configs[i], sha)
             if row is not None:
                 results[i] = {"checkpoint": path.name, "path": str(path), **row}
@@ -242,19 +245,21 @@ def _data_of(
 def read_cache_entry(
     entry: Path, config: CorrelateConfig, sha256: str
 ) -> tuple[dict[str, Any] | None, str]:
-    """A cached result, checked against the result schema.
+    """A cached result, checked against the result schema and the ranges of its values.
+
+    An entry that is not a regular file (a link, a FIFO, a device, a directory) is never
+    opened; one larger than :data:`MAX_ENTRY_BYTES` is never read.
 
     Returns:
         ``(row, "")`` for a valid entry, else ``(None, reason)``.
     """
+    from .io import BadInput
+    from .untrusted import read_json
+
     try:
-        row = json.loads(entry.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError:
-        return None, "not UTF-8"
-    except json.JSONDecodeError:
-        return None, "not JSON"
-    except OSError as e:
-        return None, e.strerror or "unreadable"
+        row = read_json(entry, "cache entry", max_bytes=MAX_ENTRY_BYTES, follow_links=False)
+    except BadInput as e:
+        return None, e.reason
     problem = _row_problem(row, config, sha256)
     return (None, problem) if problem else (row, "")
 
@@ -282,6 +287,30 @@ def _row_problem(row: Any, config: CorrelateConfig, sha256: str) -> str:
     bad = [k for k in row if k not in ("sha256", "layer", "hparams") and not number(row[k])]
     if bad:
         return f"non-numeric {', '.join(bad[:3])}"
+    return _range_problem(row)
+
+
+def _range_problem(row: Mapping[str, Any]) -> str:
+    """What no measurement can produce: a non-finite number, a negative loss or standard
+    error, an accuracy outside [0, 1]."""
+    numbers = {k: v for k, v in row.items() if isinstance(v, (int, float))}
+    bad = [k for k, v in numbers.items() if not math.isfinite(v)]
+    if bad:
+        return f"non-finite {', '.join(bad[:3])}"
+    negative = [
+        k
+        for k in ("train_loss", "test_loss", *(k for k in row if k.endswith("_stderr")))
+        if isinstance(row[k], (int, float)) and row[k] < 0
+    ]
+    if negative:
+        return f"negative {', '.join(negative[:3])}"
+    outside = [
+        k
+        for k in ("train_acc", "test_acc")
+        if row[k] is not None and not 0 <= row[k] <= 1
+    ]
+    if outside:
+        return f"{', '.join(outside)} outside [0, 1]"
     return ""
 
 
@@ -296,8 +325,10 @@ def _checkpoint_sha256(path: Path) -> str | None:
         return None
     try:
         return folder_sha256(config.parent)
-    except FlatcliError:
-        return sha256_file(config)  # no usable weights: loading will report why
+    except FlatcliError:  # no usable weights (or a file outside): loading will report why
+        with contextlib.suppress(FlatcliError):
+            return sha256_file(file_in_folder(config.parent, config.name, "file"))
+        return hashlib.sha256(str(config).encode()).hexdigest()
 
 
 def arch_kwargs_table(path: str | Path) -> dict[str, dict[str, Any]]:
@@ -332,9 +363,12 @@ def arch_kwargs_table(path: str | Path) -> dict[str, dict[str, Any]]:
 
 
 def _cell(text: str) -> Any:
+    from .io import BadInput
+    from .untrusted import parse_json
+
     try:
-        return json.loads(text)
-    except json.JSONDecodeError:
+        return parse_json(text, "a cell")
+    except BadInput:  # not JSON (or too deep for it): the text itself
         return text
 
 
@@ -384,8 +418,10 @@ def _run(
 def _stop(pool: Any) -> None:
     """Cancel what has not started and end the workers; what they cached stays cached.
 
-    The workers ignore SIGINT (the terminal sends it to the whole process group) and turn
-    SIGTERM into an exit that removes a half-written cache file.
+    The workers ignore SIGINT and SIGHUP (the terminal sends them to the whole process
+    group; the parent's SIGTERM and SIGHUP end here too, see
+    :func:`flatcli.cli.common.termination_signals`) and turn SIGTERM into an exit that
+    removes a half-written cache file.
     """
     processes = list((getattr(pool, "_processes", None) or {}).values())
     pool.shutdown(wait=False, cancel_futures=True)
@@ -423,7 +459,9 @@ def _worker_init(threads: int = 1, share: int = 1) -> None:
 
     warnings.showwarning = show_warning
     warnings.simplefilter("always", FlatcliWarning)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the workers
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _on_sigterm)
     torch.set_num_threads(threads)
     _share_memory(share)
@@ -474,8 +512,19 @@ def _measure_and_cache(
     except Exception as e:  # noqa: BLE001 - one bad checkpoint must not stop the others
         return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
     cached = {k: v for k, v in row.items() if k not in ("checkpoint", "path")}
-    atomic_write_text(entry, json.dumps(cached))  # insertion order = column order
+    try:  # a link or FIFO planted at the entry's name is replaced, never written through
+        text = json.dumps(_finite(cached))  # insertion order = column order
+        atomic_write_text(entry, text, stream=False)
+    except FlatcliError as e:  # a result that cannot be cached is still a result
+        warn(f"the result of {Path(path).name} is not cached: {e}")
     return row
+
+
+def _finite(row: Mapping[str, Any]) -> dict[str, Any]:
+    """``row`` with non-finite numbers (a measure that failed) as None, as JSON has them."""
+    return {
+        k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()
+    }
 
 
 def measure_one(
@@ -573,12 +622,28 @@ def _merge_hparams(df, path: Path):  # noqa: ANN001, ANN202 - pandas frames
     return df.drop(columns=overlap).merge(table, on="checkpoint", how="left")
 
 
+DERIVED_HPARAMS = (
+    "seed",
+    "fam_lambda_used",
+    "fam_step_ratio",
+    "n_train",
+    "diverged_in_epoch",
+    "weights_of_epoch",
+)
+"""Keys of ``flatcli.hparams`` that Ψ does not group by: the seed (replicates), and what
+``flatcli finetune`` records beside its settings but derives from them or measures (λ
+used, the step ratio R, the training set's size, where a run diverged). Grouping by a
+value that varies with a setting, or with every run, leaves no group in which that
+setting alone varies."""
+
+
 def hparam_columns(df) -> list[str]:  # noqa: ANN001
-    """The hyperparameter columns (``hp_*``) that vary, seeds excluded (they are replicates)."""
+    """The hyperparameter columns (``hp_*``) that vary, :data:`DERIVED_HPARAMS` excluded."""
+    derived = {f"hp_{k}" for k in DERIVED_HPARAMS}
     return [
         c
         for c in df.columns
-        if c.startswith("hp_") and c != "hp_seed" and df[c].nunique(dropna=True) > 1
+        if c.startswith("hp_") and c not in derived and df[c].nunique(dropna=True) > 1
     ]
 
 
@@ -597,15 +662,26 @@ def analyse(
     seed: int,
     granulate_by: Sequence[str] | None = None,
 ) -> dict[str, Any]:  # noqa: ANN001
-    """Correlation table and granulated Kendall Ψ of every measure with both gaps."""
-    from .stats import GAPS, correlation_table, granulated_kendall
+    """Correlation table and granulated Kendall Ψ of every measure with both gaps, and what
+    a reader must know first: ``warnings`` (too few checkpoints, constant gaps) and
+    ``gap_notes``, why a gap's correlations are n/a, keyed by gap."""
+    from .stats import GAPS, constant_gaps, correlation_table, granulated_kendall, small_n_warning
 
     if len(df) < 3:
         raise FlatcliError(f"correlations need at least 3 measured checkpoints, got {len(df)}")
     table = correlation_table(df, list(measures), list(GAPS), bootstrap=bootstrap, seed=seed)
     hps = list(granulate_by) if granulate_by is not None else hparam_columns(df)
+    notes = constant_gaps(df, GAPS)
     granulated = {}
-    if hps:
-        for gap in GAPS:
+    if hps:  # a constant gap gets no Ψ: its τ-a of 0 in every group would read as a finding
+        for gap in (g for g in GAPS if g not in notes):
             granulated[gap] = {m: granulated_kendall(df, m, gap, hps) for m in measures}
-    return {"correlations": table, "granulated": granulated, "hparams": hps}
+    n = int(table["n"].min()) if len(table) else len(df)  # a failed measure lowers its n
+    warnings = [w for w in [small_n_warning(n), *notes.values()] if w]
+    return {
+        "correlations": table,
+        "granulated": granulated,
+        "hparams": hps,
+        "warnings": warnings,
+        "gap_notes": notes,
+    }

@@ -30,6 +30,7 @@ from torch import nn
 from .errors import FlatcliError, UsageError, warn
 from .features import ModelInput, batch_len, logits_of
 from .io import check_archive_size, check_regular_file, sha256_file
+from .untrusted import check_npz, check_tensors
 
 LABEL_KEYS = ("y", "labels")
 """Names labels go by in a dict batch or a data file (flatcli's, Hugging Face's)."""
@@ -38,6 +39,11 @@ TEST_SUFFIX = "_test"
 
 BUNDLED = {"digits": "digits.npz"}
 """Bundled real datasets, by name (UCI handwritten digits, 8×8 images scaled to [0, 1])."""
+
+
+class MissingSplit(FlatcliError):
+    """The data has no such split (no ``x_test``, ...); any other problem with a split that
+    is there (NaN, a bad shape) is a plain :class:`~flatcli.errors.FlatcliError`."""
 
 
 @dataclass(frozen=True)
@@ -297,10 +303,10 @@ def load_data(
     kx, ky = ("x", "y") if split == "train" else ("x_test", "y_test")
     if kx not in arrays or ky not in arrays:
         have = ", ".join(sorted(arrays)) or "nothing"
-        raise FlatcliError(
+        raise MissingSplit(
             f"{source} has no {split} split (needs arrays {kx!r} and {ky!r}; found {have})"
         )
-    x = _to_tensor(arrays[kx], f"{source}:{kx}")
+    x = _to_tensor(arrays[kx], f"{source}:{kx}", keep_int=True)
     y = _to_tensor(arrays[ky], f"{source}:{ky}")
     if x.ndim == 0 or y.ndim == 0 or x.shape[0] != y.shape[0]:
         raise FlatcliError(
@@ -332,7 +338,7 @@ def _named_inputs(
     if len(labels) != 1 or not inputs:
         suffix = TEST_SUFFIX if test else ""
         have = ", ".join(sorted(arrays)) or "nothing"
-        raise FlatcliError(
+        raise MissingSplit(
             f"{source} has no {split} split (needs named inputs and one of "
             f"'y{suffix}', 'labels{suffix}'; found {have})"
         )
@@ -351,7 +357,12 @@ def _named_inputs(
     return Dataset(x=inputs, y=y, source=source, split=split)
 
 
-def _to_tensor(a: Any, name: str) -> torch.Tensor:
+_INTEGERS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _to_tensor(a: Any, name: str, *, keep_int: bool = False) -> torch.Tensor:
+    """A numeric tensor: floats as float32/64; integers as int64, or (``keep_int``, for
+    inputs ``x``) as stored, so that a cast to float can name the stored type."""
     try:
         t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.array(a, copy=True))
     except (TypeError, ValueError) as e:
@@ -360,7 +371,7 @@ def _to_tensor(a: Any, name: str) -> torch.Tensor:
         raise FlatcliError(f"{name} is not a numeric array")
     if t.is_floating_point() and t.dtype not in (torch.float32, torch.float64):
         t = t.float()
-    if not t.is_floating_point():
+    if not t.is_floating_point() and not (keep_int and t.dtype in _INTEGERS):
         t = t.long()
     return t
 
@@ -382,14 +393,13 @@ def _read_arrays(
     suffix = path.suffix.lower()
     try:
         if suffix == ".npz":
+            check_npz(path)
             with np.load(path, allow_pickle=False) as z:
                 return {k: z[k] for k in z.files}, str(path)
         if suffix in (".pt", ".pth"):
             check_archive_size(path)
             obj = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(obj, dict):
-                raise FlatcliError(f"{path}: expected a dict of tensors with keys x, y")
-            return dict(obj), str(path)
+            return _tensor_dict(obj, path), str(path)
         if suffix == ".csv":
             return _read_csv(path, target), str(path)
     except FlatcliError:
@@ -401,12 +411,27 @@ def _read_arrays(
     )
 
 
+def _tensor_dict(obj: Any, path: Path) -> dict[str, Any]:
+    """The arrays of a ``.pt`` data file: a dict of named tensors, checked before use."""
+    if not isinstance(obj, dict):
+        raise FlatcliError(f"{path}: expected a dict of tensors with keys x, y")
+    for k, v in obj.items():
+        if not isinstance(k, str):
+            raise FlatcliError(f"{path}: keys must be names (strings), found {type(k).__name__}")
+        if not isinstance(v, (torch.Tensor, np.ndarray)):
+            raise FlatcliError(f"{path}: {k[:40]!r} is a {type(v).__name__}, not a tensor")
+    check_tensors(obj, f"data file {path.name}")
+    return dict(obj)
+
+
 def _read_csv(path: Path, target: str | None) -> dict[str, Any]:
     import pandas as pd
 
     if target is None:
         raise UsageError(f"{path} is a CSV file: say which column holds the labels with --target")
     df = pd.read_csv(path)
+    if df.empty:
+        raise FlatcliError(f"{path} has no rows of data (only a header?)")
     if target not in df.columns:
         raise FlatcliError(f"{path} has no column {target!r}; columns: {', '.join(df.columns)}")
     features = df.drop(columns=[target])
@@ -499,11 +524,21 @@ def fit_inputs(
             "to the model's floating-point dtype (values unchanged, not rescaled)"
         )
         x = x.float()
+    elif not x.is_floating_point() and x.dtype not in (torch.int32, torch.int64):
+        x = x.long()  # ids for an embedding
     if input_shape is not None:
         if math.prod(input_shape) != per_sample:
             raise FlatcliError(
                 f"data does not fit the model: {per_sample} values per sample, but it "
                 f"expects inputs of shape {tuple(input_shape)}"
+            )
+        shape = tuple(input_shape)
+        last = (*shape[1:], shape[0]) if len(shape) == 3 else None
+        if x.ndim == 4 and tuple(x.shape[1:]) == last and last != shape:
+            raise FlatcliError(  # a reshape would scramble channels-last images silently
+                f"data of shape {tuple(x.shape[1:])} per sample look channels-last; the model "
+                f"expects images of shape (n, {shape[0]}, H, W) = (n, {', '.join(map(str, shape))})"
+                ": store x.transpose(0, 3, 1, 2) (numpy) or x.permute(0, 3, 1, 2) (torch)"
             )
         return x.reshape(n, *input_shape)
     if isinstance(first, nn.Linear) and x.ndim > 2 and per_sample == first.in_features:
@@ -514,6 +549,22 @@ def fit_inputs(
         if side > 0 and c * side * side == per_sample:
             return x.reshape(n, c, side, side)
     return x
+
+
+def _layout_hint(model: nn.Module, x: ModelInput) -> str:
+    """For images whose channels come last, the shape the first ``nn.Conv2d`` expects."""
+    first = next((m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))), None)
+    if not isinstance(first, nn.Conv2d) or isinstance(x, Mapping) or x.ndim != 4:
+        return ""
+    c = first.in_channels
+    if x.shape[-1] != c or x.shape[1] == c:
+        return ""
+    _, h, w, _ = x.shape
+    return (
+        f". The model expects images of shape (n, {c}, H, W), channels first; these look "
+        f"channels-last, (n, {h}, {w}, {c}): store x.transpose(0, 3, 1, 2) (numpy) or "
+        "x.permute(0, 3, 1, 2) (torch)"
+    )
 
 
 def check_fits(model: nn.Module, batches: Batches, *, loss: str) -> int:
@@ -534,6 +585,7 @@ def check_fits(model: nn.Module, batches: Batches, *, loss: str) -> int:
         what = "inputs" if isinstance(x, Mapping) else "data of shape"
         raise FlatcliError(
             f"{what} {describe_inputs(x)} per sample does not fit the model: {_first_line(e)}"
+            + _layout_hint(model, x)
         ) from None
     out = logits_of(raw)
     if out.ndim != 2:

@@ -78,7 +78,7 @@ from torch import nn
 
 from .errors import UsageError
 from .features import Cut, LayerSplit, ModelInput, call_model, default_layer
-from .losses import check_loss, per_sample_loss
+from .losses import SoftmaxCurvature, check_loss, per_sample_loss
 from .measures.relative_flatness import MAX_EXACT_DIRECTIONS
 
 Variant = Literal["neuronwise", "layerwise"]
@@ -371,12 +371,10 @@ class FAMRegularizer:
             out = out.detach()
         m = torch.einsum("kid,dr->ikr", jac, w)  # M_i = J_i W, (n, C, r)
         if self.loss == "cross_entropy":
-            p = torch.softmax(out, dim=-1)
+            curvature = SoftmaxCurvature.of(out)  # exact on a saturated softmax too
 
             def form(a: torch.Tensor) -> torch.Tensor:  # Tr(Aᵀ (diag p − p pᵀ) A) per sample
-                return (p.unsqueeze(-1) * a * a).sum((1, 2)) - (
-                    (p.unsqueeze(-1) * a).sum(1) ** 2
-                ).sum(1)
+                return curvature.forms(a, summed=True)
 
         else:
 

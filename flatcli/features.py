@@ -40,7 +40,7 @@ from torch import nn
 
 from .autodiff import SecondOrder
 from .errors import FlatcliError, UsageError
-from .losses import per_sample_loss
+from .losses import SoftmaxCurvature, per_sample_loss
 
 SUPPORTED = (nn.Linear, nn.Conv2d)
 HEAD_NAMES = ("classifier", "score", "head", "classification_head", "fc")
@@ -134,6 +134,20 @@ def find_layer(model: nn.Module, name: str) -> nn.Module:
     raise UsageError(f"no layer named {name!r}{hint} (weight layers: {', '.join(layers)})")
 
 
+def parts_with_weight(layer: str, parameters: Sequence[str]) -> str:
+    """``"; its parts with one: A, B"``: the modules inside ``layer`` that own a ``weight``,
+    from parameter names (``bert.pooler`` → ``bert.pooler.dense``); ``""`` when none."""
+    inside = [
+        p.removesuffix(".weight")
+        for p in parameters
+        if p.startswith(f"{layer}.") and p.endswith(".weight")
+    ]
+    if not inside:
+        return ""
+    shown = ", ".join(inside[:5]) + (f", ... ({len(inside)} in all)" if len(inside) > 5 else "")
+    return f"; its parts with one: {shown}"
+
+
 def default_layer(model: nn.Module) -> str:
     """The papers' feature layer: the last ``nn.Linear`` of the model.
 
@@ -184,7 +198,10 @@ class LayerSplit:
         self.layer = find_layer(model, layer)
         weight = getattr(self.layer, "weight", None)
         if not isinstance(weight, torch.Tensor):
-            raise UsageError(f"layer {layer!r} ({type(self.layer).__name__}) has no weight")
+            raise UsageError(
+                f"layer {layer!r} ({type(self.layer).__name__}) has no weight"
+                + parts_with_weight(layer, [n for n, _ in model.named_parameters()])
+            )
         self.tied = [
             n
             for n, p in model.named_parameters(remove_duplicate=False)
@@ -403,9 +420,9 @@ class LayerSplit:
                 "method needs (batch, features): use --method hutchinson"
             )
         if self.produces_output and loss == "cross_entropy":
-            p = torch.softmax(z, dim=-1)
-            q = torch.stack([p @ (u * u).sum(1) - ((p @ u) ** 2).sum(1) for u in mats], dim=1)
-            return q, (1 - (p * p).sum(1)) if trace else None
+            curvature = SoftmaxCurvature.of(z)  # exact on a saturated softmax too
+            q = torch.stack([curvature.forms(u, summed=True) for u in mats], dim=1)
+            return q, curvature.trace() if trace else None
         if self.produces_output and loss == "mse":
             q = torch.stack([(2 / d) * (u * u).sum() * z.new_ones(n) for u in mats], dim=1)
             return q, z.new_full((n,), 2.0) if trace else None

@@ -7,12 +7,13 @@ mini-batch loss plus λ times the relative flatness κ of one layer on the same 
 FAM's Lemma 1 (or, with ``fam_gradient="detached"``, the published code's term (I) only).
 The step runs one forward pass, and the penalty reuses it.
 
-The work is split in three:
+The work is split in four:
 
 * the training loop, in :mod:`flatcli.training` (steps, clipping, SAM, epoch averages);
-* the bookkeeping, here: options, λ (absolute, relative or ``auto``), the divergence
-  guard (:class:`DivergenceGuard`), and the resumable state (``_save_state``,
-  ``_load_state``, ``_check_resumable``);
+* the divergence guard, in :mod:`flatcli.guard` (:class:`DivergenceGuard`, fed one
+  epoch at a time);
+* the bookkeeping, here: options, λ (absolute, relative or ``auto``), and the resumable
+  state (``_save_state``, ``_load_state``, ``_check_resumable``);
 * the reporting, in :mod:`flatcli.finetune_report` (log, plot, test metrics, the
   temperature-matched baseline).
 
@@ -40,6 +41,7 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -56,6 +58,7 @@ from torch import nn
 from .checkpoints import Checkpoint, check_finite, load_checkpoint, save_checkpoint
 from .data import (
     Dataset,
+    MissingSplit,
     as_batches,
     as_inputs,
     check_fits,
@@ -83,19 +86,28 @@ from .finetune_report import (
     write_log,
     write_log_manifest,
 )
-from .io import atomic_write, check_output, sha256_file
+from .guard import DivergenceGuard, chance_level, snapshot
+from .io import (
+    atomic_write,
+    check_archive_size,
+    check_distinct,
+    check_output,
+    is_stream,
+    sha256_file,
+    sidecar,
+)
 from .losses import check_loss
 from .measures.estimate import Estimate
 from .measures.relative_flatness import layer_measures
 from .runtime import resolve_device, resolve_dtype
 from .training import (
-    EpochStats,
     batch_slices,
     kappa_gradient,
     load_optimizer_state,
     make_optimizer,
     train_epoch,
 )
+from .untrusted import check_tensors, parse_json
 
 __all__ = [
     "LOG_COLUMNS",
@@ -112,14 +124,17 @@ OptimizerName = Literal["sgd", "adam", "sam"]
 Schedule = Literal["cosine", "constant"]
 OPTIMIZERS = ("sgd", "adam", "sam")
 SCHEDULES = ("cosine", "constant")
-SCALES = ("absolute", "relative")
+SCALES = ("absolute", "relative", "paper")
 STATE_FORMAT = "flatcli.finetune-state/1"
 #: ``fam_lambda="auto"`` picks λ so that the relative step R at step 0 equals this.
 SAFE_STEP_RATIO = 0.003
 #: A step-0 R above this is reported as a warning (the stability study's mixed range).
 WARN_STEP_RATIO = 0.01
-#: Gradient clipping of FAM runs (λ > 0) when ``clip_grad_norm`` is not given.
+#: Gradient clipping when ``clip_grad_norm`` is not given, for λ = 0 and λ > 0 alike, so that
+#: plain training and FAM are compared under the same step.
 DEFAULT_CLIP = 1.0
+#: A penalty λκ₀ below this share of the starting train loss E₀ is reported as negligible.
+NEGLIGIBLE_PENALTY = 1e-3
 
 
 @dataclass(frozen=True)
@@ -186,68 +201,6 @@ class Diverged(FlatcliError):
         self.epoch, self.good_epoch, self.reason = epoch, good_epoch, reason
 
 
-@dataclass(frozen=True)
-class DivergenceGuard:
-    """Checks each epoch against the starting model and says when the run fell apart.
-
-    The run has diverged when, after an epoch:
-
-    * the loss or κ is NaN or Inf;
-    * the epoch's train loss exceeds ``loss_factor`` × the starting train loss plus
-      ``loss_floor`` (the floor keeps a near-zero starting loss from tripping it);
-    * with λ > 0 and an exact κ, the epoch's κ exceeds ``kappa_factor`` × the starting κ
-      (a Hutchinson κ with few probes is too noisy for this test), unless the train loss
-      fell by more than ``loss_floor`` below its start: a model still being fitted (a
-      fresh classification head at chance, say) gains κ as it leaves the uniform softmax,
-      and that is learning, not instability;
-    * with λ > 0, κ fell below ``saturation_kappa`` × its start while the layer's
-      ``‖W‖²`` grew above ``saturation_weight`` × its start: flatness by a saturated
-      softmax, not a flatter minimum.
-
-    The starting values are the full-data measures of the starting model; the epoch's
-    values are its batch averages (:class:`~flatcli.training.EpochStats`).
-    """
-
-    loss0: float
-    kappa0: float
-    weight0: float
-    fam: bool
-    kappa_exact: bool = True
-    loss_factor: float = 10.0
-    loss_floor: float = 0.1
-    kappa_factor: float = 2.0
-    saturation_kappa: float = 0.1
-    saturation_weight: float = 10.0
-
-    def check(self, stats: EpochStats, weight_sq: float) -> str | None:
-        """Why the epoch counts as diverged, or None when it is fine."""
-        loss, kappa = stats.train_loss, stats.kappa
-        if not (math.isfinite(loss) and math.isfinite(kappa) and math.isfinite(weight_sq)):
-            return "the loss became NaN or Inf"
-        limit = self.loss_factor * self.loss0 + self.loss_floor
-        if loss > limit:
-            return (
-                f"the train loss rose to {loss:.4g}, above {self.loss_factor:g}× its start "
-                f"{self.loss0:.3g} + {self.loss_floor:g}"
-            )
-        if not self.fam:
-            return None
-        fitting = loss < self.loss0 - self.loss_floor
-        if self.kappa_exact and kappa > self.kappa_factor * self.kappa0 and not fitting:
-            factor = self.kappa_factor
-            return f"κ rose to {kappa:.4g}, above {factor:g}× its start {self.kappa0:.4g}"
-        if (
-            kappa < self.saturation_kappa * self.kappa0
-            and weight_sq > self.saturation_weight * self.weight0
-        ):
-            return (
-                f"κ collapsed to {kappa:.3g} ({kappa / self.kappa0:.1%} of its start) while "
-                f"‖W‖² grew {weight_sq / self.weight0:.3g}×: flatness by a saturated softmax, "
-                "not a flatter minimum"
-            )
-        return None
-
-
 DataLike = str | Dataset | tuple[torch.Tensor, torch.Tensor]
 
 
@@ -283,6 +236,7 @@ def finetune(
     plot_path: str | Path | None = None,
     state_path: str | Path | None = None,
     resume: bool = False,
+    overwrite_input: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> FinetuneResult:
     r"""Fine-tune with FAM: minimize :math:`E_{\text{batch}} + \lambda\,\kappa(W^l)` (FAM Eq. 1).
@@ -320,12 +274,16 @@ def finetune(
         fam_gradient: ``full`` (the exact Lemma 1 gradient) or ``detached`` (the published
             code's: Hessian held constant, term (I) only), see
             :class:`~flatcli.fam.FAMRegularizer`.
-        fam_scale: ``absolute`` (λ as given) or ``relative``: λ = ``fam_lambda`` · E₀/κ₀,
+        fam_scale: ``absolute`` (λ as given), ``paper`` (λ in the units of the FAM paper's
+            experiments and code, whose neuron-wise regularizer is κ/m: the run uses
+            λ/m, ``m`` the layer's ``in_features``; nn.Linear, neuron-wise only) or
+            ``relative``: λ = ``fam_lambda`` · E₀/κ₀,
             with E₀ and κ₀ the starting model's full-data train loss and κ, so that λκ₀ is
             that fraction of E₀.
         clip_grad_norm: Clip the global gradient norm of each step to this. None: 1.0
-            (:data:`DEFAULT_CLIP`) when λ > 0, off for plain training; 0 turns it off.
-            The threshold is in the units of the gradient, so it is not scale-free.
+            (:data:`DEFAULT_CLIP`), for plain training (λ = 0) as for FAM, so that the
+            two are compared under the same step; 0 turns it off. The threshold is in the
+            units of the gradient, so it is not scale-free.
         loss: ``cross_entropy`` or ``mse``. Default: the checkpoint's metadata, else
             cross-entropy.
         target: The label column, when ``data`` is a CSV file.
@@ -342,6 +300,8 @@ def finetune(
             ``.state.pt``.
         resume: Continue from ``state_path`` if it exists. The recorded hyperparameters
             must match, except ``epochs`` under a ``constant`` schedule.
+        overwrite_input: Allow ``out_path`` to be the input checkpoint (refused by
+            default). No other output may be an input, or another output.
         progress: Called with one line of text per stage and per epoch.
 
     The relative step at step 0 is :math:`R = \frac{lr}{1-\beta}\,\lambda\,
@@ -385,6 +345,8 @@ def finetune(
     _check_outputs(
         out_path, log_path, plot_path, state_path, folder=is_pretrained_model(ck.model)
     )
+    outputs = (out_path, log_path, plot_path, state_path)
+    _check_not_inputs(ck, [data, test_data], outputs, overwrite_input=overwrite_input)
     net = copy.deepcopy(ck.model).to(device=dev, dtype=dt)
     check_finite(net)
     loss_name = check_loss(loss or ck.metadata.get("loss") or "cross_entropy")
@@ -405,12 +367,16 @@ def finetune(
         "gradient": fam_gradient,
     }
     reg = FAMRegularizer(net, layer, **fam_options)  # type: ignore[arg-type]
+    if fam_scale == "paper" and reg.split.kind != "linear":
+        raise UsageError(
+            f"--fam-scale paper is for an nn.Linear FAM layer ({layer!r} is "
+            f"{type(reg.split.layer).__name__}: the published code's m is another one)"
+        )
     out = Path(out_path) if out_path is not None else None
     state_file = Path(state_path) if state_path is not None else _default_state(out)
     if resume and state_file is None:
         raise UsageError("--resume needs a state file: pass --out (the state sits beside it)")
-    fam_on = fam_lambda == "auto" or float(fam_lambda) > 0
-    clip = _resolve_clip(clip_grad_norm, fam_on)
+    clip = _resolve_clip(clip_grad_norm)
     hparams: dict[str, Any] = {
         "fam_lambda": fam_lambda if fam_lambda == "auto" else float(fam_lambda),
         "fam_scale": fam_scale,
@@ -473,6 +439,7 @@ def finetune(
         return found
 
     start_net = copy.deepcopy(net)  # the starting weights, for the temperature baseline
+    start_snapshot = snapshot(reg, x, y)  # for the guard; eval mode, no randomness used
     cuda = [dev] if dev.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.default_generator.manual_seed(torch_seed)
@@ -528,9 +495,10 @@ def finetune(
                 )
             )
         lam = float(hparams["fam_lambda_used"])
-        warnings = _announce_lambda(hparams, note)
+        warnings = _announce_lambda(hparams, note) + _penalty_share(lam, before, kappa_key)
         guard = DivergenceGuard(
-            loss0=before["train_loss"].value,
+            start=start_snapshot,
+            chance=chance_level(y, loss_name, classes),
             kappa0=before[kappa_key].value,
             weight0=before["weight_norm"].value,
             fam=lam > 0,
@@ -651,7 +619,8 @@ def _epoch(
     t0 = time.perf_counter()
     stats = train_epoch(net, reg, opt, sched, *train, **step)
     weight_sq = float(reg.split.weight.detach().double().pow(2).sum())
-    reason = guard.check(stats, weight_sq)
+    now = snapshot(reg, *train, kappa=True)  # eval mode, the whole set: as at epoch 0
+    reason = guard.check(now, stats, weight_sq)
     finite = reason is None or "NaN" not in reason
     tm = heldout_metrics(net, test, reg.loss) if test is not None and finite else {}
     record = EpochRecord(
@@ -665,6 +634,9 @@ def _epoch(
         phi_sq_mean=stats.phi_sq_mean,
         max_softmax=stats.max_softmax,
         seconds=time.perf_counter() - t0,
+        full_train_loss=now.loss,
+        full_train_accuracy=now.accuracy,
+        full_kappa=now.kappa,
     )
     return record, reason
 
@@ -691,11 +663,28 @@ def _title(layer: str, lam: float) -> str:
     return f"FAM on {layer}, λ = {lam:.4g}"
 
 
-def _resolve_clip(clip_grad_norm: float | None, fam_on: bool) -> float | None:
-    """The clipping threshold of the run: None turns clipping off."""
+def _resolve_clip(clip_grad_norm: float | None) -> float | None:
+    """The clipping threshold of the run, the same for λ = 0 and λ > 0: None turns it off."""
     if clip_grad_norm is None:
-        return DEFAULT_CLIP if fam_on else None
+        return DEFAULT_CLIP
     return float(clip_grad_norm) if clip_grad_norm > 0 else None
+
+
+def _penalty_share(lam: float, before: Mapping[str, Estimate], kappa_key: str) -> list[str]:
+    """A warning when the penalty λκ₀ is negligible against the starting train loss E₀."""
+    kappa0, loss0 = before[kappa_key].value, before["train_loss"].value
+    penalty = lam * kappa0
+    if not (lam > 0 and loss0 > 0 and math.isfinite(penalty)):
+        return []
+    share = penalty / loss0
+    if share >= NEGLIGIBLE_PENALTY:
+        return []
+    return [
+        f"the penalty is negligible against the loss: λκ₀ = {penalty:.2g} (λ = {lam:.2g}, "
+        f"κ₀ = {kappa0:.3g}) is {share:.2g} of the train loss E₀ = {loss0:.3g}, below "
+        f"{NEGLIGIBLE_PENALTY:g}; this run is close to plain training. For a penalty that "
+        "is a fraction f of the loss, pass --fam-scale relative --fam-lambda f"
+    ]
 
 
 def _resolve_lambda(
@@ -713,6 +702,8 @@ def _resolve_lambda(
     """λ for the run, and the relative step R at step 0 (None for Adam or λ = 0)."""
     if fam_lambda == "auto":
         lam = None
+    elif fam_scale == "paper":  # the published regularizer is κ/m: λ_paper·κ/m = (λ_paper/m)·κ
+        lam = float(fam_lambda) / reg.split.weight_matrix().shape[1]
     elif fam_scale == "relative":
         kappa0, loss0 = before[kappa_key].value, before["train_loss"].value
         if not kappa0 > 0:
@@ -835,7 +826,7 @@ def _check_options(
         )
         need(
             fam_scale == "absolute",
-            "--fam-lambda auto picks λ itself: drop --fam-scale relative",
+            f"--fam-lambda auto picks λ itself: drop --fam-scale {fam_scale}",
         )
     else:
         need(
@@ -843,6 +834,11 @@ def _check_options(
             f"--fam-lambda must be a finite number ≥ 0 or auto, got {fam_lambda}",
         )
     need(fam_scale in SCALES, f"--fam-scale must be one of {', '.join(SCALES)}")
+    need(
+        fam_scale != "paper" or fam_variant == "neuronwise",
+        "--fam-scale paper converts λ of the published neuron-wise regularizer (κ/m); the "
+        "published layer-wise one (‖W‖·Tr H, norm unsquared) is no rescaling of ‖W‖²·Tr H",
+    )
     need(
         fam_gradient in FAM_GRADIENTS,
         f"--fam-gradient must be one of {', '.join(FAM_GRADIENTS)}",
@@ -906,9 +902,8 @@ def _resolve_data(
                 test = load_data(
                     data, split="test", target=target, max_samples=max_samples, base_dir=base
                 )
-            except FlatcliError as e:
-                if "has no test split" not in str(e):
-                    raise
+            except MissingSplit:
+                pass
     else:
         train = _as_dataset(data, "train")
     if test_data is not None:
@@ -976,6 +971,40 @@ def _check_outputs(
         check_output(state, option="the state file")
 
 
+def _check_not_inputs(
+    ck: Checkpoint,
+    data: list[Any],
+    outputs: tuple[str | Path | None, ...],
+    *,
+    overwrite_input: bool,
+) -> None:
+    """Refuse an output (``out, log, plot, state``) that is an input (the checkpoint, unless
+    ``overwrite_input`` and it is ``--out``; a data file) or another output
+    (:func:`flatcli.io.check_distinct`)."""
+    from .data import BUNDLED
+
+    out_path, log_path, plot_path, state_path = outputs
+    if data[0] is None and ck.sha256 and ck.metadata.get("data") is not None:
+        with contextlib.suppress(FlatcliError):  # loading the data reports why
+            data = [metadata_data(ck.metadata["data"], ck.path), *data[1:]]
+    files = [("a data file", Path(d)) for d in data if isinstance(d, str) and d not in BUNDLED]
+    checkpoint = [("the input checkpoint", ck.path)] if ck.sha256 else []
+    if state_path is None and out_path is not None:
+        state_path = _default_state(Path(out_path))
+    named = [("--out", out_path), ("--log", log_path), ("--plot", plot_path)]
+    named.append(("the state file", state_path))
+    if not overwrite_input:
+        try:
+            check_distinct(named[:1], checkpoint)
+        except UsageError:
+            raise UsageError(
+                f"--out {named[0][1]} is the input checkpoint: pass --overwrite-input to "
+                "replace it, or name another file"
+            ) from None
+    check_distinct(named, files)
+    check_distinct(named[1:], checkpoint)  # only --out may replace the checkpoint
+
+
 def _data_sha256(ds: Dataset) -> str:
     """sha256 of the training tensors (dtype, shape and values): what a resume must match."""
     h = hashlib.sha256()
@@ -988,7 +1017,7 @@ def _data_sha256(ds: Dataset) -> str:
 
 
 def _default_state(out: Path | None) -> Path | None:
-    return None if out is None else out.with_name(out.stem + ".state.pt")
+    return None if out is None else sidecar(out, ".state.pt")  # none beside /dev/null
 
 
 def _estimates(found: Mapping[str, Estimate]) -> dict[str, dict[str, Any]]:
@@ -1039,6 +1068,7 @@ def _save_state(
 def _load_state(path: Path, device: torch.device) -> dict[str, Any] | None:
     if not path.is_file():
         return None
+    check_archive_size(path)
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated or foreign files raise many types
@@ -1046,6 +1076,7 @@ def _load_state(path: Path, device: torch.device) -> dict[str, Any] | None:
         raise FlatcliError(f"cannot read the state file {path}: {first}") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise FlatcliError(f"{path} is not a flatcli finetune state file")
+    check_tensors(state, f"the state file {path}")
     if isinstance(state.get("rng"), dict):
         state["rng"] = {
             k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in state["rng"].items()
@@ -1085,6 +1116,7 @@ def _check_state(state: Mapping[str, Any], path: Path, schedule: str) -> None:
         isinstance(model, dict) and all(isinstance(v, torch.Tensor) for v in model.values()),
         "model is not a state dict",
     )
+    need(_all_finite(model.values()), "model weights contain NaN or Inf")
     opt = state["optimizer"]
     need(
         isinstance(opt, dict)
@@ -1093,6 +1125,8 @@ def _check_state(state: Mapping[str, Any], path: Path, schedule: str) -> None:
         and all(isinstance(g, dict) for g in opt["param_groups"]),
         "optimizer is not an optimizer state",
     )
+    moments = [v for per in opt["state"].values() if isinstance(per, dict) for v in per.values()]
+    need(_all_finite(moments), "optimizer state contains NaN or Inf")
     need(
         isinstance(state["scheduler"], dict) if schedule == "cosine" else True,
         "scheduler is not a scheduler state",
@@ -1131,6 +1165,15 @@ def _check_state(state: Mapping[str, Any], path: Path, schedule: str) -> None:
         )
 
 
+def _all_finite(values: Any) -> bool:
+    """No floating-point tensor among ``values`` holds NaN or Inf."""
+    return all(
+        bool(torch.isfinite(v).all())
+        for v in values
+        if isinstance(v, torch.Tensor) and v.is_floating_point()
+    )
+
+
 def _check_resumable(
     state: Mapping[str, Any], hparams: Mapping[str, Any], parent_sha256: str, epochs: int
 ) -> None:
@@ -1158,8 +1201,9 @@ def _save_output(
     hparams: Mapping[str, Any],
     data_spec: str | None,
     loss: str,
-) -> str:
-    """Write the fine-tuned model; returns the sha256 a later load reports for it."""
+) -> str | None:
+    """Write the fine-tuned model; returns the sha256 a later load reports for it (None
+    for a stream such as ``/dev/null``)."""
     meta = ck.metadata
     model = net if next(net.parameters()).device.type == "cpu" else copy.deepcopy(net).cpu()
     from .hf import is_pretrained_model
@@ -1180,7 +1224,8 @@ def _save_output(
         save_pretrained(model, out, {k: v for k, v in flat_meta.items() if v is not None})
         return folder_sha256(out)
     arch = meta.get("arch") or f"{type(ck.model).__module__}:{type(ck.model).__qualname__}"
-    arch_kwargs = json.loads(meta["arch_kwargs"]) if meta.get("arch_kwargs") else {}
+    kwargs_text = meta.get("arch_kwargs")
+    arch_kwargs = parse_json(kwargs_text, "flatcli.arch_kwargs") if kwargs_text else {}
     save_checkpoint(
         model,
         out,
@@ -1192,4 +1237,4 @@ def _save_output(
         hparams={**hparams, "finetuned_from": ck.path.name},
         parent_sha256=ck.sha256 or None,
     )
-    return sha256_file(out)
+    return None if is_stream(out) else sha256_file(out)  # a FIFO cannot be read back

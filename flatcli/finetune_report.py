@@ -39,6 +39,9 @@ LOG_COLUMNS = (
     "phi_sq_mean",
     "max_softmax",
     "seconds",
+    "full_train_loss",
+    "full_train_accuracy",
+    "full_kappa",
 )
 _EVAL_BATCH = 1024
 
@@ -63,6 +66,11 @@ class EpochRecord:
         max_softmax: Mean largest softmax probability over the epoch's batches (how
             confident the model is); None for regression targets.
         seconds: Wall time of the epoch, including the test evaluation.
+        full_train_loss: Mean train loss on the whole training set at the end of the epoch,
+            in eval mode: the quantity epoch 0 shows for the starting model. None in
+            records from before it was logged.
+        full_train_accuracy: Train accuracy, the same way; None for regression targets.
+        full_kappa: κ on the whole training set at the end of the epoch, in eval mode.
     """
 
     epoch: int
@@ -75,6 +83,9 @@ class EpochRecord:
     phi_sq_mean: float
     max_softmax: float | None
     seconds: float
+    full_train_loss: float | None = None
+    full_train_accuracy: float | None = None
+    full_kappa: float | None = None
 
     def to_row(self) -> dict[str, Any]:
         """A plain dict in :data:`LOG_COLUMNS` order."""
@@ -100,8 +111,9 @@ def write_log_manifest(
     dtype: torch.dtype,
     seed: int,
     extra: Mapping[str, Any] | None = None,
-) -> Path:
-    """The CSV log's provenance beside it, ``STEM.manifest.json``, written atomically."""
+) -> Path | None:
+    """The CSV log's provenance beside it, ``STEM.manifest.json``, written atomically
+    (none beside a stream such as ``/dev/null``)."""
     from .report import write_manifest_beside
     from .runtime import manifest
 
@@ -124,9 +136,13 @@ def history_figure(
 ) -> Figure:
     """The loss, κ and test accuracy curves as a matplotlib figure (Agg canvas).
 
-    With ``start`` (the measures of the starting model), every curve begins at epoch 0:
-    the full-data train loss and κ and the test metrics before the first step. The test
-    accuracy panel is left out when there is no test accuracy to show.
+    Each line is one quantity at every epoch. The solid train loss and κ lines are the
+    model on the whole training set in eval mode: with ``start`` (the measures of the
+    starting model) from epoch 0, then the weights at the end of each epoch
+    (``full_train_loss``, ``full_kappa``). The dashed lines, labelled as such, are the
+    epoch's train-mode batch means (dropout on, each batch before its update), which are
+    not comparable with epoch 0. The test accuracy panel is left out when there is no test
+    accuracy to show.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -140,35 +156,46 @@ def history_figure(
 
     lead = [0] if start is not None else []
     epochs = lead + [r.epoch for r in history]
+    trained = [r.epoch for r in history]
     test_loss = at_start("test_loss") + [r.test_loss for r in history]
     test_acc = at_start("test_accuracy") + [r.test_accuracy for r in history]
     has_acc = any(a is not None for a in test_acc)
-    fig = Figure(figsize=(11 if has_acc else 7.5, 3.4), layout="constrained")
+    fig = Figure(figsize=(11 if has_acc else 7.5, 3.6), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3 if has_acc else 2)
     ax_loss, ax_kappa = axes[0], axes[1]
-    train = at_start("train_loss") + [r.train_loss for r in history]
-    ax_loss.plot(epochs, _nan(train), "o-", label="train")
+    full_loss = at_start("train_loss") + [r.full_train_loss for r in history]
+    ax_loss.plot(epochs, _nan(full_loss), "o-", color="C0", label=FULL_LABEL)
+    batch_loss = _nan([r.train_loss for r in history])
+    ax_loss.plot(trained, batch_loss, "x--", color="C0", alpha=0.6, label=BATCH_LABEL)
     if any(t is not None for t in test_loss):
-        ax_loss.plot(epochs, _nan(test_loss), "s-", label="test")
-    ax_loss.set(xlabel="epoch", ylabel="loss", yscale="log")
-    ax_loss.legend()
-    kappas = _nan(at_start(kappa_key) + [r.kappa for r in history])
-    ax_kappa.plot(epochs, kappas, "o-", color="C2")
-    ax_kappa.set(xlabel="epoch", ylabel="κ")
-    if all(k > 0 for k in kappas):
+        ax_loss.plot(epochs, _nan(test_loss), "s-", color="C1", label="test (eval)")
+    ax_loss.set(ylabel="loss", yscale="log")
+    full_kappa = _nan(at_start(kappa_key) + [r.full_kappa for r in history])
+    ax_kappa.plot(epochs, full_kappa, "o-", color="C2", label=FULL_LABEL)
+    batch_kappa = _nan([r.kappa for r in history])
+    ax_kappa.plot(trained, batch_kappa, "x--", color="C2", alpha=0.6, label=BATCH_LABEL)
+    ax_kappa.set(ylabel="κ")
+    shown = [k for k in full_kappa + batch_kappa if not math.isnan(k)]
+    if shown and all(k > 0 for k in shown):
         ax_kappa.set_yscale("log")
+    for ax in (ax_loss, ax_kappa):
+        ax.legend(fontsize=7)
     if has_acc:
         axes[2].plot(epochs, _nan(test_acc), "o-", color="C3")
-        axes[2].set(xlabel="epoch", ylabel="test accuracy")
+        axes[2].set(ylabel="test accuracy")
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
-    if start is not None:
-        for ax in axes:
-            ax.set_xlabel("epoch (0: the starting model)")
+        ax.set_xlabel("epoch (0: the starting model)" if start is not None else "epoch")
     if title:
         fig.suptitle(title)
     return fig
+
+
+FULL_LABEL = "train, whole set (eval)"
+"""The legend of the lines that show the model on the whole training set in eval mode."""
+BATCH_LABEL = "train, batch mean (train mode)"
+"""The legend of the lines that show an epoch's train-mode batch means."""
 
 
 def _nan(values: Sequence[float | None]) -> list[float]:
@@ -195,9 +222,13 @@ def epoch_line(r: EpochRecord, epochs: int) -> str:
         test = f" · test loss {r.test_loss:.4g}"
     if r.test_accuracy is not None:
         test += f" · test acc {r.test_accuracy:.4f}"
+    full = ""
+    if r.full_train_loss is not None and r.full_kappa is not None:
+        full = f" · train loss {r.full_train_loss:.4g} · κ {r.full_kappa:.4g} (whole set)"
     return (
-        f"epoch {r.epoch}/{epochs} · loss {r.train_loss:.4g} · κ {r.kappa:.4g}{test}"
-        f" · ‖W‖² {r.weight_sq_norm:.4g} · lr {r.lr:.3g} · {r.seconds:.1f} s"
+        f"epoch {r.epoch}/{epochs}{full} · batch means: loss {r.train_loss:.4g}, "
+        f"κ {r.kappa:.4g}{test} · ‖W‖² {r.weight_sq_norm:.4g} · lr {r.lr:.3g} · "
+        f"{r.seconds:.1f} s"
     )
 
 

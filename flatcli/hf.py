@@ -32,7 +32,7 @@ from typing import Any
 from torch import nn
 
 from .errors import FlatcliError
-from .io import check_regular_file, sha256_file
+from .io import file_in_folder, sha256_file
 
 INSTALL_HINT = 'pip install "flatcli[hf]"'
 FLATCLI_META = "flatcli.json"
@@ -67,11 +67,12 @@ def require_transformers() -> Any:
 
 
 def read_config(config: Path) -> dict[str, Any]:
-    """The parsed ``config.json`` (a clear error when it is not a JSON object)."""
-    try:
-        obj = json.loads(config.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FlatcliError(f"cannot read {config}: {e}") from None
+    """The parsed ``config.json`` (or another JSON file of the folder): a regular file
+    inside its folder, read within :mod:`flatcli.untrusted`'s limits, holding an object."""
+    from .untrusted import read_json
+
+    file_in_folder(config.parent, config.name, "file")
+    obj = read_json(config, "file")
     if not isinstance(obj, dict):
         raise FlatcliError(f"{config} is not a JSON object")
     return obj
@@ -165,27 +166,41 @@ def save_pretrained(model: nn.Module, folder: Path, metadata: Mapping[str, str])
     return folder
 
 
+def check_has_head(model: nn.Module, folder: Path) -> None:
+    """Refuse a bare encoder (``BertModel``, a sentence-embedding model): it returns hidden
+    states, not logits, so it has no loss to be flat in. docs/models.md shows how to add
+    and train a head."""
+    if not is_pretrained_model(model):
+        return
+    prefix = getattr(model, "base_model_prefix", "")
+    if not prefix or getattr(model, "base_model", None) is not model:
+        return  # a head wraps the base model under its prefix (BertFor… .bert)
+    name = type(model).__name__
+    raise FlatcliError(
+        f"{folder} holds a bare {name}, without a head (a sentence-embedding model?): it "
+        "returns hidden states, not logits. Add and train a head (for example "
+        f"{name.removesuffix('Model')}ForSequenceClassification.from_pretrained on this "
+        "folder, then flatcli finetune), save_pretrained the result, and measure that: "
+        "docs/models.md#hugging-face-folders"
+    )
+
+
 def is_pretrained_model(model: nn.Module) -> bool:
     """Whether ``model`` is a transformers model (has ``save_pretrained`` and a config)."""
     return callable(getattr(model, "save_pretrained", None)) and hasattr(model, "config")
 
 
 def _weight_files(folder: Path) -> list[Path]:
-    found = [folder / n for n in _WEIGHTS if (folder / n).is_file()]
+    found = [folder / n for n in _WEIGHTS if os.path.lexists(folder / n)]
     if found:
         index = folder / "model.safetensors.index.json"
-        if index.is_file():
+        if os.path.lexists(index):
             shards = read_config(index).get("weight_map", {})
             names = {str(s) for s in shards.values()} if isinstance(shards, dict) else {""}
             for name in names:  # a shard is a file in this folder, never a path elsewhere
-                if Path(name).name != name or name in ("", ".", ".."):
-                    raise FlatcliError(
-                        f"{folder.name}/model.safetensors.index.json names a shard outside "
-                        f"the folder ({name[:40]!r})"
-                    )
-                check_regular_file(folder / name, "weight shard")
+                file_in_folder(folder, name, "weight shard")
             return sorted({folder / n for n in names} | {index})
-        return found
+        return [file_in_folder(folder, f.name, "weight file") for f in found]
     pickled = [n for n in _PICKLED if (folder / n).is_file()]
     if pickled:
         raise FlatcliError(
@@ -237,7 +252,8 @@ def _quiet_transformers(transformers: Any):  # noqa: ANN202 - generator context 
 
 def folder_sha256(folder: Path) -> str:
     """The sha256 :func:`load_pretrained` reports for a folder."""
-    return _folder_sha256(folder / "config.json", _weight_files(folder))
+    config = file_in_folder(folder, "config.json", "file")
+    return _folder_sha256(config, _weight_files(folder))
 
 
 def _folder_sha256(config: Path, weights: list[Path]) -> str:
@@ -249,7 +265,7 @@ def _folder_sha256(config: Path, weights: list[Path]) -> str:
 
 def _flatcli_metadata(folder: Path) -> dict[str, str]:
     meta = folder / FLATCLI_META
-    if not meta.is_file():
+    if not os.path.lexists(meta):
         return {}
     obj = read_config(meta)
     return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in obj.items()}

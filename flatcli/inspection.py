@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,8 @@ from .checkpoints import Checkpoint
 from .errors import FlatcliError
 from .features import LayerSplit, default_layer
 
+MAX_SAMPLE_VALUES = 1 << 24
+"""Largest sample (values) built from metadata ``input_shape`` to probe a model."""
 MODEL_MEASURES = "hessian_trace, hessian_top_eigenvalue, fisher_rao, pacbayes_*, sharpness, norms"
 
 
@@ -83,7 +85,10 @@ def sample_input(ck: Checkpoint) -> Any:
         if named:
             x = load_data(metadata_data(named, Path(ck.path)), max_samples=1).x
         elif shape:
-            x = torch.zeros(1, *(int(d) for d in json.loads(shape)))
+            dims = ck.input_shape or ()
+            if math.prod(dims) > MAX_SAMPLE_VALUES:  # metadata is not allowed to take the RAM
+                return None
+            x = torch.zeros(1, *dims)
         elif is_pretrained_model(ck.model):
             ones = torch.ones(1, 4, dtype=torch.long)
             x = {"input_ids": ones, "attention_mask": ones}
@@ -95,9 +100,17 @@ def sample_input(ck: Checkpoint) -> Any:
 
 
 def describe(ck: Checkpoint) -> dict[str, Any]:
-    """Modules with weight shapes and parameter counts, default layer, metadata, sha256."""
+    """Modules with weight shapes and parameter counts, default layer, metadata, sha256.
+
+    Each layer row says whether it is the default layer (``default``), so the CSV of the
+    rows alone shows it too.
+    """
     model = ck.model
     x = sample_input(ck)  # the model is in eval mode (Checkpoint)
+    try:
+        default = default_layer(model)
+    except FlatcliError:
+        default = None
     layers = []
     for name, module in model.named_modules():
         if not name or any(True for _ in module.children()):
@@ -110,12 +123,9 @@ def describe(ck: Checkpoint) -> dict[str, Any]:
                 "weight_shape": list(weight.shape) if weight is not None else None,
                 "parameters": sum(p.numel() for p in module.parameters(recurse=False)),
                 "measures": layer_methods(model, name, x),
+                "default": name == default,  # the layer the commands use without --layer
             }
         )
-    try:
-        default = default_layer(model)
-    except FlatcliError:
-        default = None
     return {
         "schema": "flatcli.inspect/1",
         "checkpoint": {"path": str(ck.path), "sha256": ck.sha256, "format": ck.format},

@@ -48,6 +48,7 @@ MAX_CATEGORIES = 8
 """``color_by`` columns with at most this many distinct values get a legend, not a colorbar."""
 
 _POSITIVE, _NEGATIVE, _UNSURE = "#1f77b4", "#d62728", "#9e9e9e"
+_NO_CI = "#ffffff"  # hatched, edged in _UNSURE: too few checkpoints, or a degenerate bootstrap
 
 
 def scatter_grid(
@@ -180,6 +181,9 @@ def tau_bar_figure(stats: pd.DataFrame, gap: str, *, statistic: str = "kendall_t
     by whether the interval lies above zero, below zero, or includes it, so the chart
     alone says which measures predict the gap and how surely. Dziugaite et al. (2020)
     found that no measure is robust everywhere, which is why the intervals are shown.
+    Below :data:`~flatcli.stats.SMALL_N` checkpoints, or when every bootstrap resample
+    agreed (``bootstrap_degenerate``), no interval counts: the bar is white and hatched,
+    and a τ-b bar shows its permutation p-value (``kendall_perm_p``) instead.
 
     Args:
         stats: A :func:`flatcli.stats.correlation_table`.
@@ -210,16 +214,24 @@ def tau_bar_figure(stats: pd.DataFrame, gap: str, *, statistic: str = "kendall_t
     lo = rows[f"{statistic}_lo"].to_numpy(dtype=float)
     hi = rows[f"{statistic}_hi"].to_numpy(dtype=float)
     shown = np.nan_to_num(value)
+    unreliable = _unreliable(rows, statistic)
     color = np.where(lo > 0, _POSITIVE, np.where(hi < 0, _NEGATIVE, _UNSURE))
+    color = np.where(unreliable, _NO_CI, color)
     ypos = np.arange(len(rows))
     fig = _figure(figsize=(8.0, 2.2 + 0.42 * len(rows)))
     ax = fig.subplots()
     err = np.vstack([shown - lo, hi - shown])  # NaN where there is no interval: no error bar
-    ax.barh(ypos, shown, color=color, height=0.65)
+    bars = ax.barh(ypos, shown, color=color, height=0.65)
+    for bar, no_ci in zip(bars, unreliable, strict=True):
+        if no_ci:
+            bar.set(edgecolor=_UNSURE, hatch="///")
     ax.errorbar(shown, ypos, xerr=err, fmt="none", ecolor="black", elinewidth=1, capsize=3)
     ax.axvline(0.0, color="black", linewidth=0.9)
+    perm = _perm_p(rows, statistic)
     for y, v, right in zip(ypos, value, np.fmax(np.fmax(hi, shown), 0.0), strict=True):
         text = "undefined" if math.isnan(v) else f"{v:+.2f}"
+        if unreliable[y] and not math.isnan(perm[y]) and not math.isnan(v):
+            text += f" (p = {perm[y]:.2g})"
         ax.text(right + 0.03, y, text, va="center", fontsize=8)
     ax.set_yticks(ypos, labels=[str(m) for m in rows["measure"]])
     ax.set_xlim(-1.0, 1.25)
@@ -233,17 +245,33 @@ def tau_bar_figure(stats: pd.DataFrame, gap: str, *, statistic: str = "kendall_t
         ci = f"{level:.0%} bootstrap CI" if level else "bootstrap CI"
     ns = rows["n"].astype(int)
     n = f"n = {ns.min()}" if ns.min() == ns.max() else f"n = {ns.min()}–{ns.max()}"
+    from .stats import SMALL_N
+
+    few = ""
+    if ns.min() < SMALL_N:
+        few = f"\nfewer than {SMALL_N} checkpoints: no interval is reliable"
+        few += "; p: permutation p-value of τ-b" if (~np.isnan(perm)).any() else ""
     fig.suptitle(
         f"Which measure predicts the {GAP_LABELS.get(gap, gap)}?\n"
-        f"{label} per measure, {n} checkpoints, error bars: {ci}",
+        f"{label} per measure, {n} checkpoints, error bars: {ci}{few}",
         fontsize=10,
     )
+    handles = [
+        Patch(color=_POSITIVE, label="CI above 0: larger measure, larger gap"),
+        Patch(color=_NEGATIVE, label="CI below 0: larger measure, smaller gap"),
+        Patch(color=_UNSURE, label="CI includes 0: no reliable relation"),
+    ]
+    if unreliable.any():
+        handles.append(
+            Patch(
+                facecolor=_NO_CI,
+                edgecolor=_UNSURE,
+                hatch="///",
+                label=f"no reliable CI: n < {SMALL_N}, or every resample agreed",
+            )
+        )
     fig.legend(
-        handles=[
-            Patch(color=_POSITIVE, label="CI above 0: larger measure, larger gap"),
-            Patch(color=_NEGATIVE, label="CI below 0: larger measure, smaller gap"),
-            Patch(color=_UNSURE, label="CI includes 0: no reliable relation"),
-        ],
+        handles=handles,
         loc="outside lower center",
         ncols=2,
         fontsize=8,
@@ -253,6 +281,29 @@ def tau_bar_figure(stats: pd.DataFrame, gap: str, *, statistic: str = "kendall_t
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _unreliable(rows: pd.DataFrame, statistic: str) -> np.ndarray:
+    """Rows whose interval does not count: too few checkpoints, or a degenerate bootstrap."""
+    import numpy as np
+
+    from .stats import SMALL_N
+
+    few = rows["n"].to_numpy(dtype=float) < SMALL_N
+    if "bootstrap_degenerate" not in rows:
+        return few
+    listed = rows["bootstrap_degenerate"].fillna("").astype(str).str.split(",")
+    return few | np.array([statistic in names for names in listed], dtype=bool)
+
+
+def _perm_p(rows: pd.DataFrame, statistic: str) -> np.ndarray:
+    """The permutation p-value of each row's τ-b (NaN for other statistics or none)."""
+    import numpy as np
+    import pandas as pd
+
+    if statistic != "kendall_tau_b" or "kendall_perm_p" not in rows:
+        return np.full(len(rows), np.nan)
+    return pd.to_numeric(rows["kendall_perm_p"], errors="coerce").to_numpy(dtype=float)
 
 
 def _require(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,13 +15,14 @@ from .checkpoints import Checkpoint, check_finite, eval_mode, load_checkpoint
 from .data import (
     Batches,
     Dataset,
+    MissingSplit,
     as_batches,
     check_fits,
     fit_inputs,
     load_data,
     metadata_data,
 )
-from .errors import FlatcliError, UsageError
+from .errors import UsageError
 from .losses import check_loss
 from .runtime import resolve_device, resolve_dtype
 
@@ -75,7 +76,7 @@ class Prepared:
         """Whether the data has ``split``."""
         try:
             self._split(split)
-        except FlatcliError:
+        except MissingSplit:  # any other problem with the split is the user's to see
             return False
         return True
 
@@ -84,10 +85,9 @@ def parse_json_object(text: str | None, option: str) -> dict[str, Any] | None:
     """Parse a JSON object given on the command line (``--arch-kwargs``)."""
     if text is None:
         return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{option} is not valid JSON: {e.msg} at column {e.colno}") from None
+    from .untrusted import parse_json
+
+    value = parse_json(text, option, error=UsageError)
     if not isinstance(value, Mapping):
         raise UsageError(f"{option} must be a JSON object like '{{\"width\": 64}}'")
     return dict(value)
@@ -107,19 +107,28 @@ def prepare(
     device: str = "auto",
     dtype: str = "float32",
     loss: str | None = None,
+    layer: str | None = None,
 ) -> Prepared:
     """Load a checkpoint and its data, check they fit, and move both to the device.
 
     ``data`` and ``loss`` default to the checkpoint's metadata (flatcli's own files);
-    relative data paths in metadata resolve against the checkpoint's directory.
+    relative data paths in metadata resolve against the checkpoint's directory. A
+    ``layer`` is checked against the weight names first (:func:`check_layer_name`), before
+    the model is built.
 
     Raises:
-        FlatcliError: Anything the user can fix: files, names, shapes, labels, NaNs.
+        FlatcliError: Anything the user can fix: files, names, shapes, labels, NaNs, a
+            Hugging Face encoder without a head.
     """
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    if layer is not None:
+        check_layer_name(checkpoint, layer)
     ck = load_checkpoint(checkpoint, arch=arch, arch_kwargs=arch_kwargs, trust_code=trust_code)
+    from .hf import check_has_head
+
+    check_has_head(ck.model, ck.path)
     check_finite(ck.model)
     model = eval_mode(ck.model.to(device=dev, dtype=dt))
     spec = data
@@ -155,6 +164,77 @@ def prepare(
         max_samples=max_samples,
         batch_size=batch_size,
     )
+
+
+_WRAPPERS = ("module.", "_orig_mod.")  # prefixes the loader removes (DataParallel, compile)
+
+
+def weight_names(checkpoint: str | Path) -> list[str] | None:
+    """The tensor names a checkpoint stores, read from safetensors headers without loading
+    a tensor: a ``.safetensors`` file, or a Hugging Face folder's ``model.safetensors`` (or
+    its index). None for other formats, or when the files cannot be read (the load that
+    follows says why)."""
+    from safetensors import safe_open
+
+    from .hf import config_path, read_config
+    from .io import file_in_folder
+
+    path = Path(checkpoint).expanduser()
+    config = config_path(path)
+    try:
+        if config is not None:
+            index = config.parent / "model.safetensors.index.json"
+            if index.is_file():
+                return [str(k) for k in read_config(index)["weight_map"]]
+            path = file_in_folder(config.parent, "model.safetensors", "weights")
+        if path.suffix.lower() != ".safetensors" or not path.is_file():
+            return None
+        with safe_open(str(path), framework="pt") as f:
+            names = list(f.keys())  # noqa: SIM118 - safe_open API
+    except Exception:  # noqa: BLE001 - the full load reports a bad file in its own words
+        return None
+    for prefix in _WRAPPERS:
+        names = [n.removeprefix(prefix) for n in names]
+    return names
+
+
+def check_layer_name(checkpoint: str | Path, layer: str) -> None:
+    """Refuse ``--layer`` before the model is built when the weight names show it is wrong.
+
+    A name is accepted when a module path of the weights is ``layer``, also up to a first
+    component that a Hugging Face class adds or drops (``bert.``). A module whose weights
+    are all inside it (``bert.pooler``) is refused with those parts suggested. An unknown
+    name is refused when a weight-owning module has a close name; otherwise (a tied
+    weight, stored once, has no name of its own) the loaded model decides.
+    """
+    names = weight_names(checkpoint)
+    if not names:
+        return
+    from .features import parts_with_weight
+
+    modules = {n.rsplit(".", 1)[0] for n in names if "." in n}
+    paths = {p for m in modules for p in _prefixes(m)}
+    rest = layer.split(".", 1)[1] if "." in layer else None
+    match = next(
+        (p for p in sorted(paths) if p == layer or p == rest or p.endswith(f".{layer}")), None
+    )
+    where = Path(checkpoint).name
+    if match is not None:
+        inside = [layer + n[len(match) :] for n in names if n.startswith(f"{match}.")]
+        if f"{match}.weight" not in names and (parts := parts_with_weight(layer, inside)):
+            raise UsageError(f"layer {layer!r} has no weight in {where}{parts}")
+        return
+    owners = sorted(n.removesuffix(".weight") for n in names if n.endswith(".weight"))
+    close = difflib.get_close_matches(layer, owners, n=3, cutoff=0.5)
+    if close:
+        raise UsageError(
+            f"no layer with a weight named {layer!r} in {where}; did you mean {', '.join(close)}?"
+        )
+
+
+def _prefixes(module: str) -> list[str]:
+    parts = module.split(".")
+    return [".".join(parts[: i + 1]) for i in range(len(parts))]
 
 
 def _batches(

@@ -90,10 +90,30 @@ def write_csv_output(path: str | Path, text: str, provenance: Mapping[str, Any])
     return atomic_write_text(path, text)
 
 
-def write_manifest_beside(path: str | Path, provenance: Mapping[str, Any]) -> Path:
-    """Atomically write ``provenance`` as JSON to ``STEM.manifest.json`` next to ``path``."""
-    path = Path(path)
-    return atomic_write_text(path.with_name(f"{path.stem}.manifest.json"), to_json(provenance))
+def write_manifest_beside(path: str | Path, provenance: Mapping[str, Any]) -> Path | None:
+    """Atomically write ``provenance`` as JSON to ``STEM.manifest.json`` next to ``path``
+    (not beside a stream such as ``/dev/null``: see :func:`write_beside`)."""
+    return write_beside(path, ".manifest.json", to_json(provenance))
+
+
+def write_beside(path: str | Path, suffix: str, text: str) -> Path | None:
+    """Atomically write ``text`` to the sidecar ``STEM<suffix>`` of the output ``path``.
+
+    An output that is a stream (a device, a FIFO, stdout) gets no sidecar: it would land
+    beside it, in ``/dev``. A ``warning:`` line says what was left out.
+
+    Returns:
+        The sidecar written, or None.
+    """
+    from .errors import warn
+    from .io import sidecar
+
+    side = sidecar(path, suffix)
+    if side is None:
+        name = f"{Path(path).stem}{suffix}"
+        warn(f"{path} is not a regular file: its sidecar {name} is not written beside it")
+        return None
+    return atomic_write_text(side, text)
 
 
 def format_value(x: float | None) -> str:
@@ -104,6 +124,23 @@ def format_value(x: float | None) -> str:
     if ax != 0 and (ax >= 1e5 or ax < 1e-3):
         return f"{x:.4e}"
     return f"{x:.6g}"
+
+
+def bound_hit(details: Mapping[str, Any]) -> bool:
+    """Whether a bisection search (PAC-Bayes σ', sharpness α') ended at an end of its
+    range: the value is then only a bound, and has no standard error to show."""
+    if details.get("hit_sigma_max") or details.get("hit_alpha_max"):
+        return True
+    bracket = details.get("bracket")
+    return isinstance(bracket, (list, tuple)) and len(bracket) == 2 and bracket[0] == 0
+
+
+def stderr_text(stderr: float | None, details: Mapping[str, Any]) -> str:
+    """The standard error column's text: ``bound hit`` for a search at the end of its
+    range, ``exact`` for a computed value (no stderr), else the number."""
+    if bound_hit(details):
+        return "bound hit"
+    return "exact" if stderr is None else format_value(stderr)
 
 
 FLAG = "⚠"
@@ -123,7 +160,7 @@ def measures_table(measures: Mapping[str, Estimate], *, title: str | None = None
     table.add_column("± stderr", justify="right")
     table.add_column("method")
     for name, est in measures.items():
-        se = "exact" if est.stderr is None else format_value(est.stderr)
+        se = stderr_text(est.stderr, est.details)
         value = format_value(est.value) + (f" {FLAG}" if warnings_of(est) else "")
         table.add_row(markup_safe(name), value, se, markup_safe(est.method))
     return table

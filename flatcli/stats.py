@@ -59,6 +59,21 @@ GAPS = ("gap_loss", "gap_acc")
 MIN_N = 3
 """Fewest complete rows for which :func:`correlation_table` reports anything."""
 
+SMALL_N = 10
+"""Below this many checkpoints, the results carry a warning (:func:`small_n_warning`) and
+no bootstrap interval counts as evidence: a percentile bootstrap over so few rows is not a
+reliable interval, and it is degenerate when every resample agrees (n = 4 checkpoints
+ranked alike give τ-b = +1 on every resample). The permutation p-value is the honest
+summary there: at n = 4 even a perfect ranking has p = 1/12."""
+
+PERMUTATIONS = 9999
+"""Random orderings behind ``kendall_perm_p`` when there are more than this many
+orderings in all (n ≥ 8); for n ≤ 7 every one of the n! orderings is used."""
+
+PERM_MAX_N = 20
+"""Largest n for which ``kendall_perm_p`` is computed (0.05 s a pair at n = 20); above it
+scipy's ``kendall_p`` is accurate, and finer than 9,999 orderings can resolve."""
+
 
 def add_gaps(df: pd.DataFrame) -> pd.DataFrame:
     """Return ``df`` with the two generalization gaps of docs/measures.md added.
@@ -110,8 +125,16 @@ def correlation_table(
     out of its interval. Resampling duplicates checkpoints, and a duplicated pair is a
     tie, so τ-a's resampled values lean slightly towards zero (by about ``1/n``).
 
+    An interval whose resamples all gave the same value (a perfect ranking of few
+    checkpoints) is no interval: it is left NaN, and the statistic is named in
+    ``bootstrap_degenerate``. ``kendall_perm_p`` is the two-sided permutation p-value of
+    τ-b (twice the smaller one-sided one, at most 1),
+    :func:`scipy.stats.permutation_test` over the orderings of the gap (exact, over
+    all n! of them, for n ≤ 7; :data:`PERMUTATIONS` seeded random ones above; NaN above
+    :data:`PERM_MAX_N`). It is valid at any n and with ties.
+
     Degenerate pairs, with fewer than 3 complete rows or a constant column, get NaN
-    throughout, without a warning.
+    throughout; ``note`` says why.
 
     Args:
         df: One row per checkpoint.
@@ -124,8 +147,10 @@ def correlation_table(
     Returns:
         One row per (measure, gap), measures outermost, with columns ``measure``,
         ``gap``, ``n``, then for each statistic ``s`` in :data:`STATISTICS` the columns
-        ``s``, ``s_lo``, ``s_hi``, and the p-values of :data:`P_VALUES`. Its ``attrs``
-        record ``bootstrap``, ``seed`` and ``confidence``.
+        ``s``, ``s_lo``, ``s_hi``, the p-values of :data:`P_VALUES`, then
+        ``kendall_perm_p``, ``bootstrap_degenerate`` (the statistics whose resamples all
+        agreed, comma-separated) and ``note`` (why the statistics are NaN, or empty). Its
+        ``attrs`` record ``bootstrap``, ``seed`` and ``confidence``.
 
     Raises:
         FlatcliError: A named column is missing.
@@ -151,14 +176,55 @@ def correlation_table(
             y = pair[gap].to_numpy(dtype=np.float64)
             row: dict[str, Any] = {"measure": measure, "gap": gap, "n": len(x)}
             row.update(_pair_statistics(x, y, bootstrap=bootstrap, seed=seed, conf=confidence))
+            row["note"] = _why_undefined({measure: x, gap: y})
             rows.append(row)
     columns = ["measure", "gap", "n"]
     for s in STATISTICS:
         columns += [s, f"{s}_lo", f"{s}_hi"]
-    columns += list(P_VALUES.values())
+    columns += [*P_VALUES.values(), "kendall_perm_p", "bootstrap_degenerate", "note"]
     table = pd.DataFrame(rows, columns=columns).astype({"n": "int64"})
     table.attrs.update(bootstrap=bootstrap, seed=seed, confidence=confidence)
     return table
+
+
+def small_n_warning(n: int) -> str | None:
+    """The warning for results over ``n`` checkpoints, below :data:`SMALL_N`; else None."""
+    if n >= SMALL_N:
+        return None
+    smallest = 2 / math.factorial(n) if n >= 2 else 1.0
+    return (
+        f"only {n} checkpoints (fewer than {SMALL_N}): the bootstrap intervals are not "
+        f"reliable, and no correlation is significant on its own (even a perfect ranking "
+        f"has permutation p = {smallest:.2g}); read kendall_perm_p, and measure more "
+        "checkpoints"
+    )
+
+
+def constant_gaps(df: pd.DataFrame, gaps: Sequence[str]) -> dict[str, str]:
+    """Why each constant gap has no correlations, in words, keyed by gap.
+
+    The parts of the gap are named when they are constant too: a ``gap_acc`` of 0 in
+    every checkpoint because every train and test accuracy is 1, for example.
+    """
+    parts = {"gap_loss": ("test_loss", "train_loss"), "gap_acc": ("train_acc", "test_acc")}
+    notes = {}
+    for gap in gaps:
+        if gap not in df.columns:
+            continue
+        values = pd.to_numeric(df[gap], errors="coerce").dropna().to_numpy(dtype=np.float64)
+        if len(values) < 2 or not np.all(values == values[0]):
+            continue
+        why = f"{gap} is {values[0]:g} in all {len(values)} checkpoints"
+        fixed = [
+            f"{c} is {df[c].iloc[0]:g}"
+            for c in parts.get(gap, ())
+            if c in df.columns and df[c].nunique(dropna=False) == 1
+        ]
+        if fixed:
+            why += f" (every {' and every '.join(fixed)})"
+        notes[gap] = why + ": a constant gap ranks no checkpoint above another, so its "
+        notes[gap] += "correlations are n/a"
+    return notes
 
 
 def granulated_kendall(
@@ -262,11 +328,51 @@ def _is_degenerate(x: np.ndarray, y: np.ndarray) -> bool:
     return len(x) < MIN_N or bool(np.all(x == x[0]) or np.all(y == y[0]))
 
 
+def _why_undefined(columns: dict[str, np.ndarray]) -> str:
+    """Why a pair's statistics are NaN (too few rows, a constant column), or ``""``."""
+    n = min(len(v) for v in columns.values())
+    if n < MIN_N:
+        return f"only {n} complete rows (at least {MIN_N} needed)"
+    for name, v in columns.items():
+        if np.all(v == v[0]):
+            return f"{name} is constant ({v[0]:g} in all {n} checkpoints)"
+    return ""
+
+
+def _kendall_permutation_p(x: np.ndarray, y: np.ndarray, *, seed: int) -> float:
+    """Two-sided permutation p-value of τ-b, over orderings of ``y`` (module docstring).
+
+    Under a permutation of ``y`` the tie counts stay, so τ-b is a fixed multiple of
+    ``S = Σ_{i<j} sign(x_i − x_j) sign(y_i − y_j)``, the statistic tested here.
+    """
+    if len(x) > PERM_MAX_N:
+        return math.nan
+    sx = np.sign(x[:, None] - x[None, :])
+
+    def s_statistic(yp: np.ndarray, axis: int = -1) -> np.ndarray:
+        return (sx * np.sign(yp[..., :, None] - yp[..., None, :])).sum((-2, -1)) / 2
+
+    found = sps.permutation_test(
+        (y,),
+        s_statistic,
+        permutation_type="pairings",
+        n_resamples=PERMUTATIONS,
+        vectorized=True,
+        batch=max(1, 2_000_000 // len(x) ** 2),
+        alternative="two-sided",
+        random_state=np.random.default_rng(seed),
+    )
+    return float(found.pvalue)
+
+
 def _pair_statistics(
     x: np.ndarray, y: np.ndarray, *, bootstrap: int, seed: int, conf: float
-) -> dict[str, float]:
-    out = {name: math.nan for s in STATISTICS for name in (s, f"{s}_lo", f"{s}_hi")}
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        name: math.nan for s in STATISTICS for name in (s, f"{s}_lo", f"{s}_hi")
+    }
     out.update(dict.fromkeys(P_VALUES.values(), math.nan))
+    out.update(kendall_perm_p=math.nan, bootstrap_degenerate="")
     if _is_degenerate(x, y):
         return out
     tau = sps.kendalltau(x, y)
@@ -281,17 +387,22 @@ def _pair_statistics(
         kendall_p=float(tau.pvalue),
         spearman_p=float(rho.pvalue),
         pearson_p=float(r.pvalue),
+        kendall_perm_p=_kendall_permutation_p(x, y, seed=seed),
     )
     if bootstrap == 0:
         return out
     resampled = _bootstrap_statistics(x, y, resamples=bootstrap, seed=seed)
     tail = (1.0 - conf) / 2.0
+    degenerate = []
     for s, values in resampled.items():
         values = values[np.isfinite(values)]
-        if len(values):
+        if len(values) and np.ptp(values) <= 1e-12:  # rounding: r = 1 ± 2e-16
+            degenerate.append(s)  # every resample agrees: no interval, not certainty
+        elif len(values):
             out[f"{s}_lo"], out[f"{s}_hi"] = (
                 float(q) for q in np.quantile(values, [tail, 1 - tail])
             )
+    out["bootstrap_degenerate"] = ",".join(degenerate)
     return out
 
 

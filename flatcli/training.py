@@ -42,12 +42,16 @@ class EpochStats:
         phi_sq_mean: Mean ``‖φ_i‖²`` of the FAM layer's input.
         max_softmax: Mean largest softmax probability of the model output; None for
             regression targets.
+        kappa_stderr: Standard error of ``kappa`` over the batches (None for one batch).
+        batches: The number of batches.
     """
 
     train_loss: float
     kappa: float
     phi_sq_mean: float
     max_softmax: float | None
+    kappa_stderr: float | None = None
+    batches: int = 1
 
 
 def train_epoch(
@@ -77,7 +81,9 @@ def train_epoch(
     sums = torch.zeros(4, dtype=torch.float64, device=y.device)  # loss, κ, ‖φ‖², max softmax
     classify = not y.is_floating_point()
     params = [p for p in net.parameters() if p.requires_grad]
-    for lo, hi in batch_slices(n, batch_size):
+    slices = batch_slices(n, batch_size)
+    kappas = torch.zeros(len(slices), dtype=torch.float64, device=y.device)
+    for b, (lo, hi) in enumerate(slices):
         idx = perm[lo:hi]
         xb, yb = take(x, idx), y[idx]
 
@@ -104,6 +110,7 @@ def train_epoch(
         if sched is not None:
             sched.step()
         with torch.no_grad():
+            kappas[b] = kappa.detach().double()
             phi_sq = phi.reshape(phi.shape[0], -1).double().pow(2).sum(1).sum()
             top = torch.softmax(out.double(), -1).amax(-1).sum() if classify else 0.0
             sums += torch.stack(
@@ -115,7 +122,20 @@ def train_epoch(
                 ]
             )
     loss, kappa, phi_sq, top = (float(v) / n for v in sums)
-    return EpochStats(loss, kappa, phi_sq, top if classify else None)
+    sizes = torch.tensor([hi - lo for lo, hi in slices], dtype=torch.float64) / n
+    stderr = _weighted_stderr(kappas.cpu(), sizes)
+    return EpochStats(loss, kappa, phi_sq, top if classify else None, stderr, len(slices))
+
+
+def _weighted_stderr(values: torch.Tensor, weights: torch.Tensor) -> float | None:
+    """Standard error of ``Σ w_b v_b`` (weights summing to 1) from the spread of the ``v_b``,
+    treated as independent; None for fewer than two values."""
+    k = values.numel()
+    if k < 2:
+        return None
+    mean = float((weights * values).sum())
+    spread = float((weights.pow(2) * (values - mean).pow(2)).sum()) * k / (k - 1)
+    return math.sqrt(spread)
 
 
 def _clip(params: list[torch.Tensor], max_norm: float | None) -> None:

@@ -117,3 +117,47 @@ class SmallCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.conv1(x))
         return self.fc(torch.tanh(self.conv2(h)).flatten(1))
+
+
+def saturated_classifier(
+    train_loss: float = 3e-6, seed: int = 0
+) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A float64 ReLU MLP ``6 → 16 → 12 → 3`` (fc1, fc2, fc) trained to near-zero loss.
+
+    Flatness is usually studied on such models, where the softmax is nearly one-hot: 200
+    full-batch Adam steps on 240 separable Gaussian blobs reach 100% training accuracy;
+    then the logits layer is scaled up (as training further on separable data does) until
+    the mean training loss is ``train_loss``. Deterministic, and a fraction of a second.
+    """
+    g = seeded(seed)
+    centres = 3 * torch.randn(3, 6, generator=g, dtype=torch.float64)
+    y = torch.arange(240) % 3
+    x = centres[y] + torch.randn(240, 6, generator=g, dtype=torch.float64)
+    model = init(archs.mlp(6, [16, 12], 3), seed=seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(200):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+    assert bool((model(x).argmax(1) == y).all()), "the blobs were not separated"
+    fc = model.fc
+    w0, b0 = fc.weight.detach().clone(), fc.bias.detach().clone()
+
+    def loss_at(scale: float) -> float:
+        with torch.no_grad():
+            fc.weight.copy_(scale * w0)
+            fc.bias.copy_(scale * b0)
+            return float(torch.nn.functional.cross_entropy(model(x), y))
+
+    lo, hi = 1.0, 2.0
+    while loss_at(hi) > train_loss:  # the loss falls with the scale: all samples are right
+        lo, hi = hi, 2 * hi
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if loss_at(mid) > train_loss else (lo, mid)
+    loss_at(hi)
+    return model.requires_grad_(True), x, y

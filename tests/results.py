@@ -129,17 +129,60 @@ def correlate_result(n: int = 12) -> dict[str, Any]:
     measures = ["relative_flatness", "weight_norm"]
     hps = ["hp_width", "hp_lr"]
     result = analyse(df, measures=measures, bootstrap=50, seed=0, granulate_by=hps)
+    skipped = [{"checkpoint": f"bad/{EVIL}.pt", "reason": f"cannot load: {EVIL}"}]
+    return correlate_json(df, result, skipped, n - 2, ["zoo/a.safetensors"])
+
+
+def correlate_json(
+    df: pd.DataFrame, result: dict[str, Any], skipped: list, computed: int, files: list[str]
+) -> dict[str, Any]:
+    """What ``flatcli correlate --format json`` writes for :func:`analyse`'s ``result``."""
     return {
         "schema": "flatcli.correlate/1",
         "checkpoints": df.to_dict(orient="records"),
         "correlations": result["correlations"].to_dict(orient="records"),
         "granulated_kendall": result["granulated"],
         "hparams": result["hparams"],
-        "skipped": [{"checkpoint": f"bad/{EVIL}.pt", "reason": f"cannot load: {EVIL}"}],
-        "computed": n - 2,
+        "warnings": result["warnings"],
+        "gap_notes": result["gap_notes"],
+        "skipped": skipped,
+        "computed": computed,
         "source": None,
-        "manifest": run_manifest(argv=["flatcli", "correlate", "zoo/a.safetensors"]),
+        "manifest": run_manifest(argv=["flatcli", "correlate", *files]),
     }
+
+
+def small_zoo() -> pd.DataFrame:
+    """The issue's four fine-tuned MiniLM folders: every accuracy 1, κ ranked exactly as the
+    loss gap, and the λ each run used and its step ratio beside the settings."""
+    return pd.DataFrame(
+        {
+            "checkpoint": [f"minilm_{k}" for k in range(4)],
+            "train_loss": [0.002, 0.03, 0.031, 0.1],
+            "test_loss": [0.0023, 0.044, 0.046, 0.13],
+            "train_acc": [1.0] * 4,
+            "test_acc": [1.0] * 4,
+            "relative_flatness": [0.07, 0.33, 0.331, 0.38],
+            "weight_norm": [5.0, 4.0, 6.0, 4.5],
+            "hp_fam_lambda": [0.0, 0.0, 0.1, 0.1],
+            "hp_clip_grad_norm": [0.0, 1.0, 0.0, 1.0],
+            "hp_fam_lambda_used": [0.0, 0.0, 0.1, 0.1],
+            "hp_fam_step_ratio": [None, None, 0.35, 0.34],
+            "hp_seed": [0, 0, 0, 0],
+        }
+    ).assign(
+        gap_loss=lambda d: d["test_loss"] - d["train_loss"],
+        gap_acc=lambda d: d["train_acc"] - d["test_acc"],
+    )
+
+
+def small_correlate_result() -> dict[str, Any]:
+    """:func:`small_zoo` through :func:`flatcli.correlate.analyse`, in its JSON shape."""
+    from flatcli.correlate import analyse
+
+    df = small_zoo()
+    result = analyse(df, measures=["relative_flatness", "weight_norm"], bootstrap=200, seed=0)
+    return correlate_json(df, result, [], 4, ["minilm_*"])
 
 
 def finetune_result(tmp_path: Path) -> dict[str, Any]:
@@ -159,6 +202,9 @@ def finetune_result(tmp_path: Path) -> dict[str, Any]:
             phi_sq_mean=3.0,
             max_softmax=0.9,
             seconds=0.25,
+            full_train_loss=0.4 / e,
+            full_train_accuracy=0.85,
+            full_kappa=1.9 - 0.3 * e,
         )
         for e in (1, 2, 3)
     )

@@ -44,8 +44,8 @@ def test_relu_mlp_kappa_invariant_trace_and_norm_not() -> None:
     assert not nw["relative_flatness"].invariant
     for name in ("layer_hessian_trace", "weight_norm"):
         assert not lw[name].invariant and not nw[name].invariant
-    # ‖W‖²·Tr(H) is exactly invariant to layer-wise rescaling (W → W/α, H → α²H), though
-    # MATH.md §5's table lists it as changing; it does change neuron-wise.
+    # ‖W‖²·Tr(H) is exactly invariant to layer-wise rescaling (W → W/α, H → α²H), and it
+    # changes neuron-wise (docs/measures.md, "Invariances").
     assert lw["layerwise_flatness"].invariant and not nw["layerwise_flatness"].invariant
     assert lw["train_loss"].invariant and nw["train_loss"].invariant
 

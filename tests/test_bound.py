@@ -122,3 +122,26 @@ def test_given_bandwidth_sets_the_kernel_width() -> None:
 def test_all_leaves_the_optional_bound_estimate_out() -> None:
     assert "bound_estimate" not in select("all")
     assert select("bound_estimate,relative_flatness") == ["bound_estimate", "relative_flatness"]
+
+
+def test_measured_robustness_at_the_rate_delta_beside_the_term() -> None:
+    """On a loss that is exactly quadratic in the features the expansion holds at any δ,
+    and the measured E_F at δ = |S|^(−1/(4+m)) agrees with the robustness term; it is the
+    same estimate as :func:`feature_robustness` there (same seed, same probes)."""
+    from flatcli.robustness import feature_robustness
+
+    model, x, y = tiny()
+    got = bound_terms(model, "0", (x, y), loss="mse", splits=2, draws=2, robustness_probes=200)
+    delta = 40 ** (-1 / (4 + 3))
+    assert got.robustness_delta == pytest.approx(delta, rel=1e-15)
+    direct = feature_robustness(model, "0", (x, y), [delta], loss="mse", probes=200)
+    assert got.measured_robustness == pytest.approx(direct.points[0].feature_robustness)
+    assert direct.points[0].predicted == pytest.approx(got.robustness_term, rel=1e-12)
+    se = got.measured_robustness_stderr
+    assert abs(got.measured_robustness - got.robustness_term) < 4 * se
+    assert "they agree" in got.notes[0]
+    assert "Haar" in got.notes[1] and "KDE" in got.notes[1]
+    assert got.kde_dim == 3 and "m = 3" in got.notes[2]
+    assert got.to_dict()["notes"] == list(got.notes)
+    with pytest.raises(UsageError, match="probes"):
+        bound_terms(model, "0", (x, y), loss="mse", robustness_probes=1)

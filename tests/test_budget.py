@@ -329,7 +329,8 @@ def test_identity1_chunked_to_a_small_budget_gives_the_same_kappa() -> None:
     split, batches = LayerSplit(model, "conv2"), as_batches((x, y))
     assert identity1_plan(split, batches, None)[0] == 16
     chunk, chunked = identity1_plan(split, batches, 20_000)
-    assert chunk == 1 and [len(c[1]) for c in chunked] == [5, 5, 2]  # 1 probe, 5 rows a call
+    rows = [len(c[1]) for c in chunked]  # 1 probe, a few rows a call (the measured bytes)
+    assert chunk == 1 and sum(rows) == 12 and 1 < len(rows) and max(rows) == rows[0] < 12
     tight = layer_measures(model, "conv2", (x, y), max_memory=20_000, **kwargs)
     for key in ("relative_flatness", "layer_hessian_trace"):
         assert tight[key].value == pytest.approx(free[key].value, rel=1e-10), key

@@ -266,3 +266,43 @@ def test_inspect_tells_per_token_layers_from_per_sample_ones(
     ck = Checkpoint(_Tokens(), Path("tokens.pt"), "0" * 64, "state_dict", metadata)
     methods = {r["name"]: r["measures"] for r in describe(ck)["layers"]}
     assert methods["mix"].startswith(mix) and methods["head"].startswith(head)
+
+
+# --------------------------------------------------------------------------- --layer
+
+
+def test_layer_names_from_the_weights_refuse_typos_but_not_tied_layers(tmp_path: Path) -> None:
+    from collections import OrderedDict
+
+    from flatcli.features import LayerSplit
+    from flatcli.prepare import check_layer_name, weight_names
+
+    from . import models
+
+    mlp = tmp_path / "mlp.safetensors"
+    save_checkpoint(archs.mlp(4, [8], 3), mlp, arch="flatcli.archs:mlp")
+    check_layer_name(mlp, "fc1")
+    with pytest.raises(UsageError, match=r"no layer with a weight named 'fc_1' in mlp.safetensors; "
+                       r"did you mean fc1"):
+        check_layer_name(mlp, "fc_1")
+    check_layer_name(mlp, "zzz")  # nothing close: the loaded model decides
+    tied = tmp_path / "tied.safetensors"
+    save_checkpoint(models.Tied(), tied, arch="tests.models:Tied")
+    assert "b.weight" not in (weight_names(tied) or [])  # stored once, under a.weight
+    check_layer_name(tied, "b")  # a tied layer is never refused from the names
+    assert weight_names(tmp_path / "missing.safetensors") is None
+    block = torch.nn.Sequential(
+        OrderedDict(
+            block=torch.nn.Sequential(OrderedDict(lin=torch.nn.Linear(4, 4), act=torch.nn.ReLU())),
+            fc=torch.nn.Linear(4, 2),
+        )
+    )
+    with pytest.raises(UsageError, match=r"'block' \(Sequential\) has no weight; its parts with "
+                       r"one: block.lin$"):
+        LayerSplit(block, "block")
+    path = tmp_path / "block.safetensors"
+    from safetensors.torch import save_model
+
+    save_model(block, str(path))
+    with pytest.raises(UsageError, match=r"'block' has no weight in block.safetensors; its parts"):
+        check_layer_name(path, "block")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -371,7 +372,7 @@ def test_an_unreadable_cache_entry_says_why(tmp_path: Path) -> None:
     assert read_cache_entry(entry, CONFIG, SHA) == (None, "not JSON")
     entry.unlink()
     entry.mkdir()
-    assert read_cache_entry(entry, CONFIG, SHA) == (None, "Is a directory")
+    assert read_cache_entry(entry, CONFIG, SHA) == (None, "a directory, not a regular file")
 
 
 def test_cached_and_skipped_checkpoints_are_reported_as_they_go(tmp_path: Path) -> None:
@@ -472,6 +473,25 @@ def test_hparams_table_keyed_by_file_or_checkpoint(tmp_path: Path) -> None:
     from flatcli.correlate import CorrelateRun
 
     assert results_table(CorrelateRun()).empty
+
+
+def test_psi_groups_by_settings_not_by_what_finetune_derived() -> None:
+    """λ used and the step ratio vary with λ (and with every run): grouping by them left no
+    group in which λ alone varies, so ψ_λ was n/a. They are outputs, not hyperparameters."""
+    from flatcli.correlate import analyse, hparam_columns
+    from flatcli.stats import granulated_kendall
+
+    from .results import small_zoo
+
+    df = small_zoo()
+    assert hparam_columns(df) == ["hp_fam_lambda", "hp_clip_grad_norm"]
+    out = analyse(df, measures=["relative_flatness"], bootstrap=0, seed=0)
+    got = out["granulated"]["gap_loss"]["relative_flatness"]
+    want = granulated_kendall(df, "relative_flatness", "gap_loss", out["hparams"])
+    assert got == want and got["groups"] == {"hp_fam_lambda": 2, "hp_clip_grad_norm": 2}
+    assert got["Psi"] == 1.0  # κ ranks each pair that differs in one setting as the gap
+    assert "gap_acc" not in out["granulated"]  # constant: no Ψ, and a note says why
+    assert out["gap_notes"]["gap_acc"].startswith("gap_acc is 0 in all 4 checkpoints")
 
 
 def test_hparam_and_measure_columns_and_analyse() -> None:
@@ -626,10 +646,11 @@ def test_an_unreadable_entry_without_an_os_reason(
 ) -> None:
     from flatcli.correlate import read_cache_entry
 
-    def fail(self: Path) -> bytes:
+    def fail(*_: object) -> int:
         raise OSError
 
-    monkeypatch.setattr(Path, "read_bytes", fail)
+    (tmp_path / "e.json").write_text("{}")
+    monkeypatch.setattr(os, "open", fail)
     assert read_cache_entry(tmp_path / "e.json", CONFIG, SHA) == (None, "unreadable")
 
 

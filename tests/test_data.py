@@ -112,3 +112,20 @@ def test_as_batches_accepts_a_dataloader() -> None:
     b = relative_flatness(model, "fc1", (x, y))
     assert a.value == pytest.approx(b.value, rel=1e-12)
     assert as_batches(loader).n_samples == 30
+
+
+def test_channels_last_images_name_the_shape_the_model_expects() -> None:
+    """(n, H, W, 3) images: the error names (n, 3, H, W), and a checkpoint whose metadata
+    gives (3, H, W) refuses them rather than reshaping them into scrambled channels."""
+    nn = torch.nn
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(144, 2))
+    x, y = torch.rand(6, 8, 8, 3), torch.randint(0, 2, (6,))
+    with pytest.raises(FlatcliError) as info:
+        check_fits(model, as_batches((x, y), batch_size=6), loss="cross_entropy")
+    assert "expects images of shape (n, 3, H, W)" in str(info.value)
+    assert "channels-last, (n, 8, 8, 3)" in str(info.value)
+    with pytest.raises(FlatcliError, match=r"\(n, 3, H, W\) = \(n, 3, 8, 8\)"):
+        fit_inputs(x, model, (3, 8, 8))
+    assert fit_inputs(x.permute(0, 3, 1, 2), model, (3, 8, 8)).shape == (6, 3, 8, 8)
+    square = torch.rand(2, 3, 3, 3)  # H = W = C: already channels first, no false alarm
+    assert fit_inputs(square, model, (3, 3, 3)).shape == (2, 3, 3, 3)

@@ -1,4 +1,7 @@
-"""FAM regularizer: value and full Lemma 1 gradient against dense float64 Hessians (MATH.md §11)."""
+"""FAM regularizer: value and full Lemma 1 gradient against dense float64 Hessians.
+
+See docs/finetune.md.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Fisher-Rao norm against per-sample gradients and Euler's theorem (MATH.md §7)."""
+"""Fisher-Rao norm against per-sample gradients and Euler's theorem (docs/measures.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Hessian trace and top eigenvalue against dense float64 Hessians (MATH.md §6)."""
+"""Hessian trace and top eigenvalue against dense float64 Hessians (docs/measures.md)."""
 
 from __future__ import annotations
 

@@ -668,3 +668,70 @@ def test_custom_code_loads_with_trust_code(tmp_path: Path, monkeypatch: pytest.M
     assert relative_flatness(ck.model, None, {"x": x, "y": y}).value == pytest.approx(
         relative_flatness(model, "classifier", (x, y)).value, rel=1e-6
     )
+
+
+# --------------------------------------------------------------------------- a new user's way in
+
+
+def cli(*args: str):  # noqa: ANN201
+    result = CliRunner().invoke(app, list(args), env={"COLUMNS": "80"})
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+def test_a_wrong_layer_is_refused_from_the_weights_before_loading(
+    bert_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``bert.pooler`` has no weight of its own: its part ``bert.pooler.dense`` is suggested,
+    and a typo gets its close names, both from the safetensors header, before the model is
+    built (the loader here would fail the test if it were reached)."""
+    import flatcli.checkpoints
+    import flatcli.prepare
+
+    def no_load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded before the layer was checked")
+
+    monkeypatch.setattr(flatcli.prepare, "load_checkpoint", no_load)
+    monkeypatch.setattr(flatcli.checkpoints, "load_checkpoint", no_load)
+    tokens = str(bert_dir.parent / "tokens.npz")
+    for command in ("measure", "finetune"):
+        pooler = cli(command, str(bert_dir), "--data", tokens, "--layer", "bert.pooler")
+        assert pooler.exit_code == 2
+        assert "layer 'bert.pooler' has no weight in tiny_bert; its parts with one: " \
+            "bert.pooler.dense" in " ".join(pooler.stderr.split())
+    typo = cli("measure", str(bert_dir), "--data", tokens, "--layer", "clasifier")
+    assert typo.exit_code == 2 and "did you mean classifier?" in typo.stderr
+
+
+def test_a_bare_encoder_gets_the_documented_message(tmp_path: Path) -> None:
+    """A sentence-embedding model (a bare BertModel) is refused with what docs/models.md
+    promises: add and train a head."""
+    bare = tmp_path / "bare"
+    tiny_bert().bert.save_pretrained(str(bare))
+    write_tokens(tmp_path / "tokens.npz")
+    result = cli("measure", str(bare), "--data", str(tmp_path / "tokens.npz"))
+    assert result.exit_code == 1
+    text = " ".join(result.stderr.split())
+    assert "holds a bare BertModel, without a head" in text
+    assert "Add and train a head (for example BertForSequenceClassification" in text
+    assert "Add and train the head" in (ROOT / "docs" / "models.md").read_text()
+
+
+def test_inspect_shows_whole_names_at_80_columns_and_marks_the_default_in_csv(
+    bert_dir: Path,
+) -> None:
+    table = cli("inspect", str(bert_dir))
+    assert table.exit_code == 0
+    info = json.loads(cli("inspect", str(bert_dir), "--format", "json").stdout)
+    from io import StringIO
+
+    import pandas as pd
+    from rich.cells import cell_len  # κ̃ is two code points in one cell
+
+    lines = table.stdout.splitlines()
+    assert max(map(cell_len, lines)) <= 80 and "…" not in table.stdout
+    shown = {ln.split("│")[1].strip() for ln in lines if ln.startswith("│")} - {""}
+    names = {r["name"] for r in info["layers"]}
+    assert shown == (names - {"classifier"}) | {"classifier *"}  # every name, whole
+    rows = pd.read_csv(StringIO(cli("inspect", str(bert_dir), "--format", "csv").stdout))
+    assert rows.loc[rows["default"], "name"].tolist() == ["classifier"]

@@ -122,7 +122,9 @@ def test_measure_page_shows_the_json_numbers(pages) -> None:
         else:
             assert float(value[0]["data-value"]) == est["value"]
             assert value[1] == format_value(est["value"])
-        if est["stderr"] is None:
+        if est.get("hit_sigma_max"):
+            assert stderr[1] == "bound hit"
+        elif est["stderr"] is None:
             assert stderr[1] == "exact"
         else:
             assert float(stderr[0]["data-value"]) == est["stderr"]
@@ -173,8 +175,8 @@ def test_correlate_page_shows_the_json_numbers(pages) -> None:
     for gap in ("gap_loss", "gap_acc"):
         table = f"correlations-{gap}"
         assert page.headers[table] == [
-            "measure", "n", "Kendall τ-b", "Kendall τ-a", "Spearman ρ", "Pearson r",
-            "Ψ", "ψ width", "ψ lr",
+            "measure", "n", "Kendall τ-b", "perm. p", "Kendall τ-a", "Spearman ρ",
+            "Pearson r", "Ψ", "ψ width", "ψ lr",
         ]
         rows = [r for r in saved["correlations"] if r["gap"] == gap]
         assert len(page.tables[table]) == len(rows) == 2
@@ -184,15 +186,14 @@ def test_correlate_page_shows_the_json_numbers(pages) -> None:
         for r in rows:
             cells = page.row(table, r["measure"])
             assert int(cells[1][1]) == r["n"]
-            for i, stat in enumerate(
-                ("kendall_tau_b", "kendall_tau_a", "spearman_rho", "pearson_r"), start=2
-            ):
+            for i, stat in zip((2, 4, 5, 6), STATS, strict=True):
                 attrs, shown = cells[i]
                 assert float(attrs["data-value"]) == r[stat]
                 assert shown == f"{r[stat]:+.3f} [{r[stat + '_lo']:+.3f}, {r[stat + '_hi']:+.3f}]"
+            assert float(cells[3][0]["data-value"]) == r["kendall_perm_p"]
             g = saved["granulated_kendall"][gap][r["measure"]]
-            assert float(cells[6][0]["data-value"]) == g["Psi"]
-            for j, hp in enumerate(("hp_width", "hp_lr"), start=7):
+            assert float(cells[7][0]["data-value"]) == g["Psi"]
+            for j, hp in enumerate(("hp_width", "hp_lr"), start=8):
                 psi = g["psi"][hp]
                 assert cells[j][1] == ("n/a" if psi is None else f"{psi:+.3f}")
     table = page.tables["checkpoints"]
@@ -208,6 +209,24 @@ def test_correlate_page_shows_the_json_numbers(pages) -> None:
     assert "Skipped files (1)" in skipped and f"cannot load: {EVIL}" in skipped
     sums = page.tables["checksums"]
     assert [c[2][1] for c in sums] == [r["sha256"] for r in saved["checkpoints"]]
+
+
+STATS = ("kendall_tau_b", "kendall_tau_a", "spearman_rho", "pearson_r")
+
+
+def test_correlate_page_of_few_checkpoints_warns_and_says_why_a_gap_is_na() -> None:
+    """The issue's four MiniLM folders: a warning, no [+1, +1] interval for τ-b (a
+    degenerate bootstrap), the constant accuracy gap's reason, Ψ over the settings only."""
+    from .results import small_correlate_result
+
+    saved = json.loads(to_json(small_correlate_result()))
+    page = Page(render_html(saved))
+    text = " ".join(" ".join(page.text).split())
+    assert "only 4 checkpoints (fewer than 10)" in text
+    assert "n/a: gap_acc is 0 in all 4 checkpoints (every train_acc is 1 and every" in text
+    cells = page.row("correlations-gap_loss", "relative_flatness")
+    assert cells[2][1] == "+1.000 no CI" and cells[3][1] == "0.083"
+    assert page.headers["correlations-gap_loss"][-2:] == ["ψ fam_lambda", "ψ clip_grad_norm"]
 
 
 def test_finetune_page_shows_curves_and_before_after(pages) -> None:
@@ -229,9 +248,13 @@ def test_finetune_page_shows_curves_and_before_after(pages) -> None:
     assert "logits scaled by 1.7" in text and "λ = 0.0123 (auto)" in text
     assert f"κ rose above twice its start {EVIL}" in text  # the run's warnings, escaped
     assert [int(r[0][1]) for r in page.tables["epochs"]] == [1, 2, 3]
+    col = page.headers["epochs"].index
     for shown, row in zip(page.tables["epochs"], saved["history"], strict=True):
-        assert float(shown[3][0]["data-value"]) == row["kappa"]
-        assert float(shown[4][0]["data-value"]) == row["weight_sq_norm"]
+        assert float(shown[col("train loss")][0]["data-value"]) == row["full_train_loss"]
+        assert float(shown[col("κ")][0]["data-value"]) == row["full_kappa"]
+        assert float(shown[col("batch loss")][0]["data-value"]) == row["train_loss"]
+        assert float(shown[col("batch κ")][0]["data-value"]) == row["kappa"]
+        assert float(shown[col("‖W‖²")][0]["data-value"]) == row["weight_sq_norm"]
     assert "epochs 1–1 were restored" in " ".join(page.text)
     images = figures(page)
     assert len(images) == 1 and images[0][0] == "svg"
@@ -297,7 +320,7 @@ def test_write_html_is_atomic_and_checks_the_directory(tmp_path: Path) -> None:
     ("content", "message"),
     [
         (None, "not found"),
-        ("{not json", "is not JSON"),
+        ("{not json", "is not valid JSON"),
         ("[1, 2]", "does not hold a flatcli result"),
         ('{"schema": "other/1"}', "has schema 'other/1'"),
         ("<html><body>hello</body></html>", "without an embedded flatcli result"),
@@ -315,6 +338,37 @@ def test_load_result_rejects_bad_files(tmp_path: Path, content: str | None, mess
 def test_incomplete_result_is_a_clear_error() -> None:
     with pytest.raises(FlatcliError, match="measure result is incomplete"):
         render_html({"schema": "flatcli.measure/1", "checkpoint": {}})
+
+
+def test_a_bounded_search_is_a_bound_hit_not_exact(capsys: pytest.CaptureFixture[str]) -> None:
+    """σ' at the top of its range: its stderr (∞, null in JSON) reads "bound hit" in the
+    page as in the terminal, never "exact"."""
+    from flatcli.cli.render import measures_table
+    from flatcli.measures.estimate import Estimate
+    from flatcli.report import measure_report
+
+    from .results import run_manifest
+
+    details = {"hit_sigma_max": True, "bracket": [1.99, 2.0], "sigma": 1.995}
+    bounded = Estimate(0.2512, math.inf, "1/σ'², bisection", details)
+    measures = {"pacbayes_flatness": bounded, "weight_norm": Estimate(74.8, None, "exact")}
+    report = measure_report(
+        checkpoint={"path": "m.safetensors", "sha256": "ab" * 32},
+        layer={"name": "fc"},
+        data={"source": "digits", "split": "train", "n_samples": 100},
+        measures=measures,
+        manifest=run_manifest(),
+        config={},
+    )
+    saved = json.loads(to_json(report))
+    assert saved["measures"]["pacbayes_flatness"]["stderr"] is None
+    page = Page(render_html(saved))
+    assert page.row("measures", "pacbayes_flatness")[2][1] == "bound hit"
+    assert page.row("measures", "weight_norm")[2][1] == "exact"
+    measures_table(measures)
+    rows = {ln.split("│")[1].strip(): ln for ln in capsys.readouterr().out.splitlines()
+            if ln.startswith("│")}
+    assert "bound hit" in rows["pacbayes_flatness"] and "exact" in rows["weight_norm"]
 
 
 def test_non_finite_numbers_show_as_na() -> None:

@@ -1,4 +1,4 @@
-"""Norm-based measures against hand computation (MATH.md §9)."""
+"""Norm-based measures against hand computation (docs/measures.md, "Norms")."""
 
 from __future__ import annotations
 

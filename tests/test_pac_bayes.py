@@ -1,4 +1,4 @@
-"""PAC-Bayes flatness and bound against closed forms (MATH.md §8).
+"""PAC-Bayes flatness and bound against closed forms (docs/measures.md, "pacbayes_flatness").
 
 The oracle: a linear model ``z = W x + b`` fitted exactly (targets ``t_i = W x_i + b``)
 with ``ℓ_i = (1/d) ‖z_i − t_i‖²``. Perturbing all parameters by ``U, v`` gives

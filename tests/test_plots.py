@@ -554,3 +554,53 @@ def test_figure_bytes_are_the_written_files(tmp_path: Path) -> None:
     assert figure_bytes(fig, "png") == png.read_bytes()
     assert b"matplotlib" not in png.read_bytes()  # no Software tag: the same bytes each time
     assert b"<dc:date>" not in svg.read_bytes()
+
+
+def test_few_checkpoints_are_never_coloured_as_a_ci_above_0() -> None:
+    """The issue's n = 4: τ-b = +1 on every resample is no interval. Its bar is not the
+    "CI above 0" blue; it is hatched, says its permutation p-value, and the legend and
+    title say why."""
+    from matplotlib.colors import to_hex
+
+    from flatcli.correlate import analyse
+    from flatcli.plots import tau_bar_figure
+
+    from .results import small_zoo
+
+    stats = analyse(small_zoo(), measures=["relative_flatness", "weight_norm"], bootstrap=200,
+                    seed=0)["correlations"]
+    fig = tau_bar_figure(stats, "gap_loss")
+    (ax,) = fig.axes
+    names = [t.get_text() for t in ax.get_yticklabels()]
+    bar = ax.patches[names.index("relative_flatness")]
+    assert to_hex(bar.get_facecolor()) == "#ffffff" and bar.get_hatch() == "///"
+    assert not any(to_hex(b.get_facecolor()) == "#1f77b4" for b in ax.patches)
+    labels = {names[round(t.get_position()[1])]: t.get_text() for t in ax.texts}
+    assert labels["relative_flatness"] == "+1.00 (p = 0.083)"
+    (legend,) = fig.legends
+    assert legend.get_texts()[-1].get_text() == (
+        "no reliable CI: n < 10, or every resample agreed"
+    )
+    assert fig.get_suptitle().endswith(
+        "fewer than 10 checkpoints: no interval is reliable; p: permutation p-value of τ-b"
+    )
+
+
+def test_a_degenerate_bootstrap_is_hatched_at_any_n() -> None:
+    from matplotlib.colors import to_hex
+
+    from flatcli.plots import tau_bar_figure
+
+    nan = np.nan
+    stats = _stats(
+        kendall_tau_b=[1.0, 0.5, -0.4],
+        kendall_tau_b_lo=[nan, 0.2, -0.7],
+        kendall_tau_b_hi=[nan, 0.8, -0.1],
+        bootstrap_degenerate=["kendall_tau_b,spearman_rho", "", "pearson_r"],
+    )
+    fig = tau_bar_figure(stats, "gap_loss")
+    (ax,) = fig.axes
+    names = [t.get_text() for t in ax.get_yticklabels()]
+    colors = {n: to_hex(b.get_facecolor()) for n, b in zip(names, ax.patches, strict=True)}
+    assert colors == {"a": "#ffffff", "b": "#1f77b4", "c": "#d62728"}
+    assert "fewer than" not in fig.get_suptitle()

@@ -1,4 +1,4 @@
-"""Relative flatness against dense float64 Hessians, and its invariances (MATH.md §1–§5)."""
+"""Relative flatness against dense float64 Hessians, and its invariances (docs/measures.md)."""
 
 from __future__ import annotations
 
@@ -363,7 +363,7 @@ def theorem4_twin(model: nn.Module, layer: str, x: torch.Tensor, dead_units: str
 
     ``unscaled``: σ = 0 coordinates keep scale 1. ``drop``: they get scale 0 in both
     factors, and a constant coordinate's contribution ``W[:, t]·c_t`` moves into the bias.
-    Its dense κ is κ̃ by definition (MATH.md §4).
+    Its dense κ is κ̃ by definition (docs/measures.md, "relative_flatness_normalized").
     """
     from .reference import Scale
 

@@ -59,3 +59,31 @@ def test_help_shows_no_type_for_flags(command: str) -> None:
     result = CliRunner().invoke(app, [*([command] if command else []), "--help"])
     assert result.exit_code == 0
     assert "--help" in result.output and "<bool>" not in result.output
+
+
+def test_few_checkpoints_show_no_certainty_and_say_why_a_gap_is_na(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The issue's four MiniLM folders: τ-b = +1 is not shown with a [+1.00, +1.00] interval,
+    the constant accuracy gap says why it is n/a, and stderr warns about n = 4."""
+    from flatcli.cli.render import correlations
+
+    from .results import small_correlate_result
+
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    monkeypatch.setenv("NO_COLOR", "1")
+    monkeypatch.setenv("TERM", "dumb")
+    saved = json.loads(json.dumps(small_correlate_result(), default=str))
+    result = {k: saved[k] for k in ("hparams", "warnings", "gap_notes")}
+    result["granulated"] = saved["granulated_kendall"]
+    correlations(pd.DataFrame(saved["correlations"]), result, 4, None)
+    out, err = capsys.readouterr()
+    assert "+1.000" in out and "[+1.00, +1.00]" not in out and "…" not in out
+    rows = [ln for ln in out.splitlines() if ln.startswith("│")]
+    assert "[no CI]" in rows[1] and "degenerate bootstrap" in out
+    assert "0.083" in out  # the permutation p-value of a perfect ranking of four
+    flat = " ".join(out.split())
+    assert "n/a: gap_acc is 0 in all 4 checkpoints (every train_acc is 1 and every test_acc" in flat
+    assert "warning: only 4 checkpoints" in " ".join(err.split())
+    assert max(map(len, out.splitlines())) <= 80

@@ -154,13 +154,14 @@ def test_replacing_a_file_keeps_its_mode(tmp_path: Path) -> None:
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
 
 
-def test_a_symlink_is_written_through_not_replaced(tmp_path: Path) -> None:
+def test_a_symlink_is_replaced_not_written_through(tmp_path: Path) -> None:
     real = tmp_path / "real.txt"
     real.write_text("old")
     link = tmp_path / "link.txt"
     link.symlink_to(real)
     atomic_write_text(link, "new")
-    assert link.is_symlink() and real.read_text() == "new"
+    assert not link.is_symlink() and link.read_text() == "new"
+    assert real.read_text() == "old"
 
 
 def test_a_fifo_is_written_as_a_stream_and_stays_a_fifo(tmp_path: Path) -> None:
@@ -335,7 +336,7 @@ def test_a_fifo_data_file_is_refused_without_blocking(tmp_path: Path) -> None:
     writer = threading.Thread(target=feed, daemon=True)
     writer.start()
     try:
-        with pytest.raises(FlatcliError, match="is a special file, not a regular file"):
+        with pytest.raises(FlatcliError, match="is a FIFO, not a regular file"):
             load_data(str(fifo))
     finally:  # release the writer: open a reader, let it write and finish, then close
         fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
@@ -456,7 +457,7 @@ def test_integer_inputs_are_cast_with_a_note(tmp_path: Path) -> None:
     x = np.random.default_rng(0).integers(0, 255, (40, 4)).astype(np.uint8)
     data = write_npz(tmp_path / "d.npz", x=x, x_test=x)
     ck = save_tiny(tmp_path / "m.safetensors")
-    with pytest.warns(FlatcliWarning, match="the inputs x are int64 numbers; they are cast"):
+    with pytest.warns(FlatcliWarning, match="the inputs x are uint8 numbers; they are cast"):
         prep = prepare(ck, data=str(data), device="cpu")
     xb, _ = prep.batches.first()
     assert xb.dtype == torch.float32
@@ -487,7 +488,7 @@ def test_a_shard_index_cannot_name_a_file_outside_the_folder(tmp_path: Path) -> 
     (tmp_path / "outside.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
     index = {"metadata": {}, "weight_map": {"classifier.weight": "../outside.safetensors"}}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(FlatcliError, match="names a shard outside the folder"):
+    with pytest.raises(FlatcliError, match="is not a file name in the folder"):
         load_checkpoint(folder)
 
 

@@ -1,4 +1,4 @@
-"""Sharpness against a closed-form worst case (MATH.md §8).
+"""Sharpness against a closed-form worst case (docs/measures.md, "sharpness").
 
 The oracle: a linear model fitted exactly (``t_i = W x_i + b``) with
 ``ℓ_i = (1/d) ‖z_i − t_i‖²`` and inputs with **non-negative** entries. Perturbing all

@@ -115,8 +115,9 @@ def test_nan_rows_dropped_per_pair() -> None:
 def test_degenerate_pairs_give_nan_without_warning(m: list[float], g: list[float]) -> None:
     # filterwarnings = error: scipy's ConstantInputWarning would fail this test.
     row = correlation_table(pd.DataFrame({"m": m, "g": g}), ["m"], ["g"], bootstrap=100).iloc[0]
-    values = row.drop(["measure", "gap", "n"]).astype(float)
+    values = row.drop(["measure", "gap", "n", "bootstrap_degenerate", "note"]).astype(float)
     assert values.isna().all()
+    assert row["note"]  # and says why
 
 
 def test_bootstrap_is_seeded_and_brackets_the_estimate() -> None:
@@ -324,10 +325,11 @@ def test_defaults_and_the_edges_of_the_options() -> None:
     for bad in (0.0, 1.0):
         with pytest.raises(UsageError, match="strictly between 0 and 1"):
             correlation_table(df, ["good"], ["gap"], confidence=bad)
-    # One resample is an interval of one point (not "no bootstrap").
+    # One resample agrees with itself: a degenerate bootstrap (not "no bootstrap").
     row = correlation_table(df, ["good"], ["gap"], bootstrap=1).iloc[0]
-    for s in STATISTICS:
-        assert np.isfinite(row[f"{s}_lo"]) and row[f"{s}_lo"] == row[f"{s}_hi"]
+    assert row["bootstrap_degenerate"].split(",") == list(STATISTICS)
+    none = correlation_table(df, ["good"], ["gap"], bootstrap=0).iloc[0]
+    assert none["bootstrap_degenerate"] == ""
 
 
 def test_three_rows_are_enough() -> None:
@@ -390,7 +392,7 @@ def test_column_order_and_an_empty_table() -> None:
     columns = ["measure", "gap", "n"]
     for s in STATISTICS:
         columns += [s, f"{s}_lo", f"{s}_hi"]
-    columns += list(P_VALUES.values())
+    columns += [*P_VALUES.values(), "kendall_perm_p", "bootstrap_degenerate", "note"]
     assert list(correlation_table(fixed_table(), ["good"], ["gap"], bootstrap=0)) == columns
     empty = correlation_table(fixed_table(), [], ["gap"])
     assert list(empty) == columns and len(empty) == 0
@@ -420,3 +422,68 @@ def test_constant_bootstrap_resamples_are_nan_quietly() -> None:
     row = table.iloc[0]
     for s in ("kendall_tau_b", "pearson_r", "spearman_rho"):
         assert row[f"{s}_lo"] <= row[s] <= row[f"{s}_hi"], s
+
+
+# --------------------------------------------------------------------------- small n
+
+
+def all_orderings_p(x: np.ndarray, y: np.ndarray) -> float:
+    """Two-sided permutation p-value of τ-b by enumerating every ordering of ``y``: twice
+    the smaller one-sided p-value, at most 1 (scipy's definition of two-sided)."""
+    observed = sps.kendalltau(x, y).statistic
+    taus = np.array([sps.kendalltau(x, np.array(p)).statistic for p in itertools.permutations(y)])
+    above, below = np.mean(taus >= observed - 1e-12), np.mean(taus <= observed + 1e-12)
+    return float(min(1.0, 2 * min(above, below)))
+
+
+def test_four_checkpoints_ranked_alike_are_not_certainty() -> None:
+    """The issue's n = 4: τ-b = +1 on every resample is a degenerate bootstrap, not a CI of
+    [+1, +1]; the permutation p-value says what four points can show, 1/12 at best."""
+    df = pd.DataFrame({"m": [1.0, 2.0, 3.0, 4.0], "gap": [0.1, 0.2, 0.35, 0.4]})
+    row = correlation_table(df, ["m"], ["gap"], bootstrap=1000).iloc[0]
+    assert row["kendall_tau_b"] == 1.0
+    assert math.isnan(row["kendall_tau_b_lo"]) and math.isnan(row["kendall_tau_b_hi"])
+    assert "kendall_tau_b" in row["bootstrap_degenerate"].split(",")
+    assert row["kendall_perm_p"] == pytest.approx(1 / 12, abs=1e-15)
+    assert row["note"] == ""
+    warning = flatcli.stats.small_n_warning(4)
+    assert warning is not None and "only 4 checkpoints" in warning and "p = 0.083" in warning
+    assert flatcli.stats.small_n_warning(flatcli.stats.SMALL_N) is None
+
+
+@pytest.mark.parametrize(
+    ("x", "y"),
+    [
+        ([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], [0.3, 0.1, 0.4, 0.6, 0.5, 0.9]),
+        ([1.0, 1.0, 2.0, 3.0, 3.0, 4.0, 5.0], [0.2, 0.1, 0.1, 0.4, 0.3, 0.3, 0.7]),  # ties
+    ],
+    ids=["no-ties", "ties"],
+)
+def test_permutation_p_is_exact_over_all_orderings(x: list[float], y: list[float]) -> None:
+    xa, ya = np.array(x), np.array(y)
+    row = correlation_table(pd.DataFrame({"m": xa, "g": ya}), ["m"], ["g"], bootstrap=0).iloc[0]
+    assert row["kendall_perm_p"] == pytest.approx(all_orderings_p(xa, ya), abs=1e-12)
+    if len(set(x)) == len(x):  # scipy's exact null distribution, without ties
+        exact = sps.kendalltau(xa, ya, method="exact").pvalue
+        assert row["kendall_perm_p"] == pytest.approx(exact, rel=1e-9)
+
+
+def test_a_constant_gap_says_why_its_section_is_empty() -> None:
+    df = add_gaps(
+        pd.DataFrame(
+            {
+                "train_loss": [0.01, 0.02, 0.03, 0.04],
+                "test_loss": [0.02, 0.05, 0.04, 0.09],
+                "train_acc": [1.0] * 4,
+                "test_acc": [1.0] * 4,
+                "m": [1.0, 2.0, 3.0, 4.0],
+            }
+        )
+    )
+    notes = flatcli.stats.constant_gaps(df, ["gap_loss", "gap_acc"])
+    assert list(notes) == ["gap_acc"]
+    assert notes["gap_acc"].startswith(
+        "gap_acc is 0 in all 4 checkpoints (every train_acc is 1 and every test_acc is 1)"
+    )
+    row = correlation_table(df, ["m"], ["gap_acc"], bootstrap=10).iloc[0]
+    assert row["note"] == "gap_acc is constant (0 in all 4 checkpoints)"

@@ -45,6 +45,20 @@ def test_robustness_table_and_bad_deltas() -> None:
     assert negative.exit_code == 2
 
 
+def test_robustness_flags_relu_kinks_after_a_hidden_layer() -> None:
+    args = ["--deltas", "0.01,0.1", "--probes", "2", "--max-samples", "50"]
+    hidden = invoke("robustness", MLP, "--layer", "fc2", *args, "--format", "json")
+    assert hidden.exit_code == 0, hidden.output
+    report = json.loads(hidden.stdout)
+    assert report["kinks_after_layer"] == ["act2 (ReLU)"]
+    assert all(d["kinks"] for d in report["deltas"])
+    table = invoke("robustness", MLP, "--layer", "fc2", *args)
+    assert table.exit_code == 0 and "flag" in table.stdout
+    assert "kinks after the layer" in table.stdout
+    logits = json.loads(invoke("robustness", MLP, *args, "--format", "json").stdout)
+    assert logits["kinks_after_layer"] == [] and not any(d["kinks"] for d in logits["deltas"])
+
+
 def test_bound_json_has_terms_and_actual_gap() -> None:
     result = invoke(
         "bound", MLP, "--layer", "fc", "--splits", "2", "--draws", "1", "--max-samples", "300",
@@ -57,6 +71,10 @@ def test_bound_json_has_terms_and_actual_gap() -> None:
     m, n = report["m"], report["n"]
     assert report["sample_term"] == n ** (-2 / (4 + m))
     assert report["gap"] == report["test_loss"] - report["train_loss"]
+    # The digits MLP: δ = |S|^(−1/(4+m)) = 0.84 is far outside Theorem 5's expansion.
+    assert report["robustness_delta"] == n ** (-1 / (4 + m))
+    assert report["measured_robustness"] > 10 * report["robustness_term"]
+    assert "does not hold at this δ" in report["notes"][0]
     table = invoke("bound", MLP, "--splits", "2", "--draws", "1", "--max-samples", "200")
     assert table.exit_code == 0 and "NOT a bound" in table.stdout
 

@@ -17,6 +17,7 @@ from .common import (
     command_argv,
     emit,
     friendly,
+    input_files,
     options_from,
     progress,
     setup,
@@ -155,7 +156,12 @@ def audit(
     from ..runtime import manifest, set_threads
 
     fmt = check_format(fmt)
-    check_outputs(output, *((".manifest.json",) if fmt == "csv" else ()))
+    check_outputs(
+        output,
+        *((".manifest.json",) if fmt == "csv" else ()),
+        report=report_page,
+        inputs=input_files([checkpoint], data, ("the --init checkpoint", init)),
+    )
     if not (math.isfinite(tolerance) and tolerance >= 0):
         raise UsageError(f"--tolerance must be a finite number ≥ 0, got {tolerance}")
     check_report_path(report_page)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,12 +38,15 @@ def friendly(fn: F) -> F:
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated")
         finished = False
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), termination_signals():
                 warnings.simplefilter("default", FlatcliWarning)  # each message once
                 warnings.showwarning = show_warning
                 result = fn(*args, **kwargs)
             finished = True
             return result
+        except Terminated as e:
+            stderr().print(f"{_rank_prefix()}terminated by {e.name}", highlight=False)
+            raise typer.Exit(128 + e.signum) from None
         except FlatcliError as e:
             where = _rank_prefix()
             stderr().print(
@@ -70,6 +76,48 @@ def friendly(fn: F) -> F:
                 sys.modules["flatcli.distributed"].shutdown(barrier=finished)
 
     return wrapper  # type: ignore[return-value]
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP: unwinds the command as Ctrl-C does (worker processes stopped and
+    joined, temporary files removed), then exits with 128 + the signal's number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+
+
+@contextmanager
+def termination_signals() -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP into :class:`Terminated` while a command runs.
+
+    Their default action ends the process on the spot: its ``--jobs`` workers would run
+    on as orphans and a file being written would stay half-written. Only the first signal
+    raises; a second one, while the command unwinds, is ignored.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    names = ("SIGTERM", "SIGHUP")
+    # an ignored signal stays ignored (nohup), and a handler someone else set stays theirs
+    wanted = [
+        getattr(signal, n)
+        for n in names
+        if hasattr(signal, n) and signal.getsignal(getattr(signal, n)) is signal.SIG_DFL
+    ]
+
+    def raise_terminated(signum: int, _frame: Any) -> None:
+        for s in wanted:
+            signal.signal(s, signal.SIG_IGN)
+        raise Terminated(signum)
+
+    previous = {s: signal.signal(s, raise_terminated) for s in wanted}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _rank_prefix() -> str:
@@ -278,7 +326,12 @@ def setup(
 
     kwargs = parse_json_object(arch_kwargs, "--arch-kwargs")
     prep = prepare(
-        checkpoint, arch=arch, trust_code=trust_code, arch_kwargs=kwargs, **prepare_kwargs
+        checkpoint,
+        arch=arch,
+        trust_code=trust_code,
+        arch_kwargs=kwargs,
+        layer=layer,
+        **prepare_kwargs,
     )
     layer_name = layer or default_layer(prep.model)
     module = find_layer(prep.model, layer_name)
@@ -299,15 +352,57 @@ def check_format(fmt: str) -> str:
     return fmt
 
 
-def check_outputs(output: Path | None, *sidecars: str) -> None:
-    """Check ``output`` and the files written beside it (``STEM<sidecar>``) before computing."""
-    from ..io import check_output
+def check_outputs(
+    output: Path | None,
+    *sidecars: str,
+    report: Path | None = None,
+    inputs: list[tuple[str, Path | None]] | None = None,
+    others: list[tuple[str, Path | None]] | None = None,
+) -> None:
+    """Check ``output``, the files written beside it (``STEM<sidecar>``, none beside a
+    stream) and ``report`` before computing, and that none of them (nor ``others``, checked
+    by their command) is an input or another of them (:func:`flatcli.io.check_distinct`)."""
+    from ..io import check_distinct, check_output, sidecar
 
-    if output is None:
-        return
-    check_output(output)
-    for suffix in sidecars:
-        check_output(output.with_name(f"{output.stem}{suffix}"))
+    named: list[tuple[str, Path | None]] = [("--report", report), *(others or [])]
+    if output is not None:
+        check_output(output)
+        named.insert(0, ("--output", output))
+        for suffix in sidecars:
+            side = sidecar(output, suffix)
+            if side is not None:
+                check_output(side)
+                named.append((f"--output's {suffix} file", side))
+    check_report_path(report)
+    check_distinct(named, inputs or [])
+
+
+def input_files(
+    checkpoints: list[Path], data: str | None = None, *named: tuple[str, Path | None]
+) -> list[tuple[str, Path | None]]:
+    """The files a run reads, for :func:`check_outputs`: each checkpoint (every file of a
+    Hugging Face folder), the data (``--data``, else the file a checkpoint's metadata
+    names), and ``named`` ``(what, path)`` pairs such as ``--init``."""
+    from ..checkpoints import read_metadata
+    from ..data import BUNDLED, metadata_data
+    from ..hf import config_path
+
+    found: list[tuple[str, Path | None]] = list(named)
+    if data is not None and data not in BUNDLED:
+        found.append(("the --data file", Path(data).expanduser()))
+    for checkpoint in map(Path, checkpoints):
+        config = config_path(checkpoint)
+        if config is not None:
+            folder = config.parent
+            found += [(f"a file of {folder.name}", f) for f in folder.iterdir() if f.is_file()]
+        else:
+            found.append(("the checkpoint", checkpoint))
+        named_data = read_metadata(checkpoint).get("data") if data is None else None
+        if named_data and named_data not in BUNDLED:
+            with contextlib.suppress(FlatcliError):  # loading it reports why
+                own = config.parent if config is not None else checkpoint
+                found.append(("the checkpoint's data", Path(metadata_data(named_data, own))))
+    return found
 
 
 def emit(text: str, output: Path | None) -> None:

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from ..errors import FlatcliError, UsageError
-from ..io import check_regular_file
+from ..io import check_distinct, check_regular_file
 from ..text import markup_safe, plain
 from .app import app
 from .common import (
@@ -20,6 +20,7 @@ from .common import (
     command_argv,
     emit,
     friendly,
+    input_files,
     options_from,
     start_distributed,
     stderr,
@@ -203,7 +204,12 @@ def correlate(
         trust_code=trust_code,
     )
     _make_plots_dir(plots)  # first: --output may go into it
-    check_outputs(output, *((".manifest.json", ".correlations.csv") if fmt != "json" else ()))
+    check_outputs(
+        output,
+        *((".manifest.json", ".correlations.csv") if fmt != "json" else ()),
+        report=report_page,
+        inputs=input_files(list(checkpoints), data, ("the --hparams table", hparams)),
+    )
     from ..correlate import arch_kwargs_table
 
     per_checkpoint = arch_kwargs_table(hparams) if hparams is not None else None
@@ -322,6 +328,8 @@ def _report_correlations(
         "correlations": table.to_dict(orient="records"),
         "granulated_kendall": result["granulated"],
         "hparams": result["hparams"],
+        "warnings": result["warnings"],
+        "gap_notes": result["gap_notes"],
         "skipped": run.skipped if run is not None else [],
         "computed": run.computed if run is not None else 0,
         "source": recomputed_from,
@@ -332,14 +340,13 @@ def _report_correlations(
         emit(to_json(report), output)
         return
     if output is not None:
-        from ..report import write_csv_output, write_output
+        from ..report import write_beside, write_csv_output
 
         provenance = {k: v for k, v in report.items() if k not in ("checkpoints", "correlations")}
         if {"checkpoint", "sha256"} <= set(df.columns):
             provenance["sha256"] = df[["checkpoint", "sha256"]].to_dict(orient="records")
         write_csv_output(output, df.to_csv(index=False), provenance)
-        corr_path = output.with_name(f"{output.stem}.correlations.csv")
-        write_output(corr_path, table.to_csv(index=False))
+        write_beside(output, ".correlations.csv", table.to_csv(index=False))
     if fmt == "csv":
         sys.stdout.write(table.to_csv(index=False))
         return
@@ -429,6 +436,7 @@ def plot(
     if not results.exists():
         raise FlatcliError(f"results file not found: {results}")
     check_regular_file(results, "results file")
+    check_distinct([("--report", report_page)], [("the results file", results)])
     _make_plots_dir(plots)
     try:
         df = pd.read_csv(results)

@@ -7,9 +7,16 @@ from typing import Annotated
 
 import typer
 
-from ..errors import UsageError
+from ..errors import UsageError, warn
 from .app import app
-from .common import check_report_path, command_argv, friendly, progress, write_page
+from .common import (
+    check_report_path,
+    command_argv,
+    friendly,
+    input_files,
+    progress,
+    write_page,
+)
 from .options import (
     ArchKwargsOpt,
     ArchOpt,
@@ -43,7 +50,9 @@ def finetune(
         str,
         typer.Option(
             "--fam-scale",
-            help="absolute (λ as given) or relative (λ = FAM_LAMBDA · E₀/κ₀ at the start).",
+            help="absolute (λ as given), relative (λ = FAM_LAMBDA · E₀/κ₀ at the start) or "
+            "paper (λ as in the FAM paper and its code, whose regularizer is κ/m: the run "
+            "uses FAM_LAMBDA/m, m the layer's in_features).",
         ),
     ] = "absolute",
     fam_gradient: Annotated[
@@ -123,6 +132,15 @@ def finetune(
             metavar="",
         ),
     ] = False,
+    overwrite_input: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite-input",
+            help="Allow --out to be the input checkpoint (replaced at the end). Refused "
+            "by default.",
+            metavar="",
+        ),
+    ] = False,
     data: DataOpt = None,
     target: TargetOpt = None,
     max_samples: MaxSamplesOpt = None,
@@ -156,16 +174,29 @@ def finetune(
     """
     from ..checkpoints import load_checkpoint
     from ..finetune import finetune as run_finetune
-    from ..prepare import parse_json_object
+    from ..io import check_distinct, sidecar
+    from ..prepare import check_layer_name, parse_json_object
 
     check_report_path(report_page)
+    if layer is not None:
+        check_layer_name(checkpoint, layer)  # before the model is built
     ck = load_checkpoint(
         checkpoint,
         arch=arch,
         arch_kwargs=parse_json_object(arch_kwargs, "--arch-kwargs"),
         trust_code=trust_code,
     )
+    from ..hf import check_has_head
+
+    check_has_head(ck.model, ck.path)
     out = out or Path(f"{checkpoint.stem}-fam.safetensors")
+    log, plot = log or sidecar(out, ".csv"), plot or sidecar(out, ".png")  # none beside a stream
+    if sidecar(out, ".state.pt") is None:
+        warn(f"--out {out} is not a regular file: no state file (and no default log or plot)")
+    # the library checks its own outputs against the inputs and each other; the page here
+    check_distinct([("--report", report_page)], input_files([checkpoint], data))
+    outputs = [("--out", out), ("--log", log), ("--plot", plot)]
+    check_distinct([("--report", report_page), *outputs, ("the state", sidecar(out, ".state.pt"))])
     with progress() as note:
         result = run_finetune(
             ck,
@@ -193,9 +224,10 @@ def finetune(
             device=device,
             dtype=dtype,
             out_path=out,
-            log_path=log or out.with_suffix(".csv"),
-            plot_path=plot or out.with_suffix(".png"),
+            log_path=log,
+            plot_path=plot,
             resume=resume,
+            overwrite_input=overwrite_input,
             progress=note,
         )
     if report_page is not None:

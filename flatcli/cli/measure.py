@@ -15,6 +15,7 @@ from .common import (
     command_argv,
     emit,
     friendly,
+    input_files,
     options_from,
     progress,
     quiet,
@@ -149,7 +150,12 @@ def measure(
     from ..runtime import manifest, set_threads
 
     fmt = check_format(fmt)
-    check_outputs(output, *((".manifest.json",) if fmt == "csv" else ()))
+    check_outputs(
+        output,
+        *((".manifest.json",) if fmt == "csv" else ()),
+        report=report_page,
+        inputs=input_files([checkpoint], data, ("the --init checkpoint", init)),
+    )
     check_report_path(report_page)
     names = registry.select(measures, normalize=normalize, has_init=init is not None)
     options = options_from(ctx)

@@ -27,7 +27,7 @@ def measures_table(measures: Any, *, title: str | None = None) -> None:
     from rich.table import Table
 
     from ..measures.estimate import warnings_of
-    from ..report import FLAG, format_value
+    from ..report import FLAG, format_value, stderr_text
 
     console = Console()
     notes: dict[str, int] = {}
@@ -42,7 +42,7 @@ def measures_table(measures: Any, *, title: str | None = None) -> None:
         if "error" in est.details:  # a failed or interrupted measure: its row, its error
             table.add_row(markup_safe(name), "failed", "", f"\\[{number}]")
             continue
-        se = "exact" if est.stderr is None else format_value(est.stderr)
+        se = stderr_text(est.stderr, est.details)
         warnings = warnings_of(est)
         value = format_value(est.value) + (f" {FLAG}" if warnings else "")
         table.add_row(markup_safe(name), value, se, f"\\[{number}]")
@@ -55,7 +55,11 @@ def measures_table(measures: Any, *, title: str | None = None) -> None:
 
 
 def inspect_table(ck: Any, info: dict) -> None:
-    """Print :func:`flatcli.inspection.describe`'s result as a table."""
+    """Print :func:`flatcli.inspection.describe`'s result as a table.
+
+    Layer names are never cut. When the type, shape and parameter columns do not fit
+    beside the longest name, they share one wrapped column with the measures.
+    """
     from rich.console import Console
     from rich.table import Table
 
@@ -65,17 +69,25 @@ def inspect_table(ck: Any, info: dict) -> None:
         f"{info['parameters']:,} parameters)",
         title_justify="left",
     )
-    for col in ("layer", "type", "weight shape", "parameters", "measures"):
-        table.add_column(col, justify="right" if col == "parameters" else "left")
-    for row in info["layers"]:
-        name = row["name"] + (" *" if row["name"] == info["default_layer"] else "")
-        table.add_row(
-            markup_safe(name),
-            markup_safe(row["type"]),
-            str(row["weight_shape"] or ""),
-            f"{row['parameters']:,}",
-            markup_safe(row["measures"]),
-        )
+    names = [row["name"] + (" *" if row["name"] == info["default_layer"] else "")
+             for row in info["layers"]]
+    cells = [
+        (markup_safe(row["type"]), str(row["weight_shape"] or ""), f"{row['parameters']:,}")
+        for row in info["layers"]
+    ]
+    widths = [max((len(c[i]) for c in cells), default=0) for i in range(3)]
+    room = max((len(n) for n in names), default=5) + sum(widths) + 30 + 16  # measures, rules
+    name_column(table, "layer", names)
+    if console.width >= room:
+        for col in ("type", "weight shape", "parameters", "measures"):
+            table.add_column(col, justify="right" if col == "parameters" else "left")
+        for name, (kind, shape, count), row in zip(names, cells, info["layers"], strict=True):
+            table.add_row(markup_safe(name), kind, shape, count, markup_safe(row["measures"]))
+    else:
+        table.add_column("type · weight shape · parameters · measures")
+        for name, (kind, shape, count), row in zip(names, cells, info["layers"], strict=True):
+            about = " · ".join(t for t in (kind, shape, count, markup_safe(row["measures"])) if t)
+            table.add_row(markup_safe(name), about)
     console.print(table)
     console.print(f"* default feature layer: {markup_safe(info['default_layer'])}")
     console.print(f"model-wide measures: {markup_safe(info['model_measures'])}")
@@ -153,15 +165,25 @@ def _print_some(console: Any, label: str, lines: Any, most: int = 3) -> None:
 
 
 def correlations(table, result, n, run) -> None:  # noqa: ANN001
-    """Print the correlation tables of :func:`flatcli.correlate.analyse`."""
+    """Print the correlation tables of :func:`flatcli.correlate.analyse`.
+
+    A degenerate bootstrap (every resample gave the same value) shows ``[no CI]``, not an
+    interval; a gap that is constant gets its reason under its table; the warnings
+    (too few checkpoints) go to stderr.
+    """
     from rich.console import Console
     from rich.table import Table
+
+    from .common import stderr
 
     console = Console()
     if not console.is_terminal:  # a file or pipe: do not squeeze the table into 80 columns
         console = Console(width=max(console.width, 120))
     # A CI beside its value when there is room, else below it (wrapped at its space).
     sep = " " if console.width >= 120 else "\n"
+    notes = result.get("gap_notes") or {}
+    perm = "kendall_perm_p" in table and table["kendall_perm_p"].notna().any()
+    degenerate = False
     for gap, label in (("gap_loss", "test_loss − train_loss"), ("gap_acc", "train_acc − test_acc")):
         t = Table(
             title=f"correlation with the generalization gap {label} ({n} checkpoints, "
@@ -172,20 +194,36 @@ def correlations(table, result, n, run) -> None:  # noqa: ANN001
         )
         rows = table[table["gap"] == gap].sort_values("kendall_tau_b", ascending=False)
         name_column(t, "measure", rows["measure"])
-        for col in ("Kendall τ-b", "τ-a", "Spearman ρ", "Pearson r", "Ψ"):
+        headers = ["Kendall τ-b", *(["perm. p"] if perm else []), "τ-a", "Spearman ρ",
+                   "Pearson r", "Ψ"]
+        for col in headers:
             # Narrow enough for 80 columns, wide enough for each word of the header.
             t.add_column(col, justify="right", min_width=max(map(len, col.split())))
         for _, r in rows.iterrows():
             psi = result["granulated"].get(gap, {}).get(r["measure"], {}).get("Psi")
+            degenerate = degenerate or bool(_degenerate(r))
             t.add_row(
                 markup_safe(r["measure"]),
                 _ci(r, "kendall_tau_b", sep),
+                *([_p(r["kendall_perm_p"])] if perm else []),
                 _num(r["kendall_tau_a"]),
                 _ci(r, "spearman_rho", sep),
                 _ci(r, "pearson_r", sep),
                 _num(psi),
             )
         console.print(t)
+        if gap in notes:
+            console.print(f"n/a: {markup_safe(notes[gap])}", highlight=False)
+    if degenerate:
+        console.print(
+            "[no CI]: every bootstrap resample gave the same value, a degenerate bootstrap "
+            "(too few checkpoints to resample), not certainty", highlight=False, markup=False
+        )
+    if perm:
+        console.print(
+            "perm. p: two-sided permutation p-value of τ-b, exact over every ordering for "
+            "up to 7 checkpoints", highlight=False
+        )
     if result["hparams"]:
         console.print(f"Ψ: granulated Kendall over {markup_safe(', '.join(result['hparams']))}")
     if run is not None:
@@ -193,6 +231,11 @@ def correlations(table, result, n, run) -> None:  # noqa: ANN001
             f"{run.computed} checkpoint(s) measured now, "
             f"{n - run.computed} from the cache, {len(run.skipped)} skipped"
         )
+    for line in result.get("warnings", []):
+        if line not in notes.values():
+            stderr().print(
+                f"[bold yellow]warning:[/] {markup_safe(line)}", highlight=False, soft_wrap=True
+            )
 
 
 def _num(x) -> str:  # noqa: ANN001
@@ -201,15 +244,27 @@ def _num(x) -> str:  # noqa: ANN001
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.3f}"
 
 
+def _p(x) -> str:  # noqa: ANN001
+    return "n/a" if x is None or x != x else f"{x:.2g}"  # NaN-safe
+
+
+def _degenerate(r) -> list[str]:  # noqa: ANN001
+    found = r.get("bootstrap_degenerate")
+    return found.split(",") if isinstance(found, str) and found else []
+
+
 def _ci(r, stat: str, sep: str = " ") -> str:  # noqa: ANN001
     lo, hi = r[f"{stat}_lo"], r[f"{stat}_hi"]
     bounds = "" if lo != lo or hi != hi else f"{sep}[{lo:+.2f}, {hi:+.2f}]"  # NaN-safe
+    if stat in _degenerate(r):
+        bounds = f"{sep}\\[no CI]"  # rich markup: a literal [
     return f"{_num(r[stat])}{bounds}"
 
 
 
 def finetune_tables(result) -> None:  # noqa: ANN001 - a FinetuneResult, imported lazily
     """Print the per-epoch table and the before/after table of a fine-tuning run."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
@@ -230,21 +285,29 @@ def finetune_tables(result) -> None:  # noqa: ANN001 - a FinetuneResult, importe
             f"{result.fam_method}"
         ),
         title_justify="left",
+        box=box.SIMPLE_HEAD,  # ten columns of numbers in 80 columns, none cut
+        pad_edge=False,
+        collapse_padding=True,
     )
-    columns = ("epoch", "lr", "train loss", "κ (batches)", "‖W‖²", "test loss", "test acc", "s")
-    for col in columns:
-        epochs.add_column(col, justify="right")
+    columns = ("epoch", "lr", "train loss", "κ", "batch loss", "batch κ", "‖W‖²",
+               "test loss", "test acc")  # seconds: in the progress lines and the log
+    rows = []
     for r in result.history:
-        epochs.add_row(
-            str(r.epoch),
-            f"{r.lr:.3g}",
-            format_value(r.train_loss),
-            format_value(r.kappa),
-            format_value(r.weight_sq_norm),
-            format_value(r.test_loss),
-            format_value(r.test_accuracy),
-            f"{r.seconds:.1f}",
+        values = (r.full_train_loss, r.full_kappa, r.train_loss, r.kappa, r.weight_sq_norm,
+                  r.test_loss, r.test_accuracy)
+        rows.append(
+            [str(r.epoch), f"{r.lr:.3g}", *("n/a" if v is None else f"{v:.4g}" for v in values)]
         )
+    for i, col in enumerate(columns):  # the headers wrap; a number is never cut
+        widest = max((len(row[i]) for row in rows), default=1)
+        epochs.add_column(col, justify="right", min_width=widest, overflow="fold")
+    for row in rows:
+        epochs.add_row(*row)
+    epochs.caption = (
+        "train loss, κ: the whole training set in eval mode at the end of the epoch, as "
+        "`before`; batch: train-mode means over the epoch's batches"
+    )
+    epochs.caption_justify = "left"
     console.print(epochs)
     matched = result.temperature_matched
     title = "before → after (κ etc. on the training data)"
@@ -313,15 +376,19 @@ def robustness_table(result: Any, *, title: str) -> None:
     changing = result.points and result.points[0].label_change is not None
     if changing:
         cols += ["E_F, NN labels", "± stderr", "labels changed"]
+    kinked = any(p.kinks for p in result.points)
+    if kinked:
+        cols.append("flag")
     for col in cols:
         table.add_column(col, justify="right")
     for p in result.points:
+        flag = "⚠ below resolution"  # rounding, not the model, may set it: no number
         row = [
             f"{p.delta:g}",
-            format_value(p.feature_robustness),
-            format_value(p.stderr),
+            flag if p.below_resolution else format_value(p.feature_robustness),
+            "" if p.below_resolution else format_value(p.stderr),
             format_value(p.predicted),
-            format_value(p.ratio),
+            "⚠" if p.below_resolution else format_value(p.ratio),
         ]
         if changing:
             row += [
@@ -329,8 +396,12 @@ def robustness_table(result: Any, *, title: str) -> None:
                 format_value(p.label_change_stderr),
                 f"{100 * p.labels_changed:.1f}%",
             ]
+        if kinked:
+            row.append("kinks" if p.kinks else "")
         table.add_row(*row)
     console.print(table)
+    for line in result.warnings:
+        console.print(f"⚠ {markup_safe(line)}", highlight=False)
     for line in result.notes:
         console.print(f"note: {markup_safe(line)}", highlight=False)
 
@@ -353,6 +424,17 @@ def bound_table(terms: Any, *, title: str) -> None:
         ("|S|^(−2/(4+m))", terms.sample_term, None),
         (f"κ/(2m)  (κ = {format_value(terms.kappa)}, m = {terms.m})", terms.flatness_term, None),
         ("feature robustness term |S|^(−2/(4+m))·κ/(2m)", terms.robustness_term, None),
+    ]
+    if terms.measured_robustness is not None:
+        rows.append(
+            (
+                f"measured E_F at δ = |S|^(−1/(4+m)) = {terms.robustness_delta:.3g} "
+                f"({terms.robustness_probes} Haar pairs)",
+                terms.measured_robustness,
+                terms.measured_robustness_stderr,
+            )
+        )
+    rows += [
         (
             f"representativeness (KDE, {terms.splits} splits, bandwidth factor "
             f"{terms.bandwidth:.3g} {terms.bandwidth_rule})",
@@ -372,11 +454,8 @@ def bound_table(terms: Any, *, title: str) -> None:
     console.print(table)
     if terms.gap is None:
         console.print("no test split: the actual gap is not shown", highlight=False)
-    if terms.dead_units:
-        console.print(
-            f"note: {terms.dead_units} constant feature coordinate(s) left out of the KDE",
-            highlight=False,
-        )
+    for line in terms.notes:
+        console.print(f"note: {markup_safe(line)}", highlight=False)
 
 
 def _change(value: float | None, base: float | None) -> str:

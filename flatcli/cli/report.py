@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from ..errors import UsageError
 from .app import app
 from .common import friendly, write_page
 from .options import ColorByOpt, LogXOpt
@@ -45,9 +44,10 @@ def report(
         flatcli report result.json -o page.html
     """
     from ..html import load_result
+    from ..io import check_distinct, check_output
 
     saved = load_result(result)
     output = output or result.with_suffix(".html")
-    if output.resolve() == result.resolve():
-        raise UsageError(f"{result} would be overwritten; name another page with --output")
+    check_output(output)
+    check_distinct([("--output", output)], [("the result", result)])
     write_page(output, saved, color_by=color_by, log_x=log_x)

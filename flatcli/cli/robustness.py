@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from .app import app
-from .common import check_format, check_outputs, emit, friendly, progress
+from .common import check_format, check_outputs, emit, friendly, input_files, progress
 from .options import (
     ArchKwargsOpt,
     ArchOpt,
@@ -104,11 +104,16 @@ def robustness(
     from ..runtime import manifest
 
     fmt = check_format(fmt)
-    check_outputs(output, *((".manifest.json",) if fmt == "csv" else ()))
     if plot is not None:
         from ..io import check_output
 
         check_output(plot, suffixes=(".png", ".svg", ".pdf"), option="--plot")
+    check_outputs(
+        output,
+        *((".manifest.json",) if fmt == "csv" else ()),
+        inputs=input_files([checkpoint], data),
+        others=[("--plot", plot)],
+    )
     values = parse_deltas(deltas)
     prep = prepare(
         checkpoint,
@@ -123,6 +128,7 @@ def robustness(
         device=device,
         dtype=dtype,
         loss=loss,
+        layer=layer,
     )
     with progress() as status:
         result = feature_robustness(

@@ -40,6 +40,8 @@ SCHEMAS = {
 """Result schemas a page can be rendered from, and the command that writes each."""
 
 FINETUNE_SCHEMA = "flatcli.finetune/1"
+MAX_RESULT_BYTES = 256 << 20
+"""Largest result file or page :func:`load_result` reads (a page inlines its figures)."""
 RESULT_ELEMENT_ID = "flatcli-result"
 """``id`` of the ``<script type="application/json">`` element holding the result."""
 
@@ -103,21 +105,20 @@ def load_result(path: str | Path) -> dict[str, Any]:
         FlatcliError: The file is missing, unreadable, not JSON (nor a flatcli page), or
             has no known schema.
     """
+    from ..io import read_regular
+    from ..untrusted import parse_json
+
     path = Path(path)
-    if not path.is_file():
-        raise FlatcliError(f"result file not found: {path}")
+    data = read_regular(path, "result file", max_bytes=MAX_RESULT_BYTES)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise FlatcliError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise FlatcliError(f"cannot read {path}: not UTF-8 text") from None
     if text.lstrip()[:1] == "<":
         text = _embedded_json(text)
         if text is None:
             raise FlatcliError(f"{path} is an HTML file without an embedded flatcli result")
-    try:
-        result = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise FlatcliError(f"{path} is not JSON ({e.msg}, line {e.lineno})") from None
+    result = parse_json(text, str(path), max_bytes=MAX_RESULT_BYTES)
     if not isinstance(result, dict):
         raise FlatcliError(f"{path} does not hold a flatcli result (a JSON object)")
     _kind(result, source=str(path))

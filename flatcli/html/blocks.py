@@ -92,16 +92,27 @@ def int_cell(x: Any) -> dict[str, Any]:
 
 
 def stderr_cell(est: Mapping[str, Any]) -> dict[str, Any]:
+    """The standard error, ``exact``, or ``bound hit`` as the terminal shows it."""
+    from ..report import bound_hit, stderr_text
+
+    if bound_hit(est):
+        return cell(stderr_text(est.get("stderr"), est), value="", cls="num none",
+                    title="the search ended at its bound: the value is only a bound")
     if est.get("stderr") is None:
         return cell("exact", value="", cls="num none")
     return num(est["stderr"])
 
 
 def corr_cell(row: Any, stat: str) -> dict[str, Any]:
-    """A correlation and, on a second line, its confidence interval."""
+    """A correlation and, on a second line, its confidence interval (or ``no CI`` when
+    every bootstrap resample gave the same value)."""
     cell = num(nan_none(row.get(stat)), fmt=corr)
     lo, hi = nan_none(row.get(f"{stat}_lo")), nan_none(row.get(f"{stat}_hi"))
-    if lo is not None and hi is not None:
+    degenerate = row.get("bootstrap_degenerate")
+    if isinstance(degenerate, str) and stat in degenerate.split(","):
+        cell["sub"] = "no CI"
+        cell["title"] = "every bootstrap resample gave the same value: a degenerate bootstrap"
+    elif lo is not None and hi is not None:
         cell["sub"] = f"[{corr(lo)}, {corr(hi)}]"
         cell["title"] = f"CI {lo!r} to {hi!r}"
     return cell

@@ -246,8 +246,10 @@ def correlate_page(
     if df.empty or stats.empty:
         raise FlatcliError("the correlate result has no checkpoints or no correlations")
     for col in stats.columns:
-        if col not in ("measure", "gap"):
+        if col not in ("measure", "gap", "bootstrap_degenerate", "note"):
             stats[col] = pd.to_numeric(stats[col], errors="coerce")
+    perm = "kendall_perm_p" in stats and bool(stats["kendall_perm_p"].notna().any())
+    gap_notes = r.get("gap_notes") or {}
     measures = list(dict.fromkeys(stats["measure"]))
     gaps = list(dict.fromkeys(stats["gap"]))
     hparams = list(r.get("hparams") or [])
@@ -275,39 +277,23 @@ def correlate_page(
             f"Scatter plots of each measure ({', '.join(measures)}) against the "
             f"{GAP_LABELS.get(gap, gap)}, one point per checkpoint{colored}."
         )
-        columns: list[Any] = [
-            "measure", ("n", "num"), ("Kendall τ-b", "num"), ("Kendall τ-a", "num"),
-            ("Spearman ρ", "num"), ("Pearson r", "num"),
-        ]
-        if hparams:
-            columns.append(("Ψ", "num"))
-            columns += [(f"ψ {hp.removeprefix('hp_')}", "num") for hp in hparams]
-        rows = []
-        for _, row in rows_gap.iterrows():
-            cells = [b.text_cell(row["measure"], cls="name"), b.int_cell(row.get("n"))]
-            for stat in ("kendall_tau_b", "kendall_tau_a", "spearman_rho", "pearson_r"):
-                cells.append(b.corr_cell(row, stat))
-            if hparams:
-                g = granulated.get(gap, {}).get(row["measure"], {})
-                cells.append(b.num(g.get("Psi"), fmt=b.corr))
-                psi = g.get("psi") or {}
-                groups = g.get("groups") or {}
-                for hp in hparams:
-                    cell = b.num(psi.get(hp), fmt=b.corr)
-                    if hp in groups:
-                        cell["title"] = f"{groups[hp]} group(s)"
-                    cells.append(cell)
-            rows.append(cells)
+        columns, rows = _correlation_rows(rows_gap, gap, perm, hparams, granulated)
         title = GAP_TITLES.get(gap, f"Correlation with {gap}")
-        blocks: list[dict[str, Any]] = [
+        blocks: list[dict[str, Any]] = []
+        if gap in gap_notes:
+            blocks.append(b.paragraph(f"n/a: {gap_notes[gap]}.", cls="note"))
+        blocks += [
             b.svg_figure(bars, alt=bar_alt, caption="Kendall τ-b per measure with its bootstrap "
                     "confidence interval: blue when the interval lies above 0, red below, "
-                    "grey when it includes 0."),
+                    "grey when it includes 0; white and hatched when no interval counts "
+                    "(fewer than 10 checkpoints, or every resample gave the same value)."),
             b.table(
                 columns,
                 rows,
                 caption="Correlation of each measure with the gap over checkpoints, with its "
-                "percentile bootstrap confidence interval below"
+                "percentile bootstrap confidence interval below (“no CI”: every resample "
+                "gave the same value)"
+                + ("; perm. p: the permutation p-value of τ-b" if perm else "")
                 + (
                     "; Ψ is Jiang et al.'s granulated Kendall over "
                     + ", ".join(h.removeprefix("hp_") for h in hparams)
@@ -324,6 +310,9 @@ def correlate_page(
         ]
         sections.append({"title": title, "id": f"section-{gap}", "blocks": blocks})
 
+    if r.get("warnings"):
+        warnings = {"kind": "list", "items": [str(w) for w in r["warnings"]]}
+        sections.insert(0, {"title": "Warnings", "id": "warnings", "blocks": [warnings]})
     sections.append(
         {
             "title": "Checkpoints",
@@ -358,6 +347,40 @@ def correlate_page(
         "facts": facts,
         "sections": sections,
     }
+
+
+def _correlation_rows(
+    rows_gap: Any, gap: str, perm: bool, hparams: Sequence[str], granulated: Mapping[str, Any]
+) -> tuple[list[Any], list[list[dict[str, Any]]]]:
+    """The header and rows of one gap's correlation table."""
+    columns: list[Any] = [
+        "measure", ("n", "num"), ("Kendall τ-b", "num"),
+        *([("perm. p", "num")] if perm else []), ("Kendall τ-a", "num"),
+        ("Spearman ρ", "num"), ("Pearson r", "num"),
+    ]
+    if hparams:
+        columns.append(("Ψ", "num"))
+        columns += [(f"ψ {hp.removeprefix('hp_')}", "num") for hp in hparams]
+    rows = []
+    for _, row in rows_gap.iterrows():
+        cells = [b.text_cell(row["measure"], cls="name"), b.int_cell(row.get("n")),
+                 b.corr_cell(row, "kendall_tau_b")]
+        if perm:
+            cells.append(b.num(b.nan_none(row.get("kendall_perm_p")), fmt=lambda x: f"{x:.2g}"))
+        for stat in ("kendall_tau_a", "spearman_rho", "pearson_r"):
+            cells.append(b.corr_cell(row, stat))
+        if hparams:
+            g = granulated.get(gap, {}).get(row["measure"], {})
+            cells.append(b.num(g.get("Psi"), fmt=b.corr))
+            psi = g.get("psi") or {}
+            groups = g.get("groups") or {}
+            for hp in hparams:
+                cell = b.num(psi.get(hp), fmt=b.corr)
+                if hp in groups:
+                    cell["title"] = f"{groups[hp]} group(s)"
+                cells.append(cell)
+        rows.append(cells)
+    return columns, rows
 
 
 def finetune_page(r: Mapping[str, Any]) -> dict[str, Any]:
@@ -420,39 +443,17 @@ def finetune_page(r: Mapping[str, Any]) -> dict[str, Any]:
             b.svg_figure(
                 fig,
                 alt="Line charts over epochs, from the starting model at epoch 0: training "
-                "and test loss, the FAM penalty κ, and test accuracy (when there is one).",
-                caption="Per-epoch curves: loss (log scale), κ (the starting model's on "
-                "all training data at epoch 0, then averaged over each epoch's batches), "
-                "and test accuracy.",
+                "loss on the whole training set and as batch means, test loss, the FAM "
+                "penalty κ the same two ways, and test accuracy (when there is one).",
+                caption="Per-epoch curves: loss (log scale), κ and test accuracy. Solid "
+                "lines: the whole training set in eval mode, the starting model at epoch 0 "
+                "and the weights at the end of each epoch after it. Dashed lines: the "
+                "train-mode means over each epoch's batches (dropout on, before each "
+                "update), not comparable with epoch 0.",
                 wide=True,
             )
         )
-    curves.append(
-        b.table(
-            [("epoch", "num"), ("lr", "num"), ("train loss", "num"), ("κ (batches)", "num"),
-             ("‖W‖²", "num"), ("test loss", "num"), ("test acc", "num"),
-             ("seconds", "num")],
-            [
-                [
-                    b.int_cell(row["epoch"]),
-                    b.num(row.get("lr"), fmt=lambda x: f"{x:.3g}"),
-                    b.num(row.get("train_loss")),
-                    b.num(row.get("kappa")),
-                    b.num(row.get("weight_sq_norm")),
-                    b.num(row.get("test_loss")),
-                    b.num(row.get("test_accuracy")),
-                    b.num(row.get("seconds"), fmt=lambda x: f"{x:.1f}"),
-                ]
-                for row in r["history"]
-            ],
-            caption="One row per epoch"
-            + (f"; epochs 1–{r['resumed_from']} were restored from the state file"
-               if r.get("resumed_from") else "")
-            + ".",
-            id="epochs",
-            layout="scroll",
-        )
-    )
+    curves.append(_epochs_table(r))
     sections.append({"title": "Training curves", "id": "curves", "blocks": curves})
     if h:
         sections.append(
@@ -486,6 +487,38 @@ def finetune_page(r: Mapping[str, Any]) -> dict[str, Any]:
         "facts": [(k, v) for k, v in facts if v is not None],
         "sections": sections,
     }
+
+
+def _epochs_table(r: Mapping[str, Any]) -> dict[str, Any]:
+    """One row per epoch: the whole-set values, the batch means, the test metrics."""
+    return b.table(
+        [("epoch", "num"), ("lr", "num"), ("train loss", "num"), ("κ", "num"),
+         ("batch loss", "num"), ("batch κ", "num"),
+         ("‖W‖²", "num"), ("test loss", "num"), ("test acc", "num"),
+         ("seconds", "num")],
+        [
+            [
+                b.int_cell(row["epoch"]),
+                b.num(row.get("lr"), fmt=lambda x: f"{x:.3g}"),
+                b.num(row.get("full_train_loss")),
+                b.num(row.get("full_kappa")),
+                b.num(row.get("train_loss")),
+                b.num(row.get("kappa")),
+                b.num(row.get("weight_sq_norm")),
+                b.num(row.get("test_loss")),
+                b.num(row.get("test_accuracy")),
+                b.num(row.get("seconds"), fmt=lambda x: f"{x:.1f}"),
+            ]
+            for row in r["history"]
+        ],
+        caption="One row per epoch. Train loss and κ: the whole training set in eval "
+        "mode at the end of the epoch; batch: train-mode means over its batches"
+        + (f"; epochs 1–{r['resumed_from']} were restored from the state file"
+           if r.get("resumed_from") else "")
+        + ".",
+        id="epochs",
+        layout="scroll",
+    )
 
 
 def _change(now: float | None, was: float | None) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from ..features import (
     default_layer,
     per_sample_hvp,
 )
-from ..losses import check_loss, per_sample_loss
+from ..losses import SoftmaxCurvature, check_loss, per_sample_loss
 from .estimate import Estimate, mean_and_stderr
 
 Method = Literal["auto", "exact", "hutchinson"]
@@ -504,12 +504,29 @@ def _identity3_softmax(
 ) -> tuple[torch.Tensor, _Fit]:
     r"""Identity 3 for softmax cross-entropy on the logits layer, on reduced sums.
 
-    With ``B_i = diag(p_i) − p_i p_iᵀ``, ``G = UUᵀ`` and ``c = diag G``,
-    ``Σ_i ‖φ_i‖² Tr(UᵀB_iU) = a·c − ⟨A, G⟩`` where ``a = Σ_i ‖φ_i‖² p_i`` and
-    ``A = Σ_i ‖φ_i‖² p_i p_iᵀ`` (``d × d``), and ``Σ_i ‖φ_i‖² Tr(B_i) = Σ_i ‖φ_i‖² − Tr A``.
-    Each batch adds one ``(d+1) × (d+1)`` product ``[p, 1]ᵀ diag(‖φ‖²) [p, 1]`` (holding
-    ``A``, ``a`` and ``Σ_i ‖φ_i‖²``) to float64 sums; the same log-softmax gives the loss
-    and accuracy. Used when ``d ≤ m``, so ``d²`` is at most the weight's size.
+    ``Tr(UᵀB_iU) = Σ_k p_ik ‖u_k − ū_i‖²`` (``ū_i = Uᵀp_i``, ``u_k`` the rows of ``U``) is
+    the variance of the rows under ``p_i``, so it is unchanged when every row is shifted by
+    the row ``u_j`` of the sample's top class ``j``. With ``v_k = u_k − u_j`` (``v_j = 0``)
+    and ``p̃_i`` the softmax with its top entry set to 0 (``s_i = Σ_k p̃_ik = 1 − p_ij``):
+
+    .. math::
+
+        \mathrm{Tr}(U^\top B_i U) = \sum_k \tilde p_{ik} \|v_k\|^2
+            - \|\textstyle\sum_k \tilde p_{ik} v_k\|^2, \qquad
+        \mathrm{Tr}\,B_i = 2 s_i - s_i^2 - \|\tilde p_i\|^2 .
+
+    ``p_ij ≈ 1`` never enters, so nothing cancels on a saturated softmax: the first term
+    is O(s), the second O(s²). (The textbook ``Σ_k p_k‖u_k‖² − ‖Uᵀp‖²`` subtracts two
+    O(1) numbers to get an O(s) one, and lost 1.4e-2 of κ in float32 at train loss 1e-6.)
+    Summed over samples with weights ``w_i = ‖φ_i‖²``, with ``G = UUᵀ`` and
+    ``C[j, k] = ‖u_j − u_k‖²``, this is
+    ``⟨S, C⟩ − ⟨Ã, G⟩ + 2⟨S', G⟩ − Σ_j G_jj Σ_k S'[j, k]`` where ``Ã = Σ_i w_i p̃_i p̃_iᵀ``,
+    and ``S``, ``S'`` hold ``w_i p̃_i`` and ``w_i s_i p̃_i`` summed into row ``j`` of each
+    sample's top class. Per batch one ``(3d × n)(n × d)`` product gives all three,
+    ``[‖φ_i‖p̃_i; ‖φ_i‖e_j; ‖φ_i‖s_ie_j]`` against ``‖φ_i‖p̃_i``, added to float64 sums;
+    ``U`` enters once at the end. The same log-softmax gives the loss and accuracy (for a
+    correct top class, ``−log(1 − s_i)``: float32's ``log p_j`` is 0 below a loss of 6e-8).
+    Used when ``d ≤ m``, so ``d²`` is at most the weight's size.
 
     Returns:
         ``[Σ_i ‖φ_i‖² Tr(UᵀB_iU) for each U, Σ_i ‖φ_i‖² Tr(B_i)]`` (float64, this rank) and
@@ -518,31 +535,39 @@ def _identity3_softmax(
     f64 = torch.float64
     fit = _Fit("cross_entropy")
     inverse = None if sigma is None else sigma.inverse
-    stats: list[torch.Tensor] = []  # per U: Σ_i ‖φ_i‖² [p_i, 1][p_i, 1]ᵀ, float64
-    nll: list[torch.Tensor] = []  # per-sample log-likelihoods (n floats in all)
-    right: list[torch.Tensor] = []
+    stats: list[torch.Tensor] = []  # per weighting: [Ã; S; S'] stacked, (3d, d), float64
+    nll: list[tuple[torch.Tensor, ...]] = []  # per batch: log p_y, s, y is the top class
+    offsets: torch.Tensor | None = None
     for x, y in batches:
         cut = split.cut(x)
         z = cut.z
         n, d = z.shape
-        # Over few classes, the softmax along dim 0 of zᵀ is several times faster (same values).
-        logp = torch.log_softmax(z.T, dim=0).T if d < 32 else torch.log_softmax(z, dim=1)
+        # Classes along dim 0 (samples contiguous): over few classes the softmax along dim 0
+        # of zᵀ is several times faster, and the products below read contiguous rows.
+        logp = torch.log_softmax(z.T, dim=0) if d < 32 else torch.log_softmax(z, dim=1).T
+        top = z.argmax(-1)
+        rest = logp.exp().scatter_(0, top[None], 0.0)  # p̃ᵀ: the top class's entry is 0
+        mass = rest.sum(0)  # s = 1 − p_top, summed from the small entries
         if y.is_floating_point():
             fit.add(z, y)
         else:
             fit.n += n
-            nll.append(logp.gather(1, y.long()[:, None]))  # summed once, in float64, after
-            right.append(z.argmax(-1) == y)
-        p1 = z.new_ones(d + 1, n)  # [p, 1]ᵀ
-        torch.exp(logp.T, out=p1[:d])
+            nll.append((logp.gather(0, y.long()[None])[0], mass, top == y))
         phi = cut.phi.reshape(n, -1)
         # ‖φ_i‖ without an n × m temporary (a fresh large buffer per batch costs page faults)
         norms = [torch.linalg.vector_norm(phi, dim=1)]
         if inverse is not None:
             norms.append(torch.linalg.vector_norm(phi * inverse.to(phi), dim=1))
+        if offsets is None:
+            offsets = top.new_tensor([[d], [2 * d]])
+        slots = top + offsets  # rows of e_top in the two lower blocks
         for k, nrm in enumerate(norms):
-            scaled_p1 = p1 * nrm  # ‖φ_i‖ [p_i, 1]: its Gram matrix carries ‖φ_i‖²
-            stat = scaled_p1 @ scaled_p1.T
+            # [‖φ_i‖ p̃_i ; ‖φ_i‖ e_top ; ‖φ_i‖ s_i e_top] times (‖φ_i‖ p̃_i)ᵀ, summed over
+            # the batch: Ã, S and S' stacked, (3d, d)
+            block = z.new_zeros(3 * d, n)
+            torch.mul(rest, nrm, out=block[:d])
+            block.scatter_(0, slots, torch.stack([nrm, nrm * mass]))
+            stat = block @ block[:d].T
             if k == len(stats):
                 stats.append(stat.to(f64))
             else:
@@ -551,16 +576,26 @@ def _identity3_softmax(
         # memory instead of faulting in fresh pages (about a third of a forward pass here).
         del cut, phi, norms
     if nll:
-        more = torch.stack([-torch.cat(nll).sum(dtype=f64), torch.cat(right).sum(dtype=f64)])
+        at_label, mass, hit = (torch.cat(t) for t in zip(*nll, strict=True))
+        # log p_y, and log(1 − s) where y is the top class: float32's log p_top is 0 once
+        # the loss is below 6e-8
+        log_like = torch.where(hit, torch.log1p(-mass.double()), at_label.double())
+        more = torch.stack([-log_like.sum(), hit.sum(dtype=f64)])
         fit._sums = more if fit._sums is None else fit._sums + more
     if not stats:
         return torch.zeros(len(mats) + 1, dtype=f64), fit
     values = []
     for u, stat in zip(mats, stats, strict=True):
+        a_tilde, s1, s2 = stat.split(stat.shape[1])
         u64 = u.to(device=stat.device, dtype=f64)
         gram = u64 @ u64.T
-        values.append(stat[:-1, -1] @ gram.diagonal() - (stat[:-1, :-1] * gram).sum())
-    values.append(stats[0][-1, -1] - stats[0][:-1, :-1].diagonal().sum())
+        g = gram.diagonal()
+        dist = g[:, None] + g[None, :] - 2 * gram  # ‖u_j − u_k‖² (0 on the diagonal)
+        values.append(
+            (s1 * dist).sum() - (a_tilde * gram).sum() + 2 * (s2 * gram).sum() - g @ s2.sum(1)
+        )
+    a_tilde, s1, s2 = stats[0].split(stats[0].shape[1])
+    values.append(2 * s1.sum() - s2.sum() - a_tilde.diagonal().sum())
     return torch.stack(values).cpu(), fit
 
 
@@ -647,8 +682,7 @@ def _probe_forms(
         )
     d = z.shape[-1]
     if split.produces_output and loss == "cross_entropy":
-        p = torch.softmax(z, dim=-1)
-        return p @ (dirs * dirs) - (p @ dirs) ** 2
+        return SoftmaxCurvature.of(z).forms(dirs)
     if split.produces_output and loss == "mse":
         return (2 / d) * (dirs * dirs).sum(0).expand(z.shape[0], -1)
 
