@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -16,6 +19,7 @@ from flatcli.measures.budget import (
     parse_memory,
     plan_rows,
     row_chunks,
+    saved_bytes,
 )
 from flatcli.measures.estimate import warnings_of
 from flatcli.measures.hessian import (
@@ -67,6 +71,22 @@ def test_activation_bytes_grow_with_rows_and_exclude_parameters() -> None:
     assert acts.per_row >= 2 * 3 * 3 * 8
     # parameters are not activations: far below one copy of them per sample
     assert acts.per_row < 20 * sum(p.numel() for p in model.parameters()) * 8
+
+
+def test_saved_bytes_frees_the_measured_graph() -> None:
+    """Measuring a pass leaves nothing of it behind: an output saved by its own op (``exp``)
+    once kept the whole graph alive through autograd (about 0.4 GB per call on MiniLM)."""
+    x = torch.randn(1000, dtype=torch.float64, requires_grad=True)
+    refs: list[weakref.ref] = []
+
+    def fn() -> torch.Tensor:
+        y = x.exp()  # exp saves its output
+        refs.append(weakref.ref(y))
+        return y.sum()
+
+    assert saved_bytes(fn, exclude=set()) == 1000 * 8
+    gc.collect()
+    assert refs[0]() is None
 
 
 def test_plan_rows_fits_the_budget_and_refuses_below_one_sample() -> None:

@@ -39,6 +39,7 @@ from .options import (
     L2Opt,
     LayerOpt,
     LossOpt,
+    MaxMemoryOpt,
     MaxProbesOpt,
     MaxSamplesOpt,
     McOpt,
@@ -52,6 +53,8 @@ from .options import (
     SeedOpt,
     SplitOpt,
     TargetOpt,
+    ThreadsOpt,
+    TimeBudgetOpt,
     TraceParamsOpt,
     TrustOpt,
 )
@@ -67,25 +70,28 @@ def audit(
         str | None,
         typer.Option(
             "--measures",
-            help="Comma-separated measure names, or 'all' (default: the exact ones: "
-            "relative flatness, layer-wise flatness, layer Hessian trace, weight norm, top "
-            "Hessian eigenvalue, Fisher-Rao, Frobenius norms, path norm).",
+            help="Comma-separated measure names, or 'all' (default: relative flatness, "
+            "layer-wise flatness, layer Hessian trace, weight norm, top Hessian eigenvalue, "
+            "Fisher-Rao, Frobenius norms, path norm; those estimated not to fit "
+            "--time-budget are skipped, and said). Named measures are always computed.",
         ),
     ] = None,
     normalize: Annotated[
         bool,
         typer.Option(
-            "--normalize",
-            help="Include relative_flatness_normalized (its neuron-wise row must read invariant).",
-            metavar="",
+            "--normalize/--no-normalize",
+            help="Include relative_flatness_normalized, Theorem 4's κ̃ (its neuron-wise row "
+            "must read invariant).",
         ),
-    ] = False,
+    ] = True,
     method: MethodOpt = "auto",
     probes: ProbesOpt = 64,
     dead_units: DeadUnitsOpt = "drop",
     trace_params: TraceParamsOpt = "all",
     rtol: RtolOpt = 0.01,
     max_probes: MaxProbesOpt = 2000,
+    max_memory: MaxMemoryOpt = None,
+    time_budget: TimeBudgetOpt = 300.0,
     fr_include_bias: FrBiasOpt = False,
     fr_labels: FrLabelsOpt = "true",
     l2: L2Opt = 0.0,
@@ -118,6 +124,7 @@ def audit(
             "--dtype", help="float64 (default, so invariance is judged above rounding) or float32."
         ),
     ] = "float64",
+    threads: ThreadsOpt = None,
     seed: SeedOpt = 0,
     fmt: FormatOpt = "table",
     output: OutputOpt = None,
@@ -125,21 +132,28 @@ def audit(
 ) -> None:
     """Which measures survive function-preserving reparameterizations?
 
-    Rescales each pair of consecutive layers by a random α (layer-wise) and the neurons
-    feeding the feature layer by random α_s (neuron-wise), checks the function is unchanged,
-    and recomputes every measure. Activations that are not positively homogeneous (tanh,
-    GELU, ...) make a reparameterization refused, not silently wrong.
+    Finds the reparameterizations the model admits (layer-wise and neuron-wise rescaling
+    through ReLU on the torch.fx graph; attention heads' Q/K and V/O, LayerNorm folding,
+    ReLU blocks and BatchNorm from the module structure, for transformers and ResNets),
+    applies each with random factors, checks on every sample that the outputs did not move
+    (refused otherwise), and recomputes the measures. Activations that are not positively
+    homogeneous (tanh, GELU, ...) make a reparameterization refused, not silently wrong.
+
+    The whole audit plans to fit --time-budget (seconds, 0: no limit): default measures
+    estimated not to fit are skipped and said; --max-memory bounds each measure's memory.
 
     Examples:
 
         flatcli audit sample_models/digits_mlp.safetensors --normalize
 
         flatcli audit sample_models/digits_mlp.safetensors --layer fc2 --format json
+
+        flatcli audit minilm_folder --data sentences.npz --report audit.html
     """
     from .. import registry
     from ..audit import audit as run_audit
     from ..report import to_json
-    from ..runtime import manifest
+    from ..runtime import manifest, set_threads
 
     fmt = check_format(fmt)
     check_outputs(
@@ -156,6 +170,7 @@ def audit(
     names = registry.select(
         measures, normalize=normalize, has_init=init is not None, default=registry.AUDIT_DEFAULT
     )
+    defaults = measures in (None, "default")
     options = options_from(ctx)
     prep, layer_name, _, config, inputs = setup(
         checkpoint,
@@ -174,10 +189,11 @@ def audit(
         dtype=dtype,
         loss=loss,
     )
-    if measures in (None, "default") and inputs.input_shape is None:
+    set_threads(threads, params=sum(p.numel() for p in prep.model.parameters()))
+    if defaults and inputs.input_shape is None:
         names = [n for n in names if n != "path_norm"]  # named inputs (token ids): undefined
     with progress() as note:
-        original, reps = run_audit(
+        result = run_audit(
             prep.model,
             prep.batches,
             names,
@@ -187,7 +203,10 @@ def audit(
             rtol=tolerance,
             note=note,
             inputs=inputs,
+            time_budget=options.time_budget,
+            optional=names if defaults else (),
         )
+    original, reps = result.measures, result.reparameterizations
     report = {
         "schema": "flatcli.audit/1",
         "checkpoint": {"path": str(prep.checkpoint.path), "sha256": prep.checkpoint.sha256},
@@ -199,11 +218,19 @@ def audit(
         },
         "measures": {k: v.to_dict() for k, v in original.items()},
         "reparameterizations": [r.to_dict() for r in reps],
+        "skipped": result.skipped,
+        "theorem4": result.theorem4,
         "manifest": manifest(
             device=prep.device, dtype=prep.dtype, seed=seed, argv=command_argv(ctx)
         ),
         "config": config.as_dict(),
-        "audit": {"tolerance": tolerance, "alpha_range": [alpha_low, alpha_high]},
+        "audit": {
+            "tolerance": tolerance,
+            "alpha_range": [alpha_low, alpha_high],
+            "time_budget": options.time_budget,
+            "max_memory": options.max_memory,
+            "seconds": round(result.seconds, 3),
+        },
     }
     write_page(report_page, report)
     if fmt == "json":
@@ -227,4 +254,4 @@ def audit(
         write_output(output, to_json(report))
     from .render import audit_tables
 
-    audit_tables(original, reps)
+    audit_tables(result)

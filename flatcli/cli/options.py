@@ -164,7 +164,8 @@ TimeBudgetOpt = Annotated[
         help="Seconds for the iterative measures together (Hutchinson trace, Lanczos, "
         "PAC-Bayes and sharpness searches; correlate: per checkpoint). Each stops after "
         "the probe, HVP, bisection step or Monte Carlo draw that spent it and reports the "
-        "stderr, residual or bracket reached (0: no limit).",
+        "stderr, residual or bracket reached (0: no limit). For audit: seconds for the "
+        "whole audit, which skips the default measures that would not fit.",
     ),
 ]
 FrBiasOpt = Annotated[
