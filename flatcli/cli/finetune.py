@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -17,6 +20,10 @@ from .common import (
     progress,
     write_page,
 )
+
+if TYPE_CHECKING:
+    from ..finetune import FinetuneConfig
+
 from .options import (
     ArchKwargsOpt,
     ArchOpt,
@@ -172,71 +179,119 @@ def finetune(
         flatcli finetune model.safetensors --data data.npz --fam-lambda 0.1 --layer fc
         --epochs 5 --out tuned.safetensors
     """
-    from ..checkpoints import load_checkpoint
     from ..finetune import finetune as run_finetune
+
+    config = _config(
+        fam_lambda=_lambda(fam_lambda),
+        fam_scale=fam_scale,
+        layer=layer,
+        epochs=epochs,
+        optimizer=optimizer,
+        sam_rho=sam_rho,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        batch_size=batch_size,
+        schedule=schedule,
+        fam_variant=fam_variant,
+        fam_method=fam_method,
+        fam_probes=fam_probes,
+        fam_gradient=fam_gradient,
+        clip_grad_norm=_clip(clip_grad_norm),
+        loss=loss,
+        target=target,
+        max_samples=max_samples,
+        seed=seed,
+        device=device,
+        dtype=dtype,
+        out_path=out,
+        log_path=log,
+        plot_path=plot,
+        resume=resume,
+        overwrite_input=overwrite_input,
+    )
+    ck, config = _inputs(checkpoint, config, data, report_page, arch, arch_kwargs, trust_code)
+    with progress() as note, _flags():
+        result = run_finetune(ck, data, config, progress=note)
+    _emit(result, report_page, command_argv(ctx))
+
+
+#: The CLI's flag for each option of FinetuneConfig whose flag is not ``--NAME-WITH-DASHES``.
+FLAGS = {"out_path": "--out", "log_path": "--log", "plot_path": "--plot"}
+
+
+def _flag(name: str) -> str:
+    return FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+@contextlib.contextmanager
+def _flags() -> Iterator[None]:
+    """Say the library's option errors in flags: ``epochs must…`` → ``--epochs must…``."""
+    from ..finetune import ConfigError
+
+    try:
+        yield
+    except ConfigError as e:
+        message = str(e)
+        for name in e.parameters:
+            message = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w-])", _flag(name), message)
+        raise UsageError(message) from None
+
+
+def _config(**options: Any) -> FinetuneConfig:
+    from ..finetune import FinetuneConfig
+
+    with _flags():
+        return FinetuneConfig(**options)
+
+
+def _inputs(
+    checkpoint: Path,
+    config: FinetuneConfig,
+    data: str | None,
+    report_page: Path | None,
+    arch: str | None,
+    arch_kwargs: str | None,
+    trust_code: bool,
+) -> tuple[Any, FinetuneConfig]:
+    """Load the checkpoint, name the outputs (default: beside ``CHECKPOINT-fam``), and
+    check the page is no input or output."""
+    from dataclasses import replace
+
+    from ..checkpoints import load_checkpoint
+    from ..hf import check_has_head
     from ..io import check_distinct, sidecar
     from ..prepare import check_layer_name, parse_json_object
 
     check_report_path(report_page)
-    if layer is not None:
-        check_layer_name(checkpoint, layer)  # before the model is built
+    if config.layer is not None:
+        check_layer_name(checkpoint, config.layer)  # before the model is built
     ck = load_checkpoint(
         checkpoint,
         arch=arch,
         arch_kwargs=parse_json_object(arch_kwargs, "--arch-kwargs"),
         trust_code=trust_code,
     )
-    from ..hf import check_has_head
-
     check_has_head(ck.model, ck.path)
-    out = out or Path(f"{checkpoint.stem}-fam.safetensors")
-    log, plot = log or sidecar(out, ".csv"), plot or sidecar(out, ".png")  # none beside a stream
+    out = config.out_path or Path(f"{checkpoint.stem}-fam.safetensors")
+    log = config.log_path or sidecar(out, ".csv")  # none beside a stream
+    plot = config.plot_path or sidecar(out, ".png")
     if sidecar(out, ".state.pt") is None:
         warn(f"--out {out} is not a regular file: no state file (and no default log or plot)")
     # the library checks its own outputs against the inputs and each other; the page here
     check_distinct([("--report", report_page)], input_files([checkpoint], data))
     outputs = [("--out", out), ("--log", log), ("--plot", plot)]
     check_distinct([("--report", report_page), *outputs, ("the state", sidecar(out, ".state.pt"))])
-    with progress() as note:
-        result = run_finetune(
-            ck,
-            data,
-            fam_lambda=_lambda(fam_lambda),
-            layer=layer,
-            epochs=epochs,
-            optimizer=optimizer,  # type: ignore[arg-type]
-            sam_rho=sam_rho,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            batch_size=batch_size,
-            schedule=schedule,  # type: ignore[arg-type]
-            fam_variant=fam_variant,
-            fam_method=fam_method,
-            fam_probes=fam_probes,
-            fam_gradient=fam_gradient,
-            fam_scale=fam_scale,
-            clip_grad_norm=_clip(clip_grad_norm),
-            loss=loss,
-            target=target,
-            max_samples=max_samples,
-            seed=seed,
-            device=device,
-            dtype=dtype,
-            out_path=out,
-            log_path=log,
-            plot_path=plot,
-            resume=resume,
-            overwrite_input=overwrite_input,
-            progress=note,
-        )
-    if report_page is not None:
-        from ..html import finetune_result
-        from ..runtime import manifest, resolve_device
+    return ck, replace(config, out_path=out, log_path=log, plot_path=plot)
 
-        argv = command_argv(ctx)
-        run = manifest(device=resolve_device(device), dtype=dtype, seed=seed, argv=argv)
-        write_page(report_page, finetune_result(result, manifest=run))
+
+def _emit(result: Any, report_page: Path | None, argv: list[str]) -> None:
+    """Write the page (the result's JSON, with the command line) and print the tables."""
+    if report_page is not None:
+
+        from ..html import finetune_result
+
+        write_page(report_page, finetune_result(result, manifest={**result.manifest, "argv": argv}))
     from .render import finetune_tables
 
     finetune_tables(result)
