@@ -129,3 +129,52 @@ def test_the_golden_comparison_can_fail() -> None:
     changed["log"][0]["kappa"] = str(float(want["log"][0]["kappa"]) * 1.001)
     with pytest.raises(AssertionError):
         assert_same(changed, want)
+
+
+def test_the_library_result_is_what_the_cli_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``flatcli.finetune(...)`` with the CLI's options: ``to_dict()`` is the page's JSON
+    (apart from the command line, which only the CLI knows), ``to_frame()`` the CSV log."""
+    import flatcli
+    from flatcli.finetune import FinetuneConfig, FinetuneResult
+
+    cli = run_outputs(tmp_path, monkeypatch)
+    config = FinetuneConfig(
+        fam_lambda=0.1, epochs=2, max_samples=200, device="cpu", seed=3,
+        out_path="lib.safetensors", log_path="lib.csv", plot_path="lib.png",
+    )  # fmt: skip
+    result = flatcli.finetune(MLP.name, None, config)
+    assert isinstance(result, FinetuneResult)
+    got = strip(json.loads(json.dumps(result.to_dict())))
+    want = {**cli["result"], "manifest": {**cli["result"]["manifest"]}}
+    assert want["manifest"].pop("argv")[:2] == ["flatcli", "finetune"]
+    for where in (got, want):  # the file names differ by choice
+        where["checkpoint"]["output"] = where["files"] = None
+    assert_same(got, want)
+    frame = result.to_frame().drop(columns="seconds")
+    rows = [{k: str(v) for k, v in row.items()} for row in frame.to_dict("records")]
+    assert_same(rows, cli["log"])
+    with open(tmp_path / "lib.csv", newline="") as f:
+        assert_same([strip(r) for r in csv.DictReader(f)], cli["log"])
+    assert result.to_dict()["schema"] == "flatcli.finetune/1"
+    log_manifest = json.loads((tmp_path / "lib.manifest.json").read_text())
+    assert log_manifest["schema"] == "flatcli.finetune-log/1"
+
+
+def test_option_errors_name_parameters_and_the_cli_names_flags() -> None:
+    from typer.testing import CliRunner
+
+    from flatcli.cli import app
+    from flatcli.finetune import ConfigError, FinetuneConfig
+
+    with pytest.raises(ConfigError, match="^epochs must be at least 1, got 0$") as e:
+        FinetuneConfig(epochs=0)
+    assert e.value.parameters == ("epochs",)
+    with pytest.raises(ConfigError, match="^fam_lambda auto needs optimizer sgd or sam"):
+        FinetuneConfig(optimizer="adam")
+    result = CliRunner().invoke(app, ["finetune", str(MLP), "--optimizer", "adam"])
+    assert result.exit_code == 2
+    assert "error: --fam-lambda auto needs --optimizer sgd or sam" in result.stderr
+    result = CliRunner().invoke(app, ["finetune", str(MLP), "--sam-rho", "0"])
+    assert result.exit_code == 2 and "error: --sam-rho must be > 0, got 0.0" in result.stderr

@@ -27,6 +27,10 @@ References:
 
 from __future__ import annotations
 
+import sys as _sys
+import types as _types
+from typing import Any
+
 from ..finetune_report import LOG_COLUMNS, LOG_SCHEMA, EpochRecord, plot_history, write_log
 from ..guard import DivergenceGuard
 from .config import (
@@ -66,3 +70,14 @@ __all__ = [
     "temperature_scale",
     "write_log",
 ]
+
+
+class _CallableModule(_types.ModuleType):
+    """``flatcli.finetune(...)`` calls :func:`finetune`: once imported, the package shadows
+    the lazy attribute of the same name on :mod:`flatcli`."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> FinetuneResult:
+        return finetune(*args, **kwargs)
+
+
+_sys.modules[__name__].__class__ = _CallableModule
