@@ -38,116 +38,153 @@ from .options import (
     TrustOpt,
 )
 
+FamLambdaOpt = Annotated[
+    str,
+    typer.Option(
+        "--fam-lambda",
+        help="λ ≥ 0, the weight of κ in the objective E + λκ (0: plain), or auto (the "
+        "default): the λ whose relative step R at step 0 is 0.003 (sgd, sam; pass a "
+        "number with adam). With --fam-scale relative: the fraction λκ₀/E₀.",
+    ),
+]
+
+FamScaleOpt = Annotated[
+    str,
+    typer.Option(
+        "--fam-scale",
+        help="absolute (λ as given), relative (λ = FAM_LAMBDA · E₀/κ₀ at the start) or "
+        "paper (λ as in the FAM paper and its code, whose regularizer is κ/m: the run "
+        "uses FAM_LAMBDA/m, m the layer's in_features).",
+    ),
+]
+
+FamGradientOpt = Annotated[
+    str,
+    typer.Option(
+        "--fam-gradient",
+        help="full (exact Lemma 1 gradient) or detached (the published code's: Hessian "
+        "held constant, term (I) only, nothing into the trunk).",
+    ),
+]
+
+ClipGradNormOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--clip-grad-norm",
+        help="Clip each step's global gradient norm (default: 1.0 when λ > 0, else off; "
+        "0 or none: off). A guard in the gradient's units, not scale-free.",
+    ),
+]
+
+LayerOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--layer",
+        help="FAM layer, a name from model.named_modules() (default: the last nn.Linear).",
+    ),
+]
+
+EpochsOpt = Annotated[int, typer.Option("--epochs", help="Total epochs (including resumed ones).")]
+
+OptimizerOpt = Annotated[str, typer.Option("--optimizer", help="sgd, adam or sam (SAM over SGD).")]
+
+SamRhoOpt = Annotated[float, typer.Option("--sam-rho", help="SAM's radius ρ.")]
+
+LrOpt = Annotated[float, typer.Option("--lr", help="Learning rate (peak, for cosine).")]
+
+MomentumOpt = Annotated[float, typer.Option("--momentum", help="SGD momentum (sgd, sam).")]
+
+WeightDecayOpt = Annotated[float, typer.Option("--weight-decay", help="L2 weight decay.")]
+
+BatchSizeOpt = Annotated[
+    int, typer.Option("--batch-size", help="Mini-batch size; κ uses the same batch.")
+]
+
+ScheduleOpt = Annotated[
+    str, typer.Option("--schedule", help="cosine (to 0 over all steps) or constant.")
+]
+
+FamVariantOpt = Annotated[
+    str,
+    typer.Option("--fam-variant", help="neuronwise (κ) or layerwise (‖W‖²_F · Tr H, FAM §3.2)."),
+]
+
+FamMethodOpt = Annotated[
+    str,
+    typer.Option(
+        "--fam-method",
+        help="auto (exact for nn.Linear, Hutchinson otherwise), exact, or hutchinson.",
+    ),
+]
+
+FamProbesOpt = Annotated[int, typer.Option("--fam-probes", help="Hutchinson probes per step.")]
+
+OutOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--out",
+        help="Fine-tuned checkpoint (default: CHECKPOINT-NAME-fam.safetensors here). "
+        "Its state file (OUT.state.pt) sits beside it.",
+    ),
+]
+
+LogOpt = Annotated[
+    Path | None, typer.Option("--log", help="Per-epoch CSV log (default: OUT with .csv).")
+]
+
+PlotOpt = Annotated[
+    Path | None, typer.Option("--plot", help="PNG of the curves (default: OUT with .png).")
+]
+
+ResumeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--resume",
+        help="Continue from OUT's state file after an interruption.",
+        metavar="",
+    ),
+]
+
+OverwriteInputOpt = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite-input",
+        help="Allow --out to be the input checkpoint (replaced at the end). Refused by default.",
+        metavar="",
+    ),
+]
+
+SeedOpt = Annotated[
+    int, typer.Option("--seed", help="Seed of shuffling, Hutchinson probes and dropout.")
+]
+
 
 @app.command()
 @friendly
 def finetune(
     ctx: typer.Context,
     checkpoint: Checkpoint,
-    fam_lambda: Annotated[
-        str,
-        typer.Option(
-            "--fam-lambda",
-            help="λ ≥ 0, the weight of κ in the objective E + λκ (0: plain), or auto (the "
-            "default): the λ whose relative step R at step 0 is 0.003 (sgd, sam; pass a "
-            "number with adam). With --fam-scale relative: the fraction λκ₀/E₀.",
-        ),
-    ] = "auto",
-    fam_scale: Annotated[
-        str,
-        typer.Option(
-            "--fam-scale",
-            help="absolute (λ as given), relative (λ = FAM_LAMBDA · E₀/κ₀ at the start) or "
-            "paper (λ as in the FAM paper and its code, whose regularizer is κ/m: the run "
-            "uses FAM_LAMBDA/m, m the layer's in_features).",
-        ),
-    ] = "absolute",
-    fam_gradient: Annotated[
-        str,
-        typer.Option(
-            "--fam-gradient",
-            help="full (exact Lemma 1 gradient) or detached (the published code's: Hessian "
-            "held constant, term (I) only, nothing into the trunk).",
-        ),
-    ] = "full",
-    clip_grad_norm: Annotated[
-        str | None,
-        typer.Option(
-            "--clip-grad-norm",
-            help="Clip each step's global gradient norm (default: 1.0 when λ > 0, else off; "
-            "0 or none: off). A guard in the gradient's units, not scale-free.",
-        ),
-    ] = None,
-    layer: Annotated[
-        str | None,
-        typer.Option(
-            "--layer",
-            help="FAM layer, a name from model.named_modules() (default: the last nn.Linear).",
-        ),
-    ] = None,
-    epochs: Annotated[
-        int, typer.Option("--epochs", help="Total epochs (including resumed ones).")
-    ] = 5,
-    optimizer: Annotated[
-        str, typer.Option("--optimizer", help="sgd, adam or sam (SAM over SGD).")
-    ] = "sgd",
-    sam_rho: Annotated[float, typer.Option("--sam-rho", help="SAM's radius ρ.")] = 0.05,
-    lr: Annotated[float, typer.Option("--lr", help="Learning rate (peak, for cosine).")] = 1e-3,
-    momentum: Annotated[float, typer.Option("--momentum", help="SGD momentum (sgd, sam).")] = 0.9,
-    weight_decay: Annotated[float, typer.Option("--weight-decay", help="L2 weight decay.")] = 0.0,
-    batch_size: Annotated[
-        int, typer.Option("--batch-size", help="Mini-batch size; κ uses the same batch.")
-    ] = 32,
-    schedule: Annotated[
-        str, typer.Option("--schedule", help="cosine (to 0 over all steps) or constant.")
-    ] = "cosine",
-    fam_variant: Annotated[
-        str,
-        typer.Option(
-            "--fam-variant", help="neuronwise (κ) or layerwise (‖W‖²_F · Tr H, FAM §3.2)."
-        ),
-    ] = "neuronwise",
-    fam_method: Annotated[
-        str,
-        typer.Option(
-            "--fam-method",
-            help="auto (exact for nn.Linear, Hutchinson otherwise), exact, or hutchinson.",
-        ),
-    ] = "auto",
-    fam_probes: Annotated[
-        int, typer.Option("--fam-probes", help="Hutchinson probes per step.")
-    ] = 1,
-    out: Annotated[
-        Path | None,
-        typer.Option(
-            "--out",
-            help="Fine-tuned checkpoint (default: CHECKPOINT-NAME-fam.safetensors here). "
-            "Its state file (OUT.state.pt) sits beside it.",
-        ),
-    ] = None,
-    log: Annotated[
-        Path | None, typer.Option("--log", help="Per-epoch CSV log (default: OUT with .csv).")
-    ] = None,
-    plot: Annotated[
-        Path | None, typer.Option("--plot", help="PNG of the curves (default: OUT with .png).")
-    ] = None,
-    resume: Annotated[
-        bool,
-        typer.Option(
-            "--resume",
-            help="Continue from OUT's state file after an interruption.",
-            metavar="",
-        ),
-    ] = False,
-    overwrite_input: Annotated[
-        bool,
-        typer.Option(
-            "--overwrite-input",
-            help="Allow --out to be the input checkpoint (replaced at the end). Refused "
-            "by default.",
-            metavar="",
-        ),
-    ] = False,
+    fam_lambda: FamLambdaOpt = "auto",
+    fam_scale: FamScaleOpt = "absolute",
+    fam_gradient: FamGradientOpt = "full",
+    clip_grad_norm: ClipGradNormOpt = None,
+    layer: LayerOpt = None,
+    epochs: EpochsOpt = 5,
+    optimizer: OptimizerOpt = "sgd",
+    sam_rho: SamRhoOpt = 0.05,
+    lr: LrOpt = 1e-3,
+    momentum: MomentumOpt = 0.9,
+    weight_decay: WeightDecayOpt = 0.0,
+    batch_size: BatchSizeOpt = 32,
+    schedule: ScheduleOpt = "cosine",
+    fam_variant: FamVariantOpt = "neuronwise",
+    fam_method: FamMethodOpt = "auto",
+    fam_probes: FamProbesOpt = 1,
+    out: OutOpt = None,
+    log: LogOpt = None,
+    plot: PlotOpt = None,
+    resume: ResumeOpt = False,
+    overwrite_input: OverwriteInputOpt = False,
     data: DataOpt = None,
     target: TargetOpt = None,
     max_samples: MaxSamplesOpt = None,
@@ -157,9 +194,7 @@ def finetune(
     trust_code: TrustOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
-    seed: Annotated[
-        int, typer.Option("--seed", help="Seed of shuffling, Hutchinson probes and dropout.")
-    ] = 0,
+    seed: SeedOpt = 0,
     report_page: ReportOpt = None,
 ) -> None:
     """Fine-tune with FAM: minimize E + λ κ(W) with the exact gradient (Adilova et al. 2023).
@@ -288,7 +323,6 @@ def _inputs(
 def _emit(result: Any, report_page: Path | None, argv: list[str]) -> None:
     """Write the page (the result's JSON, with the command line) and print the tables."""
     if report_page is not None:
-
         from ..html import finetune_result
 
         write_page(report_page, finetune_result(result, manifest={**result.manifest, "argv": argv}))
