@@ -43,21 +43,7 @@ def train_epochs(
             diverge(tr, history, before, reason=reason, epoch=epoch)
         good_weights = copy.deepcopy(tr.net.state_dict())
         if tr.state_file is not None:
-            save_state(
-                tr.state_file,
-                epoch=epoch,
-                data_sha256=tr.data_sha256,
-                hparams=tr.hparams,
-                parent_sha256=tr.checkpoint.sha256,
-                model=tr.net,
-                opt=tr.opt,
-                sched=tr.sched,
-                shuffle=tr.shuffle,
-                probes=tr.reg.generator,
-                device=tr.device,
-                history=history,
-                before=before,
-            )
+            save_state(tr, epoch=epoch, history=history, before=before)
         if cfg.log_path is not None:
             write_log(cfg.log_path, history)
         note(epoch_line(record, cfg.epochs))

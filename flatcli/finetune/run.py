@@ -156,10 +156,7 @@ def _begin(
     if state is not None:
         check_state(state, tr.state_file, cfg.schedule)  # type: ignore[arg-type]
         check_resumable(state, tr.hparams, tr.checkpoint.sha256, cfg.epochs, tr.data_sha256)
-        got = restore(
-            state, tr.state_file, model=tr.net, opt=tr.opt, sched=tr.sched,  # type: ignore[arg-type]
-            shuffle=tr.shuffle, probes=tr.reg.generator, device=tr.device,
-        )  # fmt: skip
+        got = restore(state, tr)
         tr.hparams["fam_lambda_used"] = got.fam_lambda_used
         tr.hparams["fam_step_ratio"] = got.fam_step_ratio
         note(f"resuming after epoch {got.epoch} of {cfg.epochs} from {tr.state_file}")

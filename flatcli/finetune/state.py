@@ -14,10 +14,9 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from ..data import Dataset
 from ..errors import FlatcliError, UsageError
@@ -26,6 +25,9 @@ from ..io import atomic_write, check_archive_size, sidecar
 from ..measures.estimate import Estimate
 from ..training import load_optimizer_state
 from ..untrusted import check_tensors
+
+if TYPE_CHECKING:
+    from .setup import Training
 
 STATE_FORMAT = "flatcli.finetune-state/1"
 
@@ -75,34 +77,23 @@ def estimates_dict(found: Mapping[str, Estimate]) -> dict[str, dict[str, Any]]:
 
 
 def save_state(
-    path: Path,
-    *,
-    epoch: int,
-    data_sha256: str,
-    hparams: Mapping[str, Any],
-    parent_sha256: str,
-    model: nn.Module,
-    opt: torch.optim.Optimizer,
-    sched: torch.optim.lr_scheduler.LRScheduler | None,
-    shuffle: torch.Generator,
-    probes: torch.Generator,
-    device: torch.device,
-    history: list[EpochRecord],
-    before: Mapping[str, Estimate],
+    tr: Training, *, epoch: int, history: list[EpochRecord], before: Mapping[str, Estimate]
 ) -> None:
-    """Atomically write the state after ``epoch`` completed epochs."""
+    """Atomically write the state of run ``tr`` after ``epoch`` completed epochs."""
+    path, device = tr.state_file, tr.device
+    assert path is not None
     state = {
         "format": STATE_FORMAT,
         "epoch": epoch,
-        "data_sha256": data_sha256,
-        "hparams": dict(hparams),
-        "parent_sha256": parent_sha256,
-        "model": model.state_dict(),
-        "optimizer": opt.state_dict(),
-        "scheduler": sched.state_dict() if sched is not None else None,
+        "data_sha256": tr.data_sha256,
+        "hparams": dict(tr.hparams),
+        "parent_sha256": tr.checkpoint.sha256,
+        "model": tr.net.state_dict(),
+        "optimizer": tr.opt.state_dict(),
+        "scheduler": tr.sched.state_dict() if tr.sched is not None else None,
         "rng": {
-            "shuffle": shuffle.get_state(),
-            "probes": probes.get_state(),
+            "shuffle": tr.shuffle.get_state(),
+            "probes": tr.reg.generator.get_state(),
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         },
@@ -132,29 +123,20 @@ def load_state(path: Path, device: torch.device) -> dict[str, Any] | None:
     return state
 
 
-def restore(
-    state: Mapping[str, Any],
-    path: Path,
-    *,
-    model: nn.Module,
-    opt: torch.optim.Optimizer,
-    sched: torch.optim.lr_scheduler.LRScheduler | None,
-    shuffle: torch.Generator,
-    probes: torch.Generator,
-    device: torch.device,
-) -> Restored:
-    """Load a checked state into the run's model, optimizer, scheduler and generators.
+def restore(state: Mapping[str, Any], tr: Training) -> Restored:
+    """Load a checked state into run ``tr``: its model, optimizer, scheduler and generators.
 
     Raises:
         FlatcliError: The state does not fit them (a damaged file).
     """
+    path, device = tr.state_file, tr.device
     try:
-        model.load_state_dict(state["model"])
-        load_optimizer_state(opt, state["optimizer"])
-        if sched is not None:
-            sched.load_state_dict(state["scheduler"])
-        shuffle.set_state(state["rng"]["shuffle"])
-        probes.set_state(state["rng"]["probes"])
+        tr.net.load_state_dict(state["model"])
+        load_optimizer_state(tr.opt, state["optimizer"])
+        if tr.sched is not None:
+            tr.sched.load_state_dict(state["scheduler"])
+        tr.shuffle.set_state(state["rng"]["shuffle"])
+        tr.reg.generator.set_state(state["rng"]["probes"])
         torch.set_rng_state(state["rng"]["torch"])
         if device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
