@@ -8,7 +8,8 @@ Measures (each returns an :class:`Estimate`):
     sharpness, frobenius_norms, spectral_norms, path_norm, distance_from_init
 
 Experiments:
-    audit, measure_checkpoints (correlate), FAMRegularizer, finetune
+    audit, measure_checkpoints (correlate), FAMRegularizer, finetune (FinetuneConfig,
+    FinetuneResult)
 
 Loading:
     load_checkpoint, save_checkpoint, load_data, as_batches, prepare
@@ -74,6 +75,8 @@ _PUBLIC = {
     "measure_checkpoints": "flatcli.correlate",
     "FAMRegularizer": "flatcli.fam",
     "finetune": "flatcli.finetune",
+    "FinetuneConfig": "flatcli.finetune",
+    "FinetuneResult": "flatcli.finetune",
     # loading
     "load_checkpoint": "flatcli.checkpoints",
     "save_checkpoint": "flatcli.checkpoints",
