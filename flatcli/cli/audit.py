@@ -80,6 +80,7 @@ def audit(
         bool,
         typer.Option(
             "--normalize/--no-normalize",
+            metavar="",
             help="Include relative_flatness_normalized, Theorem 4's κ̃ (its neuron-wise row "
             "must read invariant).",
         ),

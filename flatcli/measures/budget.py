@@ -170,11 +170,12 @@ def activation_bytes(
 
     def at(k: int) -> int:
         t = None if theta is None else theta.detach().clone().requires_grad_(True)
-        if t is not None:
-            exclude.add(t.untyped_storage().data_ptr())
+        # this pass's own θ copy only: a storage freed since (the 2-row pass's copy) may be
+        # reused by an activation of the next pass, which must still count
+        mine = exclude if t is None else exclude | {t.untyped_storage().data_ptr()}
         xk = slice_rows(x, 0, k)  # a copy, so that its storage is k rows, not the batch
         xk = {n: v.clone() for n, v in xk.items()} if isinstance(xk, Mapping) else xk.clone()
-        return saved_bytes(lambda: loss_of(t, xk, y[:k].clone()), exclude)
+        return saved_bytes(lambda: loss_of(t, xk, y[:k].clone()), mine)
 
     if rows >= 4:
         two, four = at(2), at(4)
