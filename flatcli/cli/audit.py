@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-import math
-import sys
 from typing import Annotated
 
 import typer
 
-from ..errors import UsageError
 from .app import app
 from .common import (
     check_format,
     check_outputs,
-    check_report_path,
     command_argv,
     emit,
     friendly,
     input_files,
     options_from,
     progress,
-    setup,
-    write_page,
 )
 from .options import (
     ArchKwargsOpt,
@@ -136,10 +130,8 @@ def audit(
 
         flatcli audit sample_models/digits_mlp.safetensors --layer fc2 --format json
     """
-    from .. import registry
-    from ..audit import audit as run_audit
-    from ..report import to_json
-    from ..runtime import manifest
+    from ..commands import audit_checkpoint
+    from ..prepare import parse_json_object
 
     fmt = check_format(fmt)
     check_outputs(
@@ -148,22 +140,20 @@ def audit(
         report=report_page,
         inputs=input_files([checkpoint], data, ("the --init checkpoint", init)),
     )
-    if not (math.isfinite(tolerance) and tolerance >= 0):
-        raise UsageError(f"--tolerance must be a finite number ≥ 0, got {tolerance}")
-    check_report_path(report_page)
-    if not 0 < alpha_low <= alpha_high:
-        raise UsageError("--alpha-low and --alpha-high must satisfy 0 < low <= high")
-    names = registry.select(
-        measures, normalize=normalize, has_init=init is not None, default=registry.AUDIT_DEFAULT
-    )
-    options = options_from(ctx)
-    prep, layer_name, _, config, inputs = setup(
+    result = audit_checkpoint(
         checkpoint,
-        options,
         layer=layer,
+        measures=measures,
+        normalize=normalize,
         init=init,
+        alpha_low=alpha_low,
+        alpha_high=alpha_high,
+        tolerance=tolerance,
+        options=options_from(ctx),
+        argv=command_argv(ctx),
+        progress=progress,
         arch=arch,
-        arch_kwargs=arch_kwargs,
+        arch_kwargs=parse_json_object(arch_kwargs, "--arch-kwargs"),
         trust_code=trust_code,
         data=data,
         split=split,
@@ -174,57 +164,4 @@ def audit(
         dtype=dtype,
         loss=loss,
     )
-    if measures in (None, "default") and inputs.input_shape is None:
-        names = [n for n in names if n != "path_norm"]  # named inputs (token ids): undefined
-    with progress() as note:
-        original, reps = run_audit(
-            prep.model,
-            prep.batches,
-            names,
-            config,
-            seed=seed,
-            alpha_range=(alpha_low, alpha_high),
-            rtol=tolerance,
-            note=note,
-            inputs=inputs,
-        )
-    report = {
-        "schema": "flatcli.audit/1",
-        "checkpoint": {"path": str(prep.checkpoint.path), "sha256": prep.checkpoint.sha256},
-        "layer": {"name": layer_name},
-        "data": {
-            "source": prep.batches.source,
-            "split": split,
-            "n_samples": prep.batches.n_samples,
-        },
-        "measures": {k: v.to_dict() for k, v in original.items()},
-        "reparameterizations": [r.to_dict() for r in reps],
-        "manifest": manifest(
-            device=prep.device, dtype=prep.dtype, seed=seed, argv=command_argv(ctx)
-        ),
-        "config": config.as_dict(),
-        "audit": {"tolerance": tolerance, "alpha_range": [alpha_low, alpha_high]},
-    }
-    write_page(report_page, report)
-    if fmt == "json":
-        emit(to_json(report), output)
-        return
-    if fmt == "csv":
-        import pandas as pd
-
-        rows = [{"reparameterization": r.kind, **row.__dict__} for r in reps for row in r.rows]
-        text = pd.DataFrame(rows).to_csv(index=False)
-        if output is not None:
-            from ..report import write_csv_output
-
-            keep = ("schema", "checkpoint", "layer", "data", "manifest", "config")
-            write_csv_output(output, text, {k: report[k] for k in keep})
-        sys.stdout.write(text)
-        return
-    if output is not None:
-        from ..report import write_output
-
-        write_output(output, to_json(report))
-    from .render import audit_tables
-
-    audit_tables(original, reps)
+    emit(result, fmt, output, report_page)

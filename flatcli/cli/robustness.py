@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -98,10 +97,9 @@ def robustness(
         flatcli robustness sample_models/digits_mlp.safetensors --deltas 0.01,0.1,1
         --label-change --plot robustness.png --format json
     """
-    from ..prepare import parse_json_object, prepare
-    from ..report import to_json
-    from ..robustness import feature_robustness, plot_robustness
-    from ..runtime import manifest
+    from ..commands import check_robustness
+    from ..prepare import parse_json_object
+    from ..robustness import plot_robustness
 
     fmt = check_format(fmt)
     if plot is not None:
@@ -114,12 +112,17 @@ def robustness(
         inputs=input_files([checkpoint], data),
         others=[("--plot", plot)],
     )
-    values = parse_deltas(deltas)
-    prep = prepare(
+    result = check_robustness(
         checkpoint,
+        layer=layer,
+        deltas=parse_deltas(deltas),
+        probes=probes,
+        label_change=label_change,
+        seed=seed,
+        progress=progress,
         arch=arch,
-        trust_code=trust_code,
         arch_kwargs=parse_json_object(arch_kwargs, "--arch-kwargs"),
+        trust_code=trust_code,
         data=data,
         split=split,
         target=target,
@@ -128,48 +131,7 @@ def robustness(
         device=device,
         dtype=dtype,
         loss=loss,
-        layer=layer,
     )
-    with progress() as status:
-        result = feature_robustness(
-            prep.model,
-            layer,
-            prep.batches,
-            values,
-            loss=prep.loss,
-            probes=probes,
-            seed=seed,
-            label_change=label_change,
-            progress=status,
-        )
     if plot is not None:
-        plot_robustness(result, plot)
-    report = {
-        "schema": SCHEMA,
-        "checkpoint": {"path": str(prep.checkpoint.path), "sha256": prep.checkpoint.sha256},
-        "data": {"source": prep.batches.source, "split": split, "n_samples": result.n},
-        "loss": prep.loss,
-        **result.to_dict(),
-        "manifest": manifest(device=prep.device, dtype=prep.dtype, seed=seed),
-    }
-    if fmt == "json":
-        emit(to_json(report), output)
-        return
-    if fmt == "csv":
-        import pandas as pd
-
-        text = pd.DataFrame(report["deltas"]).to_csv(index=False)
-        if output is not None:
-            from ..report import write_csv_output
-
-            provenance = {k: v for k, v in report.items() if k != "deltas"}
-            write_csv_output(output, text, provenance)
-        sys.stdout.write(text)
-        return
-    if output is not None:
-        from ..report import write_output
-
-        write_output(output, to_json(report))
-    from .render import robustness_table
-
-    robustness_table(result, title=f"{prep.checkpoint.path.name} · {prep.batches.source} {split}")
+        plot_robustness(result.robustness, plot)
+    emit(result, fmt, output)
