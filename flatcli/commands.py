@@ -36,6 +36,11 @@ OPTION_NAMES = frozenset(f.name for f in fields(MeasureOptions))
 """The keyword arguments that go into :class:`flatcli.registry.MeasureOptions`."""
 
 
+MEASURE_TIME_BUDGET = 300.0
+"""Seconds per Hutchinson trace or Lanczos run of :func:`measure` (``flatcli measure``'s
+``--time-budget``); audit and correlate set none."""
+
+
 class NothingMeasured(FlatcliError):
     """No checkpoint of a ``correlate`` run could be measured; ``skipped`` says why."""
 
@@ -150,6 +155,8 @@ def measure(
     from .runtime import manifest, set_threads
 
     values, load = _split(kwargs)
+    if options is None:
+        values = {"time_budget": MEASURE_TIME_BUDGET, **values}
     opts = measure_options(options, **values)
     if not isinstance(measures, str) and measures is not None:
         measures = ",".join(measures)
