@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -18,41 +18,31 @@ from .common import (
     progress,
 )
 from .options import (
+    BUDGET_OPTIONS,
     ArchKwargsOpt,
     ArchOpt,
     BatchOpt,
     Checkpoint,
     DataOpt,
-    DeadUnitsOpt,
-    DepthOpt,
     DeviceOpt,
     FormatOpt,
-    FrBiasOpt,
-    FrLabelsOpt,
     InitOpt,
-    L2Opt,
     LayerOpt,
     LossOpt,
-    MaxProbesOpt,
     MaxSamplesOpt,
-    McOpt,
-    MethodOpt,
     OutputOpt,
-    PacTargetOpt,
-    PacThresholdOpt,
-    ProbesOpt,
     ReportOpt,
-    RtolOpt,
     SeedOpt,
     SplitOpt,
     TargetOpt,
-    TraceParamsOpt,
     TrustOpt,
+    with_measure_options,
 )
 
 
 @app.command()
 @friendly
+@with_measure_options(after="normalize", skip=BUDGET_OPTIONS)
 def audit(
     ctx: typer.Context,
     checkpoint: Checkpoint,
@@ -74,19 +64,6 @@ def audit(
             metavar="",
         ),
     ] = False,
-    method: MethodOpt = "auto",
-    probes: ProbesOpt = 64,
-    dead_units: DeadUnitsOpt = "drop",
-    trace_params: TraceParamsOpt = "all",
-    rtol: RtolOpt = 0.01,
-    max_probes: MaxProbesOpt = 2000,
-    fr_include_bias: FrBiasOpt = False,
-    fr_labels: FrLabelsOpt = "true",
-    l2: L2Opt = 0.0,
-    pacbayes_target: PacTargetOpt = "error",
-    pacbayes_threshold: PacThresholdOpt = 0.1,
-    mc_samples: McOpt = 10,
-    search_depth: DepthOpt = 15,
     init: InitOpt = None,
     alpha_low: Annotated[
         float, typer.Option("--alpha-low", help="Smallest rescaling factor (log-uniform draws).")
@@ -116,6 +93,7 @@ def audit(
     fmt: FormatOpt = "table",
     output: OutputOpt = None,
     report_page: ReportOpt = None,
+    **options: Any,
 ) -> None:
     """Which measures survive function-preserving reparameterizations?
 

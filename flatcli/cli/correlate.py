@@ -29,6 +29,7 @@ from .common import (
     stderr,
 )
 from .options import (
+    BUDGET_OPTIONS,
     ArchKwargsOpt,
     ArchOpt,
     BackendOpt,
@@ -36,37 +37,26 @@ from .options import (
     BootstrapOpt,
     ColorByOpt,
     DataOpt,
-    DeadUnitsOpt,
-    DepthOpt,
     DeviceOpt,
     DtypeOpt,
     FormatOpt,
-    FrBiasOpt,
-    FrLabelsOpt,
-    L2Opt,
     LayerOpt,
     LogXOpt,
     LossOpt,
-    MaxProbesOpt,
     MaxSamplesOpt,
-    McOpt,
-    MethodOpt,
-    PacTargetOpt,
-    PacThresholdOpt,
     PlotsOpt,
-    ProbesOpt,
     ReportOpt,
-    RtolOpt,
     SeedOpt,
     TargetOpt,
     ThreadsOpt,
-    TraceParamsOpt,
     TrustOpt,
+    with_measure_options,
 )
 
 
 @app.command()
 @friendly
+@with_measure_options(after="loss", skip=BUDGET_OPTIONS)
 def correlate(
     ctx: typer.Context,
     checkpoints: Annotated[
@@ -90,19 +80,6 @@ def correlate(
     max_samples: MaxSamplesOpt = None,
     batch_size: BatchOpt = 256,
     loss: LossOpt = None,
-    method: MethodOpt = "auto",
-    probes: ProbesOpt = 64,
-    dead_units: DeadUnitsOpt = "drop",
-    trace_params: TraceParamsOpt = "all",
-    rtol: RtolOpt = 0.01,
-    max_probes: MaxProbesOpt = 2000,
-    fr_include_bias: FrBiasOpt = False,
-    fr_labels: FrLabelsOpt = "true",
-    l2: L2Opt = 0.0,
-    pacbayes_target: PacTargetOpt = "error",
-    pacbayes_threshold: PacThresholdOpt = 0.1,
-    mc_samples: McOpt = 10,
-    search_depth: DepthOpt = 15,
     hparams: Annotated[
         Path | None,
         typer.Option(
@@ -151,6 +128,7 @@ def correlate(
         ),
     ] = None,
     report_page: ReportOpt = None,
+    **options: Any,
 ) -> None:
     """Which measure predicts the generalization gap, across many checkpoints?
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -27,42 +27,27 @@ from .options import (
     BatchOpt,
     Checkpoint,
     DataOpt,
-    DeadUnitsOpt,
-    DepthOpt,
     DeviceOpt,
     DtypeOpt,
     FormatOpt,
-    FrBiasOpt,
-    FrLabelsOpt,
     InitOpt,
-    L2Opt,
     LayerOpt,
     LossOpt,
-    MaxMemoryOpt,
-    MaxProbesOpt,
     MaxSamplesOpt,
-    McOpt,
-    MethodOpt,
     OutputOpt,
-    PacTargetOpt,
-    PacThresholdOpt,
-    ProbeBatchOpt,
-    ProbesOpt,
     ReportOpt,
-    RtolOpt,
     SeedOpt,
     SplitOpt,
     TargetOpt,
     ThreadsOpt,
-    TimeBudgetOpt,
-    TraceMethodOpt,
-    TraceParamsOpt,
     TrustOpt,
+    with_measure_options,
 )
 
 
 @app.command()
 @friendly
+@with_measure_options(after="normalize", time_budget=300.0)
 def measure(
     ctx: typer.Context,
     checkpoint: Checkpoint,
@@ -76,7 +61,6 @@ def measure(
             "Fisher-Rao, PAC-Bayes flatness, Frobenius norms, train loss/accuracy).",
         ),
     ] = None,
-    method: MethodOpt = "auto",
     normalize: Annotated[
         bool,
         typer.Option(
@@ -85,22 +69,6 @@ def measure(
             metavar="",
         ),
     ] = False,
-    probes: ProbesOpt = 64,
-    dead_units: DeadUnitsOpt = "drop",
-    trace_params: TraceParamsOpt = "all",
-    rtol: RtolOpt = 0.01,
-    max_probes: MaxProbesOpt = 2000,
-    trace_method: TraceMethodOpt = "hutchinson",
-    max_memory: MaxMemoryOpt = None,
-    probe_batch: ProbeBatchOpt = None,
-    time_budget: TimeBudgetOpt = 300.0,
-    fr_include_bias: FrBiasOpt = False,
-    fr_labels: FrLabelsOpt = "true",
-    l2: L2Opt = 0.0,
-    pacbayes_target: PacTargetOpt = "error",
-    pacbayes_threshold: PacThresholdOpt = 0.1,
-    mc_samples: McOpt = 10,
-    search_depth: DepthOpt = 15,
     init: InitOpt = None,
     data: DataOpt = None,
     target: TargetOpt = None,
@@ -119,6 +87,7 @@ def measure(
     fmt: FormatOpt = "table",
     output: OutputOpt = None,
     report_page: ReportOpt = None,
+    **options: Any,
 ) -> None:
     """Relative flatness and the other measures of one checkpoint, on its training data.
 

@@ -6,10 +6,14 @@ an odd ``<bool>`` type next to them.
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import typer
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 Checkpoint = Annotated[
     Path,
@@ -239,3 +243,67 @@ ReportOpt = Annotated[
         "nothing loaded from the network).",
     ),
 ]
+
+
+MEASURE_OPTIONS: dict[str, Any] = {
+    "method": MethodOpt,
+    "probes": ProbesOpt,
+    "dead_units": DeadUnitsOpt,
+    "trace_params": TraceParamsOpt,
+    "rtol": RtolOpt,
+    "max_probes": MaxProbesOpt,
+    "trace_method": TraceMethodOpt,
+    "max_memory": MaxMemoryOpt,
+    "probe_batch": ProbeBatchOpt,
+    "time_budget": TimeBudgetOpt,
+    "fr_include_bias": FrBiasOpt,
+    "fr_labels": FrLabelsOpt,
+    "l2": L2Opt,
+    "pacbayes_target": PacTargetOpt,
+    "pacbayes_threshold": PacThresholdOpt,
+    "mc_samples": McOpt,
+    "search_depth": DepthOpt,
+}
+"""The Typer declaration of each field of :class:`flatcli.options.MeasureOptions` (but
+``seed``, which every command declares), in the order ``--help`` lists them."""
+
+
+BUDGET_OPTIONS = ("trace_method", "max_memory", "probe_batch", "time_budget")
+"""The measure options that only ``measure`` has (audit and correlate use the defaults)."""
+
+
+def with_measure_options(
+    *, after: str, skip: tuple[str, ...] = (), **defaults: Any
+) -> Callable[[F], F]:
+    """Give a command the measure options, after its parameter ``after``, in place of its
+    ``**options`` parameter (the manifest's ``argv`` lists options in that order).
+
+    Each field of :class:`flatcli.options.MeasureOptions` (but ``skip``) becomes the
+    option :data:`MEASURE_OPTIONS` declares, with the record's default unless ``defaults``
+    names another; the command reads them back with :func:`flatcli.cli.common.options_from`.
+    """
+    from dataclasses import MISSING, fields
+
+    from ..options import MeasureOptions
+
+    record = {f.name: f.default for f in fields(MeasureOptions) if f.default is not MISSING}
+
+    def decorate(fn: F) -> F:
+        sig = inspect.signature(fn, eval_str=True)
+        params = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        at = 1 + next(i for i, p in enumerate(params) if p.name == after)
+        extra = [
+            inspect.Parameter(
+                name,
+                inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                annotation=annotation,
+                default=defaults.get(name, record[name]),
+            )
+            for name, annotation in MEASURE_OPTIONS.items()
+            if name not in skip
+        ]
+        new = sig.replace(parameters=[*params[:at], *extra, *params[at:]])
+        fn.__signature__ = new  # type: ignore[attr-defined]
+        return fn
+
+    return decorate
