@@ -14,6 +14,7 @@ from .common import (
     emit,
     friendly,
     input_files,
+    loading_from,
     options_from,
     progress,
 )
@@ -109,7 +110,6 @@ def audit(
         flatcli audit sample_models/digits_mlp.safetensors --layer fc2 --format json
     """
     from ..commands import audit_checkpoint
-    from ..prepare import parse_json_object
 
     fmt = check_format(fmt)
     check_outputs(
@@ -130,16 +130,6 @@ def audit(
         options=options_from(ctx),
         argv=command_argv(ctx),
         progress=progress,
-        arch=arch,
-        arch_kwargs=parse_json_object(arch_kwargs, "--arch-kwargs"),
-        trust_code=trust_code,
-        data=data,
-        split=split,
-        target=target,
-        max_samples=max_samples,
-        batch_size=batch_size,
-        device=device,
-        dtype=dtype,
-        loss=loss,
+        **loading_from(ctx),
     )
     emit(result, fmt, output, report_page)

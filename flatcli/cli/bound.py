@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from .app import app
-from .common import check_format, check_outputs, emit, friendly, input_files, progress
+from .common import check_format, check_outputs, emit, friendly, input_files, loading_from, progress
 from .options import (
     ArchKwargsOpt,
     ArchOpt,
@@ -32,6 +32,7 @@ SCHEMA = "flatcli.bound/1"
 @app.command()
 @friendly
 def bound(
+    ctx: typer.Context,
     checkpoint: Checkpoint,
     layer: LayerOpt = None,
     splits: Annotated[
@@ -83,7 +84,6 @@ def bound(
         flatcli bound sample_models/digits_mlp.safetensors --splits 20 --format json
     """
     from ..commands import estimate_bound
-    from ..prepare import parse_json_object
 
     fmt = check_format(fmt)
     check_outputs(
@@ -100,15 +100,6 @@ def bound(
         probes=probes,
         seed=seed,
         progress=progress,
-        arch=arch,
-        arch_kwargs=parse_json_object(arch_kwargs, "--arch-kwargs"),
-        trust_code=trust_code,
-        data=data,
-        target=target,
-        max_samples=max_samples,
-        batch_size=batch_size,
-        device=device,
-        dtype=dtype,
-        loss=loss,
+        **loading_from(ctx),
     )
     emit(result, fmt, output)

@@ -232,6 +232,22 @@ def options_from(ctx: typer.Context):  # noqa: ANN202 - a registry.MeasureOption
     return measure_options(**{k: v for k, v in ctx.params.items() if k in OPTION_NAMES})
 
 
+LOADING = ("arch", "trust_code", "data", "split", "target", "max_samples", "batch_size")
+LOADING += ("device", "dtype", "loss")
+"""The command parameters that go, unchanged, to :func:`flatcli.prepare.prepare`."""
+
+
+def loading_from(ctx: typer.Context, **overrides: Any) -> dict[str, Any]:
+    """The loading keywords of the library calls from the command's parsed parameters
+    (``--arch-kwargs`` parsed as JSON), with ``overrides``."""
+    from ..prepare import parse_json_object
+
+    params = ctx.params
+    out = {k: params[k] for k in LOADING if k in params}
+    out["arch_kwargs"] = parse_json_object(params.get("arch_kwargs"), "--arch-kwargs")
+    return {**out, **overrides}
+
+
 def check_format(fmt: str) -> str:
     from ..report import FORMATS
 

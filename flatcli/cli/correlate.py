@@ -24,6 +24,7 @@ from .common import (
     emit,
     friendly,
     input_files,
+    loading_from,
     options_from,
     start_distributed,
     stderr,
@@ -149,7 +150,6 @@ def correlate(
     """
     from .. import distributed
     from ..commands import NothingMeasured, correlate_checkpoints
-    from ..prepare import parse_json_object
 
     fmt = check_format(fmt)
     check_report_path(report_page)
@@ -176,16 +176,7 @@ def correlate(
                 options=options,
                 argv=command_argv(ctx),
                 on_result=on_result,
-                data=data,
-                target=target,
-                max_samples=max_samples,
-                batch_size=batch_size,
-                loss=loss,
-                device=device,
-                dtype=dtype,
-                arch=arch,
-                arch_kwargs=parse_json_object(arch_kwargs, "--arch-kwargs"),
-                trust_code=trust_code,
+                **loading_from(ctx, device=device),
             )
     except NothingMeasured as e:
         _print_skipped(e.skipped)

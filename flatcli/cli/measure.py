@@ -14,6 +14,7 @@ from .common import (
     emit,
     friendly,
     input_files,
+    loading_from,
     options_from,
     progress,
     quiet,
@@ -112,7 +113,6 @@ def measure(
     """
     from .. import distributed
     from ..commands import measure as run_measure
-    from ..prepare import parse_json_object
 
     fmt = check_format(fmt)
     check_outputs(
@@ -132,17 +132,7 @@ def measure(
         options=options_from(ctx),
         argv=command_argv(ctx),
         progress=progress if distributed.is_main() else quiet,
-        arch=arch,
-        arch_kwargs=parse_json_object(arch_kwargs, "--arch-kwargs"),
-        trust_code=trust_code,
-        data=data,
-        split=split,
-        target=target,
-        max_samples=max_samples,
-        batch_size=batch_size,
-        device=device,
-        dtype=dtype,
-        loss=loss,
+        **loading_from(ctx, device=device),
     )
     if not distributed.is_main():
         return  # rank 0 alone writes

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from .app import app
-from .common import check_format, check_outputs, emit, friendly, input_files, progress
+from .common import check_format, check_outputs, emit, friendly, input_files, loading_from, progress
 from .options import (
     ArchKwargsOpt,
     ArchOpt,
@@ -47,6 +47,7 @@ def parse_deltas(text: str) -> list[float]:
 @app.command()
 @friendly
 def robustness(
+    ctx: typer.Context,
     checkpoint: Checkpoint,
     layer: LayerOpt = None,
     deltas: Annotated[
@@ -98,7 +99,6 @@ def robustness(
         --label-change --plot robustness.png --format json
     """
     from ..commands import check_robustness
-    from ..prepare import parse_json_object
     from ..robustness import plot_robustness
 
     fmt = check_format(fmt)
@@ -120,17 +120,7 @@ def robustness(
         label_change=label_change,
         seed=seed,
         progress=progress,
-        arch=arch,
-        arch_kwargs=parse_json_object(arch_kwargs, "--arch-kwargs"),
-        trust_code=trust_code,
-        data=data,
-        split=split,
-        target=target,
-        max_samples=max_samples,
-        batch_size=batch_size,
-        device=device,
-        dtype=dtype,
-        loss=loss,
+        **loading_from(ctx),
     )
     if plot is not None:
         plot_robustness(result.robustness, plot)
