@@ -1,37 +1,31 @@
-"""Whole-network Hutchinson trace on real-size models vs a PyHessian-style loop.
+"""Time to a 5% relative standard error of the Hessian trace on ResNet-18: flatcli against
+the real PyHessian run to the same standard error.
 
-    python bench/bench_models.py [--models resnet18,minilm] [--batch 64] [--probes 16]
-                                 [--rtol 0.05] [--width 64] [--vmap]
+    python bench/bench_models.py [--quick] [--batch 64] [--width 64] [--rtol 0.05]
+                                 [--max-probes 1024] [--max-seconds 3600]
+                                 [--fit-steps 60] [--device cpu|cuda]
 
-For each model (random weights, a fixed random batch, float32, one thread), every side
-runs in its own subprocess so that its peak RSS (``resource.getrusage`` maxrss) is its own:
+The model is :func:`flatcli.archs.resnet18` (11.2 M parameters at width 64) on one batch
+of random 3×32×32 inputs with 10 classes, float32, one thread. Before the sides run, the
+driver fits it to the batch for ``--fit-steps`` Adam steps in eval mode (a Hessian near a
+minimum, not a random network's, whose trace is near 0 next to its spread) and saves the
+state; every side loads it and runs in its own process (so that its peak RSS is its own):
 
-* ``loop``: a PyHessian-style loop: one Rademacher probe at a time, each a forward pass, a
-  ``create_graph`` backward pass and a second backward pass (``dataloader_hv_product``);
-* ``flatcli``: ``hessian_trace(method="hutchinson")`` with the default plan (on these
-  models: double backward, the gradient graph of a batch shared by a round of probes),
-  ``rtol=0`` and ``max_probes=--probes``;
-* ``hutch++``: ``hessian_trace(trace_method="hutch++")`` with ``--hutchpp-probes``
-  products in all (a sketch of 16, 16 more for its exact part, the rest residual probes);
-* ``vmap`` (with ``--vmap``): the former default, 16 probes vmapped forward-over-reverse.
+* ``PyHessian``: ``hessian(model, CrossEntropyLoss(), data=(x, y))`` built once, then
+  ``trace(maxIter=16, tol=-inf)`` again and again. PyHessian's trace has no standard
+  error (its own stop is "the mean moved by less than 0.1%"), so the bench computes the
+  standard error of its samples after every 16 probes and stops once it is at most
+  ``rtol`` times their mean (after at least 32 probes), as flatcli does;
+* ``flatcli``: ``hessian_trace(model, (x, y), rtol=...)`` with its defaults (on this
+  piecewise-linear network: the exact trace from the Gauss-Newton diagonal);
+* ``flatcli Hutchinson`` and ``flatcli Hutch++``: ``method="hutchinson"`` with
+  ``trace_method="hutchinson"`` / ``"hutch++"``, stopping at ``rtol``.
 
-Before the sides run, the driver fits the model (in eval mode) to the batch for
-``--fit-steps`` Adam steps (so that the Hessian is that of a model near a minimum, not of
-a random one whose trace is near 0 and whose relative stderr is meaningless) and saves
-it; every side loads that state.
-
-Reported: CPU seconds per probe (``time.process_time`` of the one-thread process, model
-build and imports excluded: wall time is meaningless on a shared machine), peak RSS, the
-relative stderr after the probes, and the CPU time to ``--rtol`` relative stderr,
-projected from the measured cost per product and sample variance of each side: probes
-needed = k·(rel/rtol)² (Hutch++: its 32 sketch products plus the residual probes needed).
-Ratios are against the loop of the same run.
-
-Models: ``resnet18`` is :func:`flatcli.archs.resnet18` (11.2 M parameters at width 64)
-on 3×32×32 inputs, 10 classes; ``minilm`` is a MiniLM-L6-sized BERT (6 layers, hidden 384,
-12 heads, 22.7 M parameters) built from a ``transformers.BertConfig`` with random weights
-and eager attention, on 16-token sequences, 2 classes, wrapped in a plain ``nn.Module``
-that returns the logits (skipped if transformers is not installed).
+A side that reaches ``--max-probes`` or ``--max-seconds`` first is reported with the time
+it *would* need, projected from its cost per probe and its samples' spread (marked
+"projected"). Times are CPU seconds of the one-thread process (``time.process_time``;
+synchronized wall time on CUDA), model build and imports excluded; ratios are against
+PyHessian. ``--quick``: width 16, batch 16, 10 fit steps, a 600-second cap.
 """
 
 from __future__ import annotations
@@ -44,278 +38,196 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+SIDES = ("PyHessian", "flatcli", "flatcli Hutchinson", "flatcli Hutch++")
 
 
-# --------------------------------------------------------------------------- one side
-
-
-def build(name: str, batch: int, width: int):  # noqa: ANN201
+def build(args: argparse.Namespace):  # noqa: ANN201
     import torch
-    from torch import nn
 
+    from flatcli import archs
+
+    torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
-    if name == "resnet18":
-        from flatcli import archs
-
-        torch.manual_seed(0)
-        model = archs.resnet18(width=width).eval()
-        x = torch.randn(batch, 3, 32, 32, generator=gen)
-        y = torch.randint(0, 10, (batch,), generator=gen)
-        return model, x, y
-    if name == "minilm":
-        from transformers import BertConfig, BertForSequenceClassification
-
-        torch.manual_seed(0)
-        config = BertConfig(
-            hidden_size=384,
-            num_hidden_layers=6,
-            num_attention_heads=12,
-            intermediate_size=1536,
-            num_labels=2,
-            attn_implementation="eager",
-        )
-        bert = BertForSequenceClassification(config).eval()
-
-        class Logits(nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.bert = bert
-
-            def forward(self, ids: torch.Tensor) -> torch.Tensor:
-                return self.bert(input_ids=ids).logits
-
-        x = torch.randint(0, config.vocab_size, (batch, 16), generator=gen)
-        y = torch.randint(0, 2, (batch,), generator=gen)
-        return Logits().eval(), x, y
-    raise SystemExit(f"unknown model {name}")
+    model = archs.resnet18(width=args.width).eval()
+    x = torch.randn(args.batch, 3, 32, 32, generator=gen)
+    y = torch.randint(0, 10, (args.batch,), generator=gen)
+    return model.to(args.device), x.to(args.device), y.to(args.device)
 
 
-def fit(args: argparse.Namespace) -> None:
-    """Fit the model to its batch for a few Adam steps and save the state."""
+def fit(args: argparse.Namespace) -> dict[str, float]:
+    """Fit to the batch for a few Adam steps (eval mode: the loss fitted is the one measured)."""
     import torch
     import torch.nn.functional as F
 
-    torch.set_num_threads(1)
-    model, x, y = build(args.model, args.batch, args.width)
+    model, x, y = build(args)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    # eval mode: BatchNorm's statistics stay fixed, so the loss that is fitted is the one
-    # measured (train-mode statistics would lag behind after a few steps)
     for _ in range(args.fit_steps):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
     with torch.no_grad():
-        loss = float(F.cross_entropy(model(x), y))
-        acc = float((model(x).argmax(-1) == y).float().mean())
+        out = model(x)
     torch.save(model.state_dict(), args.state)
-    print(json.dumps({"loss": loss, "accuracy": acc}))
+    return {
+        "loss": float(F.cross_entropy(out, y)),
+        "accuracy": float((out.argmax(-1) == y).float().mean()),
+    }
 
 
-def side(args: argparse.Namespace) -> dict:
+def side(args: argparse.Namespace) -> dict[str, Any]:
     import torch
-    import torch.nn.functional as F
 
-    from flatcli.measures.estimate import mean_and_stderr
-    from flatcli.measures.hessian import hessian_trace
+    if args.device == "cpu":
+        torch.set_num_threads(1)
+    model, x, y = build(args)
+    model.load_state_dict(torch.load(args.state, weights_only=True))
+    from bench_trace import clock_for  # bench/ is on the path: run as a script
 
-    torch.set_num_threads(1)
-    model, x, y = build(args.model, args.batch, args.width)
-    if args.state:
-        model.load_state_dict(torch.load(args.state, weights_only=True))
-    start_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    out: dict = {"parameters": sum(p.numel() for p in model.parameters())}
-    t0 = time.process_time()
-    if args.side == "loop":
-        params = [p for p in model.parameters() if p.requires_grad]
-        gen = torch.Generator().manual_seed(args.seed)
-        samples = []
-        for _ in range(args.probes):
-            v = [(torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).to(p) for p in params]
-            loss = F.cross_entropy(model(x), y)
-            grads = torch.autograd.grad(loss, params, create_graph=True)
-            hv = torch.autograd.grad(grads, params, grad_outputs=v)
-            samples.append(float(sum((h * vi).sum() for h, vi in zip(hv, v, strict=True))))
-            del loss, grads, hv
-        mean, se = mean_and_stderr(samples)
-        out |= {"value": mean, "stderr": se, "probes": len(samples)}
+    clock = clock_for(args.device)
+    start = clock()
+    if args.side == "PyHessian":
+        out = _pyhessian(model, x, y, args, clock, start)
     else:
-        kwargs: dict = {"method": "hutchinson", "seed": args.seed, "batch_size": args.batch}
-        if args.side == "hutch++":
-            kwargs |= {"trace_method": "hutch++", "rtol": 0.0, "max_probes": args.hutchpp_probes}
-        else:
-            kwargs |= {"rtol": 0.0, "max_probes": args.probes}
-        if args.side == "vmap":
-            kwargs["probe_batch"] = 16
-        est = hessian_trace(model, (x, y), **kwargs)
-        out |= {
+        from flatcli.measures.hessian import hessian_trace
+
+        kwargs: dict[str, Any] = {"rtol": args.rtol, "max_probes": args.max_probes}
+        if args.side != "flatcli":
+            kwargs["method"] = "hutchinson"
+            kwargs["trace_method"] = "hutch++" if "++" in args.side else "hutchinson"
+            kwargs["time_budget"] = args.max_seconds
+        est = hessian_trace(model, (x, y), batch_size=len(x), **kwargs)
+        out = {
             "value": est.value,
             "stderr": est.stderr,
-            "probes": est.details["probes"],
-            "engine": est.details["engine"],
-            "method": est.method,
+            "probes": est.details.get("probes", 0),
             "sketch": est.details.get("sketch", 0),
+            "reached": est.stderr is None or est.details.get("stop") == "rtol",
+            "method": est.method,
         }
-    out["seconds"] = time.process_time() - t0
+    out["seconds"] = clock() - start
     out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    out["start_rss"] = start_rss
     return out
+
+
+def _pyhessian(model: Any, x: Any, y: Any, args: argparse.Namespace, clock: Any, start: float):  # noqa: ANN202
+    import warnings
+
+    from pyhessian import hessian
+    from torch import nn
+
+    from flatcli.measures.estimate import mean_and_stderr
+
+    warnings.filterwarnings("ignore")  # its backward(create_graph=True) reference cycle
+    h = hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=x.is_cuda)
+    samples: list[float] = []
+    reached = False
+    while len(samples) < args.max_probes and clock() - start < args.max_seconds:
+        samples += h.trace(maxIter=16, tol=float("-inf"))
+        mean, se = mean_and_stderr(samples)
+        if len(samples) >= 32 and se is not None and se <= args.rtol * abs(mean):
+            reached = True
+            break
+    mean, se = mean_and_stderr(samples)
+    return {"value": mean, "stderr": se, "probes": len(samples), "sketch": 0, "reached": reached}
 
 
 # --------------------------------------------------------------------------- driver
 
 
-def run_side(model: str, which: str, args: argparse.Namespace, state: str) -> dict:
-    cmd = [
-        sys.executable,
-        __file__,
-        "--side",
-        which,
-        "--model",
-        model,
-        "--batch",
-        str(args.batch),
-        "--probes",
-        str(args.probes),
-        "--rtol",
-        str(args.rtol),
-        "--hutchpp-probes",
-        str(args.hutchpp_probes),
-        "--width",
-        str(args.width),
-        "--seed",
-        str(args.seed),
-        "--state",
-        state,
-        "--fit-steps",
-        str(args.fit_steps),
-        "--lr",
-        str(args.lr),
-    ]
+def run_side(name: str, args: argparse.Namespace, state: str) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--side", name, "--state", state]
+    for key in ("batch", "width", "rtol", "max_probes", "max_seconds", "fit_steps", "lr"):
+        cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    cmd += ["--device", args.device]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
-        tail = (done.stderr.strip().splitlines() or ["?"])[-1]
-        return {"error": tail}
+        return {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def common_reference(done: dict, rtol: float) -> None:
-    """Time to ``rtol`` with one reference trace for every side.
-
-    A side's own relative stderr divides by its own noisy mean; near a zero trace that
-    dominates. Here the reference is the estimate with the smallest stderr, and each
-    side needs ``(σ / (rtol·|T_ref|))²`` probes, ``σ = stderr·√k`` its per-probe spread.
-    """
-    ok = {n: r for n, r in done.items() if r.get("stderr")}
-    if not ok or "loop" not in ok:
-        return
-    ref = min(ok.values(), key=lambda r: r["stderr"])
-    t_ref = abs(ref["value"])
-    print("  trace estimates: " + ", ".join(
-        f"{n} {r['value']:.4g} ± {r['stderr']:.2g}" for n, r in ok.items()
-    ))
-    base = None
-    for name, r in ok.items():
-        sigma = r["stderr"] * math.sqrt(r["k"])
-        need = (sigma / (rtol * t_ref)) ** 2
-        to = r["per"] * (r["fixed"] + need)
-        base = to if name == "loop" else base
-        print(
-            f"  {name:<9} per-probe σ {sigma:.4g}: {need:.0f} probes to {rtol:.0%} of "
-            f"|T| = {t_ref:.4g}, {to:.0f} CPU s = {to / base:.2f}x the loop",
-            flush=True,
-        )
+def to_rtol(r: dict[str, Any], rtol: float) -> tuple[float, bool]:
+    """Seconds to ``rtol``: measured, or projected from the cost per probe and the spread."""
+    if r["reached"]:
+        return r["seconds"], False
+    fixed = 2 * r["sketch"]
+    k = r["probes"] - fixed
+    rel = r["stderr"] / abs(r["value"])
+    per = r["seconds"] / r["probes"]
+    return per * (fixed + k * (rel / rtol) ** 2), True
 
 
-def gib(n: float) -> str:
-    return f"{n / 2**30:.2f}"
+def collect(args: argparse.Namespace) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
+    """The fit, and each side's result (with ``to_rtol`` and ``projected``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        state = str(Path(tmp) / "state.pt")
+        fitted = run_side("fit", args, state)
+        if "error" in fitted:
+            raise SystemExit(f"fit failed: {fitted['error']}")
+        done = {}
+        for name in SIDES:
+            r = run_side(name, args, state)
+            if "error" not in r:
+                r["to_rtol"], r["projected"] = to_rtol(r, args.rtol)
+            done[name] = r
+            print(f"  done: {name}", file=sys.stderr, flush=True)
+    return fitted, done
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--width", type=int, default=64, help="ResNet-18 base width")
+    p.add_argument("--rtol", type=float, default=0.05)
+    p.add_argument("--max-probes", type=int, default=1024)
+    p.add_argument("--max-seconds", type=float, default=3600.0)
+    p.add_argument("--fit-steps", type=int, default=60)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--side", help=argparse.SUPPRESS)
+    p.add_argument("--state", help=argparse.SUPPRESS)
+    return p
+
+
+def quick(args: argparse.Namespace) -> argparse.Namespace:
+    args.width, args.batch, args.fit_steps, args.max_seconds = 16, 16, 10, 600.0
+    return args
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument("--models", default="resnet18,minilm")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--probes", type=int, default=16)
-    parser.add_argument("--rtol", type=float, default=0.05)
-    parser.add_argument("--width", type=int, default=64, help="ResNet-18 base width")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vmap", action="store_true", help="also the vmapped engine")
-    parser.add_argument("--hutchpp-probes", type=int, default=64)
-    parser.add_argument("--fit-steps", type=int, default=20, help="Adam steps before")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--side", help=argparse.SUPPRESS)
-    parser.add_argument("--model", help=argparse.SUPPRESS)
-    parser.add_argument("--state", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser().parse_args()
     if args.side == "fit":
-        fit(args)
+        print(json.dumps(fit(args)))
         return
     if args.side:
         print(json.dumps(side(args)))
         return
-    import torch
-
+    if args.quick:
+        args = quick(args)
+    fitted, done = collect(args)
     print(
-        f"torch {torch.__version__}, 1 thread, float32, batch {args.batch}, "
-        f"{args.probes} probes per side, Hutch++ to {args.rtol:.0%} relative stderr"
+        f"ResNet-18 width {args.width}, batch {args.batch}, {args.device}; after "
+        f"{args.fit_steps} Adam steps: loss {fitted['loss']:.3f}, accuracy "
+        f"{fitted['accuracy']:.0%}; time to {args.rtol:.0%} relative stderr"
     )
-    sides = ["loop", "flatcli", "hutch++"] + (["vmap"] if args.vmap else [])
-    for model in args.models.split(","):
-        if model == "minilm":
-            try:
-                import transformers  # noqa: F401
-            except ImportError:
-                print("\n== minilm: skipped (transformers is not installed)")
-                continue
-        with tempfile.TemporaryDirectory() as tmp:
-            state = str(Path(tmp) / "state.pt")
-            fitted = run_side(model, "fit", args, state)
-            if "error" in fitted:
-                print(f"\n== {model}: fit failed: {fitted['error']}")
-                continue
-            print(
-                f"\n== {model}: after {args.fit_steps} Adam steps: loss {fitted['loss']:.3f}, "
-                f"accuracy {fitted['accuracy']:.0%} on the batch",
-                flush=True,
-            )
-            print(
-                f"{'side':<9} {'probes':>6} {'CPU s/pr':>8} {'ratio':>6} {'peak RSS GiB':>12} "
-                f"{'ratio':>6} {'rel se':>7} {'s to ' + format(args.rtol, '.0%'):>9} {'ratio':>6}",
-                flush=True,
-            )
-            base: dict = {}
-            methods = []
-            done: dict = {}
-            for name in sides:
-                r = run_side(model, name, args, state)
-                if "error" in r:
-                    print(f"{name:<9} failed: {r['error']}", flush=True)
-                    continue
-                fixed = 2 * r.get("sketch", 0)
-                per = r["seconds"] / r["probes"]
-                rel = r["stderr"] / abs(r["value"]) if r["stderr"] else math.nan
-                k = r["probes"] - fixed
-                to = per * (fixed + max(k, k * (rel / args.rtol) ** 2))
-                if name == "loop":
-                    base = {"per": per, "rss": r["peak_rss"], "to": to}
-                print(
-                    f"{name:<9} {r['probes']:>6} {per:>8.2f} {per / base['per']:>5.2f}x "
-                    f"{gib(r['peak_rss']):>12} {r['peak_rss'] / base['rss']:>5.2f}x {rel:>7.2%} "
-                    f"{to:>9.1f} {to / base['to']:>5.2f}x",
-                    flush=True,
-                )
-                if "method" in r:
-                    methods.append(f"  {name}: {r['method']} ({r['parameters'] / 1e6:.1f} M)")
-                done[name] = {**r, "per": per, "k": k, "fixed": fixed}
-            print("\n".join(methods), flush=True)
-            common_reference(done, args.rtol)
+    base = done["PyHessian"].get("to_rtol", math.nan)
+    for name, r in done.items():
+        if "error" in r:
+            print(f"{name:<20} failed: {r['error']}")
+            continue
+        se = "exact" if r["stderr"] is None else f"± {r['stderr']:.3g}"
+        mark = " (projected)" if r["projected"] else ""
+        print(
+            f"{name:<20} {r['value']:10.4g} {se:>10} {r['probes']:>5} products "
+            f"{r['to_rtol']:8.1f} s{mark} = {r['to_rtol'] / base:.3f}× PyHessian, "
+            f"peak {r['peak_rss'] / 2**30:.2f} GiB"
+        )
 
 
 if __name__ == "__main__":

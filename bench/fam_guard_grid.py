@@ -137,7 +137,7 @@ def one_run(ck: Path, data: Path, name: str, setting: dict, epochs: int, seed: i
 
 def grid(epochs: int, seeds: list[int]) -> list[dict]:
     rows = []
-    ft.DivergenceGuard = Recording  # the runs record instead of stopping
+    ft.run.DivergenceGuard = Recording  # the orchestrator builds it: record, never stop
     with tempfile.TemporaryDirectory() as tmp:
         for name in tabular.DATASETS:
             xa, ya, _, _ = tabular.dataset(name)

@@ -1,6 +1,7 @@
 """Every flatcli benchmark in one run: a table of ratios, also written to bench/results.md.
 
-    python bench/run_all.py [--quick] [--only SECTION[,SECTION...]] [--output bench/results.md]
+    python bench/run_all.py [--quick] [--only SECTION[,SECTION...]] [--device cpu|cuda]
+                            [--output bench/results.md]
 
 Each figure is a ratio of two times (or a fitted exponent) measured in the same run, on
 the same model and data; absolute times depend on the machine and its load. Sections:
@@ -8,14 +9,22 @@ the same model and data; absolute times depend on the machine and its load. Sect
 ``kappa``     exact κ vs the reference code's naive dense-Hessian method (bench_kappa.py);
 ``scaling``   time and peak memory vs n (1k–8k samples), with the fitted exponent of
               t ∝ n^a per measure (each n in its own process, for its own peak memory);
-``trace``     one Hutchinson probe (HVP) vs one gradient (bench_trace.py);
-``fam``       a FAM step vs a plain SGD step on the digits MLP (bench_fam.py);
+``trace``     Hutchinson, Hutch++ and Lanczos per Hessian-vector product against the
+              real PyHessian, curvlinops beside it, and the exact trace against
+              BackPACK's DiagHessian (bench_trace.py);
+``to_rtol``   time to 5% relative stderr on ResNet-18 against the real PyHessian run to
+              the same stderr (bench_models.py);
+``fam``       a FAM step vs a plain SGD step: the digits MLP's logits and hidden layers,
+              and a ResNet-18's penultimate Linear (bench_fam.py);
 ``correlate`` checkpoints per second: one process, ``--jobs 2`` (a reused worker pool)
               and ``torchrun --nproc-per-node 2`` (gloo), all through the CLI;
 ``huge``      nn.Linear(4096, 32000), n = 512: closed form and feature-space Hutchinson κ,
               time and peak memory over a forward pass (bench_huge.py);
 ``overhead``  exact κ over one forward pass, nn.Sequential and a custom (fx) module
-              (bench_overhead.py).
+              (bench_overhead.py);
+``defaults``  the default ``flatcli measure`` on ResNet-18 (256 images), MiniLM (192
+              sentences) and a tiny BERT: wall time and peak RSS against one forward and
+              backward pass, each in its own process (bench_defaults.py).
 
 ``--quick`` shrinks every section to a smoke run (about three minutes on two cores).
 """
@@ -38,7 +47,11 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
-SECTIONS = ("kappa", "scaling", "trace", "fam", "correlate", "huge", "overhead")
+SECTIONS = (
+    "kappa", "scaling", "trace", "to_rtol", "fam", "correlate", "huge", "overhead", "defaults"
+)
+DEVICE_SECTIONS = ("trace", "to_rtol", "fam")
+"""Sections that take ``--device`` (the others run on the CPU)."""
 
 Row = tuple[str, str, str, str, str, str]
 """(section, case, baseline, flatcli, ratio, note)."""
@@ -153,46 +166,77 @@ def _slope(xs: list[float], ys: list[float]) -> float:
     )
 
 
-def trace(quick: bool) -> list[Row]:
+def trace(quick: bool, device: str = "cpu") -> list[Row]:
     import bench_trace
-    import torch
 
-    torch.set_num_threads(1)
+    return bench_trace.collect(quick, device)
+
+
+def to_rtol(quick: bool, device: str = "cpu") -> list[Row]:
+    import bench_models
+
+    args = bench_models.parser().parse_args(["--device", device])
+    if quick:
+        args = bench_models.quick(args)
+    fitted, done = bench_models.collect(args)
+    base = done["PyHessian"]
+    case = f"ResNet-18 (width {args.width}), batch {args.batch}, {args.rtol:.0%} rel. stderr"
+    note = (
+        f"fitted {args.fit_steps} Adam steps (loss {fitted['loss']:.2f}); PyHessian: "
+        f"{base['probes']} probes, {base['value']:.4g} ± {base['stderr']:.2g}"
+    )
     rows: list[Row] = []
-    for name in ("mlp",) if quick else ("mlp", "cnn"):
-        model, batches = bench_trace.load(name, 256)
-        cost = bench_trace.probe_cost(model, batches)
-        g = cost["gradient"]
-        for k in (1, 16):
-            t = cost[f"probe@{k}"]
-            rows.append(
-                ("Hutchinson probe vs gradient", f"digits {name}, probes in rounds of {k}",
-                 f"{g * 1e3:.2f} ms", f"{t * 1e3:.2f} ms", f"{t / g:.2f}×", "one batch of 256")
-            )  # fmt: skip
+    for name, r in done.items():
+        if name == "PyHessian" or "error" in r:
+            continue
+        what = "exact" if r["stderr"] is None else f"{r['value']:.4g} ± {r['stderr']:.2g}"
+        extra = f"{r['probes']} products, " if r["probes"] else ""
+        mark = ", projected" if r["projected"] or base["projected"] else ""
+        rows.append(
+            ("time to 5% stderr vs the real PyHessian", f"{case}: {name}",
+             f"{base['to_rtol']:.1f} s", f"{r['to_rtol']:.1f} s",
+             f"{r['to_rtol'] / base['to_rtol']:.3f}×",
+             f"{what} ({extra}peak {r['peak_rss'] / 2**30:.2f} GiB{mark}); {note}")
+        )  # fmt: skip
     return rows
 
 
-def fam(quick: bool) -> list[Row]:
+def fam(quick: bool, device: str = "cpu") -> list[Row]:
     import bench_fam
     import torch
 
+    from flatcli import archs
     from flatcli.checkpoints import load_checkpoint
     from flatcli.data import load_data
 
-    torch.set_num_threads(1)
+    if device == "cpu":
+        torch.set_num_threads(1)
+        bench_fam.CLOCK = time.process_time  # CPU time: the step's own work
     torch.manual_seed(0)
     digits = load_data("digits")
-    x, y = digits.x[:32], digits.y[:32]
-    steps = 20 if quick else 100
+    x, y = digits.x[:32].to(device), digits.y[:32].to(device)
+    steps = 50 if quick else 300
     rows: list[Row] = []
-    for layer, label in (("fc", "logits"), ("fc2", "hidden")):
+    for layer, label in (("fc", "logits"), ("fc2", "hidden"), ("fc1", "hidden")):
         model = load_checkpoint(ROOT / "sample_models" / "digits_mlp.safetensors").model
-        r = bench_fam.compare(f"digits MLP, {layer}", model, layer, x, y, steps=steps, warmup=5)
+        r = bench_fam.compare(
+            f"digits MLP, {layer}", model.to(device), layer, x, y, steps=steps, warmup=20
+        )
         rows.append(
             ("FAM step vs plain step", f"digits MLP, {layer} ({label}), batch 32",
              f"{r['plain'] * 1e3:.2f} ms", f"{r['fam'] * 1e3:.2f} ms", f"{r['ratio']:.2f}×",
              str(r["path"]))
         )  # fmt: skip
+    width = 16 if quick else 64
+    xr = torch.randn(32, 3, 32, 32, device=device)
+    yr = torch.randint(0, 10, (32,), device=device)
+    model = archs.resnet18(width=width, hidden=256).to(device)
+    r = bench_fam.compare("ResNet-18 fc1", model, "fc1", xr, yr, steps=3 if quick else 9, warmup=2)
+    rows.append(
+        ("FAM step vs plain step", f"ResNet-18 (width {width}) + fc1 {8 * width}→256, fc1 "
+         "(hidden), batch 32", f"{r['plain'] * 1e3:.0f} ms", f"{r['fam'] * 1e3:.0f} ms",
+         f"{r['ratio']:.2f}×", str(r["path"]))
+    )  # fmt: skip
     return rows
 
 
@@ -264,7 +308,56 @@ def overhead(quick: bool) -> list[Row]:
     return out
 
 
+def defaults(quick: bool) -> list[Row]:
+    import bench_defaults
+
+    out: list[Row] = []
+    for case in ("tiny_bert",) if quick else tuple(bench_defaults.CASES):
+        base, got, target = bench_defaults.measure_case(case)
+        out.append(
+            ("default flatcli measure", case, f"{base['seconds']:.1f} s",
+             f"{got['seconds']:.1f} s", f"{got['seconds'] / base['seconds']:.0f}×",
+             f"target {target:.0f} s; peak RSS {got['rss'] / 2**30:.2f} GiB; "
+             f"load {os.getloadavg()[0]:.1f}")
+        )  # fmt: skip
+    return out
+
+
 # --------------------------------------------------------------------------- output
+
+NOTES = {
+    "kappa": "The naive method builds the dense `(dm)×(dm)` layer Hessian with one backward "
+    "pass per row (the reference code); beyond m = 84 its time is extrapolated from 1,000 "
+    "rows (`bench_kappa.py --full` builds them all).",
+    "scaling": "Fitted slope of log t on log n (medians of 3–9 rounds, the sizes "
+    "interleaved); peak memory: each n in its own process.",
+    "trace": "One model and batch per case, float32; the sides take turns (interleaved "
+    "rounds), medians of CPU time per Hessian-vector product (one thread). Baseline: the "
+    "real PyHessian (`pip install pyhessian`): `hessian(...).trace(maxIter=K, tol=-inf)`, "
+    "its graph built once; λ_max against its power iteration. The note gives flatcli's "
+    "route (its method string). The exact trace: BackPACK's `DiagHessian` summed, against "
+    "`hessian_trace(method='exact')` (on these piecewise-linear networks the Gauss-Newton "
+    "diagonal, per-sample VJPs).",
+    "to_rtol": "Each side in its own process, CPU seconds. PyHessian has no standard error: "
+    "the bench computes its samples' after every 16 probes and stops at 5% of their mean, "
+    "as flatcli does. `flatcli` is `hessian_trace` with its defaults (on a piecewise-linear "
+    "network the exact trace, no probes). Projected: a side capped by `--max-seconds` "
+    "before 5%, its time projected from its cost per probe and its samples' spread.",
+    "fam": "Plain steps (forward, cross-entropy, backward, SGD) and FAM steps (the same plus "
+    "`0.1·κ` of the layer and its full Lemma 1 gradient) alternate; medians of the "
+    "process's CPU time per step (one thread).",
+    "correlate": "Whole commands, including each process's start-up (about 2 s to import "
+    "torch); on a machine whose cores are busy with other jobs extra processes find no idle "
+    "core.",
+    "huge": "Each case in its own process (peak: that process's maximum resident memory, "
+    "including the 0.5 GB weight and torch itself); Hutchinson: 8 feature-space probes.",
+    "defaults": "Wall seconds, one thread, each run its own process: the baseline is one "
+    "forward and backward pass over the data; the measure row runs the default measures "
+    "with the CLI's default --time-budget (one budget for the run). Random weights and data.",
+    "overhead": "κ's pass also yields Tr(H), the loss and the accuracy; the fx split is "
+    "cached per (model, layer), so only the first call on a custom module traces it.",
+}
+"""What each section's numbers are, printed under its table (never edited in results.md)."""
 
 
 def table(rows: list[Row]) -> str:
@@ -274,39 +367,85 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def read_blocks(path: Path) -> dict[str, str]:
+    """The ``## section (device)`` blocks of an earlier results.md (none: an empty dict)."""
+    if not path.exists():
+        return {}
+    blocks: dict[str, str] = {}
+    key = None
+    for line in path.read_text().splitlines(keepends=True):
+        if line.startswith("## "):
+            key = line[3:].strip()
+            blocks[key] = ""
+        elif key is not None:
+            blocks[key] += line
+    return blocks
+
+
+def block(name: str, device: str, rows: list[Row], seconds: float, quick: bool) -> str:
+    import torch
+
+    cuda = f"cuda: {torch.cuda.get_device_name()}" if device.startswith("cuda") else "cpu"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
+    command = f"python bench/run_all.py --only {name}{' --quick' if quick else ''}"
+    if device != "cpu":
+        command += f" --device {device}"
+    return (
+        f"\n`{command}` on {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC: "
+        f"torch {torch.__version__}, {cuda}, {os.cpu_count()} cores ({platform.machine()}), "
+        f"load average {load:.1f} at the end, one thread per process, {seconds:.0f} s.\n\n"
+        f"{table(rows)}\n\n{NOTES[name]}\n\n"
+    )
+
+
+def write_results(path: Path, blocks: dict[str, str]) -> None:
+    import torch
+
+    order = [f"{n} ({d})" for d in ("cpu", "cuda") for n in SECTIONS]
+    known = [k for k in order if k in blocks]
+    gpu = any(k.endswith("(cuda)") for k in known)
+    intro = (
+        "# flatcli benchmarks\n\nWritten by `python bench/run_all.py` (never edited by hand): "
+        "each section below is replaced when it is run again (`--only SECTION`), the others "
+        "are kept. Every ratio compares two timings of the same run (interleaved where the "
+        "section says so); absolute times depend on the machine and its load.\n\n"
+    )
+    if not gpu:
+        intro += (
+            "**No GPU table**: no run so far had a CUDA device "
+            f"(this one: {'CUDA available' if torch.cuda.is_available() else 'none'}). "
+            "`python bench/run_all.py --only trace,to_rtol,fam --device cuda` adds one.\n\n"
+        )
+    body = "".join(f"## {k}\n{blocks[k]}" for k in known)
+    path.write_text(intro + body.rstrip() + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke-sized runs of every section")
     parser.add_argument("--only", default=None, help=f"comma list of: {', '.join(SECTIONS)}")
+    parser.add_argument("--device", default="cpu", help=f"for {', '.join(DEVICE_SECTIONS)}")
     parser.add_argument("--output", type=Path, default=BENCH / "results.md")
     parser.add_argument("--scaling-case", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.scaling_case is not None:
         print(json.dumps(_scaling_case(args.scaling_case)))
         return
-    import torch
-
     chosen = SECTIONS if args.only is None else tuple(args.only.split(","))
     unknown = [s for s in chosen if s not in SECTIONS]
     if unknown:
         parser.error(f"unknown section {unknown[0]!r}; choose from {', '.join(SECTIONS)}")
-    rows: list[Row] = []
-    started = time.perf_counter()
+    blocks = read_blocks(args.output)
     for name in chosen:
+        device = args.device if name in DEVICE_SECTIONS else "cpu"
         t = time.perf_counter()
-        rows += globals()[name](args.quick)
-        print(f"  {name}: {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
-    text = table(rows)
-    print(text)
-    device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    header = (
-        f"# flatcli benchmarks\n\n`python bench/run_all.py{' --quick' if args.quick else ''}`"
-        f" on {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC: torch {torch.__version__},"
-        f" {device}, {os.cpu_count()} cores ({platform.machine()}), one thread per process,"
-        f" {time.perf_counter() - started:.0f} s in all. Every ratio compares two timings of"
-        " the same run; absolute times depend on the machine and its load.\n\n"
-    )
-    args.output.write_text(header + text + "\n")
+        section = globals()[name]
+        rows = section(args.quick, device) if name in DEVICE_SECTIONS else section(args.quick)
+        seconds = time.perf_counter() - t
+        print(table(rows), flush=True)
+        print(f"  {name}: {seconds:.0f} s", file=sys.stderr, flush=True)
+        blocks[f"{name} ({device})"] = block(name, device, rows, seconds, args.quick)
+        write_results(args.output, blocks)  # after every section: a long run keeps its parts
     print(f"wrote {args.output}", file=sys.stderr)
 
 

@@ -13,7 +13,8 @@ Commands (each returns a typed result with to_dict() = the CLI's JSON and to_fra
     BoundResult
 
 Experiments:
-    audit, measure_checkpoints (correlate), FAMRegularizer, finetune
+    audit, measure_checkpoints (correlate), FAMRegularizer, finetune (FinetuneConfig,
+    FinetuneResult)
 
 Loading:
     load_checkpoint, save_checkpoint, load_data, as_batches, prepare
@@ -91,6 +92,8 @@ _PUBLIC = {
     "measure_checkpoints": "flatcli.correlate",
     "FAMRegularizer": "flatcli.fam",
     "finetune": "flatcli.finetune",
+    "FinetuneConfig": "flatcli.finetune",
+    "FinetuneResult": "flatcli.finetune",
     # loading
     "load_checkpoint": "flatcli.checkpoints",
     "save_checkpoint": "flatcli.checkpoints",

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import FlatcliError, ParameterError, UsageError
+from .options import AUDIT_TIME_BUDGET, MEASURE_TIME_BUDGET
 from .registry import MeasureOptions
 from .results import (
     AuditResult,
@@ -34,11 +35,6 @@ Progress = Callable[..., contextlib.AbstractContextManager[Any]]
 
 OPTION_NAMES = frozenset(f.name for f in fields(MeasureOptions))
 """The keyword arguments that go into :class:`flatcli.registry.MeasureOptions`."""
-
-
-MEASURE_TIME_BUDGET = 300.0
-"""Seconds per Hutchinson trace or Lanczos run of :func:`measure` (``flatcli measure``'s
-``--time-budget``); audit and correlate set none."""
 
 
 class NothingMeasured(FlatcliError):
@@ -209,11 +205,12 @@ def audit_checkpoint(
     *,
     layer: str | None = None,
     measures: str | None = None,
-    normalize: bool = False,
+    normalize: bool = True,
     init: str | Path | None = None,
     alpha_low: float = 1 / 25,
     alpha_high: float = 25.0,
     tolerance: float = 1e-6,
+    threads: int | None = None,
     options: MeasureOptions | None = None,
     argv: list[str] | None = None,
     progress: Progress | None = None,
@@ -225,7 +222,10 @@ def audit_checkpoint(
         alpha_low, alpha_high: Range of the log-uniform rescaling factors.
         tolerance: Relative change below which a measure reads invariant.
         (the rest): As for :func:`measure`; ``dtype`` defaults to float64 here, so
-            invariance is judged above rounding.
+            invariance is judged above rounding, and ``time_budget`` (without
+            ``options``) to :data:`flatcli.options.AUDIT_TIME_BUDGET` seconds for the
+            whole audit: the default measures estimated not to fit it are skipped (and
+            said); named ``measures`` are always computed.
 
     Returns:
         An :class:`AuditResult` (see :func:`flatcli.audit.audit`).
@@ -234,22 +234,26 @@ def audit_checkpoint(
 
     from . import registry
     from .audit import audit as run_audit
-    from .runtime import manifest
+    from .runtime import manifest, set_threads
 
     if not (math.isfinite(tolerance) and tolerance >= 0):
         raise ParameterError("tolerance", f"must be a finite number ≥ 0, got {tolerance}")
     if not 0 < alpha_low <= alpha_high:
         raise ParameterError("alpha_low", "and alpha_high must satisfy 0 < low <= high")
     values, load = _split({"dtype": "float64", **kwargs})
+    if options is None:
+        values = {"time_budget": AUDIT_TIME_BUDGET, **values}
     opts = measure_options(options, **values)
     names = registry.select(
         measures, normalize=normalize, has_init=init is not None, default=registry.AUDIT_DEFAULT
     )
+    defaults = measures in (None, "default")
     prep, layer_name, _, config, inputs = _setup(checkpoint, opts, layer=layer, init=init, **load)
-    if measures in (None, "default") and inputs.input_shape is None:
+    set_threads(threads, params=sum(p.numel() for p in prep.model.parameters()))
+    if defaults and inputs.input_shape is None:
         names = [n for n in names if n != "path_norm"]  # named inputs (token ids): undefined
     with (progress or _nothing)() as note:
-        original, reps = run_audit(
+        run = run_audit(
             prep.model,
             prep.batches,
             names,
@@ -259,6 +263,8 @@ def audit_checkpoint(
             rtol=tolerance,
             note=note,
             inputs=inputs,
+            time_budget=opts.time_budget,
+            optional=names if defaults else (),
         )
     extra = {} if argv is None else {"argv": argv}
     return AuditResult(
@@ -269,12 +275,17 @@ def audit_checkpoint(
             "split": load.get("split", "train"),
             "n_samples": prep.batches.n_samples,
         },
-        measures=original,
-        reparameterizations=reps,
+        measures=run.measures,
+        reparameterizations=run.reparameterizations,
+        skipped=run.skipped,
+        theorem4=run.theorem4,
         manifest=manifest(device=prep.device, dtype=prep.dtype, seed=opts.seed, **extra),
         config=config.as_dict(),
         tolerance=tolerance,
         alpha_range=(alpha_low, alpha_high),
+        time_budget=opts.time_budget,
+        max_memory=opts.max_memory,
+        seconds=run.seconds,
     )
 
 
@@ -286,13 +297,15 @@ def check_robustness(
     probes: int = 64,
     label_change: bool = False,
     seed: int = 0,
+    time_budget: float | None = None,
     progress: Progress | None = None,
     **load: Any,
 ) -> RobustnessResult:
     """Feature robustness E_F(δ) of ``checkpoint`` beside Theorem 5's δ²κ/(2m).
 
     See :func:`flatcli.robustness.feature_robustness` for ``deltas``, ``probes``,
-    ``label_change`` and ``seed``; ``load`` as in the module docstring.
+    ``label_change``, ``seed`` and ``time_budget`` (seconds; None or 0 for no limit);
+    ``load`` as in the module docstring.
     """
     from .prepare import prepare
     from .robustness import feature_robustness
@@ -307,6 +320,7 @@ def check_robustness(
             list(deltas),
             loss=prep.loss,
             probes=probes,
+            time_budget=time_budget or None,
             seed=seed,
             label_change=label_change,
             progress=status,
@@ -418,6 +432,8 @@ def correlate_checkpoints(
     if "distance_from_init" in chosen:
         raise UsageError("correlate cannot compute distance_from_init (no --init per checkpoint)")
     values, load = _split({"device": "cpu", **kwargs})
+    if options is None:
+        values = {"time_budget": MEASURE_TIME_BUDGET, **values}
     opts = measure_options(options, **values)
     resolve_device(load["device"])
     resolve_dtype(load.get("dtype", "float32"))

@@ -76,6 +76,9 @@ class Batches:
         device: Device the batches are moved to.
         dtype: Floating dtype the inputs (and float targets) are cast to.
         source, split: Provenance for reports.
+        batch_size: Rows per batch (the last may be shorter), when known.
+        select: ``(lo, hi, size) -> Batches`` of samples ``lo..hi`` in batches of ``size``,
+            for data held in memory (:meth:`rows` then slices instead of streaming).
     """
 
     def __init__(
@@ -87,6 +90,8 @@ class Batches:
         dtype: torch.dtype = torch.float32,
         source: str = "<memory>",
         split: str = "train",
+        batch_size: int | None = None,
+        select: Callable[[int, int, int], Batches] | None = None,
     ) -> None:
         self._make_iter = make_iter
         self.n_samples = n_samples
@@ -94,6 +99,8 @@ class Batches:
         self.dtype = dtype
         self.source = source
         self.split = split
+        self.batch_size = batch_size
+        self._select = select
 
     def __iter__(self) -> Iterator[tuple[ModelInput, torch.Tensor]]:
         for item in self._make_iter():
@@ -117,7 +124,92 @@ class Batches:
             dtype=self.dtype if dtype is None else dtype,
             source=self.source,
             split=self.split,
+            batch_size=self.batch_size,
+            select=self._select,
         )
+
+    def count(self) -> int:
+        """The number of samples: ``n_samples``, or one pass over the stream to count them."""
+        if self.n_samples is not None:
+            return self.n_samples
+        return sum(batch_len(x) for x, _ in self._pairs())
+
+    def rows(self, lo: int, hi: int, batch_size: int | None = None) -> Batches:
+        """Samples ``lo..hi`` of the stream (in its order), in batches of ``batch_size``.
+
+        ``batch_size`` defaults to this stream's (or, unknown, the rows of its first
+        batch). Data held in memory is sliced; any other stream is read up to sample ``hi``
+        and its batches are cut and joined. Used to shard the data by samples
+        (:func:`flatcli.distributed.shard`) and to split batches to fit a memory budget.
+        """
+        if not 0 <= lo <= hi:
+            raise ValueError(f"bad sample range {lo}..{hi}")
+        size = batch_size or self.batch_size
+        if self._select is not None and size is not None:
+            return self._select(lo, hi, size).to(self.device, self.dtype)
+        if size is None:
+            size = batch_len(_unpack(next(iter(self._make_iter())))[0]) if hi > lo else 1
+        return Batches(
+            lambda: _rebatch(self._pairs(), lo, hi, size),
+            n_samples=hi - lo,
+            device=self.device,
+            dtype=self.dtype,
+            source=self.source,
+            split=self.split,
+            batch_size=size,
+        )
+
+    def _pairs(self) -> Iterator[tuple[ModelInput, torch.Tensor]]:
+        """The raw ``(x, y)`` pairs, on their own device and dtype."""
+        for item in self._make_iter():
+            yield _unpack(item)
+
+
+def _rebatch(
+    pairs: Iterable[tuple[ModelInput, torch.Tensor]], lo: int, hi: int, size: int
+) -> Iterator[tuple[ModelInput, torch.Tensor]]:
+    """Samples ``lo..hi`` of a stream of batches, in batches of ``size`` rows."""
+    pending: list[tuple[ModelInput, torch.Tensor]] = []
+    have = start = 0
+    for x, y in pairs:
+        n = batch_len(x)
+        a, b = max(lo - start, 0), min(hi - start, n)
+        start += n
+        if a < b:
+            pending.append((take(x, slice(a, b)), y[a:b]))
+            have += b - a
+            while have >= size:
+                x_out, y_out, pending = _split_rows(pending, size)
+                have -= size
+                yield x_out, y_out
+        if start >= hi:
+            break
+    if have:
+        x_out, y_out, _ = _split_rows(pending, have)
+        yield x_out, y_out
+
+
+def _split_rows(
+    pieces: list[tuple[ModelInput, torch.Tensor]], size: int
+) -> tuple[ModelInput, torch.Tensor, list[tuple[ModelInput, torch.Tensor]]]:
+    """The first ``size`` rows of ``pieces`` joined into one batch, and the pieces left."""
+    out, rest, need = [], [], size
+    for x, y in pieces:
+        n = batch_len(x)
+        if need >= n:
+            out.append((x, y))
+        elif need > 0:
+            out.append((take(x, slice(0, need)), y[:need]))
+            rest.append((take(x, slice(need, n)), y[need:]))
+        else:
+            rest.append((x, y))
+        need -= n
+    xs = [x for x, _ in out]
+    if isinstance(xs[0], Mapping):
+        x_cat: ModelInput = {k: torch.cat([x[k] for x in xs]) for k in xs[0]}  # type: ignore[index]
+    else:
+        x_cat = torch.cat(xs)  # type: ignore[arg-type]
+    return x_cat, torch.cat([y for _, y in out]), rest
 
 
 def _unpack(item: Any) -> tuple[ModelInput, torch.Tensor]:
@@ -229,6 +321,9 @@ def as_batches(
         for i in range(0, n, batch_size):
             yield take(x, slice(i, i + batch_size)), y[i : i + batch_size]
 
+    def select(lo: int, hi: int, size: int) -> Batches:
+        return as_batches(Dataset(take(x, slice(lo, hi)), y[lo:hi], source, split), batch_size=size)
+
     return Batches(
         make_iter,
         n_samples=n,
@@ -236,6 +331,8 @@ def as_batches(
         dtype=dtype,
         source=source,
         split=split,
+        batch_size=batch_size,
+        select=select,
     )
 
 

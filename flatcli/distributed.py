@@ -10,10 +10,10 @@ flatcli does not launch processes itself: ``torchrun`` does, and sets ``RANK``,
 :func:`init` joins the process group when launched that way (backend ``gloo`` on CPU,
 ``nccl`` on CUDA, each rank on ``cuda:LOCAL_RANK``) and does nothing otherwise.
 
-``measure`` shards the *data*: :func:`shard` gives each rank every ``world``-th batch
-(the batches themselves are the single-process ones). Every measure accumulates
-per-sample sums over its batches and calls :func:`sum_over_shards` on them before
-dividing by ``n``; that is an ``all_reduce`` for a :class:`ShardedBatches` stream and
+``measure`` shards the *data* by samples: :func:`shard` gives each rank an even share of
+the samples (the shares differ by at most one), which the rank batches itself. Every
+measure accumulates per-sample sums over its batches and calls :func:`sum_over_shards` on
+them before dividing by ``n``; that is an ``all_reduce`` for a :class:`ShardedBatches` stream and
 the identity for any other, so library calls on ordinary data never communicate. Random
 probes and perturbations are drawn from the same seed on every rank, so each rank sees
 the same probes on its part of the data and the reduced result is the single-process
@@ -31,8 +31,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-from collections.abc import Iterator
-from itertools import islice
 from typing import Any
 
 import torch
@@ -150,25 +148,42 @@ def _timeout_s() -> float:
 
 
 class ShardedBatches(Batches):
-    """This rank's share of a batch stream: batches ``rank, rank + world, ...``.
+    """This rank's share of a data stream: an even split of its *samples*.
 
-    ``n_samples`` and :meth:`first` are those of the whole stream (for reports and for
-    shape checks); measures count their own samples and reduce the count.
+    Rank ``r`` of ``world`` takes samples ``⌊r·n/world⌋ .. ⌊(r+1)·n/world⌋`` (the shares
+    differ by at most one sample) and batches them itself, in batches of ``batch_size``
+    (default: the stream's own). In-memory data is sliced; any other stream is read up to
+    the end of the rank's share. ``n_samples`` and :meth:`first` are those of the whole
+    stream (for reports, shape checks and memory plans, which then agree on every rank);
+    measures count their own samples and reduce the count.
+
+    Attributes:
+        inner: The whole stream.
+        rank, world: This rank and the number of ranks.
+        lo, hi: This rank's samples.
     """
 
-    def __init__(self, inner: Batches, rank: int, world: int) -> None:
-        def make_iter() -> Iterator[Any]:
-            return islice(inner._make_iter(), rank, None, world)
-
+    def __init__(
+        self, inner: Batches, rank: int, world: int, *, batch_size: int | None = None
+    ) -> None:
+        n = inner.count()
+        self.lo, self.hi = rank * n // world, (rank + 1) * n // world
+        mine = inner.rows(self.lo, self.hi, batch_size)
         super().__init__(
-            make_iter,
-            n_samples=inner.n_samples,
+            mine._make_iter,
+            n_samples=n,
             device=inner.device,
             dtype=inner.dtype,
             source=inner.source,
             split=inner.split,
+            batch_size=mine.batch_size,
         )
         self.inner, self.rank, self.world = inner, rank, world
+
+    @property
+    def local_samples(self) -> int:
+        """The number of samples this rank holds."""
+        return self.hi - self.lo
 
     def first(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The first batch of the whole stream."""
@@ -178,27 +193,37 @@ class ShardedBatches(Batches):
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> Batches:
         """The same shard on another device or dtype."""
-        return ShardedBatches(self.inner.to(device, dtype), self.rank, self.world)
+        return ShardedBatches(
+            self.inner.to(device, dtype), self.rank, self.world, batch_size=self.batch_size
+        )
+
+    def rebatched(self, batch_size: int) -> ShardedBatches:
+        """The same samples in batches of ``batch_size`` rows (still reduced over the ranks)."""
+        return ShardedBatches(self.inner, self.rank, self.world, batch_size=batch_size)
 
 
 def shard(batches: Batches) -> Batches:
-    """This rank's share of ``batches`` (``batches`` itself when not distributed).
+    """This rank's share of the samples of ``batches`` (``batches`` itself when not
+    distributed): see :class:`ShardedBatches`.
 
     Raises:
-        UsageError: On every rank, when some rank's share is empty (fewer batches than
-            ranks).
+        UsageError: On every rank, when there are fewer samples than ranks.
     """
     if not active():
         return batches
-    out = ShardedBatches(batches, rank(), world_size())
-    has = float(next(iter(out._make_iter()), None) is not None)
-    empty = world_size() - int(sum_floats(out, has)[0])
-    if empty:
+    n = batches.count()
+    if n < world_size():
         raise UsageError(
-            f"{world_size()} ranks but only {world_size() - empty} batch(es) of data: "
-            "use a smaller --batch-size or fewer processes"
+            f"{world_size()} ranks but only {n} sample(s) of data: use fewer processes"
         )
-    return out
+    return ShardedBatches(batches, rank(), world_size())
+
+
+def local_samples(batches: Any) -> int | None:
+    """The number of samples this process holds of ``batches`` (None when unknown)."""
+    if isinstance(batches, ShardedBatches):
+        return batches.local_samples
+    return getattr(batches, "n_samples", None)
 
 
 def sum_over_shards(batches: Any, value: torch.Tensor) -> torch.Tensor:
@@ -220,6 +245,13 @@ def sum_floats(batches: Any, *values: float) -> list[float]:
     if not isinstance(batches, ShardedBatches):
         return list(values)
     return sum_over_shards(batches, torch.tensor(values, dtype=torch.float64)).tolist()
+
+
+def all_ranks(batches: Any, flag: bool) -> bool:
+    """``flag`` on every rank (one all-reduce) when ``batches`` is sharded, else ``flag``."""
+    if not isinstance(batches, ShardedBatches):
+        return flag
+    return sum_floats(batches, float(not flag))[0] == 0
 
 
 def gather(obj: Any) -> list[Any]:

@@ -76,6 +76,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .autodiff import hvp
 from .errors import UsageError
 from .features import Cut, LayerSplit, ModelInput, call_model, default_layer
 from .losses import SoftmaxCurvature, check_loss, per_sample_loss
@@ -199,6 +200,7 @@ class FAMRegularizer:
         if generator is None:
             self.generator.manual_seed(seed)
         self.piecewise_linear = _piecewise_linear_downstream(self.split)
+        self._chain = _module_chain(self.split) if self.piecewise_linear else None
         if self.split.kind == "other" and method != "hutchinson":
             raise UsageError(
                 f"layer {self.split.name!r} ({type(self.split.layer).__name__}) is neither "
@@ -239,6 +241,8 @@ class FAMRegularizer:
         if path == "identity1":
             with _downstream_eval(self.model):
                 return self._identity1(cut, y, weight)
+        if path == "jacobian" and self._chain is not None:  # evaluated in eval mode by hand
+            return self._identity2(cut, y, weight, jacobian=True)
         if path in ("identity2", "jacobian"):
             with _downstream_eval(self.model):
                 return self._identity2(cut, y, weight, jacobian=path == "jacobian")
@@ -297,8 +301,13 @@ class FAMRegularizer:
         if path == "closed_form":
             text = "exact: closed form (Identity 3, logits layer)"
         elif path == "jacobian":
+            how = (
+                "chained through the modules"
+                if self._chain is not None
+                else "one VJP per class"
+            )
             text = (
-                "exact: Identity 2 through the downstream Jacobian, one VJP per class "
+                f"exact: Identity 2 through the downstream Jacobian, {how} "
                 f"(piecewise-linear downstream, B_i = J_iᵀ H_i J_i; {self.split.mechanism} split)"
             )
         elif path == "identity2":
@@ -333,26 +342,46 @@ class FAMRegularizer:
         sq_norms = (phi * phi).sum(1)
         layerwise = self.variant == "layerwise"
         if jacobian:
-            q, tr = self._jacobian_forms(cut, y, w, trace=layerwise)
-        else:
-            q, tr = self.split.quadratic_forms(cut, y, self.loss, [w], trace=layerwise)
+            q = self._jacobian_forms(cut, w, trace=layerwise)
+            value = torch.dot(sq_norms, q) / phi.shape[0]
+            return (w * w).sum() * value if layerwise else value
+        q, tr = self.split.quadratic_forms(cut, y, self.loss, [w], trace=layerwise)
         if layerwise:
             assert tr is not None
             return (w * w).sum() * (sq_norms * tr).mean()
         return (sq_norms * q[:, 0]).mean()
 
-    def _jacobian_forms(
-        self, cut: Cut, y: torch.Tensor, w: torch.Tensor, *, trace: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        r"""Per-sample ``Tr(Wᵀ B_i W)`` (and ``Tr B_i``) as ``Tr(Mᵀ H_i M)``, ``M = J_i W``.
+    def _jacobian_forms(self, cut: Cut, w: torch.Tensor, *, trace: bool) -> torch.Tensor:
+        r"""Per-sample ``Tr(Mᵀ H_i M)`` with ``M = J_i W`` (``trace``: ``M = J_i``, ``Tr B_i``).
 
         Valid when the downstream part is piecewise linear, so that
-        :math:`B_i = J_i^\top H_i J_i` exactly (no curvature term). ``J_i`` comes from
-        ``C`` vector-Jacobian products (one per logit) in one batched backward, each over
-        the whole batch at once: the downstream part maps row ``i`` of ``z`` to row ``i``
-        of the logits only (eval mode). Differentiable in ``z``, ``w`` and the downstream
-        parameters when grad mode is on (the backward keeps its graph).
+        :math:`B_i = J_i^\top H_i J_i` exactly (no curvature term). For cross-entropy,
+        :math:`\mathrm{Tr}(M^\top H_i M) = \sum_c p_{ic}\|M_c\|^2 - \|M^\top p_i\|^2`
+        (by :class:`~flatcli.losses.SoftmaxCurvature`, exact on a saturated softmax);
+        for MSE, :math:`(2/C)\|M\|_F^2`. Differentiable in ``z``, ``w`` and the downstream
+        parameters (:meth:`_downstream_jacobian`).
         """
+        out, jac = self._downstream_jacobian(cut)
+        n, c = out.shape
+        m = jac if trace else (jac.reshape(-1, w.shape[0]) @ w).view(*jac.shape[:-1], -1)
+        # m: (n, C, r), or (C, r) when no factor of J depends on the sample
+        if self.loss == "cross_entropy":  # exact on a saturated softmax too
+            return SoftmaxCurvature.of(out).forms(m, summed=True)
+        return ((2 / c) * (m * m).sum((-2, -1))).expand(n)
+
+    def _downstream_jacobian(self, cut: Cut) -> tuple[torch.Tensor, torch.Tensor]:
+        """The downstream output (eval mode) and its Jacobian ``J_i`` in ``z``: ``(n, C, d)``.
+
+        An ``nn.Sequential`` downstream part is chained module by module: ``J = W_L D_{L-1}
+        … `` with ``D`` the diagonal derivative of each piecewise-linear module at its input
+        (no autograd pass of its own: the cheapest route, and ``(C, d)`` when nothing depends
+        on the sample). Any other downstream part (a ``torch.fx`` graph) takes ``C``
+        vector-Jacobian products in one batched backward pass, each over the whole batch at
+        once (the part maps row ``i`` of ``z`` to row ``i`` of the output in eval mode), kept
+        differentiable when grad mode is on.
+        """
+        if self._chain is not None:
+            return _chain_jacobian(self._chain, cut.z)
         graph = torch.is_grad_enabled()
         with torch.enable_grad():  # J_i needs autograd even when only the value is wanted
             z = cut.z if cut.z.requires_grad else cut.z.detach().requires_grad_()
@@ -369,20 +398,7 @@ class FAMRegularizer:
             )
         if not graph:
             out = out.detach()
-        m = torch.einsum("kid,dr->ikr", jac, w)  # M_i = J_i W, (n, C, r)
-        if self.loss == "cross_entropy":
-            curvature = SoftmaxCurvature.of(out)  # exact on a saturated softmax too
-
-            def form(a: torch.Tensor) -> torch.Tensor:  # Tr(Aᵀ (diag p − p pᵀ) A) per sample
-                return curvature.forms(a, summed=True)
-
-        else:
-
-            def form(a: torch.Tensor) -> torch.Tensor:  # H_i = (2/C) I
-                return (2 / c) * (a * a).sum((1, 2))
-
-        tr = form(jac.transpose(0, 1)) if trace else None
-        return form(m).unsqueeze(1), tr
+        return out, jac.transpose(0, 1)
 
     def _identity1(
         self, cut: Cut, y: torch.Tensor, weight: torch.Tensor | None = None
@@ -409,15 +425,7 @@ class FAMRegularizer:
             out = self.split.weight_output(cut, to_weight(p))
             return per_sample_loss(out, y, self.loss).mean()
 
-        grad_fn = torch.func.grad(mean_loss)
         p0 = w.new_zeros(shape)
-
-        def quadratic(v: torch.Tensor) -> torch.Tensor:
-            return (v * torch.func.jvp(grad_fn, (p0,), (v,))[1]).sum()
-
-        def quadratic_reverse(v: torch.Tensor) -> torch.Tensor:
-            return (v * torch.func.vjp(grad_fn, p0)[1](v)[0]).sum()
-
         exact = self.method == "exact"
         if exact and size > MAX_EXACT_DIRECTIONS:
             raise UsageError(
@@ -426,10 +434,7 @@ class FAMRegularizer:
             )
         total = w.new_zeros(())
         for dirs in self._directions(size, shape, exact=exact, like=w):
-            total = total + self.split.ad(
-                lambda d=dirs: torch.func.vmap(quadratic)(d),
-                lambda d=dirs: torch.func.vmap(quadratic_reverse)(d),
-            ).sum()
+            total = total + (dirs * hvp(mean_loss, p0, dirs, ad=self.split.ad)).sum()
         value = total if exact else total / self.probes
         return (w * w).sum() * value if layerwise else value
 
@@ -518,6 +523,78 @@ def _piecewise_linear_downstream(split: LayerSplit) -> bool:
         elif node.op != "call_method" or node.target not in _PIECEWISE_LINEAR_METHODS:
             return False
     return True
+
+
+_CHAIN_MODULES = (nn.Linear, nn.ReLU, nn.LeakyReLU, nn.Hardtanh, nn.Identity, nn.Dropout)
+"""Modules :func:`_chain_jacobian` differentiates by hand (``nn.ReLU6`` is an
+``nn.Hardtanh``), besides a 2-D ``nn.Flatten`` and an ``nn.BatchNorm1d`` with running
+statistics."""
+
+
+def _module_chain(split: LayerSplit) -> tuple[nn.Module, ...] | None:
+    """The downstream modules in order, when an ``nn.Sequential`` split leaves only modules
+    :func:`_chain_jacobian` knows; else None."""
+    down = getattr(split, "_down", None)
+    if split.mechanism != "sequence" or not isinstance(down, nn.Sequential):
+        return None
+    chain = tuple(m for m in down.modules() if not isinstance(m, nn.Sequential))
+    for m in chain:
+        if isinstance(m, nn.Flatten):
+            if m.start_dim not in (1, -1):
+                return None
+        elif isinstance(m, nn.BatchNorm1d):
+            if m.running_var is None:  # batch statistics even in eval mode
+                return None
+        elif not isinstance(m, _CHAIN_MODULES):
+            return None
+    return chain
+
+
+def _chain_jacobian(
+    chain: tuple[nn.Module, ...], z: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eval-mode output of ``chain`` at ``z`` and its Jacobian in ``z``, chained by hand.
+
+    Each module is a linear map (``nn.Linear``: its weight; eval ``BatchNorm1d``: a
+    per-feature scale) or a piecewise-linear activation, whose derivative is a per-sample
+    diagonal taken the way autograd takes it at a kink (ReLU: ``x > 0``; LeakyReLU:
+    ``x > 0`` else the slope; Hardtanh and ReLU6: ``lo < x < hi``). Dropout, Identity and a
+    2-D Flatten are the identity. The product is differentiable in the weights (and, where
+    it enters, the BatchNorm scale); the masks are piecewise constant. Returns the output
+    ``(n, C)`` and ``J``: ``(n, C, d)``, or ``(C, d)`` when no factor depends on the sample.
+    """
+    h = z
+    factors: list[tuple[bool, torch.Tensor]] = []  # (is a matrix, factor)
+    for m in chain:
+        if isinstance(m, nn.Linear):
+            factors.append((True, m.weight))
+            h = F.linear(h, m.weight, m.bias)
+        elif isinstance(m, nn.ReLU):
+            factors.append((False, (h > 0).to(h.dtype)))
+            h = F.relu(h)
+        elif isinstance(m, nn.LeakyReLU):
+            slope = h.new_tensor(m.negative_slope)
+            factors.append((False, torch.where(h > 0, torch.ones_like(slope), slope).detach()))
+            h = F.leaky_relu(h, m.negative_slope)
+        elif isinstance(m, nn.Hardtanh):
+            factors.append((False, ((h > m.min_val) & (h < m.max_val)).to(h.dtype)))
+            h = F.hardtanh(h, m.min_val, m.max_val)
+        elif isinstance(m, nn.BatchNorm1d):
+            assert m.running_mean is not None and m.running_var is not None
+            scale = torch.rsqrt(m.running_var + m.eps)
+            factors.append((False, scale if m.weight is None else m.weight * scale))
+            h = F.batch_norm(h, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
+    jac: torch.Tensor | None = None
+    for matrix, f in reversed(factors):
+        if matrix:
+            jac = f if jac is None else jac @ f
+        elif jac is None:
+            jac = torch.diag_embed(f)
+        else:
+            jac = jac * f.unsqueeze(-2)
+    if jac is None:  # nothing after the layer but identities
+        jac = torch.eye(z.shape[-1], dtype=z.dtype, device=z.device)
+    return h, jac
 
 
 @contextmanager

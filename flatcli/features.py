@@ -38,7 +38,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from .autodiff import SecondOrder
+from .autodiff import SecondOrder, hvp
 from .errors import FlatcliError, UsageError
 from .losses import SoftmaxCurvature, per_sample_loss
 
@@ -550,18 +550,5 @@ def per_sample_hvp(
     Returns:
         ``(k, n, d)`` with ``out[j, i] = B_i directions[j]``.
     """
-    grad_fn = torch.func.grad(fn)
-
-    def hvp(v: torch.Tensor) -> torch.Tensor:
-        return torch.func.jvp(grad_fn, (z,), (v.expand_as(z),))[1]
-
-    def forward() -> torch.Tensor:
-        return torch.func.vmap(hvp, chunk_size=chunk_size)(directions)
-
-    def reverse() -> torch.Tensor:
-        _, pullback = torch.func.vjp(grad_fn, z)
-        return torch.func.vmap(lambda v: pullback(v.expand_as(z))[0], chunk_size=chunk_size)(
-            directions
-        )
-
-    return (ad or SecondOrder())(forward, reverse)
+    k = directions.shape[0]
+    return hvp(fn, z, directions[:, None, :].expand(k, *z.shape), chunk_size=chunk_size, ad=ad)

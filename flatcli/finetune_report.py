@@ -1,13 +1,13 @@
 """What a FAM fine-tuning run reports: the epoch records, the CSV log and its manifest, the
-plot of the curves, the test metrics, and the temperature-matched baseline.
+plot of the curves, and the test metrics.
 
 The library side of the reporting of :func:`flatcli.finetune.finetune`; every file is
-written atomically.
+written atomically. (The temperature-matched baseline's maths is in
+:mod:`flatcli.finetune.temperature`.)
 """
 
 from __future__ import annotations
 
-import copy
 import csv
 import io
 import math
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .data import take
-from .features import LayerSplit, ModelInput, batch_len, call_model, default_layer
+from .features import ModelInput, batch_len, call_model
 from .io import atomic_write, atomic_write_text
 from .losses import per_sample_loss
 from .measures.estimate import Estimate
@@ -43,7 +43,11 @@ LOG_COLUMNS = (
     "full_train_accuracy",
     "full_kappa",
 )
-_EVAL_BATCH = 1024
+EVAL_BATCH = 1024
+LOG_SCHEMA = "flatcli.finetune-log/1"
+"""Schema id of the CSV log's manifest (``STEM.manifest.json``): the run's provenance and
+its before/after measures. The run's whole result is :data:`flatcli.finetune.SCHEMA`."""
+"""Samples per forward pass when evaluating on a whole split."""
 
 
 @dataclass(frozen=True)
@@ -118,7 +122,7 @@ def write_log_manifest(
     from .runtime import manifest
 
     provenance = {
-        "schema": "flatcli.finetune/1",
+        "schema": LOG_SCHEMA,
         "checkpoint": {"parent_sha256": parent_sha256, "output_sha256": out_sha256},
         "hparams": dict(hparams),
         **dict(extra or {}),
@@ -242,9 +246,9 @@ def heldout_metrics(
     x, y = xy
     n = batch_len(x)
     loss_sum, correct = 0.0, 0
-    for lo in range(0, n, _EVAL_BATCH):
-        out = call_model(net, take(x, slice(lo, lo + _EVAL_BATCH)))
-        yb = y[lo : lo + _EVAL_BATCH]
+    for lo in range(0, n, EVAL_BATCH):
+        out = call_model(net, take(x, slice(lo, lo + EVAL_BATCH)))
+        yb = y[lo : lo + EVAL_BATCH]
         loss_sum += float(per_sample_loss(out, yb, loss).double().sum())  # type: ignore[arg-type]
         if not yb.is_floating_point():
             correct += int((out.argmax(-1) == yb).sum())
@@ -253,70 +257,3 @@ def heldout_metrics(
     if not y.is_floating_point():
         result["test_accuracy"] = Estimate(correct / n, None, f"exact: over {n} samples")
     return result
-
-
-# --------------------------------------------------------------------------- temperature
-
-
-def temperature_scale(
-    net: nn.Module, x: ModelInput, y: torch.Tensor, target_loss: float, *, loss: str
-) -> tuple[nn.Module, float] | str:
-    """The model with its logits layer's ``W`` and ``b`` multiplied by ``c``, at the ``c``
-    where its mean training loss equals ``target_loss``.
-
-    Scaling the logits layer by ``c`` is a softmax temperature ``1/c``: predictions stay,
-    confidence changes. ``c`` is found by bracketing over ``c ∈ [1e-4, 1e4]`` (log grid,
-    outward from 1) and Brent's method (:func:`scipy.optimize.brentq`, relative tolerance
-    1e-10 in ``log c``).
-
-    Returns:
-        ``(scaled copy, c)``, or a one-line reason when there is no such ``c``: the loss is
-        not cross-entropy, the last ``nn.Linear`` does not produce the output, or no ``c``
-        in the range reaches ``target_loss``.
-    """
-    from scipy.optimize import brentq
-
-    if loss != "cross_entropy":
-        return "defined for cross-entropy only"
-    head = default_layer(net)
-    split = LayerSplit(net, head)
-    was_training = net.training
-    net.eval()
-    if split.mechanism == "hook" and batch_len(x) > 0:  # a Hugging Face head shows itself
-        with torch.no_grad():  # only when run (LayerSplit.run)
-            split.run(take(x, slice(0, 2)))
-    if split.kind != "linear" or not split.produces_output or split.tied:
-        net.train(was_training)
-        return f"the last nn.Linear ({head}) does not produce the logits"
-    with torch.no_grad():
-        n = batch_len(x)
-        chunks = [slice(lo, lo + _EVAL_BATCH) for lo in range(0, n, _EVAL_BATCH)]
-        logits = torch.cat([call_model(net, take(x, s)) for s in chunks])
-    net.train(was_training)
-    logits = logits.double()
-
-    def gap(log_c: float) -> float:
-        mean = per_sample_loss(logits * math.exp(log_c), y, "cross_entropy").mean()
-        return float(mean) - target_loss
-
-    at_one = gap(0.0)
-    if at_one == 0.0:
-        root = 0.0
-    else:
-        step = 1 if at_one > 0 else -1  # a sharper softmax lowers a fitted model's loss
-        pairs = []
-        for sign in (step, -step):  # outward from c = 1, the likely side first
-            grid = [sign * math.log(10) * k / 4 for k in range(17)]
-            pairs += list(zip(grid, grid[1:], strict=False))
-        bracket = next(((a, b) for a, b in pairs if gap(a) * gap(b) <= 0), None)
-        if bracket is None:
-            return f"no temperature in [1e-4, 1e4] reaches train loss {target_loss:.4g}"
-        root = brentq(gap, *bracket, xtol=1e-12, rtol=1e-10)
-    c = math.exp(root)
-    scaled = copy.deepcopy(net)
-    layer = dict(scaled.named_modules())[head]
-    with torch.no_grad():
-        layer.weight.mul_(c)
-        if getattr(layer, "bias", None) is not None:
-            layer.bias.mul_(c)
-    return scaled, c

@@ -12,6 +12,13 @@ from typing import Any
 
 from .errors import ParameterError
 
+MEASURE_TIME_BUDGET = 60.0
+"""Seconds for the iterative measures of one :func:`flatcli.measure` run together (and
+of each checkpoint of :func:`flatcli.correlate_checkpoints`): ``--time-budget``'s default."""
+
+AUDIT_TIME_BUDGET = 300.0
+"""Seconds for a whole :func:`flatcli.audit_checkpoint` (``flatcli audit --time-budget``)."""
+
 
 @dataclass(frozen=True)
 class MeasureOptions:
@@ -40,8 +47,10 @@ class MeasureOptions:
             backward, one at a time); None chooses from ``max_memory``.
         max_memory: Bytes the whole-network measures may use, or a size such as ``4G``
             (None: half the free memory); data batches and probe batches are split to fit.
-        time_budget: Seconds after which a Hutchinson trace or Lanczos stops, reporting
-            the standard error (or residual) reached; None or 0 for no limit.
+        time_budget: Seconds for the iterative measures of a run together (Hutchinson
+            trace, Lanczos, PAC-Bayes and sharpness searches); each stops at probe (HVP,
+            bisection step, Monte Carlo draw) granularity once it is spent, reporting the
+            standard error (residual, bracket) reached; None or 0 for no limit.
 
     :meth:`checked` checks them (the library's commands call it).
     """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,10 +18,13 @@ from .data import (
     Dataset,
     MissingSplit,
     as_batches,
+    as_inputs,
     check_fits,
+    check_same_length,
     fit_inputs,
     load_data,
     metadata_data,
+    split_labels,
 )
 from .errors import UsageError
 from .losses import check_loss
@@ -131,14 +135,7 @@ def prepare(
     check_has_head(ck.model, ck.path)
     check_finite(ck.model)
     model = eval_mode(ck.model.to(device=dev, dtype=dt))
-    spec = data
-    if spec is None and ck.metadata.get("data") is not None:
-        spec = metadata_data(ck.metadata["data"], ck.path)
-    if spec is None:
-        raise UsageError(
-            f"{ck.path.name} does not name its data: pass --data FILE (.npz, .pt, "
-            ".csv) or a bundled dataset name (digits)"
-        )
+    spec, _ = data_source(ck, data)
     loss_name = check_loss(loss or ck.metadata.get("loss") or "cross_entropy")
     batches = _batches(
         ck,
@@ -252,6 +249,91 @@ def _batches(
     ds = load_data(
         spec, split=split, target=target, max_samples=max_samples, base_dir=ck.path.parent
     )
-    x = fit_inputs(ds.x, model, ck.input_shape)
-    fitted = Dataset(x=x, y=ds.y, source=ds.source, split=ds.split)
+    fitted = fit_dataset(ds, model, ck)
     return as_batches(fitted, batch_size=batch_size, device=device, dtype=dtype)
+
+
+DataLike = str | Dataset | tuple[torch.Tensor, torch.Tensor]
+"""Data as the library takes it: a bundled name or a file, a dataset, or an ``(x, y)`` pair."""
+
+
+def data_source(ck: Checkpoint, data: str | None) -> tuple[str, str]:
+    """The data to load, and the name to record: ``data``, else the checkpoint's ``data``
+    metadata (loaded relative to the checkpoint's folder, recorded as written).
+
+    Raises:
+        UsageError: Neither names any data.
+    """
+    if data is not None:
+        return data, data
+    named = ck.metadata.get("data")
+    if named is None:
+        raise UsageError(
+            f"{ck.path.name} does not name its data: pass --data FILE (.npz, .pt, "
+            ".csv) or a bundled dataset name (digits)"
+        )
+    return (metadata_data(named, ck.path) if ck.sha256 else named), named
+
+
+def training_data(
+    ck: Checkpoint,
+    model: nn.Module,
+    data: DataLike | None,
+    test_data: DataLike | None = None,
+    *,
+    target: str | None = None,
+    max_samples: int | None = None,
+) -> tuple[str | None, Dataset, Dataset | None]:
+    """The training set and the test set, whole, with inputs shaped for ``model``.
+
+    ``data`` defaults to the checkpoint's metadata (:func:`data_source`). The test set is
+    ``test_data``, else the ``test`` split of a named ``data``, when it has one.
+
+    Returns:
+        The recorded data name (None for data given as tensors), the training set and the
+        test set (or None).
+    """
+    spec: str | None = None
+    base = ck.path.parent if ck.sha256 else None  # an in-memory module has no folder
+    if data is None or isinstance(data, str):
+        data, spec = data_source(ck, data)
+    test: Dataset | None = None
+    if isinstance(data, str):
+        train = load_data(data, target=target, max_samples=max_samples, base_dir=base)
+        if test_data is None:
+            with contextlib.suppress(MissingSplit):
+                test = load_data(
+                    data, split="test", target=target, max_samples=max_samples, base_dir=base
+                )
+    else:
+        train = as_dataset(data, "train")
+    if test_data is not None:
+        test = (
+            load_data(test_data, split="test", target=target, base_dir=base)
+            if isinstance(test_data, str)
+            else as_dataset(test_data, "test")
+        )
+    train = fit_dataset(train, model, ck)
+    return spec, train, None if test is None else fit_dataset(test, model, ck)
+
+
+def as_dataset(data: Any, split: str) -> Dataset:
+    """A :class:`~flatcli.data.Dataset` from one, a ``{"x": …, "y": …}`` mapping or an
+    ``(x, y)`` pair."""
+    if isinstance(data, Dataset):
+        return data
+    if isinstance(data, Mapping):
+        x, y = split_labels(data)
+    elif isinstance(data, (tuple, list)) and len(data) == 2:
+        x, y = as_inputs(data[0]), torch.as_tensor(data[1])
+    else:
+        x = None
+    if x is not None:
+        check_same_length(x, y)
+        return Dataset(x=x, y=y, source="<memory>", split=split)
+    raise UsageError(f"cannot use {type(data).__name__} as data; pass a name, a file or (x, y)")
+
+
+def fit_dataset(ds: Dataset, model: nn.Module, ck: Checkpoint) -> Dataset:
+    """``ds`` with its inputs shaped for ``model`` (:func:`~flatcli.data.fit_inputs`)."""
+    return Dataset(fit_inputs(ds.x, model, ck.input_shape), ds.y, ds.source, ds.split)

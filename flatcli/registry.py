@@ -52,10 +52,13 @@ class Inputs:
         input_shape: Shape of one input sample (``path_norm``).
         init_model: The network at initialization (``distance_from_init``, and the
             distance form of ``pacbayes_bound``).
+        clock: The run's time budget, shared by its iterative measures (set by
+            :func:`run_measures` from ``time_budget`` when None).
     """
 
     input_shape: tuple[int, ...] | None = None
     init_model: nn.Module | None = None
+    clock: Any = None
 
     @classmethod
     def of(cls, batches: Batches, init_model: nn.Module | None = None) -> Inputs:
@@ -126,7 +129,7 @@ def _hessian_group(
             max_probes=config.max_probes,
             probe_batch=config.probe_batch,
             max_memory=config.max_memory,
-            time_budget=config.time_budget,
+            time_budget=inputs.clock or config.time_budget,
             seed=config.seed,
             progress=note,
         )
@@ -139,7 +142,7 @@ def _hessian_group(
             params=params,
             probe_batch=config.probe_batch,
             max_memory=config.max_memory,
-            time_budget=config.time_budget,
+            time_budget=inputs.clock or config.time_budget,
             seed=config.seed,
             progress=note,
         )
@@ -192,6 +195,7 @@ def _pacbayes_group(
             seed=config.seed,
             max_memory=config.max_memory,
             progress=note,
+            time_budget=inputs.clock or config.time_budget,
         )
 
     mc, depth = config.mc_samples, config.search_depth
@@ -231,6 +235,7 @@ def _sharpness_group(
                 seed=config.seed,
                 max_memory=config.max_memory,
                 progress=note,
+                time_budget=inputs.clock or config.time_budget,
             )
     return out
 
@@ -336,10 +341,6 @@ OPTIONAL = ("bound_estimate",)
 measure of the model alone, and defined for ``nn.Linear`` feature layers only)."""
 
 
-DEFAULT_TIME_BUDGET = 300.0
-"""``--time-budget`` of the CLI: seconds per Hutchinson trace or Lanczos run."""
-
-
 def available() -> list[str]:
     """Every measure name, in display order."""
     return [name for _, names in GROUPS.values() for name in names]
@@ -410,8 +411,14 @@ def run_measures(
     Curvature measures of a cross-entropy model whose softmax is saturated on every
     sample get a warning (see :func:`flatcli.measures.params.saturation_warning`).
     """
+    from dataclasses import replace
+
+    from .measures.budget import Stopwatch
+
     note = note or (lambda _msg: None)
     inputs = inputs or Inputs()
+    if inputs.clock is None:  # one budget for the whole run, not one per measure
+        inputs = replace(inputs, clock=Stopwatch(config.time_budget))
     check(model, names, config, inputs)
     out: dict[str, Estimate] = {}
     interrupted = False

@@ -154,8 +154,14 @@ class AuditResult(Result):
         checkpoint, layer, data, manifest, config: As in :class:`MeasureResult`.
         measures: The measures of the original model.
         reparameterizations: One :class:`flatcli.audit.Reparameterization` per kind.
+        skipped: Measures not computed, each with why (the time budget).
+        theorem4: Lines on Theorem 4's normalized κ̃: where it was shown invariant, and
+            where the theorem's conditions fail here.
         tolerance: Relative change below which a measure reads invariant.
         alpha_range: ``(low, high)`` of the random rescaling factors.
+        time_budget: Seconds for the whole audit (None: no limit).
+        max_memory: Bytes each measure may use (None: half the free memory).
+        seconds: Wall time of the audit.
     """
 
     schema: ClassVar[str] = "flatcli.audit/1"
@@ -164,10 +170,15 @@ class AuditResult(Result):
     data: dict[str, Any]
     measures: dict[str, Estimate]
     reparameterizations: list[Reparameterization]
+    skipped: dict[str, str]
+    theorem4: list[str]
     manifest: dict[str, Any]
     config: dict[str, Any]
     tolerance: float
     alpha_range: tuple[float, float]
+    time_budget: float | None
+    max_memory: int | None
+    seconds: float
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -177,9 +188,17 @@ class AuditResult(Result):
             "data": self.data,
             "measures": {k: v.to_dict() for k, v in self.measures.items()},
             "reparameterizations": [r.to_dict() for r in self.reparameterizations],
+            "skipped": self.skipped,
+            "theorem4": self.theorem4,
             "manifest": self.manifest,
             "config": self.config,
-            "audit": {"tolerance": self.tolerance, "alpha_range": list(self.alpha_range)},
+            "audit": {
+                "tolerance": self.tolerance,
+                "alpha_range": list(self.alpha_range),
+                "time_budget": self.time_budget,
+                "max_memory": self.max_memory,
+                "seconds": round(self.seconds, 3),
+            },
         }
 
     def to_frame(self) -> pd.DataFrame:
@@ -198,7 +217,7 @@ class AuditResult(Result):
     def render(self) -> None:
         from .tables import audit_tables
 
-        audit_tables(self.measures, self.reparameterizations)
+        audit_tables(self)
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,7 @@ from .data import take
 from .errors import FlatcliError, UsageError
 from .features import Cut, LayerSplit, batch_len, default_layer
 from .losses import check_loss, per_sample_loss
+from .measures.budget import Stopwatch, with_last
 from .measures.estimate import mean_and_stderr
 from .measures.params import batches_for, evaluating
 
@@ -250,6 +251,7 @@ def feature_robustness(
     label_change: bool = False,
     batch_size: int = 256,
     progress: Callable[[str], None] | None = None,
+    time_budget: float | None = None,
 ) -> Robustness:
     r"""Monte Carlo :math:`\mathcal E_F(\delta)` beside Theorem 5's :math:`\delta^2\kappa/(2m)`.
 
@@ -269,6 +271,9 @@ def feature_robustness(
             only; holds the data's features, at most :data:`MAX_REFERENCE` samples).
         batch_size: Batch size when ``data`` is in memory.
         progress: Called with a line of text saying what is being computed.
+        time_budget: Seconds after which, in the last data batch, the probes stop after
+            the one that spent them (at least 2); the points then use the probes complete
+            over all the data and say so in ``notes``. None or 0: no limit.
 
     Raises:
         UsageError: A non-Linear or tied layer, δ ≤ 0, fewer than 2 probes, or a
@@ -287,6 +292,8 @@ def feature_robustness(
             f"{type(split.layer).__name__}{' (tied)' if split.tied else ''}"
         )
     note = progress or (lambda _msg: None)
+    clock = Stopwatch(time_budget)
+    used = probes
     batches = batches_for(model, data, batch_size=batch_size)
     w = split.weight_matrix().detach()
     m = w.shape[1]
@@ -294,13 +301,13 @@ def feature_robustness(
     k_d = (probes, len(deltas))
     sums = torch.zeros(k_d, dtype=torch.float64)
     nn_sums = torch.zeros(k_d, dtype=torch.float64)
-    changed = torch.zeros(len(deltas), dtype=torch.float64)
+    changed = torch.zeros(k_d, dtype=torch.float64)  # per probe, summed over samples
     kappa_sum, loss_sum, unit_sum, n = 0.0, 0.0, 0.0, 0
     with evaluating(model), torch.no_grad():
         reference = _reference(split, batches, loss) if label_change else None
         outputs = _PreciseOutputs(split, split.cut(take(batches.first()[0], slice(0, 1))))
         note(f"feature robustness: {probes} antithetic Haar pairs × {len(deltas)} deltas")
-        for x, y in batches:
+        for (x, y), last in with_last(batches):
             cut = split.cut(x)
             q, _ = split.quadratic_forms(cut, y, loss, [w])
             kappa_sum += float(((cut.phi * cut.phi).sum(1).double() * q[:, 0].double()).sum())
@@ -322,9 +329,13 @@ def feature_robustness(
                     rise, nn_rise, moves = _rises(pair, base, y, loss, reference)
                     sums[k, j] += rise
                     nn_sums[k, j] += nn_rise
-                    changed[j] += moves / (2 * probes)
+                    changed[k, j] += moves / 2
+                if last and k >= 1 and clock.spent():  # probes 0..k are complete
+                    used = k + 1
+                    break
     if n == 0:
         raise FlatcliError("the dataset is empty")
+    sums, nn_sums, changed = sums[:used], nn_sums[:used], changed[:used].mean(0)
     kappa = kappa_sum / n
     kinks = kinks_after(split)
     settled = _ratio_settled(sums / n, deltas, kappa, m)
@@ -348,12 +359,14 @@ def feature_robustness(
         kappa=kappa,
         m=m,
         n=n,
-        probes=probes,
+        probes=used,
         seed=seed,
         train_loss=loss_sum / n,
         layer=split.name,
         method=(
-            f"Monte Carlo over {probes} antithetic Haar pairs (A, −A) per δ, common random "
+            f"Monte Carlo over {used} antithetic Haar pairs (A, −A) per δ"
+            + (f" (time budget: {used} of {probes})" if used < probes else "")
+            + ", common random "
             f"numbers across δ, loss differences per sample in {outputs.precision}; κ exact "
             f"({split.mechanism} split)"
         ),

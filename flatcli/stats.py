@@ -50,8 +50,18 @@ P_VALUES = {"kendall_tau_b": "kendall_p", "spearman_rho": "spearman_p", "pearson
 """scipy's two-sided p-value column for each statistic that has one.
 
 τ-a shares ``kendall_p``: for a fixed tie pattern both τ's are the same multiple of
-:math:`C - D`, which is what scipy's test is about.
+:math:`C - D`, which is what scipy's test is about. These are asymptotic: at small n they
+overstate the evidence (n = 4 ranked alike gives scipy's ``spearman_p`` = 0 and
+``pearson_p`` ≈ 0.003, where the exact permutation p-value of each is 1/12); read
+:data:`PERMUTATION_P` there.
 """
+
+PERMUTATION_P = {
+    "kendall_tau_b": "kendall_perm_p",
+    "spearman_rho": "spearman_perm_p",
+    "pearson_r": "pearson_perm_p",
+}
+"""The permutation p-value column of each statistic that has one (:func:`correlation_table`)."""
 
 GAPS = ("gap_loss", "gap_acc")
 """The gap columns :func:`add_gaps` adds."""
@@ -127,8 +137,9 @@ def correlation_table(
 
     An interval whose resamples all gave the same value (a perfect ranking of few
     checkpoints) is no interval: it is left NaN, and the statistic is named in
-    ``bootstrap_degenerate``. ``kendall_perm_p`` is the two-sided permutation p-value of
-    τ-b (twice the smaller one-sided one, at most 1),
+    ``bootstrap_degenerate``. ``kendall_perm_p``, ``spearman_perm_p`` and
+    ``pearson_perm_p`` are the two-sided permutation p-values of τ-b, ρ and r (twice the
+    smaller one-sided one, at most 1),
     :func:`scipy.stats.permutation_test` over the orderings of the gap (exact, over
     all n! of them, for n ≤ 7; :data:`PERMUTATIONS` seeded random ones above; NaN above
     :data:`PERM_MAX_N`). It is valid at any n and with ties.
@@ -147,10 +158,11 @@ def correlation_table(
     Returns:
         One row per (measure, gap), measures outermost, with columns ``measure``,
         ``gap``, ``n``, then for each statistic ``s`` in :data:`STATISTICS` the columns
-        ``s``, ``s_lo``, ``s_hi``, the p-values of :data:`P_VALUES`, then
-        ``kendall_perm_p``, ``bootstrap_degenerate`` (the statistics whose resamples all
-        agreed, comma-separated) and ``note`` (why the statistics are NaN, or empty). Its
-        ``attrs`` record ``bootstrap``, ``seed`` and ``confidence``.
+        ``s``, ``s_lo``, ``s_hi``, scipy's p-values of :data:`P_VALUES`, then the
+        permutation p-values of :data:`PERMUTATION_P`, ``bootstrap_degenerate`` (the
+        statistics whose resamples all agreed, comma-separated) and ``note`` (why the
+        statistics are NaN, or empty). Its ``attrs`` record ``bootstrap``, ``seed`` and
+        ``confidence``.
 
     Raises:
         FlatcliError: A named column is missing.
@@ -181,7 +193,7 @@ def correlation_table(
     columns = ["measure", "gap", "n"]
     for s in STATISTICS:
         columns += [s, f"{s}_lo", f"{s}_hi"]
-    columns += [*P_VALUES.values(), "kendall_perm_p", "bootstrap_degenerate", "note"]
+    columns += [*P_VALUES.values(), *PERMUTATION_P.values(), "bootstrap_degenerate", "note"]
     table = pd.DataFrame(rows, columns=columns).astype({"n": "int64"})
     table.attrs.update(bootstrap=bootstrap, seed=seed, confidence=confidence)
     return table
@@ -339,18 +351,29 @@ def _why_undefined(columns: dict[str, np.ndarray]) -> str:
     return ""
 
 
-def _kendall_permutation_p(x: np.ndarray, y: np.ndarray, *, seed: int) -> float:
-    """Two-sided permutation p-value of τ-b, over orderings of ``y`` (module docstring).
+def _permutation_p(x: np.ndarray, y: np.ndarray, statistic: str, *, seed: int) -> float:
+    """Two-sided permutation p-value of ``statistic``, over orderings of ``y``.
 
-    Under a permutation of ``y`` the tie counts stay, so τ-b is a fixed multiple of
-    ``S = Σ_{i<j} sign(x_i − x_j) sign(y_i − y_j)``, the statistic tested here.
+    Under a permutation of ``y`` the tie counts, the means and the spreads stay, so each
+    statistic is a fixed increasing function of a sum tested here: τ-b of
+    ``S = Σ_{i<j} sign(x_i − x_j) sign(y_i − y_j)``, r of ``Σ (x_i − x̄) y_i``, ρ of the same
+    sum over (average) ranks.
     """
     if len(x) > PERM_MAX_N:
         return math.nan
-    sx = np.sign(x[:, None] - x[None, :])
+    if statistic == "kendall_tau_b":
+        sx = np.sign(x[:, None] - x[None, :])
 
-    def s_statistic(yp: np.ndarray, axis: int = -1) -> np.ndarray:
-        return (sx * np.sign(yp[..., :, None] - yp[..., None, :])).sum((-2, -1)) / 2
+        def s_statistic(yp: np.ndarray, axis: int = -1) -> np.ndarray:
+            return (sx * np.sign(yp[..., :, None] - yp[..., None, :])).sum((-2, -1)) / 2
+
+    else:
+        if statistic == "spearman_rho":
+            x, y = sps.rankdata(x), sps.rankdata(y)
+        xc = x - x.mean()
+
+        def s_statistic(yp: np.ndarray, axis: int = -1) -> np.ndarray:
+            return (yp * xc).sum(-1)
 
     found = sps.permutation_test(
         (y,),
@@ -372,7 +395,7 @@ def _pair_statistics(
         name: math.nan for s in STATISTICS for name in (s, f"{s}_lo", f"{s}_hi")
     }
     out.update(dict.fromkeys(P_VALUES.values(), math.nan))
-    out.update(kendall_perm_p=math.nan, bootstrap_degenerate="")
+    out.update(dict.fromkeys(PERMUTATION_P.values(), math.nan), bootstrap_degenerate="")
     if _is_degenerate(x, y):
         return out
     tau = sps.kendalltau(x, y)
@@ -387,8 +410,8 @@ def _pair_statistics(
         kendall_p=float(tau.pvalue),
         spearman_p=float(rho.pvalue),
         pearson_p=float(r.pvalue),
-        kendall_perm_p=_kendall_permutation_p(x, y, seed=seed),
     )
+    out.update({p: _permutation_p(x, y, s, seed=seed) for s, p in PERMUTATION_P.items()})
     if bootstrap == 0:
         return out
     resampled = _bootstrap_statistics(x, y, resamples=bootstrap, seed=seed)

@@ -96,26 +96,30 @@ def inspect_table(ck: Any, info: dict) -> None:
         console.print(f"metadata {markup_safe(key)}: {markup_safe(value)}", highlight=False)
 
 
-def audit_tables(original: Any, reps: Any) -> None:
-    """Print one invariance table per reparameterization, and the dead-unit note."""
+def audit_tables(result: Any) -> None:
+    """Print one invariance table per reparameterization (with its function check), what
+    was refused or skipped and why, Theorem 4's lines and the dead-unit note."""
     from rich.console import Console
     from rich.table import Table
 
     from .audit import dead_unit_note
     from .report import format_value
 
-
     console = Console()
+    reps = result.reparameterizations
     for rep in reps:
         if rep.refused:
             console.print(
                 f"[bold]{rep.kind}[/]: refused: {markup_safe(rep.refused)}", highlight=False
             )
+            _print_some(console, "left out", rep.refused_sites)
             continue
-        pairs = markup_safe(", ".join(f"{a}→{b}" for a, b in rep.pairs))
+        where = rep.sites or [f"{a}→{b}" for a, b in rep.pairs]
+        check = f"max |Δ output| = {rep.max_output_change:.2e}"
+        if rep.tolerance is not None:
+            check += f" ≤ {rep.tolerance:.1e}"
         table = Table(
-            title=f"{rep.kind} reparameterization ({pairs}; max |Δ output| = "
-            f"{rep.max_output_change:.2e})",
+            title=f"{rep.kind} reparameterization ({len(where)} site(s); {check})",
             title_justify="left",
         )
         name_column(table, "measure", [row.measure for row in rep.rows])
@@ -131,10 +135,33 @@ def audit_tables(original: Any, reps: Any) -> None:
                 mark,
             )
         console.print(table)
-    explain = dead_unit_note(original, reps)
+        if rep.unmeasured:
+            console.print(f"  {markup_safe(rep.unmeasured)}", highlight=False)
+        if rep.description:
+            console.print(f"  what: {markup_safe(rep.description)}", highlight=False)
+        _print_some(console, "site", where)
+        _print_some(console, "left out", rep.refused_sites)
+    if not result.measures:
+        console.print("nothing measured: every reparameterization was refused")
+    for name, why in result.skipped.items():
+        console.print(f"skipped {markup_safe(name)}: {markup_safe(why)}", highlight=False)
+    for line in result.theorem4:
+        console.print(f"Theorem 4: {markup_safe(line)}", highlight=False)
+    explain = dead_unit_note(result.measures, reps)
     if explain:
         console.print(markup_safe(explain), highlight=False)
+    console.print(f"audit took {result.seconds:.1f} s", highlight=False)
 
+
+def _print_some(console: Any, label: str, lines: Any, most: int = 3) -> None:
+    """The first ``most`` of ``lines``, then how many more (all are in JSON and HTML)."""
+    for line in lines[:most]:
+        console.print(f"  {label}: {markup_safe(line)}", highlight=False)
+    if len(lines) > most:
+        console.print(
+            f"  … and {len(lines) - most} more (all in --format json and --report)",
+            highlight=False,
+        )
 
 
 def correlations(table, result, n, run) -> None:  # noqa: ANN001

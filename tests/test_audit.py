@@ -28,13 +28,13 @@ def rows_by_measure(rep) -> dict:  # noqa: ANN001
 
 def test_relu_mlp_kappa_invariant_trace_and_norm_not() -> None:
     x, y = models.classification_data()
-    _, reps = audit(
+    reps = audit(
         models.mlp(),
         as_batches((x, y)),
         select(None, normalize=True),
         MeasureConfig(layer="fc"),
         seed=1,
-    )
+    ).reparameterizations
     layer, neuron = reps
     assert layer.refused is None and neuron.refused is None
     assert layer.max_output_change < 1e-12 and neuron.max_output_change < 1e-12
@@ -53,7 +53,9 @@ def test_relu_mlp_kappa_invariant_trace_and_norm_not() -> None:
 def test_tanh_is_refused_not_silently_wrong() -> None:
     model = models.init(models.TanhHead())
     x, y = models.classification_data()
-    _, reps = audit(model, as_batches((x, y)), ["relative_flatness"], MeasureConfig(layer="fc"))
+    reps = audit(
+        model, as_batches((x, y)), ["relative_flatness"], MeasureConfig(layer="fc")
+    ).reparameterizations
     assert all(r.refused for r in reps)
     assert "tanh" in reps[0].refused and "not positively homogeneous" in reps[0].refused
     assert not any(r.rows for r in reps)
@@ -129,23 +131,24 @@ def test_drop_mode_equals_dense_kappa_without_the_dead_column() -> None:
 
 def test_audit_explains_dead_units() -> None:
     x, y = models.classification_data()
-    original, reps = audit(
+    result = audit(
         with_dead_unit(),
         as_batches((x, y)),
         select(None, normalize=True),
         MeasureConfig(layer="fc", dead_units="unscaled"),
         seed=1,
     )
-    note = dead_unit_note(original, reps)
+    note = dead_unit_note(result.measures, result.reparameterizations)
     assert note is not None and "--dead-units drop" in note
-    original, reps = audit(  # the default, drop, is invariant: nothing to explain
+    result = audit(  # the default, drop, is invariant: nothing to explain
         with_dead_unit(),
         as_batches((x, y)),
         select(None, normalize=True),
         MeasureConfig(layer="fc"),
         seed=1,
     )
-    assert dead_unit_note(original, reps) is None
+    reps = result.reparameterizations
+    assert dead_unit_note(result.measures, reps) is None
     neuron = next(r for r in reps if r.kind == "neuronwise")
     row = next(r for r in neuron.rows if r.measure == "relative_flatness_normalized")
     assert row.invariant

@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 
 from flatcli import distributed
 from flatcli.cli import app
-from flatcli.data import as_batches, load_data
+from flatcli.data import Batches, as_batches, load_data
+from flatcli.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 MLP = ROOT / "sample_models" / "digits_mlp.safetensors"
@@ -80,6 +81,28 @@ def test_measure_on_two_ranks_equals_one_process(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_two_ranks_share_120_samples_at_the_default_batch_size(tmp_path: Path) -> None:
+    """Fewer samples than one default batch (256): each rank takes 60 and batches them."""
+    args = ["measure", str(MLP), "--max-samples", "120", "--dtype", "float64"]
+    args += ["--measures", "relative_flatness,hessian_trace,hessian_top_eigenvalue,train_loss"]
+    args += ["--max-probes", "32", "--rtol", "1e-9", "--format", "json"]
+    want = single(args)
+    out = tmp_path / "two.json"
+    done = torchrun([*args, "--output", str(out)], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert got["manifest"]["world_size"] == 2 and got["data"]["n_samples"] == 120
+    for name, w in want["measures"].items():
+        g = got["measures"][name]
+        assert g["method"] == w["method"], name  # the same route on every rank
+        for key in ("value", "stderr"):
+            if w[key] is None:
+                assert g[key] is None, name
+            else:  # seeded probes, float64 sums added in another order
+                assert g[key] == pytest.approx(w[key], rel=1e-12, abs=1e-300), name
+
+
+@pytest.mark.slow
 def test_correlate_on_two_ranks_equals_one_process(tmp_path: Path) -> None:
     args = ["correlate", *map(str, ZOO), "--measures", "relative_flatness,fisher_rao"]
     args += ["--max-samples", "100", "--dtype", "float64", "--format", "json", "--bootstrap", "50"]
@@ -117,11 +140,37 @@ def test_library_calls_on_ordinary_data_never_communicate() -> None:
     assert distributed.info() == {"world_size": 1, "backend": None}
 
 
-def test_sharded_stream_takes_every_world_th_batch() -> None:
+def test_sharded_stream_splits_the_samples_evenly_then_batches_within_each_rank() -> None:
     x = torch.arange(10.0)[:, None]
-    batches = as_batches((x, torch.zeros(10, dtype=torch.long)), batch_size=3)
-    shards = [distributed.ShardedBatches(batches, r, 2) for r in range(2)]
-    firsts = [[float(b[0][0, 0]) for b in s] for s in shards]
-    assert firsts == [[0.0, 6.0], [3.0, 9.0]]
-    assert shards[1].first()[0][0, 0] == 0  # the whole stream's first batch
-    assert shards[1].to(dtype=torch.float64).rank == 1
+    y = torch.arange(10)
+    memory = as_batches((x, y), batch_size=3)
+    pairs = [(x[i : i + 3], y[i : i + 3]) for i in range(0, 10, 3)]
+    stream = Batches(lambda: pairs, n_samples=None)  # a DataLoader-like stream
+    want = {
+        2: [[[0, 1, 2], [3, 4]], [[5, 6, 7], [8, 9]]],
+        3: [[[0, 1, 2]], [[3, 4, 5]], [[6, 7, 8], [9]]],
+        4: [[[0, 1]], [[2, 3, 4]], [[5, 6]], [[7, 8, 9]]],
+    }
+    for data in (memory, stream):  # sliced in memory, or cut out of a stream of batches
+        for world, per_rank in want.items():
+            shards = [distributed.ShardedBatches(data, r, world) for r in range(world)]
+            got = [[yb.tolist() for _, yb in s] for s in shards]
+            assert got == per_rank, (world, got)
+            assert [s.local_samples for s in shards] == [len(sum(b, [])) for b in per_rank]
+            assert all(s.n_samples == 10 for s in shards)
+    shard = distributed.ShardedBatches(memory, 1, 2)
+    assert shard.first()[0][0, 0] == 0  # the whole stream's first batch
+    assert shard.to(dtype=torch.float64).rank == 1
+    assert [yb.tolist() for _, yb in shard.rebatched(2)] == [[5, 6], [7, 8], [9]]
+
+
+def test_more_ranks_than_samples_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "world_size", lambda: 4)
+    monkeypatch.setattr(distributed, "rank", lambda: 3)
+    batches = as_batches((torch.randn(3, 2), torch.zeros(3, dtype=torch.long)))
+    with pytest.raises(UsageError, match="4 ranks but only 3 sample"):
+        distributed.shard(batches)
+    monkeypatch.setattr(distributed, "world_size", lambda: 3)
+    monkeypatch.setattr(distributed, "rank", lambda: 2)
+    assert [len(yb) for _, yb in distributed.shard(batches)] == [1]

@@ -147,6 +147,74 @@ def test_jacobian_path_equals_the_hvp_path(layer: str, loss: str) -> None:
     assert_grads_close(flat_grads(a, model), flat_grads(b, model), 1e-11)
 
 
+def mixed_sequential() -> nn.Module:
+    """Every module the hand-chained Jacobian knows, after a hidden layer ``0``."""
+    model = init_with_stats(
+        nn.Sequential(
+            nn.Linear(5, 6),
+            nn.Sequential(nn.BatchNorm1d(6, momentum=0.0), nn.LeakyReLU(0.2), nn.Dropout(0.5)),
+            nn.Linear(6, 7),
+            nn.ReLU6(),
+            nn.Flatten(),
+            nn.Identity(),
+            nn.Hardtanh(-0.5, 0.8),
+            nn.Linear(7, 4),
+            nn.ReLU(),
+            nn.Linear(4, 3),
+        )
+    )
+    with torch.no_grad():
+        model[2].weight.mul_(3.0)  # some units past ReLU6's and Hardtanh's kinks
+    return model
+
+
+def init_with_stats(model: nn.Module) -> nn.Module:
+    model = models.init(model)
+    bn = model[1][0]
+    g = models.seeded(9)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(6, generator=g, dtype=torch.float64))
+        bn.running_var.copy_(torch.rand(6, generator=g, dtype=torch.float64) + 0.5)
+    return model
+
+
+@pytest.mark.parametrize("loss", [CE, MSE])
+@pytest.mark.parametrize("variant", ["neuronwise", "layerwise"])
+def test_chained_jacobian_matches_dense_and_the_batched_vjps(loss: str, variant: str) -> None:
+    """An nn.Sequential downstream part is differentiated module by module: the same κ and
+    full gradient as the dense oracle (eval-mode downstream, in train mode) and as the
+    batched-VJP route."""
+    model = mixed_sequential()
+    x, y = models.classification_data()
+    model.train()  # the penalty takes the downstream part in eval mode: no dropout, BN stats
+    # (momentum 0: the training forward passes leave the running statistics as they are)
+    fast = FAMRegularizer(model, "0", loss=loss, variant=variant)
+    slow = FAMRegularizer(model, "0", loss=loss, variant=variant)
+    slow._chain = None
+    assert fast._chain is not None and "chained through the modules" in fast.describe()
+    assert "one VJP per class" in slow.describe()
+    a, b = fast.penalty(fast.forward(x)[1], y), slow.penalty(slow.forward(x)[1], y)
+    assert model.training and model[1][2].training  # modes restored
+    model.eval()
+    if variant == "neuronwise":
+        dense = dense_kappa(model, "0", x, y, loss, create_graph=True)
+    else:
+        h = dense_layer_hessian(model, "0", x, y, loss, create_graph=True)
+        dense = (model[0].weight ** 2).sum() * torch.diagonal(h.reshape(30, 30)).sum()
+    assert num(a) == pytest.approx(num(dense), rel=RTOL)
+    assert num(a) == pytest.approx(num(b), rel=1e-12)
+    got = flat_grads(a, model)
+    assert_grads_close(got, flat_grads(dense, model), RTOL)
+    assert_grads_close(got, flat_grads(b, model), 1e-11)
+
+
+def test_chain_only_for_modules_it_knows() -> None:
+    assert FAMRegularizer(models.mlp(), "fc1")._chain is not None
+    assert FAMRegularizer(build(models.with_batchnorm), "fc1")._chain is None  # fx: VJPs
+    no_stats = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4, track_running_stats=False))
+    assert FAMRegularizer(nn.Sequential(*no_stats, nn.Linear(4, 3)), "0")._chain is None
+
+
 def test_piecewise_linear_is_read_from_the_structure() -> None:
     assert FAMRegularizer(models.mlp(), "fc1").piecewise_linear  # Sequential of Linear/ReLU
     assert not FAMRegularizer(models.mlp("tanh"), "fc1").piecewise_linear

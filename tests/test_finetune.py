@@ -179,22 +179,22 @@ def test_layerwise_variant_runs_and_is_logged() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"fam_lambda": -0.1}, "--fam-lambda must be"),
-        ({"fam_lambda": float("nan")}, "--fam-lambda must be"),
-        ({"epochs": 0}, "--epochs"),
-        ({"optimizer": "lbfgs"}, "--optimizer"),
-        ({"lr": 0.0}, "--lr"),
-        ({"momentum": 1.0}, "--momentum"),
-        ({"schedule": "step"}, "--schedule"),
-        ({"fam_variant": "rowwise"}, "--fam-variant"),
-        ({"fam_method": "dense"}, "--fam-method"),
+        ({"fam_lambda": -0.1}, "fam_lambda must be"),
+        ({"fam_lambda": float("nan")}, "fam_lambda must be"),
+        ({"epochs": 0}, "epochs must be at least 1"),
+        ({"optimizer": "lbfgs"}, "optimizer must be one of"),
+        ({"lr": 0.0}, "lr must be > 0"),
+        ({"momentum": 1.0}, "momentum must be in"),
+        ({"schedule": "step"}, "schedule must be one of"),
+        ({"fam_variant": "rowwise"}, "fam_variant must be one of"),
+        ({"fam_method": "dense"}, "fam_method must be one of"),
         ({"layer": "fc_2"}, "did you mean fc2"),
-        ({"resume": True}, "--resume needs a state file"),
-        ({"fam_lambda": "big"}, "--fam-lambda must be"),
-        ({"fam_lambda": "auto", "optimizer": "adam"}, "auto needs --optimizer sgd or sam"),
-        ({"fam_scale": "log"}, "--fam-scale"),
-        ({"fam_gradient": "half"}, "--fam-gradient"),
-        ({"clip_grad_norm": -1.0}, "--clip-grad-norm"),
+        ({"resume": True}, "resume needs a state file: pass out_path"),
+        ({"fam_lambda": "big"}, "fam_lambda must be"),
+        ({"fam_lambda": "auto", "optimizer": "adam"}, "fam_lambda auto needs optimizer sgd or sam"),
+        ({"fam_scale": "log"}, "fam_scale must be one of"),
+        ({"fam_gradient": "half"}, "fam_gradient must be one of"),
+        ({"clip_grad_norm": -1.0}, "clip_grad_norm must be"),
     ],
 )
 def test_bad_options_are_usage_errors(kwargs: dict, message: str) -> None:
@@ -321,7 +321,7 @@ def test_paper_scale_is_lambda_over_m_of_the_published_regularizer() -> None:
         finetune(MLP, fam_lambda=0.1, fam_scale="paper", fam_variant="layerwise", **QUICK)
     with pytest.raises(UsageError, match="nn.Linear"):
         finetune(CNN, fam_lambda=0.1, fam_scale="paper", layer="conv2", **QUICK)
-    with pytest.raises(UsageError, match="drop --fam-scale paper"):
+    with pytest.raises(UsageError, match="drop fam_scale paper"):
         finetune(MLP, fam_lambda="auto", fam_scale="paper", **QUICK)
 
 

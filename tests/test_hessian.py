@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from torch import nn
 
 from flatcli.data import as_batches
 from flatcli.errors import FlatcliError, UsageError
-from flatcli.measures.hessian import hessian_top_eigenvalue, hessian_trace
+from flatcli.measures.hessian import (
+    LossHessian,
+    hessian_top_eigenvalue,
+    hessian_trace,
+    trace_estimate,
+)
 from flatcli.measures.params import select_params
 
 from . import models
@@ -57,15 +64,19 @@ def test_exact_trace_matches_dense_hessian(name: str) -> None:
     assert got.stderr is None
     assert got.value == pytest.approx(want, rel=RTOL)
     assert abs(want) > 1e-3
-    assert got.method == "exact (diagonal by HVP)"
+    if model_name == "mlp":  # ReLU: piecewise linear in each parameter
+        assert got.method.startswith("exact (Gauss-Newton diagonal: the network is piecewise")
+    else:  # tanh
+        assert got.method == "exact (diagonal by HVP)"
 
 
 def test_auto_is_exact_for_small_parameter_sets_and_says_so() -> None:
-    model, x, y = case("mlp")
+    model, x, y = case("tanh")
     got = hessian_trace(model, (x, y))
     assert got.stderr is None
-    assert got.method == "exact (diagonal by HVP; auto: 79 parameters ≤ 2000)"
-    assert got.details == {"parameters": 79, "hvps": 79}
+    p = sum(q.numel() for q in model.parameters())
+    assert got.method == f"exact (diagonal by HVP; auto: {p} parameters ≤ 2000)"
+    assert got.details == {"parameters": p, "hvps": p}
 
 
 @pytest.mark.parametrize("model_name", ["mlp", "cnn"])
@@ -79,9 +90,74 @@ def test_hutchinson_within_four_stderr_of_dense_trace(model_name: str) -> None:
     assert abs(got.value - want) <= 4 * got.stderr
     unconverged = "" if got.details["converged"] else "; max_probes reached before rtol 0.05"
     assert got.method == (
-        f"hutchinson (rademacher, {got.details['probes']} probes; forward-over-reverse, "
-        f"32 probes per vmapped call{unconverged})"
+        f"hutchinson (rademacher, {got.details['probes']} probes; one gradient graph kept for "
+        f"every probe, 32 probes per vmapped backward pass{unconverged})"
     )
+    assert got.details["engine"] == "retained"
+
+
+@pytest.mark.parametrize(
+    ("route", "probe_batch"),
+    [("retained", 1), ("retained", 4), ("double_backward", 1), ("vmap", 4)],
+)
+def test_every_route_gives_the_dense_hessian_products(route: str, probe_batch: int) -> None:
+    model, x, y = case("cnn")
+    names = select_params(model)
+    op = LossHessian(
+        model, as_batches((x, y), batch_size=7), "cross_entropy", names,
+        route=route, probe_batch=probe_batch,
+    )  # fmt: skip
+    vectors = torch.randn(6, op.size, generator=models.seeded(4), dtype=torch.float64)
+    want = vectors @ dense(model, "all", x, y, "cross_entropy")
+    with torch.no_grad():
+        for _ in range(2):  # the retained graph serves every call
+            torch.testing.assert_close(op.matmat(vectors), want, rtol=1e-10, atol=1e-12)
+        forms = op.quadratic_forms(vectors)
+    torch.testing.assert_close(forms, (want * vectors).sum(1), rtol=1e-10, atol=1e-12)
+    assert (op.engine, op.probe_batch, op.n) == (route, probe_batch, 24)
+
+
+def test_retained_graph_is_built_once_for_all_probes_and_iterations() -> None:
+    """PyHessian's trick: the forward pass (and first backward pass) is paid once."""
+    model, x, y = case("mlp")
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+
+    def forwards(fn: Callable[[], object]) -> int:
+        calls.clear()
+        fn()
+        return len(calls)
+
+    kwargs = dict(method="hutchinson", rtol=0.0, batch_size=7)
+    few = forwards(lambda: hessian_trace(model, (x, y), max_probes=32, **kwargs))
+    many = forwards(lambda: hessian_trace(model, (x, y), max_probes=128, **kwargs))
+    assert few == many  # planning and the saturation check, then one pass over 4 batches
+    lanczos = [forwards(lambda i=i: hessian_top_eigenvalue(model, (x, y), max_iters=i, tol=0))
+               for i in (5, 40)]  # fmt: skip
+    assert lanczos[0] == lanczos[1]
+    op = LossHessian(
+        model, as_batches((x, y), batch_size=7), "cross_entropy", select_params(model),
+        route="double_backward",
+    )  # fmt: skip
+    with torch.no_grad():
+        per_call = [forwards(lambda: op.quadratic_forms(torch.ones(3, 79))) for _ in range(2)]
+    assert per_call == [4, 4]  # the per-call route runs the forward pass again every time
+
+
+def test_hutchinson_stderr_is_honest_on_the_default_route() -> None:
+    """Coverage of value ± 1.96 stderr over 300 seeds with the real products: one retained
+    graph (the default route) serves every seed."""
+    model, x, y = case("mlp")
+    want = float(dense(model, "all", x, y, "cross_entropy").trace())
+    op = LossHessian(model, as_batches((x, y)), "cross_entropy", select_params(model))
+    assert op.engine == "retained"
+    with torch.no_grad():
+        for rtol, max_probes in ((0.0, 32), (0.25, 2000)):
+            hits = 0
+            for seed in range(300):
+                got = trace_estimate(op, rtol=rtol, max_probes=max_probes, seed=seed)
+                hits += abs(got.value - want) <= 1.96 * got.stderr
+            assert hits / 300 >= 0.93, (rtol, hits)
 
 
 def test_hutchinson_stops_on_relative_stderr_after_two_rounds() -> None:

@@ -26,6 +26,7 @@ from torch import nn
 
 from flatcli.data import Batches
 from flatcli.errors import FlatcliError, UsageError
+from flatcli.measures.budget import Stopwatch
 from flatcli.measures.pac_bayes import gaussian_perturbation, pacbayes_bound, pacbayes_flatness
 
 from . import models
@@ -267,12 +268,16 @@ def test_bisection_bracket_ties_and_progress_lines() -> None:
     lines: list[str] = []
     # increase(σ) = σ, threshold 0.5: the first midpoint is exactly at the threshold, which
     # is allowed (≤), so it becomes the lower end.
-    lo, hi = largest_below(lambda s: s, upper=1.0, depth=3, threshold=0.5, progress=lines.append)
-    assert (lo, hi) == (0.5, 0.625)
+    ticks = iter(range(100))  # a clock that advances 1 s per reading
+    clock = Stopwatch(None, clock=lambda: float(next(ticks)))
+    lo, hi, steps = largest_below(
+        lambda s: s, upper=1.0, depth=3, threshold=0.5, progress=lines.append, clock=clock
+    )
+    assert (lo, hi, steps) == (0.5, 0.625, 3)
     assert lines == [
-        "scale: bisection step 1/3, trying 0.5",
-        "scale: bisection step 2/3, trying 0.75",
-        "scale: bisection step 3/3, trying 0.625",
+        "scale: bisection step 1/3, bracket [0, 1], trying 0.5",
+        "scale: bisection step 2/3, bracket [0.5, 1], trying 0.75, ETA 2 s",
+        "scale: bisection step 3/3, bracket [0.5, 0.75], trying 0.625, ETA 1 s",
     ]
 
 
@@ -311,9 +316,10 @@ def test_search_reports_its_noise_and_progress(magnitude_aware: bool) -> None:
         progress=lines.append,
     )
     what = "PAC-Bayes σ' (magnitude-aware)" if magnitude_aware else "PAC-Bayes σ'"
-    assert len(lines) == 3 and lines[0] == f"{what}: bisection step 1/3, trying 1"
+    first = f"{what}: bisection step 1/3, bracket [0, 2], trying 1"
+    assert len(lines) == 3 and lines[0] == first
     for k, line in enumerate(lines, 1):
-        assert line.startswith(f"{what}: bisection step {k}/3, trying "), line
+        assert line.startswith(f"{what}: bisection step {k}/3, bracket ["), line
     noise = "u ~ N(0, σ²w² + ε²)" if magnitude_aware else "u ~ N(0, σ²)"
     assert noise in search.method
 

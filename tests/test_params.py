@@ -8,13 +8,13 @@ import pytest
 import torch
 from torch import nn
 
+from flatcli.autodiff import GradientGraph, hvp
 from flatcli.errors import FlatcliError, UsageError
 from flatcli.measures.params import (
     FlatParams,
     batches_for,
     evaluating,
     functional_loss,
-    hvp,
     mean_objective,
     select_params,
 )
@@ -99,6 +99,28 @@ def test_hvp_matches_dense_hessian_times_vectors(spec: str) -> None:
     got = hvp(f, flat.vector(model), vectors, chunk_size=2)
     want = x.shape[0] * vectors @ dense_hessian(model, names, x, y, "cross_entropy")  # f is a sum
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_gradient_graph_products_match_dense_hessian_and_keep_the_graph(batched: bool) -> None:
+    model = models.mlp()
+    x, y = models.classification_data()
+    names = select_params(model)
+    flat = FlatParams.of(model, names)
+    f = functional_loss(model, flat, x, y, "cross_entropy")
+    vectors = torch.randn(5, flat.size, generator=models.seeded(2), dtype=torch.float64)
+    want = x.shape[0] * vectors @ dense_hessian(model, names, x, y, "cross_entropy")
+    with torch.no_grad():  # as the measures call it
+        graph = GradientGraph(f, flat.vector(model))
+        for _ in range(2):  # the same graph serves every call
+            got = graph.products(vectors, batched=batched)
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        last = graph.products(vectors[:2], batched=batched, release=True)
+    torch.testing.assert_close(last, want[:2], rtol=1e-10, atol=1e-12)
+    with pytest.raises(RuntimeError, match="after release"):
+        graph.products(vectors)
+    affine = GradientGraph(lambda t: (t * 3.0).sum(), flat.vector(model))  # no curvature
+    assert affine.products(vectors).abs().max() == 0
 
 
 def test_functional_loss_holds_other_parameters_fixed() -> None:

@@ -15,6 +15,7 @@ import flatcli.stats
 from flatcli.errors import FlatcliError, UsageError
 from flatcli.stats import (
     P_VALUES,
+    PERMUTATION_P,
     STATISTICS,
     _bootstrap_statistics,
     add_gaps,
@@ -392,7 +393,7 @@ def test_column_order_and_an_empty_table() -> None:
     columns = ["measure", "gap", "n"]
     for s in STATISTICS:
         columns += [s, f"{s}_lo", f"{s}_hi"]
-    columns += [*P_VALUES.values(), "kendall_perm_p", "bootstrap_degenerate", "note"]
+    columns += [*P_VALUES.values(), *PERMUTATION_P.values(), "bootstrap_degenerate", "note"]
     assert list(correlation_table(fixed_table(), ["good"], ["gap"], bootstrap=0)) == columns
     empty = correlation_table(fixed_table(), [], ["gap"])
     assert list(empty) == columns and len(empty) == 0
@@ -427,12 +428,21 @@ def test_constant_bootstrap_resamples_are_nan_quietly() -> None:
 # --------------------------------------------------------------------------- small n
 
 
-def all_orderings_p(x: np.ndarray, y: np.ndarray) -> float:
-    """Two-sided permutation p-value of τ-b by enumerating every ordering of ``y``: twice
-    the smaller one-sided p-value, at most 1 (scipy's definition of two-sided)."""
-    observed = sps.kendalltau(x, y).statistic
-    taus = np.array([sps.kendalltau(x, np.array(p)).statistic for p in itertools.permutations(y)])
-    above, below = np.mean(taus >= observed - 1e-12), np.mean(taus <= observed + 1e-12)
+ORACLE_STATISTICS = {
+    "kendall_tau_b": lambda a, b: sps.kendalltau(a, b).statistic,
+    "spearman_rho": lambda a, b: sps.spearmanr(a, b).statistic,
+    "pearson_r": lambda a, b: sps.pearsonr(a, b).statistic,
+}
+
+
+def all_orderings_p(x: np.ndarray, y: np.ndarray, statistic: str = "kendall_tau_b") -> float:
+    """Two-sided permutation p-value of ``statistic`` (scipy's own function on every
+    ordering of ``y``): twice the smaller one-sided p-value, at most 1 (scipy's definition
+    of two-sided)."""
+    f = ORACLE_STATISTICS[statistic]
+    observed = f(x, y)
+    values = np.array([f(x, np.array(p)) for p in itertools.permutations(y)])
+    above, below = np.mean(values >= observed - 1e-12), np.mean(values <= observed + 1e-12)
     return float(min(1.0, 2 * min(above, below)))
 
 
@@ -445,6 +455,10 @@ def test_four_checkpoints_ranked_alike_are_not_certainty() -> None:
     assert math.isnan(row["kendall_tau_b_lo"]) and math.isnan(row["kendall_tau_b_hi"])
     assert "kendall_tau_b" in row["bootstrap_degenerate"].split(",")
     assert row["kendall_perm_p"] == pytest.approx(1 / 12, abs=1e-15)
+    # scipy's asymptotic p-values claim near-certainty; the permutation ones do not
+    assert row["spearman_p"] < 1e-6 and row["pearson_p"] < 0.05
+    assert row["spearman_perm_p"] == pytest.approx(1 / 12, abs=1e-15)
+    assert row["pearson_perm_p"] == pytest.approx(1 / 12, abs=1e-15)
     assert row["note"] == ""
     warning = flatcli.stats.small_n_warning(4)
     assert warning is not None and "only 4 checkpoints" in warning and "p = 0.083" in warning
@@ -462,7 +476,9 @@ def test_four_checkpoints_ranked_alike_are_not_certainty() -> None:
 def test_permutation_p_is_exact_over_all_orderings(x: list[float], y: list[float]) -> None:
     xa, ya = np.array(x), np.array(y)
     row = correlation_table(pd.DataFrame({"m": xa, "g": ya}), ["m"], ["g"], bootstrap=0).iloc[0]
-    assert row["kendall_perm_p"] == pytest.approx(all_orderings_p(xa, ya), abs=1e-12)
+    for statistic, column in PERMUTATION_P.items():
+        expected = all_orderings_p(xa, ya, statistic)
+        assert row[column] == pytest.approx(expected, abs=1e-12), statistic
     if len(set(x)) == len(x):  # scipy's exact null distribution, without ties
         exact = sps.kendalltau(xa, ya, method="exact").pvalue
         assert row["kendall_perm_p"] == pytest.approx(exact, rel=1e-9)

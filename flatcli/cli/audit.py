@@ -19,6 +19,7 @@ from .common import (
     progress,
 )
 from .options import (
+    AUDIT_TIME_BUDGET,
     BUDGET_OPTIONS,
     ArchKwargsOpt,
     ArchOpt,
@@ -36,6 +37,7 @@ from .options import (
     SeedOpt,
     SplitOpt,
     TargetOpt,
+    ThreadsOpt,
     TrustOpt,
     with_measure_options,
 )
@@ -43,7 +45,7 @@ from .options import (
 
 @app.command()
 @friendly
-@with_measure_options(after="normalize", skip=BUDGET_OPTIONS)
+@with_measure_options(after="normalize", skip=BUDGET_OPTIONS, time_budget=AUDIT_TIME_BUDGET)
 def audit(
     ctx: typer.Context,
     checkpoint: Checkpoint,
@@ -52,19 +54,20 @@ def audit(
         str | None,
         typer.Option(
             "--measures",
-            help="Comma-separated measure names, or 'all' (default: the exact ones: "
-            "relative flatness, layer-wise flatness, layer Hessian trace, weight norm, top "
-            "Hessian eigenvalue, Fisher-Rao, Frobenius norms, path norm).",
+            help="Comma-separated measure names, or 'all' (default: relative flatness, "
+            "layer-wise flatness, layer Hessian trace, weight norm, top Hessian eigenvalue, "
+            "Fisher-Rao, Frobenius norms, path norm; those estimated not to fit "
+            "--time-budget are skipped, and said). Named measures are always computed.",
         ),
     ] = None,
     normalize: Annotated[
         bool,
         typer.Option(
-            "--normalize",
-            help="Include relative_flatness_normalized (its neuron-wise row must read invariant).",
-            metavar="",
+            "--normalize/--no-normalize",
+            help="Include relative_flatness_normalized, Theorem 4's κ̃ (its neuron-wise row "
+            "must read invariant).",
         ),
-    ] = False,
+    ] = True,
     init: InitOpt = None,
     alpha_low: Annotated[
         float, typer.Option("--alpha-low", help="Smallest rescaling factor (log-uniform draws).")
@@ -90,6 +93,7 @@ def audit(
             "--dtype", help="float64 (default, so invariance is judged above rounding) or float32."
         ),
     ] = "float64",
+    threads: ThreadsOpt = None,
     seed: SeedOpt = 0,
     fmt: FormatOpt = "table",
     output: OutputOpt = None,
@@ -98,16 +102,23 @@ def audit(
 ) -> None:
     """Which measures survive function-preserving reparameterizations?
 
-    Rescales each pair of consecutive layers by a random α (layer-wise) and the neurons
-    feeding the feature layer by random α_s (neuron-wise), checks the function is unchanged,
-    and recomputes every measure. Activations that are not positively homogeneous (tanh,
-    GELU, ...) make a reparameterization refused, not silently wrong.
+    Finds the reparameterizations the model admits (layer-wise and neuron-wise rescaling
+    through ReLU on the torch.fx graph; attention heads' Q/K and V/O, LayerNorm folding,
+    ReLU blocks and BatchNorm from the module structure, for transformers and ResNets),
+    applies each with random factors, checks on every sample that the outputs did not move
+    (refused otherwise), and recomputes the measures. Activations that are not positively
+    homogeneous (tanh, GELU, ...) make a reparameterization refused, not silently wrong.
+
+    The whole audit plans to fit --time-budget (seconds, 0: no limit): default measures
+    estimated not to fit are skipped and said; --max-memory bounds each measure's memory.
 
     Examples:
 
         flatcli audit sample_models/digits_mlp.safetensors --normalize
 
         flatcli audit sample_models/digits_mlp.safetensors --layer fc2 --format json
+
+        flatcli audit minilm_folder --data sentences.npz --report audit.html
     """
     from ..commands import audit_checkpoint
 
@@ -127,6 +138,7 @@ def audit(
         alpha_low=alpha_low,
         alpha_high=alpha_high,
         tolerance=tolerance,
+        threads=threads,
         options=options_from(ctx),
         argv=command_argv(ctx),
         progress=progress,

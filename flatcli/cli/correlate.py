@@ -30,7 +30,7 @@ from .common import (
     stderr,
 )
 from .options import (
-    BUDGET_OPTIONS,
+    DEFAULT_TIME_BUDGET,
     ArchKwargsOpt,
     ArchOpt,
     BackendOpt,
@@ -57,7 +57,9 @@ from .options import (
 
 @app.command()
 @friendly
-@with_measure_options(after="loss", skip=BUDGET_OPTIONS)
+@with_measure_options(
+    after="loss", skip=("trace_method", "probe_batch"), time_budget=DEFAULT_TIME_BUDGET
+)
 def correlate(
     ctx: typer.Context,
     checkpoints: Annotated[
@@ -199,20 +201,52 @@ def _print_skipped(skipped: list) -> None:  # type: ignore[type-arg]
         )
 
 
-def _print_result(checkpoint: str, status: str) -> None:
-    print(f"flatcli: {plain(Path(checkpoint).name)}: {plain(status)}", file=sys.stderr)
+def checkpoint_line(checkpoint: str, status: str, done: int, total: int, elapsed: float) -> str:
+    """The per-checkpoint progress line on a pipe: ``k/N``, the status and an ETA (the
+    mean time per checkpoint so far times the checkpoints left)."""
+    from ..measures.budget import format_seconds
+
+    eta = elapsed / done * (total - done) if done else float("inf")
+    return (
+        f"flatcli: [{done}/{total}] {plain(Path(checkpoint).name)}: {plain(status)}, "
+        f"{format_seconds(elapsed)} so far, ETA {format_seconds(eta)}"
+    )
 
 
 @contextmanager
 def _checkpoint_progress(total: int) -> Iterator[Callable[[str, str], None]]:
-    """A bar over the checkpoints in a terminal, else one line per checkpoint."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    """A bar over the checkpoints in a terminal, with elapsed time and ETA, else one
+    line per checkpoint (:func:`checkpoint_line`)."""
+    import time
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     console = stderr()
     if not console.is_terminal:
-        yield _print_result
+        start, seen = time.monotonic(), {"done": 0}
+
+        def tell(c: str, s: str) -> None:
+            seen["done"] += 1
+            line = checkpoint_line(c, s, seen["done"], total, time.monotonic() - start)
+            print(line, file=sys.stderr)
+
+        yield tell
         return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("measuring checkpoints", total=total)
         yield lambda c, s: progress.advance(task)

@@ -22,6 +22,7 @@ from .common import (
     stderr,
 )
 from .options import (
+    DEFAULT_TIME_BUDGET,
     ArchKwargsOpt,
     ArchOpt,
     BackendOpt,
@@ -48,7 +49,7 @@ from .options import (
 
 @app.command()
 @friendly
-@with_measure_options(after="normalize", time_budget=300.0)
+@with_measure_options(after="normalize", time_budget=DEFAULT_TIME_BUDGET)
 def measure(
     ctx: typer.Context,
     checkpoint: Checkpoint,

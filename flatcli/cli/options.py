@@ -13,6 +13,8 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from ..options import AUDIT_TIME_BUDGET, MEASURE_TIME_BUDGET  # noqa: F401 - audit's
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 Checkpoint = Annotated[
@@ -158,12 +160,18 @@ ProbeBatchOpt = Annotated[
         "(least memory); N > 1 = N vmapped forward-over-reverse (default: from --max-memory).",
     ),
 ]
+DEFAULT_TIME_BUDGET = MEASURE_TIME_BUDGET
+"""``--time-budget`` of the computing commands: seconds for one run's iterative measures
+together (correlate: per checkpoint); ``audit``'s is :data:`AUDIT_TIME_BUDGET`."""
 TimeBudgetOpt = Annotated[
     float,
     typer.Option(
         "--time-budget",
-        help="Seconds per Hutchinson trace or Lanczos run; it stops there and reports the "
-        "stderr reached (0: no limit).",
+        help="Seconds for the iterative measures together (Hutchinson trace, Lanczos, "
+        "PAC-Bayes and sharpness searches; correlate: per checkpoint). Each stops after "
+        "the probe, HVP, bisection step or Monte Carlo draw that spent it and reports the "
+        "stderr, residual or bracket reached (0: no limit). For audit: seconds for the "
+        "whole audit, which skips the default measures that would not fit.",
     ),
 ]
 FrBiasOpt = Annotated[
@@ -268,7 +276,7 @@ MEASURE_OPTIONS: dict[str, Any] = {
 ``seed``, which every command declares), in the order ``--help`` lists them."""
 
 
-BUDGET_OPTIONS = ("trace_method", "max_memory", "probe_batch", "time_budget")
+BUDGET_OPTIONS = ("trace_method", "probe_batch")
 """The measure options that only ``measure`` has (audit and correlate use the defaults)."""
 
 

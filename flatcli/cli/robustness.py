@@ -10,6 +10,7 @@ import typer
 from .app import app
 from .common import check_format, check_outputs, emit, friendly, input_files, loading_from, progress
 from .options import (
+    DEFAULT_TIME_BUDGET,
     ArchKwargsOpt,
     ArchOpt,
     BatchOpt,
@@ -25,6 +26,7 @@ from .options import (
     SeedOpt,
     SplitOpt,
     TargetOpt,
+    TimeBudgetOpt,
     TrustOpt,
 )
 
@@ -83,6 +85,7 @@ def robustness(
     seed: SeedOpt = 0,
     fmt: FormatOpt = "table",
     output: OutputOpt = None,
+    time_budget: TimeBudgetOpt = DEFAULT_TIME_BUDGET,
 ) -> None:
     """Does κ describe the model's robustness? E_F(δ) beside Theorem 5's δ²κ/(2m).
 
@@ -119,6 +122,7 @@ def robustness(
         probes=probes,
         label_change=label_change,
         seed=seed,
+        time_budget=time_budget,
         progress=progress,
         **loading_from(ctx),
     )

@@ -126,42 +126,16 @@ def load_result(path: str | Path) -> dict[str, Any]:
 
 
 def finetune_result(result: FinetuneResult, *, manifest: Mapping[str, Any]) -> dict[str, Any]:
-    """The JSON shape (schema ``flatcli.finetune/1``) of a fine-tuning run, for its page.
+    """The JSON shape (:meth:`FinetuneResult.to_dict`, schema ``flatcli.finetune/1``) of a
+    fine-tuning run with ``manifest`` as its run manifest, for its page.
 
     Args:
         result: What :func:`flatcli.finetune.finetune` returned.
         manifest: The run manifest (:func:`flatcli.runtime.manifest`).
     """
-    return {
-        "schema": FINETUNE_SCHEMA,
-        "checkpoint": {
-            "parent_sha256": result.parent_sha256,
-            "output": None if result.out_path is None else str(result.out_path),
-            "output_sha256": result.out_sha256,
-        },
-        "layer": result.layer,
-        "fam_method": result.fam_method,
-        "hparams": dict(result.hparams),
-        "resumed_from": result.resumed_from,
-        "history": [r.to_row() for r in result.history],
-        "before": {k: v.to_dict() for k, v in result.before.items()},
-        "after": {k: v.to_dict() for k, v in result.after.items()},
-        "temperature_matched": None
-        if result.temperature_matched is None
-        else {k: v.to_dict() for k, v in result.temperature_matched.items()},
-        "temperature_c": result.temperature_c,
-        "temperature_note": result.temperature_note,
-        "warnings": list(result.warnings),
-        "files": {
-            what: None if p is None else str(p)
-            for what, p in (
-                ("log", result.log_path),
-                ("plot", result.plot_path),
-                ("state", result.state_path),
-            )
-        },
-        "manifest": dict(manifest),
-    }
+    from dataclasses import replace
+
+    return replace(result, manifest=dict(manifest)).to_dict()
 
 
 def command_line(argv: Sequence[str] | str | None) -> str | None:

@@ -34,13 +34,66 @@ def measure_page(r: Mapping[str, Any]) -> dict[str, Any]:
 def audit_page(r: Mapping[str, Any]) -> dict[str, Any]:
     ck, layer, data = r["checkpoint"], r["layer"], r["data"]
     reps = r["reparameterizations"]
+    settings = r.get("audit") or {}
+    blocks: list[dict[str, Any]] = [_invariance_table(r["measures"], reps, settings)]
+    note = _dead_unit_note(r["measures"], reps)
+    if note:
+        blocks.append(b.paragraph("Note: " + note.removeprefix("note: "), cls="note"))
+    if not r["measures"]:
+        blocks.append(b.paragraph("Nothing was measured: every reparameterization was refused."))
+    for line in r.get("theorem4") or []:
+        blocks.append(b.paragraph(f"Theorem 4: {line}", cls="note"))
+    for rep in reps:
+        blocks += _reparameterization_blocks(rep)
+    sections = [
+        {"title": "Invariance", "id": "invariance-section", "blocks": blocks},
+        {"title": "Function-preservation check", "id": "function-check-section",
+         "blocks": [_function_check_table(reps)]},
+    ]  # fmt: skip
+    skipped = r.get("skipped") or {}
+    if skipped:
+        table = b.table(
+            ["measure", "why"],
+            [[b.text_cell(k, cls="name"), b.text_cell(v)] for k, v in skipped.items()],
+            caption="Measures not computed: the audit runs every measure once per model "
+            "(original and each reparameterization) and plans to fit its time budget.",
+            id="skipped",
+        )
+        sections.append({"title": "Skipped measures", "id": "skipped-section", "blocks": [table]})
+    sections.append(
+        {"title": "Measures of the original model", "id": "measures-section",
+         "blocks": [_measures_table(r["measures"], id="original-measures")]}
+    )  # fmt: skip
+    facts = [
+        ("checkpoint", ck.get("path")),
+        ("layer", b.layer_text(layer)),
+        ("data", b.data_text(data)),
+    ]
+    if isinstance(settings.get("seconds"), (int, float)):
+        budget = settings.get("time_budget")
+        facts.append(
+            ("wall time", f"{settings['seconds']:.1f} s"
+             + (f" (time budget {budget:g} s)" if isinstance(budget, (int, float)) else ""))
+        )  # fmt: skip
+    return {
+        "title": f"{b.file_name(ck.get('path'))} · layer {layer.get('name')} · invariance audit",
+        "facts": facts,
+        "sections": sections,
+    }
+
+
+def _invariance_table(
+    measures: Mapping[str, Any], reps: Sequence[Mapping[str, Any]], settings: Mapping[str, Any]
+) -> dict[str, Any]:
+    """One row per measure: its original value, and per applied reparameterization the
+    relative change and the verdict."""
     done = [rep for rep in reps if not rep.get("refused")]
     columns: list[Any] = ["measure", ("original", "num")]
     for rep in done:
         columns += [(f"{rep['kind']}: relative change", "num"), f"{rep['kind']}: invariant"]
     by_kind = [{row["measure"]: row for row in rep["rows"]} for rep in done]
     rows = []
-    for name, est in r["measures"].items():
+    for name, est in measures.items():
         row = [b.text_cell(name, cls="name"), b.num(est.get("value"))]
         for lookup in by_kind:
             hit = lookup.get(name)
@@ -49,9 +102,8 @@ def audit_page(r: Mapping[str, Any]) -> dict[str, Any]:
                 b.invariant(None if hit is None else hit["invariant"]),
             ]
         rows.append(row)
-    settings = r.get("audit") or {}
     tolerance = settings.get("tolerance")
-    summary = b.table(
+    return b.table(
         columns,
         rows,
         caption="Relative change of each measure under each function-preserving "
@@ -59,28 +111,58 @@ def audit_page(r: Mapping[str, Any]) -> dict[str, Any]:
         + (f" ({tolerance:g})." if isinstance(tolerance, (int, float)) else "."),
         id="invariance",
     )
-    blocks: list[dict[str, Any]] = [summary]
-    note = _dead_unit_note(r["measures"], reps)
-    if note:
-        blocks.append(b.paragraph("Note: " + note.removeprefix("note: "), cls="note"))
+
+
+def _function_check_table(reps: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per reparameterization: applied or refused, where, and how far the outputs moved."""
+    rows = []
     for rep in reps:
-        blocks.append({"kind": "h3", "text": f"{rep['kind']} reparameterization"})
-        if rep.get("refused"):
-            blocks.append(b.paragraph(f"Refused: {rep['refused']}"))
-            continue
-        pairs = ", ".join(f"{a} → {b}" for a, b in rep.get("pairs", []))
+        change, tol = rep.get("max_output_change"), rep.get("tolerance")
+        status = "refused" if rep.get("refused") else "applied"
+        rows.append(
+            [
+                b.text_cell(rep["kind"], cls="name"),
+                b.text_cell(status),
+                b.int_cell(len(rep.get("sites") or rep.get("pairs") or [])),
+                b.int_cell(len(rep.get("refused_sites") or [])),
+                b.num(change, fmt=b.sci),
+                b.num(tol, fmt=b.sci),
+                b.text_cell(rep.get("refused") or rep.get("description") or ""),
+            ]
+        )
+    return b.table(
+        ["reparameterization", "status", "sites", "sites left out",
+         ("max |Δ output|", "num"), ("tolerance", "num"), "what, or why refused"],
+        rows,
+        caption="Each reparameterization is applied to a copy of the model and its outputs "
+        "compared with the original's on every sample; above the tolerance it is refused.",
+        id="function-check",
+    )  # fmt: skip
+
+
+def _reparameterization_blocks(rep: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A heading, what was done (or why not), the before/after table, the sites left out."""
+    out: list[dict[str, Any]] = [{"kind": "h3", "text": f"{rep['kind']} reparameterization"}]
+    left_out = rep.get("refused_sites") or []
+    if rep.get("refused"):
+        out.append(b.paragraph(f"Refused: {rep['refused']}"))
+    else:
+        pairs = ", ".join(f"{x} → {y}" if y else x for x, y in rep.get("pairs", []))
         alphas = [a for a in rep.get("alphas", []) if a is not None]
-        span = ""
+        span = "no random factors"
         if alphas:
             span = f"{len(alphas)} factor(s) α in [{min(alphas):.3g}, {max(alphas):.3g}]"
         change = rep.get("max_output_change")
-        blocks.append(
+        what = f"{rep['description']}. " if rep.get("description") else ""
+        out.append(
             b.paragraph(
-                f"Layers {pairs}; {span}; largest change of any output: "
+                f"{what}Layers {pairs}; {span}; largest change of any output: "
                 f"{b.sci(change) if change is not None else 'n/a'}."
             )
         )
-        blocks.append(
+        if rep.get("unmeasured"):
+            out.append(b.paragraph(str(rep["unmeasured"]).capitalize() + "."))
+        out.append(
             b.table(
                 ["measure", ("original", "num"), ("reparameterized", "num"),
                  ("relative change", "num"), "invariant"],
@@ -94,22 +176,15 @@ def audit_page(r: Mapping[str, Any]) -> dict[str, Any]:
                     ]
                     for row in rep["rows"]
                 ],
+                id=f"before-after-{rep['kind']}",
             )
-        )
-    measures = [_measures_table(r["measures"], id="original-measures")]
-    return {
-        "title": f"{b.file_name(ck.get('path'))} · layer {layer.get('name')} · invariance audit",
-        "facts": [
-            ("checkpoint", ck.get("path")),
-            ("layer", b.layer_text(layer)),
-            ("data", b.data_text(data)),
-        ],
-        "sections": [
-            {"title": "Invariance", "id": "invariance-section", "blocks": blocks},
-            {"title": "Measures of the original model", "id": "measures-section",
-             "blocks": measures},
-        ],
-    }
+        )  # fmt: skip
+    if left_out:
+        out.append(
+            {"kind": "details", "summary": f"{len(left_out)} site(s) left out",
+             "blocks": [{"kind": "list", "items": [str(x) for x in left_out]}]}
+        )  # fmt: skip
+    return out
 
 
 def _measures_table(measures: Mapping[str, Any], *, id: str) -> dict[str, Any]:  # noqa: A002

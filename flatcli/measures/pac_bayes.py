@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -36,7 +36,7 @@ from torch import nn
 from ..errors import UsageError
 from ..features import call_model
 from ..losses import check_loss, per_sample_loss
-from .budget import fit_batches, param_bytes
+from .budget import Stopwatch, fit_batches, format_seconds, param_bytes
 from .estimate import Estimate, mean_and_stderr, with_warnings
 from .norms import parameter_distance_squared
 from .params import Target, batches_for, check_target, evaluating, mean_objective, select_params
@@ -61,6 +61,10 @@ class SigmaSearch:
         bracket: The final bisection bracket ``(lo, hi)``.
         hit_sigma_max: True when no step exceeded the threshold (σ' may be larger).
         method: How it was computed, in words.
+        steps: Bisection steps taken (fewer than asked when the time budget stopped it).
+        fewest_draws: The fewest Monte Carlo draws of any estimate (fewer than
+            ``mc_samples`` when the time budget cut one short; at least 2).
+        stopped: Whether the time budget stopped the search.
     """
 
     sigma: float
@@ -73,6 +77,9 @@ class SigmaSearch:
     bracket: tuple[float, float]
     hit_sigma_max: bool
     method: str
+    steps: int | None = None
+    fewest_draws: int | None = None
+    stopped: bool = False
 
 
 def gaussian_perturbation(
@@ -120,16 +127,23 @@ class NoisyIncrease:
         epsilon: float,
         mc_samples: int,
         seed: int,
+        clock: Stopwatch | None = None,
     ) -> None:
         self.model, self.batches, self.target, self.loss = model, batches, target, loss
         self.magnitude_aware, self.epsilon = magnitude_aware, epsilon
         self.mc_samples, self.seed = mc_samples, seed
+        self.clock = clock or Stopwatch()
+        self.fewest_draws = mc_samples
         params = dict(model.named_parameters())
         self.weights = {n: params[n].detach() for n in select_params(model, "all")}
         self.base, self.n = mean_objective(model, batches, target=target, loss=loss)
 
     def __call__(self, sigma: float) -> tuple[float, float]:
-        """Mean increase over ``mc_samples`` draws and its standard error."""
+        """Mean increase over ``mc_samples`` draws and its standard error.
+
+        Once the time budget is spent, the draws stop after the current one (at least
+        two, for a standard error); :attr:`fewest_draws` records the fewest used.
+        """
         gen = torch.Generator().manual_seed(self.seed)
         increases = []
         for _ in range(self.mc_samples):
@@ -145,8 +159,19 @@ class NoisyIncrease:
                 self.model, self.batches, target=self.target, loss=self.loss, params=moved
             )
             increases.append(value - self.base)
+            if len(increases) >= 2 and self.clock.spent():
+                break
+        self.fewest_draws = min(self.fewest_draws, len(increases))
         mean, se = mean_and_stderr(increases)
         return mean, float(se if se is not None else math.nan)
+
+
+class Bracket(NamedTuple):
+    """The final bracket of :func:`largest_below` and the steps it took."""
+
+    lo: float
+    hi: float
+    steps: int
 
 
 def largest_below(
@@ -157,25 +182,39 @@ def largest_below(
     threshold: float,
     progress: Callable[[str], None] | None = None,
     what: str = "scale",
-) -> tuple[float, float]:
+    clock: Stopwatch | None = None,
+) -> Bracket:
     """Bisection on ``[0, upper]`` for the largest scale whose increase is ≤ ``threshold``.
 
-    ``progress``, when given, is called with a line of text before every step.
+    ``progress``, when given, is called with a line of text before every step (with the
+    bracket so far and an ETA). With ``clock``, the search stops after the step that
+    spent its budget (``steps < depth``).
 
     Returns:
         The final bracket ``(lo, hi)``: the increase was ≤ threshold at ``lo`` (or
         ``lo == 0``) and above it at ``hi`` (or ``hi == upper``, never exceeded).
     """
+    clock = clock or Stopwatch()
+    start = clock.elapsed
     lo, hi = 0.0, upper
     for step in range(depth):
         mid = (lo + hi) / 2
         if progress is not None:
-            progress(f"{what}: bisection step {step + 1}/{depth}, trying {mid:.4g}")
+            eta = ""
+            if step:
+                left = (clock.elapsed - start) / step * (depth - step)
+                eta = f", ETA {format_seconds(min(left, clock.remaining))}"
+            progress(
+                f"{what}: bisection step {step + 1}/{depth}, bracket [{lo:.4g}, {hi:.4g}], "
+                f"trying {mid:.4g}{eta}"
+            )
         if increase(mid) <= threshold:
             lo = mid
         else:
             hi = mid
-    return lo, hi
+        if clock.spent():
+            return Bracket(lo, hi, step + 1)
+    return Bracket(lo, hi, depth)
 
 
 def pacbayes_sigma(
@@ -194,6 +233,7 @@ def pacbayes_sigma(
     batch_size: int = 256,
     max_memory: int | None = None,
     progress: Callable[[str], None] | None = None,
+    time_budget: float | Stopwatch | None = None,
 ) -> SigmaSearch:
     r"""σ': the largest noise scale whose expected error increase is at most ``threshold``.
 
@@ -208,8 +248,12 @@ def pacbayes_sigma(
 
     ``max_memory`` (bytes, default half the free memory) splits data batches into fewer
     rows when a forward pass would not fit; the objective is a per-sample mean, so the
-    result does not change. Other args: see :func:`pacbayes_flatness`.
+    result does not change. ``time_budget`` (seconds, or a shared :class:`Stopwatch`)
+    stops the bisection after the step that spent it, and each later estimate after its
+    second draw; the result says how far it got (:attr:`SigmaSearch.steps`, the bracket).
+    Other args: see :func:`pacbayes_flatness`.
     """
+    clock = Stopwatch.of(time_budget)
     loss = check_loss(loss)
     check_search(target, threshold, search_depth, sigma_max, epsilon, upper_name="sigma_max")
     if mc_samples < 2:
@@ -235,14 +279,16 @@ def pacbayes_sigma(
             epsilon=epsilon,
             mc_samples=mc_samples,
             seed=seed,
+            clock=clock,
         )
-        lo, hi = largest_below(
+        lo, hi, steps = largest_below(
             lambda s: increase(s)[0],
             upper=sigma_max,
             depth=search_depth,
             threshold=threshold,
             progress=progress,
             what="PAC-Bayes σ'" + (" (magnitude-aware)" if magnitude_aware else ""),
+            clock=clock,
         )
         sigma = (lo + hi) / 2
         at_sigma, mc_stderr = increase(sigma)
@@ -258,6 +304,9 @@ def pacbayes_sigma(
         n=increase.n,
         bracket=(lo, hi),
         hit_sigma_max=hi == sigma_max,
+        steps=steps,
+        fewest_draws=increase.fewest_draws,
+        stopped=steps < search_depth or increase.fewest_draws < mc_samples,
         method=(
             f"bisection on σ ∈ [0, {sigma_max:g}], {search_depth} steps × {mc_samples} "
             f"draws of u ~ {noise} over all parameters, {target} increase ≤ {threshold:g}"
@@ -304,7 +353,23 @@ def _details(search: SigmaSearch, mc_samples: int, search_depth: int) -> dict[st
         "bracket": list(search.bracket),
         "hit_sigma_max": search.hit_sigma_max,
         "base": search.base,
+        "steps": search.steps,
+        "fewest_draws": search.fewest_draws,
+        "stop": "time_budget" if search.stopped else "depth",
     }
+
+
+def _budget_warnings(search: SigmaSearch, mc_samples: int, search_depth: int) -> list[str]:
+    """A warning saying how far a search the time budget stopped got."""
+    if not search.stopped:
+        return []
+    lo, hi = search.bracket
+    return [
+        f"stopped by the time budget after {search.steps}/{search_depth} bisection steps "
+        f"(σ' in [{lo:.4g}, {hi:.4g}]; fewest Monte Carlo draws {search.fewest_draws}/"
+        f"{mc_samples}); a longer --time-budget buys the other "
+        f"{search_depth - (search.steps or 0)} steps, each halving the bracket"
+    ]
 
 
 def pacbayes_flatness(
@@ -376,7 +441,11 @@ def flatness_estimate(search: SigmaSearch, mc_samples: int, search_depth: int) -
         f"1/σ'², {search.method}",
         _details(search, mc_samples, search_depth),
     )
-    return with_warnings(est, *search_warnings(search.bracket, search.hit_sigma_max, "σ'"))
+    return with_warnings(
+        est,
+        *search_warnings(search.bracket, search.hit_sigma_max, "σ'"),
+        *_budget_warnings(search, mc_samples, search_depth),
+    )
 
 
 def pacbayes_bound(
@@ -444,7 +513,11 @@ def bound_estimate(
         f"{reference}/(4σ'²) + log(n/σ') + 10, {search.method}",
         {**_details(search, mc_samples, search_depth), "norm_squared": sq},
     )
-    return with_warnings(est, *search_warnings(search.bracket, search.hit_sigma_max, "σ'"))
+    return with_warnings(
+        est,
+        *search_warnings(search.bracket, search.hit_sigma_max, "σ'"),
+        *_budget_warnings(search, mc_samples, search_depth),
+    )
 
 
 def search_warnings(

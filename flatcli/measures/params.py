@@ -10,10 +10,9 @@ of parameters, flattened into one vector :math:`\theta \in \mathbb{R}^p`:
 * :func:`functional_loss` is :math:`\theta \mapsto \sum_i \ell_i(\theta)` on one batch
   (a per-sample **sum**, so that sums over batches divided by ``n`` give the mean
   risk), with every other parameter held fixed and detached.
-* :func:`hvp` is the batched Hessian-vector product
-  ``jvp(grad(f))`` (forward-over-reverse), vmapped over probe directions;
-  :func:`double_backward_hvps` is the reverse-over-reverse one, one direction at a time
-  on a gradient graph shared by all of them (less memory, and faster on conv nets).
+* Hessian-vector products of such a function come from :mod:`flatcli.autodiff`
+  (:func:`~flatcli.autodiff.hvp`, forward-over-reverse, and
+  :class:`~flatcli.autodiff.GradientGraph`, reverse-over-reverse on a kept graph).
 * :func:`mean_objective` is the training error or mean loss, optionally with
   replaced parameters (the perturbation measures never touch the model's own weights).
 """
@@ -22,7 +21,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -31,7 +30,6 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ..autodiff import SecondOrder
 from ..checkpoints import eval_mode
 from ..data import Batches, as_batches
 from ..errors import FlatcliError, UsageError
@@ -142,6 +140,7 @@ def functional_loss(
     loss: str,
     *,
     fixed: Mapping[str, torch.Tensor] | None = None,
+    outputs: list[torch.Tensor] | None = None,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     r"""The batch's summed loss as a function of the flat parameters.
 
@@ -153,84 +152,17 @@ def functional_loss(
         x, y: One batch.
         loss: ``cross_entropy`` or ``mse`` (see :func:`flatcli.losses.per_sample_loss`).
         fixed: The other parameters (default: :func:`fixed_params`).
+        outputs: A list each call appends the model's (detached) logits to.
     """
     others = fixed_params(model, flat) if fixed is None else fixed
 
     def f(theta: torch.Tensor) -> torch.Tensor:
         out = call_model(model, x, {**others, **flat.unflatten(theta)})
+        if outputs is not None:
+            outputs.append(out.detach())
         return per_sample_loss(out, y, loss).sum()  # type: ignore[arg-type]
 
     return f
-
-
-def hvp(
-    f: Callable[[torch.Tensor], torch.Tensor],
-    theta: torch.Tensor,
-    vectors: torch.Tensor,
-    *,
-    chunk_size: int | None = None,
-    ad: SecondOrder | None = None,
-) -> torch.Tensor:
-    r"""Hessian-vector products :math:`\nabla^2 f(\theta)\, v_k` for every row of ``vectors``.
-
-    Forward-over-reverse (``jvp`` of ``grad``), vmapped over the ``k`` directions: the
-    primal forward and backward pass is shared by all directions, only the tangents are
-    batched. ``torch.func.grad`` differentiates even under an outer ``torch.no_grad()``.
-    When an op has no forward-mode derivative, ``ad`` (a :class:`~flatcli.autodiff.SecondOrder`)
-    falls back to reverse-over-reverse (``vjp`` of ``grad``; ``H`` is symmetric) or to the
-    math attention kernel, and records which.
-
-    Args:
-        f: Scalar function of a flat vector.
-        theta: Point, shape ``(p,)``.
-        vectors: Directions, shape ``(k, p)``.
-        chunk_size: Directions per vmapped call (memory bound); None for all at once.
-
-    Returns:
-        ``(k, p)`` tensor whose row ``k`` is :math:`H v_k`.
-    """
-    grad_f = torch.func.grad(f)
-
-    def one(v: torch.Tensor) -> torch.Tensor:
-        return torch.func.jvp(grad_f, (theta,), (v,))[1]
-
-    def forward() -> torch.Tensor:
-        return torch.func.vmap(one, chunk_size=chunk_size)(vectors)
-
-    def reverse() -> torch.Tensor:
-        _, pullback = torch.func.vjp(grad_f, theta)
-        return torch.func.vmap(lambda v: pullback(v)[0], chunk_size=chunk_size)(vectors)
-
-    return (ad or SecondOrder())(forward, reverse)
-
-
-def double_backward_hvps(
-    f: Callable[[torch.Tensor], torch.Tensor],
-    theta: torch.Tensor,
-    direction: Callable[[int], torch.Tensor],
-    k: int,
-) -> Iterator[tuple[int, torch.Tensor]]:
-    r"""``(r, H v_r)`` for ``r < k``, by reverse-over-reverse (double backward).
-
-    One forward pass and one ``create_graph`` backward pass build :math:`\nabla f(\theta)`
-    with its graph; each direction then costs one more backward pass through it, with the
-    graph retained until the last. Peak memory is that of one direction, whatever ``k``
-    (PyHessian's product). Works under an outer ``torch.no_grad()``.
-
-    Args:
-        f: Scalar function of a flat vector.
-        theta: Point, shape ``(p,)``.
-        direction: ``r -> v_r``, shape ``(p,)`` (made when needed, so that ``k``
-            directions never have to be held at once in floating point).
-        k: Number of directions.
-    """
-    with torch.enable_grad():
-        t = theta.detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(f(t), t, create_graph=True)
-        for r in range(k):
-            v = direction(r).to(theta)
-            (hv,) = torch.autograd.grad(g, t, v, retain_graph=r < k - 1)
-            yield r, hv
 
 
 # --------------------------------------------------------------------------- data and mode
@@ -261,19 +193,26 @@ def empty_data() -> FlatcliError:
     return FlatcliError("the dataset is empty")
 
 
-def saturation_warning(model: nn.Module, batches: Batches, loss: str) -> str | None:
+def saturation_warning(
+    model: nn.Module,
+    batches: Batches,
+    loss: str,
+    *,
+    logits: Iterable[torch.Tensor] | None = None,
+) -> str | None:
     r"""A warning when the softmax is saturated on every sample, else None.
 
     With cross-entropy every curvature term of a sample carries a factor
     :math:`p_j(1-p_j)`, at most :math:`1 - \max_j p_j`. When that is below the float
     resolution of the model's dtype on *every* sample, Hessian (and gradient) measures
-    are rounding noise, however small or exactly 0 they print. One forward pass.
+    are rounding noise, however small or exactly 0 they print. One forward pass, or none
+    when the caller already has the ``logits`` of every batch.
     """
     if loss != "cross_entropy":
         return None
     worst, n = -math.inf, 0
-    for x, _ in batches:
-        out = call_model(model, x)
+    outputs = logits if logits is not None else (call_model(model, x) for x, _ in batches)
+    for out in outputs:
         if out.ndim != 2 or out.shape[1] < 2:
             return None
         top = out.max(-1, keepdim=True).values

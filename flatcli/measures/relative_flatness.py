@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .. import distributed
+from ..autodiff import hvp
 from ..checkpoints import eval_mode
 from ..data import Batches, as_batches, take
 from ..errors import FlatcliError, UsageError
@@ -795,27 +796,9 @@ def _quadratic_estimate(
             def total(weight: torch.Tensor, cut: Cut = cut, y: torch.Tensor = y) -> torch.Tensor:
                 return per_sample_loss(split.weight_output(cut, weight), y, loss).sum()  # type: ignore[arg-type]
 
-            grad_fn = torch.func.grad(total)
-
-            def vhv(
-                v: torch.Tensor, grad_fn: Callable[..., torch.Tensor] = grad_fn
-            ) -> torch.Tensor:
-                return (v * torch.func.jvp(grad_fn, (w,), (v,))[1]).sum()
-
-            def vhv_reverse(
-                v: torch.Tensor, grad_fn: Callable[..., torch.Tensor] = grad_fn
-            ) -> torch.Tensor:
-                return (v * torch.func.vjp(grad_fn, w)[1](v)[0]).sum()
-
             v = dirs.to(w.device)
-            acc += (
-                split.ad(
-                    lambda v=v, vhv=vhv: torch.func.vmap(vhv)(v),
-                    lambda v=v, r=vhv_reverse: torch.func.vmap(r)(v),
-                )
-                .double()
-                .cpu()
-            )
+            hv = hvp(total, w, v, ad=split.ad)
+            acc += (v * hv).flatten(1).sum(1).double().cpu()
         values.append(distributed.sum_over_shards(batches, acc) / n)
     per_dir = torch.cat(values)
     tied = (", tied weight" if split.tied else "") + split.ad.note
@@ -957,7 +940,8 @@ class _WeightHessian:
         self.split, self.batches, self.loss, self.n = split, batches, loss, n
         self.to_dirs, self.shape, self.chunk = to_dirs, shape, chunk
         self.w = split.weight.detach()
-        self.on_step: Callable[[], None] | None = None
+        self.on_step: Callable[[float | None], None] | None = None
+        self.should_stop: Callable[[int], bool] | None = None
 
     @property
     def size(self) -> int:
@@ -980,19 +964,7 @@ class _WeightHessian:
                 out = self.split.weight_output(cut, weight)
                 return per_sample_loss(out, y, self.loss).sum()  # type: ignore[arg-type]
 
-            grad_fn = torch.func.grad(f)
-
-            def one(d: torch.Tensor, grad_fn: Callable[..., torch.Tensor] = grad_fn) -> Any:
-                return torch.func.jvp(grad_fn, (w,), (d,))[1]
-
-            def one_reverse(d: torch.Tensor, grad_fn: Callable[..., Any] = grad_fn) -> Any:
-                return torch.func.vjp(grad_fn, w)[1](d)[0]
-
-            d = v.to(w)
-            total += self.split.ad(
-                lambda d=d, one=one: torch.func.vmap(one, chunk_size=self.chunk)(d),
-                lambda d=d, r=one_reverse: torch.func.vmap(r, chunk_size=self.chunk)(d),
-            ).double()
+            total += hvp(f, w, v.to(w), chunk_size=self.chunk, ad=self.split.ad).double()
         return distributed.sum_over_shards(self.batches, total) / self.n
 
     def matmat(self, vectors: Any, *, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -1018,7 +990,9 @@ class _WeightHessian:
             v = self.to_dirs(dirs.block(lo, hi).reshape(-1, *self.shape)).double()
             out.append((v * self._hvps(v)).reshape(hi - lo, -1).sum(-1).cpu())
             if self.on_step is not None:
-                self.on_step()
+                self.on_step(hi / dirs.count)
+            if self.should_stop is not None and self.should_stop(hi):
+                break
         return torch.cat(out)
 
 

@@ -37,7 +37,7 @@ from ..data import Batches
 from ..errors import UsageError
 from ..features import ModelInput, call_model
 from ..losses import check_loss, per_sample_loss
-from .budget import fit_batches, param_bytes
+from .budget import Stopwatch, fit_batches, param_bytes
 from .estimate import Estimate, with_warnings
 from .pac_bayes import check_search, largest_below, search_warnings
 from .params import (
@@ -147,6 +147,7 @@ def sharpness(
     batch_size: int = 256,
     max_memory: int | None = None,
     progress: Callable[[str], None] | None = None,
+    time_budget: float | Stopwatch | None = None,
 ) -> Estimate:
     r"""Sharpness :math:`1/\alpha'^2` of Jiang et al. (2020), measures 52 and 60.
 
@@ -177,12 +178,15 @@ def sharpness(
         max_memory: Bytes a gradient pass may use (default: half the free memory); data
             batches are split into fewer rows to fit (per-sample sums: same value).
         progress: Called with a line of text before every bisection step.
+        time_budget: Seconds (or a shared :class:`Stopwatch`) after which the bisection
+            stops after its current step (``details["steps"]``, the bracket reached).
 
     Returns:
         An :class:`Estimate` with ``stderr`` None (deterministic for a seed; see the
         module docstring for its bias) and ``details`` ``alpha``, ``increase`` (at α'),
         ``bracket``, ``hit_alpha_max``, ``search_depth``, ``ascent_steps`` and ``base``.
     """
+    clock = Stopwatch.of(time_budget)
     loss = check_loss(loss)
     check_search(target, threshold, search_depth, alpha_max, epsilon, upper_name="alpha_max")
     if ascent_steps < 0:
@@ -209,13 +213,14 @@ def sharpness(
             ascent_steps=ascent_steps,
             seed=seed,
         )
-        lo, hi = largest_below(
+        lo, hi, steps = largest_below(
             worst,
             upper=alpha_max,
             depth=search_depth,
             threshold=threshold,
             progress=progress,
             what="sharpness α'" + (" (magnitude-aware)" if magnitude_aware else ""),
+            clock=clock,
         )
         alpha = (lo + hi) / 2
         at_alpha = worst(alpha)
@@ -232,8 +237,16 @@ def sharpness(
             "bracket": [lo, hi],
             "hit_alpha_max": hi == alpha_max,
             "search_depth": search_depth,
+            "steps": steps,
+            "stop": "time_budget" if steps < search_depth else "depth",
             "ascent_steps": ascent_steps,
             "base": worst.base,
         },
     )
-    return with_warnings(est, *search_warnings((lo, hi), hi == alpha_max, "α'"))
+    stopped = (
+        [f"stopped by the time budget after {steps}/{search_depth} bisection steps "
+         f"(α' in [{lo:.4g}, {hi:.4g}])"]
+        if steps < search_depth
+        else []
+    )
+    return with_warnings(est, *search_warnings((lo, hi), hi == alpha_max, "α'"), *stopped)
