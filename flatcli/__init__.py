@@ -7,6 +7,11 @@ Measures (each returns an :class:`Estimate`):
     hessian_trace, hessian_top_eigenvalue, fisher_rao, pacbayes_flatness, pacbayes_bound,
     sharpness, frobenius_norms, spectral_norms, path_norm, distance_from_init
 
+Commands (each returns a typed result with to_dict() = the CLI's JSON and to_frame()):
+    measure, audit_checkpoint, correlate_checkpoints, check_robustness, estimate_bound,
+    MeasureOptions, MeasureResult, AuditResult, CorrelateResult, RobustnessResult,
+    BoundResult
+
 Experiments:
     audit, measure_checkpoints (correlate), FAMRegularizer, finetune (FinetuneConfig,
     FinetuneResult)
@@ -70,6 +75,18 @@ _PUBLIC = {
     "spectral_norms": "flatcli.measures.norms",
     "path_norm": "flatcli.measures.norms",
     "distance_from_init": "flatcli.measures.norms",
+    # commands (each returns a typed result: flatcli.results)
+    "measure": "flatcli.commands",
+    "audit_checkpoint": "flatcli.commands",
+    "correlate_checkpoints": "flatcli.commands",
+    "check_robustness": "flatcli.commands",
+    "estimate_bound": "flatcli.commands",
+    "MeasureOptions": "flatcli.registry",
+    "MeasureResult": "flatcli.results",
+    "AuditResult": "flatcli.results",
+    "CorrelateResult": "flatcli.results",
+    "RobustnessResult": "flatcli.results",
+    "BoundResult": "flatcli.results",
     # experiments
     "audit": "flatcli.audit",
     "measure_checkpoints": "flatcli.correlate",

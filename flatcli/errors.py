@@ -24,6 +24,23 @@ class UsageError(FlatcliError):
         super().__init__(message, exit_code=2)
 
 
+class ParameterError(UsageError):
+    """A bad value of one named parameter of a library call.
+
+    The message starts with the parameter's name (``probes must be at least 1, got 0``);
+    the CLI writes the option's flag in its place (``--probes must be at least 1, got 0``).
+
+    Args:
+        parameter: The parameter's name, as the function or record spells it.
+        message: The rest of the sentence (``must be at least 1, got 0``).
+    """
+
+    def __init__(self, parameter: str, message: str) -> None:
+        super().__init__(f"{parameter} {message}")
+        self.parameter = parameter
+        self.detail = message
+
+
 class FlatcliWarning(UserWarning):
     """Something flatcli changed or skipped on the user's behalf (a cast, a recomputed cache
     entry): the CLI shows each as one ``warning:`` line on stderr."""

@@ -18,63 +18,7 @@ from torch import nn
 from .data import Batches
 from .errors import FlatcliError, UsageError
 from .measures.estimate import Estimate
-
-
-@dataclass(frozen=True)
-class MeasureOptions:
-    """The options of the measures themselves (not of the model, layer or data).
-
-    Attributes:
-        method: ``auto``, ``exact`` or ``hutchinson``, for the layer-wise measures and
-            the Hessian trace.
-        probes: Hutchinson probes for the layer-wise measures.
-        seed: Seed of every random estimate.
-        dead_units: Theorem 4's treatment of dead units, ``drop`` (default) or ``unscaled``.
-        trace_params: Parameters of ``hessian_trace`` and ``hessian_top_eigenvalue``:
-            ``all``, ``layer`` (the feature layer) or a module/parameter name.
-        rtol: Relative standard error target of the Hutchinson Hessian trace.
-        max_probes: Most probes of the Hutchinson Hessian trace.
-        fr_include_bias: Count biases in the Fisher-Rao norm.
-        fr_labels: Fisher-Rao labels: ``true`` (empirical) or ``model`` (softmax expectation).
-        l2: Weight decay α whose penalty Hessian ``α·I`` the layer-wise measures add to H.
-        pacbayes_target: ``error`` or ``loss``, for PAC-Bayes and sharpness.
-        pacbayes_threshold: The allowed increase τ of PAC-Bayes and sharpness.
-        mc_samples: Monte Carlo draws per PAC-Bayes bisection step.
-        search_depth: Bisection steps of PAC-Bayes and sharpness.
-        trace_method: ``hutchinson`` or ``hutch++``, the estimator of a Hutchinson
-            Hessian trace.
-        probe_batch: Probes per vmapped Hessian-vector product call (1: double
-            backward, one at a time); None chooses from ``max_memory``.
-        max_memory: Bytes the whole-network measures may use (None: half the free
-            memory); data batches and probe batches are split to fit.
-        time_budget: Seconds for the iterative measures of a run together (Hutchinson
-            trace, Lanczos, PAC-Bayes and sharpness searches); each stops at probe (HVP,
-            bisection step, Monte Carlo draw) granularity once it is spent, reporting the
-            standard error (residual, bracket) reached; None for no limit.
-    """
-
-    method: str = "auto"
-    probes: int = 64
-    seed: int = 0
-    dead_units: str = "drop"
-    trace_params: str = "all"
-    rtol: float = 0.01
-    max_probes: int = 2000
-    fr_include_bias: bool = False
-    fr_labels: str = "true"
-    l2: float = 0.0
-    pacbayes_target: str = "error"
-    pacbayes_threshold: float = 0.1
-    mc_samples: int = 10
-    search_depth: int = 15
-    trace_method: str = "hutchinson"
-    probe_batch: int | None = None
-    max_memory: int | None = None
-    time_budget: float | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-ready options."""
-        return asdict(self)
+from .options import MeasureOptions
 
 
 @dataclass(frozen=True, kw_only=True)

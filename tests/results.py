@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 from flatcli.measures.estimate import Estimate
-from flatcli.report import measure_report
+from flatcli.results import CorrelateResult, MeasureResult
 from flatcli.runtime import manifest
 
 EVIL = '<script>alert(1)</script><img src="http://example.invalid/x.png">'
@@ -40,14 +40,14 @@ def measure_result() -> dict[str, Any]:
         "fisher_rao": Estimate(float("nan"), None, "exact (forward-mode JVP)"),
         "tiny": Estimate(3.2e-7, None, f"a method naming {EVIL}"),
     }
-    report = measure_report(
+    report = MeasureResult(
         checkpoint={"path": EVIL_FILE, "sha256": "ab" * 32},
         layer={"name": "fc", "type": "Linear", "shape": [10, 32]},
         data={"source": "digits", "split": "train", "n_samples": 1297},
         measures=measures,
         manifest=run_manifest(argv=["flatcli", "measure", EVIL_FILE, "--layer", "fc"]),
         config={"method": "auto", "probes": 64, "note": EVIL},
-    )
+    ).to_dict()
     # What the degenerate-value check adds to a measure (rendered when present).
     report["measures"]["tiny"]["warnings"] = ["value below 1e-6: probably degenerate"]
     return report
@@ -137,19 +137,14 @@ def correlate_json(
     df: pd.DataFrame, result: dict[str, Any], skipped: list, computed: int, files: list[str]
 ) -> dict[str, Any]:
     """What ``flatcli correlate --format json`` writes for :func:`analyse`'s ``result``."""
-    return {
-        "schema": "flatcli.correlate/1",
-        "checkpoints": df.to_dict(orient="records"),
-        "correlations": result["correlations"].to_dict(orient="records"),
-        "granulated_kendall": result["granulated"],
-        "hparams": result["hparams"],
-        "warnings": result["warnings"],
-        "gap_notes": result["gap_notes"],
-        "skipped": skipped,
-        "computed": computed,
-        "source": None,
-        "manifest": run_manifest(argv=["flatcli", "correlate", *files]),
-    }
+    return CorrelateResult(
+        checkpoints=df,
+        analysis=result,
+        skipped=skipped,
+        computed=computed,
+        source=None,
+        manifest=run_manifest(argv=["flatcli", "correlate", *files]),
+    ).to_dict()
 
 
 def small_zoo() -> pd.DataFrame:

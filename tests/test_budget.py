@@ -54,7 +54,7 @@ def test_parse_memory() -> None:
     assert parse_memory("100000") == 100_000
     assert parse_memory(None) is None
     for bad in ("", "-1G", "0", "lots", "4X"):
-        with pytest.raises(UsageError, match="max-memory"):
+        with pytest.raises(UsageError, match="max_memory"):
             parse_memory(bad)
     assert format_bytes(1536) == "1.5 KiB"
 

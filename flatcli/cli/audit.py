@@ -2,66 +2,50 @@
 
 from __future__ import annotations
 
-import math
-import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from ..errors import UsageError
 from .app import app
 from .common import (
     check_format,
     check_outputs,
-    check_report_path,
     command_argv,
     emit,
     friendly,
     input_files,
+    loading_from,
     options_from,
     progress,
-    setup,
-    write_page,
 )
 from .options import (
+    AUDIT_TIME_BUDGET,
+    BUDGET_OPTIONS,
     ArchKwargsOpt,
     ArchOpt,
     BatchOpt,
     Checkpoint,
     DataOpt,
-    DeadUnitsOpt,
-    DepthOpt,
     DeviceOpt,
     FormatOpt,
-    FrBiasOpt,
-    FrLabelsOpt,
     InitOpt,
-    L2Opt,
     LayerOpt,
     LossOpt,
-    MaxMemoryOpt,
-    MaxProbesOpt,
     MaxSamplesOpt,
-    McOpt,
-    MethodOpt,
     OutputOpt,
-    PacTargetOpt,
-    PacThresholdOpt,
-    ProbesOpt,
     ReportOpt,
-    RtolOpt,
     SeedOpt,
     SplitOpt,
     TargetOpt,
     ThreadsOpt,
-    TimeBudgetOpt,
-    TraceParamsOpt,
     TrustOpt,
+    with_measure_options,
 )
 
 
 @app.command()
 @friendly
+@with_measure_options(after="normalize", skip=BUDGET_OPTIONS, time_budget=AUDIT_TIME_BUDGET)
 def audit(
     ctx: typer.Context,
     checkpoint: Checkpoint,
@@ -85,21 +69,6 @@ def audit(
             "must read invariant).",
         ),
     ] = True,
-    method: MethodOpt = "auto",
-    probes: ProbesOpt = 64,
-    dead_units: DeadUnitsOpt = "drop",
-    trace_params: TraceParamsOpt = "all",
-    rtol: RtolOpt = 0.01,
-    max_probes: MaxProbesOpt = 2000,
-    max_memory: MaxMemoryOpt = None,
-    time_budget: TimeBudgetOpt = 300.0,
-    fr_include_bias: FrBiasOpt = False,
-    fr_labels: FrLabelsOpt = "true",
-    l2: L2Opt = 0.0,
-    pacbayes_target: PacTargetOpt = "error",
-    pacbayes_threshold: PacThresholdOpt = 0.1,
-    mc_samples: McOpt = 10,
-    search_depth: DepthOpt = 15,
     init: InitOpt = None,
     alpha_low: Annotated[
         float, typer.Option("--alpha-low", help="Smallest rescaling factor (log-uniform draws).")
@@ -130,6 +99,7 @@ def audit(
     fmt: FormatOpt = "table",
     output: OutputOpt = None,
     report_page: ReportOpt = None,
+    **options: Any,
 ) -> None:
     """Which measures survive function-preserving reparameterizations?
 
@@ -151,10 +121,7 @@ def audit(
 
         flatcli audit minilm_folder --data sentences.npz --report audit.html
     """
-    from .. import registry
-    from ..audit import audit as run_audit
-    from ..report import to_json
-    from ..runtime import manifest, set_threads
+    from ..commands import audit_checkpoint
 
     fmt = check_format(fmt)
     check_outputs(
@@ -163,96 +130,19 @@ def audit(
         report=report_page,
         inputs=input_files([checkpoint], data, ("the --init checkpoint", init)),
     )
-    if not (math.isfinite(tolerance) and tolerance >= 0):
-        raise UsageError(f"--tolerance must be a finite number ≥ 0, got {tolerance}")
-    check_report_path(report_page)
-    if not 0 < alpha_low <= alpha_high:
-        raise UsageError("--alpha-low and --alpha-high must satisfy 0 < low <= high")
-    names = registry.select(
-        measures, normalize=normalize, has_init=init is not None, default=registry.AUDIT_DEFAULT
-    )
-    defaults = measures in (None, "default")
-    options = options_from(ctx)
-    prep, layer_name, _, config, inputs = setup(
+    result = audit_checkpoint(
         checkpoint,
-        options,
         layer=layer,
+        measures=measures,
+        normalize=normalize,
         init=init,
-        arch=arch,
-        arch_kwargs=arch_kwargs,
-        trust_code=trust_code,
-        data=data,
-        split=split,
-        target=target,
-        max_samples=max_samples,
-        batch_size=batch_size,
-        device=device,
-        dtype=dtype,
-        loss=loss,
+        alpha_low=alpha_low,
+        alpha_high=alpha_high,
+        tolerance=tolerance,
+        threads=threads,
+        options=options_from(ctx),
+        argv=command_argv(ctx),
+        progress=progress,
+        **loading_from(ctx),
     )
-    set_threads(threads, params=sum(p.numel() for p in prep.model.parameters()))
-    if defaults and inputs.input_shape is None:
-        names = [n for n in names if n != "path_norm"]  # named inputs (token ids): undefined
-    with progress() as note:
-        result = run_audit(
-            prep.model,
-            prep.batches,
-            names,
-            config,
-            seed=seed,
-            alpha_range=(alpha_low, alpha_high),
-            rtol=tolerance,
-            note=note,
-            inputs=inputs,
-            time_budget=options.time_budget,
-            optional=names if defaults else (),
-        )
-    original, reps = result.measures, result.reparameterizations
-    report = {
-        "schema": "flatcli.audit/1",
-        "checkpoint": {"path": str(prep.checkpoint.path), "sha256": prep.checkpoint.sha256},
-        "layer": {"name": layer_name},
-        "data": {
-            "source": prep.batches.source,
-            "split": split,
-            "n_samples": prep.batches.n_samples,
-        },
-        "measures": {k: v.to_dict() for k, v in original.items()},
-        "reparameterizations": [r.to_dict() for r in reps],
-        "skipped": result.skipped,
-        "theorem4": result.theorem4,
-        "manifest": manifest(
-            device=prep.device, dtype=prep.dtype, seed=seed, argv=command_argv(ctx)
-        ),
-        "config": config.as_dict(),
-        "audit": {
-            "tolerance": tolerance,
-            "alpha_range": [alpha_low, alpha_high],
-            "time_budget": options.time_budget,
-            "max_memory": options.max_memory,
-            "seconds": round(result.seconds, 3),
-        },
-    }
-    write_page(report_page, report)
-    if fmt == "json":
-        emit(to_json(report), output)
-        return
-    if fmt == "csv":
-        import pandas as pd
-
-        rows = [{"reparameterization": r.kind, **row.__dict__} for r in reps for row in r.rows]
-        text = pd.DataFrame(rows).to_csv(index=False)
-        if output is not None:
-            from ..report import write_csv_output
-
-            keep = ("schema", "checkpoint", "layer", "data", "manifest", "config")
-            write_csv_output(output, text, {k: report[k] for k in keep})
-        sys.stdout.write(text)
-        return
-    if output is not None:
-        from ..report import write_output
-
-        write_output(output, to_json(report))
-    from .render import audit_tables
-
-    audit_tables(result)
+    emit(result, fmt, output, report_page)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Annotated
 
 import typer
 
 from .app import app
-from .common import check_format, check_outputs, emit, friendly, input_files, progress
+from .common import check_format, check_outputs, emit, friendly, input_files, loading_from, progress
 from .options import (
     ArchKwargsOpt,
     ArchOpt,
@@ -33,6 +32,7 @@ SCHEMA = "flatcli.bound/1"
 @app.command()
 @friendly
 def bound(
+    ctx: typer.Context,
     checkpoint: Checkpoint,
     layer: LayerOpt = None,
     splits: Annotated[
@@ -83,10 +83,7 @@ def bound(
 
         flatcli bound sample_models/digits_mlp.safetensors --splits 20 --format json
     """
-    from ..bound import bound_terms
-    from ..prepare import parse_json_object, prepare
-    from ..report import to_json
-    from ..runtime import manifest
+    from ..commands import estimate_bound
 
     fmt = check_format(fmt)
     check_outputs(
@@ -94,63 +91,15 @@ def bound(
         *((".manifest.json",) if fmt == "csv" else ()),
         inputs=input_files([checkpoint], data),
     )
-    prep = prepare(
+    result = estimate_bound(
         checkpoint,
-        arch=arch,
-        trust_code=trust_code,
-        arch_kwargs=parse_json_object(arch_kwargs, "--arch-kwargs"),
-        data=data,
-        split="train",
-        target=target,
-        max_samples=max_samples,
-        batch_size=batch_size,
-        device=device,
-        dtype=dtype,
-        loss=loss,
         layer=layer,
+        splits=splits,
+        draws=draws,
+        bandwidth=bandwidth,
+        probes=probes,
+        seed=seed,
+        progress=progress,
+        **loading_from(ctx),
     )
-    test = prep.split("test") if prep.has_split("test") else None
-    with progress() as status:
-        terms = bound_terms(
-            prep.model,
-            layer,
-            prep.batches,
-            test_data=test,
-            loss=prep.loss,
-            splits=splits,
-            draws=draws,
-            bandwidth=bandwidth,
-            seed=seed,
-            robustness_probes=probes,
-            progress=status,
-        )
-    report = {
-        "schema": SCHEMA,
-        "checkpoint": {"path": str(prep.checkpoint.path), "sha256": prep.checkpoint.sha256},
-        "data": {"source": prep.batches.source, "n_train": terms.n, "has_test": test is not None},
-        "loss": prep.loss,
-        **terms.to_dict(),
-        "manifest": manifest(device=prep.device, dtype=prep.dtype, seed=seed),
-    }
-    if fmt == "json":
-        emit(to_json(report), output)
-        return
-    if fmt == "csv":
-        import pandas as pd
-
-        row = {k: v for k, v in terms.to_dict().items() if k != "notes"}
-        text = pd.DataFrame([row]).to_csv(index=False)
-        if output is not None:
-            from ..report import write_csv_output
-
-            provenance = {k: v for k, v in report.items() if k != "deltas"}
-            write_csv_output(output, text, provenance)
-        sys.stdout.write(text)
-        return
-    if output is not None:
-        from ..report import write_output
-
-        write_output(output, to_json(report))
-    from .render import bound_table
-
-    bound_table(terms, title=f"{prep.checkpoint.path.name} · {prep.batches.source} train")
+    emit(result, fmt, output)

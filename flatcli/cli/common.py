@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import typer
 
-from ..errors import FlatcliError, FlatcliWarning, UsageError
+from ..errors import FlatcliError, FlatcliWarning, ParameterError, UsageError
 from ..text import markup_safe, plain, show_warning
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -48,9 +48,9 @@ def friendly(fn: F) -> F:
             stderr().print(f"{_rank_prefix()}terminated by {e.name}", highlight=False)
             raise typer.Exit(128 + e.signum) from None
         except FlatcliError as e:
-            where = _rank_prefix()
+            where, text = _rank_prefix(), _with_flag(e)
             stderr().print(
-                f"[bold red]{where}error:[/] {markup_safe(e)}", highlight=False, soft_wrap=True
+                f"[bold red]{where}error:[/] {markup_safe(text)}", highlight=False, soft_wrap=True
             )
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
@@ -76,6 +76,26 @@ def friendly(fn: F) -> F:
                 sys.modules["flatcli.distributed"].shutdown(barrier=finished)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _with_flag(error: FlatcliError) -> str:
+    """The error's line; a :class:`ParameterError` names the option's flag, not the
+    library's parameter (``--probes must be …`` for ``probes must be …``)."""
+    if not isinstance(error, ParameterError):
+        return str(error)
+    import click
+
+    name = error.parameter
+    ctx = click.get_current_context(silent=True)
+    flags = {p.name: p.opts[0] for p in ctx.command.params} if ctx is not None else {}
+
+    def flag(match: re.Match[str]) -> str:
+        word = match.group(0)
+        return flags.get(word, "--" + word.replace("_", "-"))
+
+    # other parameters the sentence names (alpha_high) have an underscore in their name
+    detail = re.sub(r"\b[a-z]+(?:_[a-z0-9]+)+\b", flag, error.detail)
+    return f"{flags.get(name, '--' + name.replace('_', '-'))} {detail}"
 
 
 class Terminated(BaseException):
@@ -136,7 +156,7 @@ def start_distributed(device: str, backend: str) -> str:
 
 
 @contextmanager
-def quiet() -> Iterator[Status]:
+def quiet(total: int | None = None) -> Iterator[Status]:
     """A :class:`Status` that shows nothing (ranks other than 0 under torchrun)."""
 
     class Silent(Status):
@@ -203,145 +223,29 @@ def progress(total: int | None = None) -> Iterator[Status]:
         yield Status(progress, progress.add_task("working", total=total))
 
 
-def measure_options(
-    *,
-    method: str,
-    probes: int,
-    seed: int,
-    dead_units: str,
-    trace_params: str,
-    rtol: float,
-    max_probes: int,
-    fr_include_bias: bool,
-    pacbayes_target: str,
-    pacbayes_threshold: float,
-    mc_samples: int,
-    search_depth: int,
-    trace_method: str = "hutchinson",
-    max_memory: str | None = None,
-    probe_batch: int | None = None,
-    time_budget: float | None = None,
-    fr_labels: str = "true",
-    l2: float = 0.0,
-):  # noqa: ANN202 - a registry.MeasureOptions, imported lazily
-    """The measures' options, checked before anything is loaded."""
-    from ..measures.budget import parse_memory
-    from ..registry import MeasureOptions
-
-    checks = [
-        (
-            method in ("auto", "exact", "hutchinson"),
-            f"--method must be auto, exact or hutchinson, got {method!r}",
-        ),
-        (probes >= 1, f"--probes must be at least 1, got {probes}"),
-        (
-            dead_units in ("unscaled", "drop"),
-            f"--dead-units must be unscaled or drop, got {dead_units!r}",
-        ),
-        (
-            fr_labels in ("true", "model"),
-            f"--fr-labels must be true or model, got {fr_labels!r}",
-        ),
-        (l2 >= 0 and l2 < float("inf"), f"--l2 must be a finite number >= 0, got {l2}"),
-        (math.isfinite(rtol) and rtol > 0, f"--rtol must be positive and finite, got {rtol}"),
-        (max_probes >= 2, f"--max-probes must be at least 2, got {max_probes}"),
-        (
-            pacbayes_target in ("error", "loss"),
-            f"--pacbayes-target must be error or loss, got {pacbayes_target!r}",
-        ),
-        (
-            math.isfinite(pacbayes_threshold) and pacbayes_threshold > 0,
-            f"--pacbayes-threshold must be positive and finite, got {pacbayes_threshold}",
-        ),
-        (mc_samples >= 2, f"--mc-samples must be at least 2, got {mc_samples}"),
-        (search_depth >= 1, f"--search-depth must be at least 1, got {search_depth}"),
-        (
-            trace_method in ("hutchinson", "hutch++"),
-            f"--trace-method must be hutchinson or hutch++, got {trace_method!r}",
-        ),
-        (
-            probe_batch is None or probe_batch >= 1,
-            f"--probe-batch must be at least 1, got {probe_batch}",
-        ),
-        (
-            time_budget is None or time_budget >= 0,
-            f"--time-budget must be at least 0 seconds, got {time_budget}",
-        ),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UsageError(message)
-    return MeasureOptions(
-        method=method,
-        probes=probes,
-        seed=seed,
-        dead_units=dead_units,
-        trace_params=trace_params,
-        rtol=rtol,
-        max_probes=max_probes,
-        fr_include_bias=fr_include_bias,
-        fr_labels=fr_labels,
-        l2=l2,
-        pacbayes_target=pacbayes_target,
-        pacbayes_threshold=pacbayes_threshold,
-        mc_samples=mc_samples,
-        search_depth=search_depth,
-        trace_method=trace_method,
-        max_memory=parse_memory(max_memory),
-        probe_batch=probe_batch,
-        time_budget=time_budget or None,
-    )
-
-
 def options_from(ctx: typer.Context):  # noqa: ANN202 - a registry.MeasureOptions
-    """:func:`measure_options` from the command's own parsed parameters of the same names
-    (a command without, e.g., ``--time-budget`` gets that option's default)."""
-    import inspect
+    """The measures' options from the command's own parsed parameters of the same names
+    (a command without, e.g., ``--time-budget`` gets that option's default), checked
+    before anything is loaded."""
+    from ..commands import OPTION_NAMES, measure_options
 
-    names = inspect.signature(measure_options).parameters
-    return measure_options(**{k: v for k, v in ctx.params.items() if k in names})
+    return measure_options(**{k: v for k, v in ctx.params.items() if k in OPTION_NAMES})
 
 
-def setup(
-    checkpoint: Path,
-    options: Any,
-    *,
-    layer: str | None,
-    init: Path | None,
-    arch: str | None,
-    arch_kwargs: str | None,
-    trust_code: bool,
-    **prepare_kwargs: Any,
-):  # noqa: ANN202
-    """Load the checkpoint and data, and resolve the layer, the ``--init`` model and the config.
+LOADING = ("arch", "trust_code", "data", "split", "target", "max_samples", "batch_size")
+LOADING += ("device", "dtype", "loss")
+"""The command parameters that go, unchanged, to :func:`flatcli.prepare.prepare`."""
 
-    Returns:
-        ``(prep, layer_name, layer_module, config, inputs)`` for
-        :func:`flatcli.registry.run_measures`.
-    """
-    from .. import registry
-    from ..checkpoints import load_checkpoint
-    from ..features import default_layer, find_layer
-    from ..prepare import parse_json_object, prepare
 
-    kwargs = parse_json_object(arch_kwargs, "--arch-kwargs")
-    prep = prepare(
-        checkpoint,
-        arch=arch,
-        trust_code=trust_code,
-        arch_kwargs=kwargs,
-        layer=layer,
-        **prepare_kwargs,
-    )
-    layer_name = layer or default_layer(prep.model)
-    module = find_layer(prep.model, layer_name)
-    init_model, init_sha = None, None
-    if init is not None:
-        ck = load_checkpoint(init, arch=arch, arch_kwargs=kwargs, trust_code=trust_code)
-        p = next(prep.model.parameters())
-        init_model, init_sha = ck.model.to(device=p.device, dtype=p.dtype), ck.sha256
-    config = registry.MeasureConfig.of(options, layer=layer_name, loss=prep.loss, init=init_sha)
-    return prep, layer_name, module, config, registry.Inputs.of(prep.batches, init_model)
+def loading_from(ctx: typer.Context, **overrides: Any) -> dict[str, Any]:
+    """The loading keywords of the library calls from the command's parsed parameters
+    (``--arch-kwargs`` parsed as JSON), with ``overrides``."""
+    from ..prepare import parse_json_object
+
+    params = ctx.params
+    out = {k: params[k] for k in LOADING if k in params}
+    out["arch_kwargs"] = parse_json_object(params.get("arch_kwargs"), "--arch-kwargs")
+    return {**out, **overrides}
 
 
 def check_format(fmt: str) -> str:
@@ -405,12 +309,30 @@ def input_files(
     return found
 
 
-def emit(text: str, output: Path | None) -> None:
-    from ..report import write_output
+def emit(result: Any, fmt: str, output: Path | None, report: Path | None = None) -> None:
+    """Write ``result`` (anything with ``to_dict``, ``to_frame`` and ``render``, see
+    :class:`flatcli.results.Result`) as ``fmt``: the HTML page ``report``, then ``output``
+    (JSON, or CSV with its ``STEM.manifest.json`` and further sidecars), then stdout."""
+    from ..report import to_json, write_beside, write_csv_output, write_output
 
+    write_page(report, result.to_dict(), **result.page_options())
+    if fmt == "json":
+        text = to_json(result.to_dict())
+        if output is not None:
+            write_output(output, text)
+        sys.stdout.write(text)
+        return
     if output is not None:
-        write_output(output, text)
-    sys.stdout.write(text)
+        if fmt == "csv" or result.table_output == "csv":
+            write_csv_output(output, result.to_csv(), result.provenance())
+            for suffix, text in result.sidecars().items():
+                write_beside(output, suffix, text)
+        else:
+            write_output(output, to_json(result.to_dict()))
+    if fmt == "csv":
+        sys.stdout.write(result.stdout_csv())
+    else:
+        result.render()
 
 
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -21,10 +24,10 @@ from .common import (
     emit,
     friendly,
     input_files,
+    loading_from,
     options_from,
     start_distributed,
     stderr,
-    write_page,
 )
 from .options import (
     DEFAULT_TIME_BUDGET,
@@ -35,39 +38,28 @@ from .options import (
     BootstrapOpt,
     ColorByOpt,
     DataOpt,
-    DeadUnitsOpt,
-    DepthOpt,
     DeviceOpt,
     DtypeOpt,
     FormatOpt,
-    FrBiasOpt,
-    FrLabelsOpt,
-    L2Opt,
     LayerOpt,
     LogXOpt,
     LossOpt,
-    MaxMemoryOpt,
-    MaxProbesOpt,
     MaxSamplesOpt,
-    McOpt,
-    MethodOpt,
-    PacTargetOpt,
-    PacThresholdOpt,
     PlotsOpt,
-    ProbesOpt,
     ReportOpt,
-    RtolOpt,
     SeedOpt,
     TargetOpt,
     ThreadsOpt,
-    TimeBudgetOpt,
-    TraceParamsOpt,
     TrustOpt,
+    with_measure_options,
 )
 
 
 @app.command()
 @friendly
+@with_measure_options(
+    after="loss", skip=("trace_method", "probe_batch"), time_budget=DEFAULT_TIME_BUDGET
+)
 def correlate(
     ctx: typer.Context,
     checkpoints: Annotated[
@@ -91,19 +83,6 @@ def correlate(
     max_samples: MaxSamplesOpt = None,
     batch_size: BatchOpt = 256,
     loss: LossOpt = None,
-    method: MethodOpt = "auto",
-    probes: ProbesOpt = 64,
-    dead_units: DeadUnitsOpt = "drop",
-    trace_params: TraceParamsOpt = "all",
-    rtol: RtolOpt = 0.01,
-    max_probes: MaxProbesOpt = 2000,
-    fr_include_bias: FrBiasOpt = False,
-    fr_labels: FrLabelsOpt = "true",
-    l2: L2Opt = 0.0,
-    pacbayes_target: PacTargetOpt = "error",
-    pacbayes_threshold: PacThresholdOpt = 0.1,
-    mc_samples: McOpt = 10,
-    search_depth: DepthOpt = 15,
     hparams: Annotated[
         Path | None,
         typer.Option(
@@ -152,8 +131,7 @@ def correlate(
         ),
     ] = None,
     report_page: ReportOpt = None,
-    max_memory: MaxMemoryOpt = None,
-    time_budget: TimeBudgetOpt = DEFAULT_TIME_BUDGET,
+    **options: Any,
 ) -> None:
     """Which measure predicts the generalization gap, across many checkpoints?
 
@@ -173,41 +151,12 @@ def correlate(
         (checkpoints are sharded across the ranks; rank 0 writes; see docs/scaling.md)
     """
     from .. import distributed
-    from ..correlate import CorrelateConfig, results_table
-    from ..prepare import parse_json_object
-    from ..registry import select
-    from ..runtime import manifest, resolve_device, resolve_dtype, set_threads
+    from ..commands import NothingMeasured, correlate_checkpoints
 
     fmt = check_format(fmt)
     check_report_path(report_page)
-    chosen = select(measures) if measures else list(DEFAULT_CORRELATE())
-    if "distance_from_init" in chosen:
-        raise UsageError("correlate cannot compute distance_from_init (no --init per checkpoint)")
     options = options_from(ctx)
-    resolve_device(device)
-    resolve_dtype(dtype)
-    if jobs < 1:
-        raise UsageError(f"--jobs must be at least 1, got {jobs}")
-    if threads is not None and threads < 1:
-        raise UsageError(f"--threads must be at least 1, got {threads}")
     device = start_distributed(device, backend)
-    if jobs == 1:
-        set_threads(threads, processes=distributed.local_world_size())
-    config = CorrelateConfig(
-        measures=tuple(chosen),
-        layer=layer,
-        data=data,
-        target=target,
-        max_samples=max_samples,
-        batch_size=batch_size,
-        loss=loss,
-        device=device,
-        dtype=dtype,
-        options=options,
-        arch=arch,
-        arch_kwargs=parse_json_object(arch_kwargs, "--arch-kwargs"),
-        trust_code=trust_code,
-    )
     _make_plots_dir(plots)  # first: --output may go into it
     check_outputs(
         output,
@@ -215,51 +164,41 @@ def correlate(
         report=report_page,
         inputs=input_files(list(checkpoints), data, ("the --hparams table", hparams)),
     )
-    from ..correlate import arch_kwargs_table
-
-    per_checkpoint = arch_kwargs_table(hparams) if hparams is not None else None
-    run = _measure_with_progress(checkpoints, config, cache_dir, jobs, per_checkpoint, threads)
-    if not distributed.is_main():
+    try:
+        with _checkpoint_progress(len(checkpoints)) as on_result:
+            result = correlate_checkpoints(
+                checkpoints,
+                measures=measures,
+                layer=layer,
+                hparams=hparams,
+                bootstrap=bootstrap,
+                jobs=jobs,
+                cache_dir=cache_dir,
+                threads=threads,
+                options=options,
+                argv=command_argv(ctx),
+                on_result=on_result,
+                **loading_from(ctx, device=device),
+            )
+    except NothingMeasured as e:
+        _print_skipped(e.skipped)
+        raise
+    if result is None or not distributed.is_main():
         return  # rank 0 gathered every row and writes the outputs
-    df = results_table(run, hparams_csv=hparams)
-    for item in run.skipped:
+    _print_skipped(result.skipped)
+    result = replace(result, color_by=color_by, log_x=log_x)
+    if plots is not None:
+        _plot(result, plots)
+    emit(result, fmt, output, report_page)
+
+
+def _print_skipped(skipped: list) -> None:  # type: ignore[type-arg]
+    for item in skipped:
         stderr().print(
             f"skipped {markup_safe(item['checkpoint'])}: {markup_safe(item['reason'])}",
             highlight=False,
             soft_wrap=True,
         )
-    if df.empty:
-        raise FlatcliError("no checkpoint could be measured")
-    _report_correlations(
-        df,
-        chosen,
-        run,
-        fmt=fmt,
-        output=output,
-        plots=plots,
-        color_by=color_by,
-        log_x=log_x,
-        bootstrap=bootstrap,
-        seed=seed,
-        manifest=manifest(
-            device=device,
-            dtype=dtype,
-            seed=seed,
-            config_key=config.key(),
-            data_sha256=run.data_sha256,
-            argv=command_argv(ctx),
-            **distributed.info(),
-        ),
-        report_page=report_page,
-    )
-
-
-def DEFAULT_CORRELATE() -> tuple[str, ...]:  # noqa: N802 - reads as the constant it returns
-    from ..correlate import DEFAULT_MEASURES
-    from ..registry import available
-
-    names = set(available())
-    return tuple(m for m in DEFAULT_MEASURES if m in names)
 
 
 def checkpoint_line(checkpoint: str, status: str, done: int, total: int, elapsed: float) -> str:
@@ -274,9 +213,10 @@ def checkpoint_line(checkpoint: str, status: str, done: int, total: int, elapsed
     )
 
 
-def _measure_with_progress(  # noqa: ANN202
-    checkpoints, config, cache_dir, jobs, arch_kwargs_for=None, threads=None  # noqa: ANN001
-):
+@contextmanager
+def _checkpoint_progress(total: int) -> Iterator[Callable[[str, str], None]]:
+    """A bar over the checkpoints in a terminal, with elapsed time and ETA, else one
+    line per checkpoint (:func:`checkpoint_line`)."""
     import time
 
     from rich.progress import (
@@ -288,110 +228,37 @@ def _measure_with_progress(  # noqa: ANN202
         TimeRemainingColumn,
     )
 
-    from ..correlate import measure_checkpoints
-
     console = stderr()
     if not console.is_terminal:
         start, seen = time.monotonic(), {"done": 0}
 
         def tell(c: str, s: str) -> None:
             seen["done"] += 1
-            line = checkpoint_line(c, s, seen["done"], len(checkpoints), time.monotonic() - start)
+            line = checkpoint_line(c, s, seen["done"], total, time.monotonic() - start)
             print(line, file=sys.stderr)
 
-        return measure_checkpoints(
-            checkpoints,
-            config,
-            cache_dir=cache_dir,
-            jobs=jobs,
-            threads=threads,
-            on_result=tell,
-            arch_kwargs_for=arch_kwargs_for,
-        )
-    with Progress(
+        yield tell
+        return
+    columns = (
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    ) as progress:
-        task = progress.add_task("measuring checkpoints", total=len(checkpoints))
-        return measure_checkpoints(
-            checkpoints,
-            config,
-            cache_dir=cache_dir,
-            jobs=jobs,
-            threads=threads,
-            on_result=lambda c, s: progress.advance(task),
-            arch_kwargs_for=arch_kwargs_for,
-        )
+    )
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("measuring checkpoints", total=total)
+        yield lambda c, s: progress.advance(task)
 
 
-def _report_correlations(
-    df,
-    measures,
-    run,
-    *,
-    fmt,
-    output,
-    plots,
-    color_by,
-    log_x,  # noqa: ANN001, ANN202, PLR0913
-    bootstrap,
-    seed,
-    manifest,
-    recomputed_from=None,
-    report_page=None,
-):
-    from ..correlate import analyse
-    from ..report import to_json
-
-    present = [m for m in measures if m in df.columns]
-    result = analyse(df, measures=present, bootstrap=bootstrap, seed=seed)
-    table = result["correlations"]
-    if plots is not None:
-        _plot(df, table, present, plots, color_by=color_by, log_x=log_x)
-    report = {
-        "schema": "flatcli.correlate/1",
-        "checkpoints": df.to_dict(orient="records"),
-        "correlations": table.to_dict(orient="records"),
-        "granulated_kendall": result["granulated"],
-        "hparams": result["hparams"],
-        "warnings": result["warnings"],
-        "gap_notes": result["gap_notes"],
-        "skipped": run.skipped if run is not None else [],
-        "computed": run.computed if run is not None else 0,
-        "source": recomputed_from,
-        "manifest": manifest,
-    }
-    write_page(report_page, report, color_by=color_by, log_x=log_x)
-    if fmt == "json":
-        emit(to_json(report), output)
-        return
-    if output is not None:
-        from ..report import write_beside, write_csv_output
-
-        provenance = {k: v for k, v in report.items() if k not in ("checkpoints", "correlations")}
-        if {"checkpoint", "sha256"} <= set(df.columns):
-            provenance["sha256"] = df[["checkpoint", "sha256"]].to_dict(orient="records")
-        write_csv_output(output, df.to_csv(index=False), provenance)
-        write_beside(output, ".correlations.csv", table.to_csv(index=False))
-    if fmt == "csv":
-        sys.stdout.write(table.to_csv(index=False))
-        return
-    from .render import correlations
-
-    correlations(table, result, len(df), run)
-
-
-
-
-def _plot(df, table, measures, plots: Path, *, color_by, log_x) -> None:  # noqa: ANN001
+def _plot(result: Any, plots: Path) -> None:
+    """The scatter grids and τ bar charts of a :class:`flatcli.results.CorrelateResult`."""
     from ..plots import scatter_grid, tau_bar_chart
     from ..stats import GAPS
+
+    df, table, measures = result.checkpoints, result.correlations, list(result.measures)
+    color_by, log_x = result.color_by, result.log_x
 
     _make_plots_dir(plots)
     color = None
@@ -460,6 +327,7 @@ def plot(
     """
     import pandas as pd
 
+    from ..commands import correlation_result
     from ..correlate import measure_columns
     from ..runtime import manifest
 
@@ -483,20 +351,15 @@ def plot(
     measures = measure_columns(df)
     if not measures:
         raise FlatcliError(f"{results} has no measure columns")
-    _report_correlations(
+    result = correlation_result(
         df,
         measures,
-        None,
-        fmt=fmt,
-        output=None,
-        plots=plots,
-        color_by=color_by,
-        log_x=log_x,
         bootstrap=bootstrap,
         seed=seed,
-        manifest=manifest(
-            device="cpu", dtype="float64", seed=seed, argv=command_argv(ctx)
-        ),
-        recomputed_from=str(results),
-        report_page=report_page,
+        manifest=manifest(device="cpu", dtype="float64", seed=seed, argv=command_argv(ctx)),
+        source=str(results),
+        color_by=color_by,
+        log_x=log_x,
     )
+    _plot(result, plots)
+    emit(result, fmt, None, report_page)

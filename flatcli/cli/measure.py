@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -11,18 +10,16 @@ from .app import app
 from .common import (
     check_format,
     check_outputs,
-    check_report_path,
     command_argv,
     emit,
     friendly,
     input_files,
+    loading_from,
     options_from,
     progress,
     quiet,
-    setup,
     start_distributed,
     stderr,
-    write_page,
 )
 from .options import (
     DEFAULT_TIME_BUDGET,
@@ -32,42 +29,27 @@ from .options import (
     BatchOpt,
     Checkpoint,
     DataOpt,
-    DeadUnitsOpt,
-    DepthOpt,
     DeviceOpt,
     DtypeOpt,
     FormatOpt,
-    FrBiasOpt,
-    FrLabelsOpt,
     InitOpt,
-    L2Opt,
     LayerOpt,
     LossOpt,
-    MaxMemoryOpt,
-    MaxProbesOpt,
     MaxSamplesOpt,
-    McOpt,
-    MethodOpt,
     OutputOpt,
-    PacTargetOpt,
-    PacThresholdOpt,
-    ProbeBatchOpt,
-    ProbesOpt,
     ReportOpt,
-    RtolOpt,
     SeedOpt,
     SplitOpt,
     TargetOpt,
     ThreadsOpt,
-    TimeBudgetOpt,
-    TraceMethodOpt,
-    TraceParamsOpt,
     TrustOpt,
+    with_measure_options,
 )
 
 
 @app.command()
 @friendly
+@with_measure_options(after="normalize", time_budget=DEFAULT_TIME_BUDGET)
 def measure(
     ctx: typer.Context,
     checkpoint: Checkpoint,
@@ -81,7 +63,6 @@ def measure(
             "Fisher-Rao, PAC-Bayes flatness, Frobenius norms, train loss/accuracy).",
         ),
     ] = None,
-    method: MethodOpt = "auto",
     normalize: Annotated[
         bool,
         typer.Option(
@@ -90,22 +71,6 @@ def measure(
             metavar="",
         ),
     ] = False,
-    probes: ProbesOpt = 64,
-    dead_units: DeadUnitsOpt = "drop",
-    trace_params: TraceParamsOpt = "all",
-    rtol: RtolOpt = 0.01,
-    max_probes: MaxProbesOpt = 2000,
-    trace_method: TraceMethodOpt = "hutchinson",
-    max_memory: MaxMemoryOpt = None,
-    probe_batch: ProbeBatchOpt = None,
-    time_budget: TimeBudgetOpt = DEFAULT_TIME_BUDGET,
-    fr_include_bias: FrBiasOpt = False,
-    fr_labels: FrLabelsOpt = "true",
-    l2: L2Opt = 0.0,
-    pacbayes_target: PacTargetOpt = "error",
-    pacbayes_threshold: PacThresholdOpt = 0.1,
-    mc_samples: McOpt = 10,
-    search_depth: DepthOpt = 15,
     init: InitOpt = None,
     data: DataOpt = None,
     target: TargetOpt = None,
@@ -124,6 +89,7 @@ def measure(
     fmt: FormatOpt = "table",
     output: OutputOpt = None,
     report_page: ReportOpt = None,
+    **options: Any,
 ) -> None:
     """Relative flatness and the other measures of one checkpoint, on its training data.
 
@@ -146,9 +112,8 @@ def measure(
     (Ctrl-C) during the measures: what was computed is reported and written, the rest are
     rows marked interrupted, and the exit code is 130.
     """
-    from .. import distributed, registry
-    from ..report import measure_report, measures_csv, to_json
-    from ..runtime import manifest, set_threads
+    from .. import distributed
+    from ..commands import measure as run_measure
 
     fmt = check_format(fmt)
     check_outputs(
@@ -157,87 +122,23 @@ def measure(
         report=report_page,
         inputs=input_files([checkpoint], data, ("the --init checkpoint", init)),
     )
-    check_report_path(report_page)
-    names = registry.select(measures, normalize=normalize, has_init=init is not None)
-    options = options_from(ctx)
     device = start_distributed(device, backend)
-    prep, layer_name, module, config, inputs = setup(
+    result = run_measure(
         checkpoint,
-        options,
         layer=layer,
+        measures=measures,
+        normalize=normalize,
         init=init,
-        arch=arch,
-        arch_kwargs=arch_kwargs,
-        trust_code=trust_code,
-        data=data,
-        split=split,
-        target=target,
-        max_samples=max_samples,
-        batch_size=batch_size,
-        device=device,
-        dtype=dtype,
-        loss=loss,
+        threads=threads,
+        options=options_from(ctx),
+        argv=command_argv(ctx),
+        progress=progress if distributed.is_main() else quiet,
+        **loading_from(ctx, device=device),
     )
-    n_params = sum(p.numel() for p in prep.model.parameters())
-    set_threads(threads, processes=distributed.local_world_size(), params=n_params)
-    batches = distributed.shard(prep.batches)
-    show = progress(len(registry.groups_of(names))) if distributed.is_main() else quiet()
-    with show as status:
-        results = registry.run_measures(
-            prep.model,
-            batches,
-            names,
-            config,
-            note=status,
-            inputs=inputs,
-            done=status.advance,
-            # under torchrun a rank's failure stops the job (the ranks must stay in step)
-            keep_going=not distributed.active(),
-        )
     if not distributed.is_main():
         return  # rank 0 alone writes
-    weight = getattr(module, "weight", None)
-    report = measure_report(
-        checkpoint={"path": str(prep.checkpoint.path), "sha256": prep.checkpoint.sha256},
-        layer={
-            "name": layer_name,
-            "type": type(module).__name__,
-            "shape": list(weight.shape) if weight is not None else None,
-        },
-        data={"source": prep.batches.source, "split": split, "n_samples": prep.batches.n_samples},
-        measures=results,
-        manifest=manifest(
-            device=prep.device,
-            dtype=prep.dtype,
-            seed=seed,
-            argv=command_argv(ctx),
-            **distributed.info(),
-        ),
-        config=config.as_dict(),
-    )
-    write_page(report_page, report)
-    if fmt == "json":
-        emit(to_json(report), output)
-    elif fmt == "csv":
-        text = measures_csv(results)
-        if output is not None:
-            from ..report import write_csv_output
-
-            write_csv_output(output, text, {k: v for k, v in report.items() if k != "measures"})
-        sys.stdout.write(text)
-    else:
-        if output is not None:
-            from ..report import write_output
-
-            write_output(output, to_json(report))
-        from .render import measures_table
-
-        title = (
-            f"{prep.checkpoint.path.name} · layer {layer_name} · {prep.batches.source} "
-            f"{split} (n={prep.batches.n_samples}) · {prep.loss}"
-        )
-        measures_table(results, title=title)
-    exit_for_failures(results)
+    emit(result, fmt, output, report_page)
+    exit_for_failures(result.measures)
 
 
 def exit_for_failures(results: dict) -> None:  # type: ignore[type-arg]

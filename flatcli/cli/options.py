@@ -6,10 +6,16 @@ an odd ``<bool>`` type next to them.
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import typer
+
+from ..options import AUDIT_TIME_BUDGET, MEASURE_TIME_BUDGET  # noqa: F401 - audit's
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 Checkpoint = Annotated[
     Path,
@@ -154,9 +160,9 @@ ProbeBatchOpt = Annotated[
         "(least memory); N > 1 = N vmapped forward-over-reverse (default: from --max-memory).",
     ),
 ]
-DEFAULT_TIME_BUDGET = 60.0
+DEFAULT_TIME_BUDGET = MEASURE_TIME_BUDGET
 """``--time-budget`` of the computing commands: seconds for one run's iterative measures
-together (correlate: per checkpoint)."""
+together (correlate: per checkpoint); ``audit``'s is :data:`AUDIT_TIME_BUDGET`."""
 TimeBudgetOpt = Annotated[
     float,
     typer.Option(
@@ -245,3 +251,67 @@ ReportOpt = Annotated[
         "nothing loaded from the network).",
     ),
 ]
+
+
+MEASURE_OPTIONS: dict[str, Any] = {
+    "method": MethodOpt,
+    "probes": ProbesOpt,
+    "dead_units": DeadUnitsOpt,
+    "trace_params": TraceParamsOpt,
+    "rtol": RtolOpt,
+    "max_probes": MaxProbesOpt,
+    "trace_method": TraceMethodOpt,
+    "max_memory": MaxMemoryOpt,
+    "probe_batch": ProbeBatchOpt,
+    "time_budget": TimeBudgetOpt,
+    "fr_include_bias": FrBiasOpt,
+    "fr_labels": FrLabelsOpt,
+    "l2": L2Opt,
+    "pacbayes_target": PacTargetOpt,
+    "pacbayes_threshold": PacThresholdOpt,
+    "mc_samples": McOpt,
+    "search_depth": DepthOpt,
+}
+"""The Typer declaration of each field of :class:`flatcli.options.MeasureOptions` (but
+``seed``, which every command declares), in the order ``--help`` lists them."""
+
+
+BUDGET_OPTIONS = ("trace_method", "probe_batch")
+"""The measure options that only ``measure`` has (audit and correlate use the defaults)."""
+
+
+def with_measure_options(
+    *, after: str, skip: tuple[str, ...] = (), **defaults: Any
+) -> Callable[[F], F]:
+    """Give a command the measure options, after its parameter ``after``, in place of its
+    ``**options`` parameter (the manifest's ``argv`` lists options in that order).
+
+    Each field of :class:`flatcli.options.MeasureOptions` (but ``skip``) becomes the
+    option :data:`MEASURE_OPTIONS` declares, with the record's default unless ``defaults``
+    names another; the command reads them back with :func:`flatcli.cli.common.options_from`.
+    """
+    from dataclasses import MISSING, fields
+
+    from ..options import MeasureOptions
+
+    record = {f.name: f.default for f in fields(MeasureOptions) if f.default is not MISSING}
+
+    def decorate(fn: F) -> F:
+        sig = inspect.signature(fn, eval_str=True)
+        params = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        at = 1 + next(i for i, p in enumerate(params) if p.name == after)
+        extra = [
+            inspect.Parameter(
+                name,
+                inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                annotation=annotation,
+                default=defaults.get(name, record[name]),
+            )
+            for name, annotation in MEASURE_OPTIONS.items()
+            if name not in skip
+        ]
+        new = sig.replace(parameters=[*params[:at], *extra, *params[at:]])
+        fn.__signature__ = new  # type: ignore[attr-defined]
+        return fn
+
+    return decorate

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from .app import app
-from .common import check_format, check_outputs, emit, friendly, input_files, progress
+from .common import check_format, check_outputs, emit, friendly, input_files, loading_from, progress
 from .options import (
     DEFAULT_TIME_BUDGET,
     ArchKwargsOpt,
@@ -50,6 +49,7 @@ def parse_deltas(text: str) -> list[float]:
 @app.command()
 @friendly
 def robustness(
+    ctx: typer.Context,
     checkpoint: Checkpoint,
     layer: LayerOpt = None,
     deltas: Annotated[
@@ -101,10 +101,8 @@ def robustness(
         flatcli robustness sample_models/digits_mlp.safetensors --deltas 0.01,0.1,1
         --label-change --plot robustness.png --format json
     """
-    from ..prepare import parse_json_object, prepare
-    from ..report import to_json
-    from ..robustness import feature_robustness, plot_robustness
-    from ..runtime import manifest
+    from ..commands import check_robustness
+    from ..robustness import plot_robustness
 
     fmt = check_format(fmt)
     if plot is not None:
@@ -117,63 +115,17 @@ def robustness(
         inputs=input_files([checkpoint], data),
         others=[("--plot", plot)],
     )
-    values = parse_deltas(deltas)
-    prep = prepare(
+    result = check_robustness(
         checkpoint,
-        arch=arch,
-        trust_code=trust_code,
-        arch_kwargs=parse_json_object(arch_kwargs, "--arch-kwargs"),
-        data=data,
-        split=split,
-        target=target,
-        max_samples=max_samples,
-        batch_size=batch_size,
-        device=device,
-        dtype=dtype,
-        loss=loss,
         layer=layer,
+        deltas=parse_deltas(deltas),
+        probes=probes,
+        label_change=label_change,
+        seed=seed,
+        time_budget=time_budget,
+        progress=progress,
+        **loading_from(ctx),
     )
-    with progress() as status:
-        result = feature_robustness(
-            prep.model,
-            layer,
-            prep.batches,
-            values,
-            loss=prep.loss,
-            probes=probes,
-            time_budget=time_budget or None,
-            seed=seed,
-            label_change=label_change,
-            progress=status,
-        )
     if plot is not None:
-        plot_robustness(result, plot)
-    report = {
-        "schema": SCHEMA,
-        "checkpoint": {"path": str(prep.checkpoint.path), "sha256": prep.checkpoint.sha256},
-        "data": {"source": prep.batches.source, "split": split, "n_samples": result.n},
-        "loss": prep.loss,
-        **result.to_dict(),
-        "manifest": manifest(device=prep.device, dtype=prep.dtype, seed=seed),
-    }
-    if fmt == "json":
-        emit(to_json(report), output)
-        return
-    if fmt == "csv":
-        import pandas as pd
-
-        text = pd.DataFrame(report["deltas"]).to_csv(index=False)
-        if output is not None:
-            from ..report import write_csv_output
-
-            provenance = {k: v for k, v in report.items() if k != "deltas"}
-            write_csv_output(output, text, provenance)
-        sys.stdout.write(text)
-        return
-    if output is not None:
-        from ..report import write_output
-
-        write_output(output, to_json(report))
-    from .render import robustness_table
-
-    robustness_table(result, title=f"{prep.checkpoint.path.name} · {prep.batches.source} {split}")
+        plot_robustness(result.robustness, plot)
+    emit(result, fmt, output)

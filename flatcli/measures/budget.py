@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from ..errors import FlatcliError, UsageError
+from ..errors import FlatcliError, ParameterError, UsageError
 
 T = TypeVar("T")
 
@@ -50,15 +50,17 @@ def parse_memory(text: str | int | None) -> int | None:
     """Bytes from ``4G``, ``512M``, ``1.5GB``, ``100000`` (bytes) or None.
 
     Raises:
-        UsageError: Not a positive size.
+        ParameterError: Not a positive size (it names ``max_memory``).
     """
     if text is None or isinstance(text, int):
         if isinstance(text, int) and text <= 0:
-            raise UsageError(f"--max-memory must be positive, got {text}")
+            raise ParameterError("max_memory", f"must be positive, got {text}")
         return text
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", text)
     if match is None or float(match.group(1)) <= 0:
-        raise UsageError(f"--max-memory must be a size like 4G, 512M or 2.5GB, got {text!r}")
+        raise ParameterError(
+            "max_memory", f"must be a size like 4G, 512M or 2.5GB, got {text!r}"
+        )
     scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[match.group(2).lower()]
     return max(1, int(float(match.group(1)) * scale))
 
